@@ -1,0 +1,1 @@
+"""Shared building blocks of the segflow stages (no I/O side effects on import)."""

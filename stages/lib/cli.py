@@ -1,0 +1,32 @@
+"""What every stage's main() shares: the --params flag, logging, one clear error line."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable
+
+from stages.lib.params import ParamsError
+
+
+class StageError(RuntimeError):
+    """Bad input a user can fix: reported as one line naming the file, key or value."""
+
+
+def stage_parser(name: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=description)
+    parser.add_argument("--params", required=True, help="params.yaml to read and validate")
+    return parser
+
+
+def run_main(name: str, body: Callable[[], None]) -> int:
+    """Run a stage body with logging set up; turn expected errors into exit code 2."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s {name} %(levelname)s %(message)s")
+    try:
+        body()
+    except (StageError, ParamsError) as exc:
+        logging.getLogger(name).error("%s", exc)
+        return 2
+    return 0
+

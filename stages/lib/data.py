@@ -1,0 +1,121 @@
+"""Images + label masks as torch datasets, with joint transforms from torchvision v2
+(masks are tv_tensors.Mask, so every resize of a label map is nearest-neighbour)."""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2
+
+from stages.lib.cli import StageError
+from stages.lib.labels import read_labels
+
+
+@dataclass(frozen=True)
+class Sample:
+    image_id: int
+    stem: str
+    image_path: Path
+    mask_path: Path
+
+
+def list_samples(raw: Path, masks: Path, split: str) -> list[Sample]:
+    """Pair each downloaded image of a split with its mask; a missing mask is an error."""
+    ann_file = raw / "annotations" / f"instances_{split}.json"
+    images = json.loads(ann_file.read_text())["images"]
+    samples = []
+    for image in sorted(images, key=lambda im: im["id"]):
+        stem = Path(image["file_name"]).stem
+        mask_path = masks / split / f"{stem}.png"
+        if not mask_path.is_file():
+            raise StageError(f"{mask_path}: mask missing for image {image['file_name']} "
+                             f"(listed in {ann_file})")
+        samples.append(Sample(image["id"], stem, raw / "images" / split / image["file_name"],
+                              mask_path))
+    if not samples:
+        raise StageError(f"{ann_file}: no images in split {split}")
+    return samples
+
+
+def read_image(path: Path) -> torch.Tensor:
+    """uint8 CHW RGB, stored pixel grid (no EXIF rotation: COCO annotations use the raw grid)."""
+    try:
+        return decode_image(str(path), mode=ImageReadMode.RGB)
+    except (RuntimeError, OSError) as exc:
+        raise StageError(f"{path}: cannot decode image: {exc}") from None
+
+
+def joint_transform(size: int, mean, std, train: bool, hflip: bool) -> v2.Compose:
+    steps = [v2.Resize((size, size), antialias=True)]
+    if train and hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    steps += [v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
+              v2.Normalize(mean, std)]
+    return v2.Compose(steps)
+
+
+class SegmentationDataset(Dataset):
+    """(normalised image, long mask) pairs at a fixed square size."""
+
+    def __init__(self, samples: list[Sample], transform: v2.Compose):
+        self.samples = samples
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        sample = self.samples[index]
+        image = tv_tensors.Image(read_image(sample.image_path))
+        mask = tv_tensors.Mask(torch.from_numpy(read_labels(sample.mask_path)))
+        if image.shape[-2:] != mask.shape[-2:]:
+            raise StageError(f"{sample.mask_path}: mask size {tuple(mask.shape)} differs from "
+                             f"image {sample.image_path} {tuple(image.shape[-2:])}")
+        image, mask = self.transform(image, mask)
+        return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor).long()
+
+
+class InferenceDataset(Dataset):
+    """Resized normalised image plus what is needed to map the prediction back."""
+
+    def __init__(self, samples: list[Sample], size: int, mean, std):
+        self.samples = samples
+        self.transform = v2.Compose([v2.Resize((size, size), antialias=True),
+                                     v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.samples[index]
+        image = tv_tensors.Image(read_image(sample.image_path))
+        gt = torch.from_numpy(read_labels(sample.mask_path))
+        return {"index": index, "image": self.transform(image).as_subclass(torch.Tensor),
+                "gt": gt, "size": tuple(image.shape[-2:])}
+
+
+def collate_inference(items: list[dict]) -> dict:
+    return {"index": [it["index"] for it in items], "gt": [it["gt"] for it in items],
+            "size": [it["size"] for it in items],
+            "image": torch.stack([it["image"] for it in items])}
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def seed_worker(worker_id: int) -> None:
+    # DataLoader seeds torch per worker; numpy and random need it done by hand.
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)

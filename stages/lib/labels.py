@@ -1,0 +1,55 @@
+"""Label masks as palette PNGs: pixel value = class index, 255 = ignore, still viewable."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from stages.lib.io import atomic_path
+
+IGNORE_INDEX = 255
+
+# Okabe-Ito colours (distinguishable under colour blindness) after black background.
+_CLASS_COLOURS = [
+    (0, 0, 0), (230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66),
+    (0, 114, 178), (213, 94, 0), (204, 121, 167), (153, 153, 153),
+]
+
+
+def palette_colours() -> np.ndarray:
+    """A 256x3 uint8 palette: fixed colours first, then a deterministic spread, ignore white."""
+    rng = np.random.default_rng(0)
+    colours = rng.integers(40, 256, size=(256, 3), dtype=np.uint8)
+    colours[: len(_CLASS_COLOURS)] = _CLASS_COLOURS
+    colours[IGNORE_INDEX] = (255, 255, 255)
+    return colours
+
+
+_PALETTE = palette_colours()
+
+
+def label_image(labels: np.ndarray) -> Image.Image:
+    if labels.dtype != np.uint8 or labels.ndim != 2:
+        raise ValueError(f"labels must be a 2-D uint8 array, got {labels.dtype} {labels.shape}")
+    image = Image.fromarray(labels, mode="P")
+    image.putpalette(_PALETTE.tobytes())
+    return image
+
+
+def save_labels(path: str | Path, labels: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        label_image(labels).save(tmp, format="PNG", optimize=False)
+
+
+def read_labels(path: str | Path) -> np.ndarray:
+    """Class indices exactly as stored; refuses PNGs that are not palette/grey label maps."""
+    with Image.open(path) as image:
+        if image.mode not in ("P", "L"):
+            raise ValueError(f"{path}: label PNG must be palette or grey, got mode {image.mode}")
+        return np.asarray(image, dtype=np.uint8).copy()
+
+
+def colourise(labels: np.ndarray) -> np.ndarray:
+    """RGB rendering of a label map (for figures)."""
+    return _PALETTE[labels]

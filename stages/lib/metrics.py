@@ -1,0 +1,60 @@
+"""Segmentation scores from a confusion matrix (rows ground truth, columns prediction).
+
+Written with numpy rather than a metrics library because every figure here must come
+from one matrix accumulated over the whole val set, and the two pixel accuracies (ignore
+pixels excluded / counted as errors) are not offered by torchmetrics.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from stages.lib.labels import IGNORE_INDEX
+
+
+def confusion_matrix(gt: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """K x K counts over the pixels whose ground truth is not IGNORE_INDEX."""
+    gt = np.asarray(gt).ravel()
+    pred = np.asarray(pred).ravel()
+    if gt.shape != pred.shape:
+        raise ValueError(f"ground truth has {gt.size} pixels, prediction {pred.size}")
+    keep = gt != IGNORE_INDEX
+    gt, pred = gt[keep].astype(np.int64), pred[keep].astype(np.int64)
+    bad = (gt >= num_classes) | (pred < 0) | (pred >= num_classes)
+    if bad.any():
+        values = np.unique(np.concatenate([gt[bad], pred[bad]]))
+        raise ValueError(f"label values {values.tolist()} outside 0..{num_classes - 1}")
+    return np.bincount(num_classes * gt + pred, minlength=num_classes ** 2).reshape(
+        num_classes, num_classes)
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.maximum(den, 1), np.nan)
+
+
+def per_class_iou(cm: np.ndarray) -> np.ndarray:
+    """NaN for a class absent from both ground truth and prediction."""
+    tp = np.diag(cm).astype(float)
+    return _ratio(tp, cm.sum(0) + cm.sum(1) - tp)
+
+
+def scores(cm: np.ndarray, ignored_pixels: int = 0) -> dict[str, object]:
+    """All summary figures; per-class lists keep NaN for absent classes (json_safe -> null)."""
+    tp = np.diag(cm).astype(float)
+    gt_count = cm.sum(1).astype(float)
+    pred_count = cm.sum(0).astype(float)
+    total = cm.sum()
+    iou = per_class_iou(cm)
+    freq = gt_count / total if total else np.zeros_like(gt_count)
+    present = ~np.isnan(iou)
+    return {
+        "iou": iou,
+        "miou": float(np.nanmean(iou)) if present.any() else np.nan,
+        "pixel_accuracy": float(tp.sum() / total) if total else np.nan,
+        "pixel_accuracy_with_ignore": (float(tp.sum() / (total + ignored_pixels))
+                                       if total + ignored_pixels else np.nan),
+        "class_accuracy": _ratio(tp, gt_count),
+        "mean_class_accuracy": float(np.nanmean(_ratio(tp, gt_count))) if (gt_count > 0).any() else np.nan,
+        "fw_iou": float(np.nansum(freq * iou)) if total else np.nan,
+        "dice": _ratio(2 * tp, gt_count + pred_count),
+    }

@@ -1,0 +1,65 @@
+"""Load and validate params.yaml against the one JSON Schema both engines use."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "params.schema.yaml"
+
+
+class ParamsError(ValueError):
+    """params.yaml is unreadable or does not match the schema."""
+
+
+def load_schema() -> dict:
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def validate_params(params: object, source: str = "params.yaml") -> dict:
+    """Return params unchanged if valid; otherwise raise one error naming key and problem."""
+    validator = jsonschema.Draft202012Validator(load_schema())
+    errors = sorted(validator.iter_errors(params), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = [f"{source}: {_key_path(e)}: {e.message}" for e in errors]
+        raise ParamsError("invalid params:\n  " + "\n  ".join(lines))
+    _check_scheme_semantics(params, source)
+    return params
+
+
+def load_params(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        params = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: no such params file") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    return validate_params(params, str(path))
+
+
+def scheme_class_names(params: dict, scheme: str) -> list[str]:
+    """Class names in index order, background first."""
+    if scheme not in params["schemes"]:
+        known = ", ".join(params["schemes"])
+        raise ParamsError(f"scheme {scheme!r} is not in params.yaml schemes (known: {known})")
+    return ["background", *params["schemes"][scheme]["classes"]]
+
+
+def _key_path(error: jsonschema.ValidationError) -> str:
+    return ".".join(str(p) for p in error.absolute_path) or "(top level)"
+
+
+def _check_scheme_semantics(params: dict, source: str) -> None:
+    # JSON Schema cannot say "no category claimed twice within one scheme".
+    for name, scheme in params["schemes"].items():
+        seen: dict[tuple[str, str], str] = {}
+        for cls, claim in scheme["classes"].items():
+            for kind in ("categories", "supercategories"):
+                for value in claim.get(kind, []):
+                    if (kind, value) in seen:
+                        raise ParamsError(
+                            f"{source}: schemes.{name}.classes.{cls}.{kind}: {value!r} is "
+                            f"already claimed by class {seen[(kind, value)]!r}")
+                    seen[(kind, value)] = cls
