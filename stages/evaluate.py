@@ -1,0 +1,95 @@
+"""evaluate: one confusion matrix over the whole val set, and every score from it.
+Writes --out (metrics JSON for `dvc metrics`, null where a class is absent) and
+--confusion (CSV, rows ground truth, columns prediction, in class order)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from stages.lib.cli import StageError, run_main, stage_parser
+from stages.lib.io import write_csv, write_json
+from stages.lib.labels import IGNORE_INDEX, read_labels
+from stages.lib.metrics import confusion_matrix, scores
+from stages.lib.params import load_params, scheme_class_names
+
+log = logging.getLogger("evaluate")
+
+
+# ---------------------------------------------------------------- pure core
+
+def metrics_document(cm: np.ndarray, ignored: int, class_names: list[str], images: int) -> dict:
+    """The metrics JSON: summary figures first, then per-class maps keyed by class name."""
+    s = scores(cm, ignored)
+    by_class = lambda values: dict(zip(class_names, (float(v) for v in values)))  # noqa: E731
+    return {
+        "miou": s["miou"],
+        "pixel_accuracy": s["pixel_accuracy"],
+        "pixel_accuracy_with_ignore": s["pixel_accuracy_with_ignore"],
+        "mean_class_accuracy": s["mean_class_accuracy"],
+        "fw_iou": s["fw_iou"],
+        "iou": by_class(s["iou"]),
+        "dice": by_class(s["dice"]),
+        "class_accuracy": by_class(s["class_accuracy"]),
+        "images": images,
+        "pixels_evaluated": int(cm.sum()),
+        "pixels_ignored": int(ignored),
+    }
+
+
+def accumulate(pairs, num_classes: int) -> tuple[np.ndarray, int]:
+    """Sum confusion matrices and ignore counts over (gt, pred) label-map pairs."""
+    cm = np.zeros((num_classes, num_classes), np.int64)
+    ignored = 0
+    for gt, pred in pairs:
+        cm += confusion_matrix(gt, pred, num_classes)
+        ignored += int((gt == IGNORE_INDEX).sum())
+    return cm, ignored
+
+
+# ---------------------------------------------------------------- run
+
+def run(params: dict, scheme: str, pred_dir: Path, gt_dir: Path, out: Path,
+        confusion_out: Path) -> dict:
+    class_names = scheme_class_names(params, scheme)
+    gt_files = sorted(gt_dir.glob("*.png"))
+    if not gt_files:
+        raise StageError(f"{gt_dir}: no ground-truth masks")
+    cm, ignored = accumulate(_pairs(gt_files, pred_dir), len(class_names))
+    document = metrics_document(cm, ignored, class_names, len(gt_files))
+    write_csv(confusion_out, pd.DataFrame(cm, index=class_names, columns=class_names)
+              .rename_axis("ground_truth").reset_index())
+    write_json(out, document)
+    log.info("%s: mIoU %.4f, pixel accuracy %.4f (%.4f counting ignore)", scheme,
+             document["miou"], document["pixel_accuracy"], document["pixel_accuracy_with_ignore"])
+    return document
+
+
+def _pairs(gt_files: list[Path], pred_dir: Path):
+    for gt_path in gt_files:
+        pred_path = pred_dir / gt_path.name
+        if not pred_path.is_file():
+            raise StageError(f"{pred_path}: prediction missing for ground truth {gt_path}")
+        gt, pred = read_labels(gt_path), read_labels(pred_path)
+        if gt.shape != pred.shape:
+            raise StageError(f"{pred_path}: size {pred.shape} differs from ground truth "
+                             f"{gt_path} {gt.shape}")
+        yield gt, pred
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = stage_parser("evaluate", __doc__.splitlines()[0])
+    parser.add_argument("--scheme", required=True)
+    parser.add_argument("--pred", required=True, type=Path, help="folder of predicted val masks")
+    parser.add_argument("--gt", required=True, type=Path, help="folder of ground-truth val masks")
+    parser.add_argument("--out", required=True, type=Path, help="metrics JSON to write")
+    parser.add_argument("--confusion", required=True, type=Path, help="confusion CSV to write")
+    args = parser.parse_args(argv)
+    return run_main("evaluate", lambda: run(load_params(args.params), args.scheme, args.pred,
+                                            args.gt, args.out, args.confusion))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

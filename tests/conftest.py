@@ -1,0 +1,34 @@
+"""Shared fixtures: the repo root, the embedded real COCO sample, small params."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "data" / "sample"
+
+
+@pytest.fixture(scope="session")
+def default_params() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+@pytest.fixture
+def params(default_params) -> dict:
+    """A mutable copy of params.yaml, pointed at the embedded sample by absolute path."""
+    p = copy.deepcopy(default_params)
+    p["data"]["base_url"] = str(SAMPLE)
+    return p
+
+
+def small_params(base: dict, *, train: int = 8, val: int = 6, size: int = 64, epochs: int = 1) -> dict:
+    """Low-resolution, few-image params for stage and end-to-end tests."""
+    p = copy.deepcopy(base)
+    p["data"]["max_images"] = {"train": train, "val": val}
+    p["train"].update(image_size=size, epochs=epochs, batch_size=4)
+    p["analyze"]["n_clusters"] = 2
+    p["report"]["n_examples"] = 2
+    return p
