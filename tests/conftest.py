@@ -32,3 +32,26 @@ def small_params(base: dict, *, train: int = 8, val: int = 6, size: int = 64, ep
     p["analyze"]["n_clusters"] = 2
     p["report"]["n_examples"] = 2
     return p
+
+
+def copy_repo(dest: Path, params: dict | None = None) -> Path:
+    """A fresh git repository at dest holding this checkout's files (tracked and new, not
+    ignored), optionally with other params.yaml, committed once (DVC and DVCLive want a
+    commit). What a user gets from `git clone`, without any generated output."""
+    import shutil
+    import subprocess
+
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=ROOT, check=True, capture_output=True).stdout.decode().split("\0")
+    for rel in filter(None, listed):
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    if params is not None:
+        (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git = ["git", "-c", "user.email=test@segflow", "-c", "user.name=segflow-test"]
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    subprocess.run(git + ["add", "-A"], cwd=dest, check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "copy"], cwd=dest, check=True)
+    return dest

@@ -1,0 +1,34 @@
+# Two commands for a newcomer: `make run` (set up, then the whole pipeline through
+# Snakemake on params.yaml) and `make test` (set up, then the test suite).
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(abspath $(VENV))/bin
+STAMP := $(VENV)/.segflow-installed
+export PATH := $(BIN):$(PATH)
+
+.PHONY: setup run repro test test-fast lint clean
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade --quiet pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+run: setup
+	snakemake --workflow-profile workflow/profiles/default
+
+repro: setup
+	dvc repro
+
+test: setup
+	pytest -ra
+
+test-fast: setup
+	pytest -ra -m "not e2e and not browser"
+
+lint: setup
+	snakemake --lint
+
+clean:
+	rm -rf data/raw data/masks models predictions metrics analysis reports/index.html logs .snakemake

@@ -1,0 +1,28 @@
+# segflow: COCO -> masks per label scheme -> train -> infer -> evaluate -> analyze -> report.
+# Thin on purpose: the stages live in stages/, the rules in workflow/rules/, every value in
+# params.yaml (validated by the same JSON Schema the stages use), every path in the rules.
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "params.yaml"
+
+
+validate(config, "workflow/schemas/params.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/download.smk"
+include: "workflow/rules/masks.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/infer.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/analyze.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        "reports/index.html",

@@ -1,0 +1,46 @@
+"""The source files a stage's code is made of, found by following its `stages.*` imports.
+
+Both engines need them as explicit dependencies: DVC only hashes what dvc.yaml lists, and
+Snakemake's code trigger hashes the `shell:` string, never the module it runs. The
+Snakemake rules call this; a test checks that dvc.yaml lists exactly the same files.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+TEMPLATES = {"report": ["stages/templates/report.html.j2"]}
+
+
+def stage_code(stage: str, root: Path = ROOT) -> list[str]:
+    """Repo-relative paths of stages/<stage>.py, every stages.* module it imports
+    (transitively) and the templates it renders, sorted."""
+    seen: set[str] = set()
+    pending = [f"stages/{stage}.py"]
+    while pending:
+        rel = pending.pop()
+        if rel in seen:
+            continue
+        seen.add(rel)
+        pending.extend(_imported_stage_modules(root / rel, root))
+    return sorted(seen | set(TEMPLATES.get(stage, [])))
+
+
+def _imported_stage_modules(path: Path, root: Path) -> list[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    modules = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            modules.append(node.module)
+            modules.extend(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            modules.extend(alias.name for alias in node.names)
+    files = []
+    for module in modules:
+        if module == "stages" or not module.startswith("stages."):
+            continue
+        candidate = root / (module.replace(".", "/") + ".py")
+        if candidate.is_file():
+            files.append(candidate.relative_to(root).as_posix())
+    return files

@@ -1,0 +1,141 @@
+"""Both engines: the same commands and files (parity), real end-to-end runs on real COCO
+images at low resolution, and which stages a param change reruns."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, copy_repo, small_params
+from stages.lib.codedeps import stage_code
+
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+LOG_REDIRECT = re.compile(r"\s*>\s*\S+\s+2>&1\s*$")
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n"
+                             f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+# ---------------------------------------------------------------- parity (no computation)
+
+def snakemake_jobs(root: Path) -> dict[str, dict]:
+    """Every job of a forced dry run: command (log redirect removed), inputs, outputs."""
+    out = run(["snakemake", "-n", "-p", "-F", "--cores", "1"], root).stdout
+    jobs, current = {}, {}
+    for line in out.splitlines():
+        stripped = line.strip()
+        if re.match(r"^(localrule|rule) \w+:$", stripped):
+            current = {"rule": stripped.split()[1][:-1], "input": [], "output": []}
+        elif stripped.startswith(("input:", "output:")) and current:
+            key, _, values = stripped.partition(":")
+            current[key] = [v.strip() for v in values.split(",") if v.strip()]
+        elif line.startswith("Shell command:") and current.get("rule") != "all":
+            cmd = LOG_REDIRECT.sub("", line.split(":", 1)[1].strip())
+            jobs[cmd] = current
+    return jobs
+
+
+def dvc_stages(root: Path) -> dict[str, dict]:
+    # params.yaml shows up as a dep of every stage: it is DVC's params dependency, which
+    # Snakemake expresses with `params:` instead.
+    code = ("import json; from dvc.repo import Repo\n"
+            "r = Repo('.')\n"
+            "print(json.dumps({s.cmd: {'name': s.addressing, 'deps': [d.def_path for d in s.deps"
+            " if d.def_path != 'params.yaml'], 'outs': [o.def_path for o in s.outs]}"
+            " for s in r.index.stages}))")
+    return json.loads(run([sys.executable, "-c", code], root).stdout)
+
+
+@pytest.fixture(scope="module")
+def both_engines():
+    return snakemake_jobs(ROOT), dvc_stages(ROOT)
+
+
+def test_both_engines_run_the_same_commands(both_engines):
+    smk, dvc = both_engines
+    assert len(smk) == 1 + 5 * len(yaml.safe_load((ROOT / "params.yaml").read_text())["schemes"]) + 1
+    assert set(smk) == set(dvc)
+
+
+def _covered(path: str, folders: list[str]) -> bool:
+    return any(path == f or path.startswith(f.rstrip("/") + "/") for f in folders)
+
+
+def test_both_engines_read_and_write_the_same_files(both_engines):
+    smk, dvc = both_engines
+    for cmd, job in smk.items():
+        stage = dvc[cmd]
+        assert sorted(job["output"]) == sorted(stage["outs"]), stage["name"]
+        # A DVC folder dependency may stand for several Snakemake inputs (the report's
+        # per-scheme folders): each input lies in a dep and each dep holds an input.
+        assert all(_covered(i, stage["deps"]) for i in job["input"]), stage["name"]
+        assert all(any(_covered(i, [d]) for i in job["input"]) for d in stage["deps"]), stage["name"]
+
+
+def test_dvc_code_deps_are_exactly_the_imported_modules(both_engines):
+    _, dvc = both_engines
+    for stage in dvc.values():
+        name = stage["name"].split("@")[0]
+        code = sorted(d for d in stage["deps"] if d.startswith("stages/"))
+        assert code == stage_code(name), stage["name"]
+
+
+# ---------------------------------------------------------------- end to end
+
+@pytest.fixture(scope="module")
+def tiny_params() -> dict:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    return small_params(params, train=8, val=6, size=64, epochs=1)
+
+
+def _report_shows_both_schemes(root: Path, params: dict) -> str:
+    html = (root / "reports" / "index.html").read_text()
+    for scheme in params["schemes"]:
+        metrics = json.loads((root / "metrics" / f"{scheme}.json").read_text())
+        assert scheme in html
+        assert f"{metrics['miou']:.3f}" in html
+    return html
+
+
+@pytest.mark.e2e
+def test_snakemake_end_to_end_then_nothing_to_do(tmp_path, tiny_params):
+    root = copy_repo(tmp_path / "repo", tiny_params)
+    run(["snakemake", "--cores", "2"], root)
+    _report_shows_both_schemes(root, tiny_params)
+    dry = run(["snakemake", "-n", "--cores", "2"], root).stdout
+    assert "Nothing to be done" in dry, dry[-2000:]
+    # A report-only param change reruns the report and nothing else.
+    changed = {**tiny_params, "report": {**tiny_params["report"], "title": "Retitled"}}
+    (root / "params.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
+    dry = run(["snakemake", "-n", "--cores", "2", "--quiet", "rules"], root).stdout
+    planned = re.findall(r"^(\w+)\s+\d+$", dry, flags=re.M)
+    assert sorted(set(planned) - {"total", "all"}) == ["report"], dry
+
+
+@pytest.mark.e2e
+def test_dvc_repro_end_to_end_status_metrics_and_rerun_rules(tmp_path, tiny_params):
+    root = copy_repo(tmp_path / "repo", tiny_params)
+    run(["dvc", "repro"], root)
+    _report_shows_both_schemes(root, tiny_params)
+    status = run(["dvc", "status"], root).stdout
+    assert "up to date" in status, status
+    shown = run(["dvc", "metrics", "show", "--json"], root).stdout
+    files = next(iter(json.loads(shown).values()))["data"]
+    assert {f"metrics/{s}.json" for s in tiny_params["schemes"]} <= set(files)
+    changed = {**tiny_params, "report": {**tiny_params["report"], "title": "Retitled"}}
+    (root / "params.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
+    rerun = run(["dvc", "repro"], root).stdout
+    assert re.findall(r"Running stage '([^']+)'", rerun) == ["report"], rerun
+    assert "Retitled" in (root / "reports" / "index.html").read_text()

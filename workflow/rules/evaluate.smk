@@ -1,0 +1,22 @@
+rule evaluate:
+    input:
+        pred="predictions/{scheme}",
+        gt="data/masks/{scheme}",
+        code=stage_code("evaluate"),
+    output:
+        metrics="metrics/{scheme}.json",
+        confusion="metrics/{scheme}.confusion.csv",
+    params:
+        scheme=lambda w: config["schemes"][w.scheme],
+    log:
+        log_path("evaluate"),
+    benchmark:
+        benchmark_path("evaluate")
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=60,
+    shell:
+        "python -m stages.evaluate --params params.yaml --scheme {wildcards.scheme} "
+        "--pred {input.pred}/val --gt {input.gt}/val --out {output.metrics} "
+        "--confusion {output.confusion} > {log} 2>&1"

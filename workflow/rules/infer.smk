@@ -1,0 +1,21 @@
+rule infer:
+    input:
+        model="models/{scheme}",
+        raw="data/raw",
+        masks="data/masks/{scheme}",
+        code=stage_code("infer"),
+    output:
+        directory("predictions/{scheme}"),
+    params:
+        infer=config["infer"],
+    log:
+        log_path("infer"),
+    benchmark:
+        benchmark_path("infer")
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=240,
+    shell:
+        "python -m stages.infer --params params.yaml --model {input.model} "
+        "--raw {input.raw} --masks {input.masks} --out {output} > {log} 2>&1"

@@ -1,0 +1,20 @@
+rule masks:
+    input:
+        raw="data/raw",
+        code=stage_code("masks"),
+    output:
+        directory("data/masks/{scheme}"),
+    params:
+        scheme=lambda w: config["schemes"][w.scheme],
+        masks=config["masks"],
+    log:
+        log_path("masks"),
+    benchmark:
+        benchmark_path("masks")
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=120,
+    shell:
+        "python -m stages.masks --params params.yaml --scheme {wildcards.scheme} "
+        "--raw {input.raw} --out {output} > {log} 2>&1"

@@ -1,0 +1,28 @@
+# The report compares all schemes: its inputs are every scheme's outputs, and its command
+# names the folders that hold them (the scheme list comes from params.yaml, as in DVC).
+rule report:
+    input:
+        raw="data/raw",
+        masks=expand("data/masks/{scheme}", scheme=SCHEMES),
+        models=expand("models/{scheme}", scheme=SCHEMES),
+        predictions=expand("predictions/{scheme}", scheme=SCHEMES),
+        metrics=expand("metrics/{scheme}.{ext}", scheme=SCHEMES, ext=["json", "confusion.csv"]),
+        analysis=expand("analysis/{scheme}", scheme=SCHEMES),
+        code=stage_code("report"),
+    output:
+        "reports/index.html",
+    params:
+        # The report shows every param (provenance), so every param is its trigger.
+        all_params=config,
+    log:
+        log_path("report", per_scheme=False),
+    benchmark:
+        benchmark_path("report", per_scheme=False)
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    shell:
+        "python -m stages.report --params params.yaml --raw data/raw --masks data/masks "
+        "--models models --predictions predictions --metrics metrics --analysis analysis "
+        "--out {output} > {log} 2>&1"
