@@ -92,6 +92,19 @@ def test_dvc_code_deps_are_exactly_the_imported_modules(both_engines):
         assert code == stage_code(name), stage["name"]
 
 
+def test_snakemake_lint_is_clean():
+    result = run(["snakemake", "--lint"], ROOT, check=False)
+    assert result.returncode == 0 and "Congratulations" in result.stdout + result.stderr, (
+        result.stdout[-3000:] + result.stderr[-3000:])
+
+
+def test_snakemake_refuses_config_overrides_the_stages_would_not_see():
+    result = run(["snakemake", "-n", "--cores", "1", "--config", "report={'title': 'x'}"],
+                 ROOT, check=False)
+    assert result.returncode != 0
+    assert "edit params.yaml instead" in result.stdout + result.stderr
+
+
 # ---------------------------------------------------------------- end to end
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,8 @@ rule analyze:
         log_path("analyze"),
     benchmark:
         benchmark_path("analyze")
+    conda:
+        "../envs/segflow.yaml"
     threads: 1
     resources:
         mem_mb=4000,

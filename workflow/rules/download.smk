@@ -10,6 +10,8 @@ rule download:
         log_path("download", per_scheme=False),
     benchmark:
         benchmark_path("download", per_scheme=False)
+    conda:
+        "../envs/segflow.yaml"
     threads: 1
     resources:
         mem_mb=2000,

@@ -12,6 +12,8 @@ rule evaluate:
         log_path("evaluate"),
     benchmark:
         benchmark_path("evaluate")
+    conda:
+        "../envs/segflow.yaml"
     threads: 1
     resources:
         mem_mb=2000,

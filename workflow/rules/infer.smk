@@ -12,6 +12,8 @@ rule infer:
         log_path("infer"),
     benchmark:
         benchmark_path("infer")
+    conda:
+        "../envs/segflow.yaml"
     threads: 2
     resources:
         mem_mb=8000,

@@ -11,6 +11,8 @@ rule masks:
         log_path("masks"),
     benchmark:
         benchmark_path("masks")
+    conda:
+        "../envs/segflow.yaml"
     threads: 1
     resources:
         mem_mb=4000,

@@ -18,6 +18,8 @@ rule report:
         log_path("report", per_scheme=False),
     benchmark:
         benchmark_path("report", per_scheme=False)
+    conda:
+        "../envs/segflow.yaml"
     threads: 1
     resources:
         mem_mb=4000,

@@ -13,6 +13,8 @@ rule train:
         log_path("train"),
     benchmark:
         benchmark_path("train")
+    conda:
+        "../envs/segflow.yaml"
     threads: 2
     resources:
         mem_mb=8000,
