@@ -88,13 +88,18 @@ def loss_by_bins(samples: pd.DataFrame, field: str, n_bins: int) -> pd.DataFrame
 
 def run(params: dict, predictions: Path, masks: Path, out: Path) -> pd.DataFrame:
     cfg = params["analyze"]
-    samples = pd.read_csv(predictions / "samples.csv")
+    for name in ("samples.csv", "latents.npz"):
+        if not (predictions / name).is_file():
+            raise StageError(f"{predictions / name}: missing (run the infer stage first)")
+    samples = pd.read_csv(predictions / "samples.csv", dtype={"stem": str})
     with np.load(predictions / "latents.npz") as npz:
         ids, latents = npz["image_ids"], npz["latents"]
     if not np.array_equal(ids, samples["image_id"].to_numpy()):
         raise StageError(f"{predictions / 'latents.npz'}: image ids do not match samples.csv")
     if len(samples) < 3:
         raise StageError(f"{predictions / 'samples.csv'}: {len(samples)} samples; analysis needs 3+")
+    if not (masks / "metadata.csv").is_file():
+        raise StageError(f"{masks / 'metadata.csv'}: missing (run the masks stage first)")
     metadata = pd.read_csv(masks / "metadata.csv")
     samples = samples.merge(metadata[metadata["split"] == "val"], on="image_id", how="left",
                             validate="one_to_one")

@@ -22,7 +22,7 @@ from stages.lib.cli import StageError, run_main, stage_parser
 from stages.lib.coco import SPLITS, AnnotationError, SchemeMap, read_instances, resolve_scheme
 from stages.lib.io import atomic_dir, write_csv
 from stages.lib.labels import IGNORE_INDEX, save_labels
-from stages.lib.params import load_params
+from stages.lib.params import load_params, scheme_class_names
 
 log = logging.getLogger("masks")
 
@@ -93,8 +93,10 @@ def image_metadata(pixels: np.ndarray, labels: np.ndarray, anns: list[dict],
         "ignore_fraction": float((labels == IGNORE_INDEX).sum() / total),
         "n_unclaimed_objects": sum(a["category_id"] not in scheme.class_of_category for a in anns),
     }
-    crowd_area = sum(a.get("area", 0) for a in anns if a.get("iscrowd", 0))
-    row["crowd_fraction"] = float(min(crowd_area / total, 1.0))
+    crowds = [annotation_rle(a, *labels.shape) for a in anns if a.get("iscrowd", 0)]
+    # Decoded, not the `area` field: a crowd RLE's area is not its pixel count, and
+    # overlapping crowds must not count twice.
+    row["crowd_fraction"] = float(_decode(crowds).sum() / total) if crowds else 0.0
     for index, name in enumerate(scheme.class_names):
         row[f"{name}_fraction"] = float((labels == index).sum() / total)
         if index:
@@ -110,6 +112,7 @@ def image_metadata(pixels: np.ndarray, labels: np.ndarray, anns: list[dict],
 
 def run(params: dict, scheme_name: str, raw: Path, out: Path) -> pd.DataFrame:
     tolerance = params["masks"]["grayscale_tolerance"]
+    scheme_class_names(params, scheme_name)  # an unknown scheme fails here, by name
     rows = []
     with atomic_dir(out) as tmp:
         for split in SPLITS:

@@ -87,12 +87,26 @@ def _memory_format(device: torch.device) -> torch.memory_format:
 # ---------------------------------------------------------------- run
 
 def run(params: dict, scheme: str, raw: Path, masks: Path, out: Path) -> dict:
+    device = resolve_device(params["train"]["device"])
+    generator = seed_everything(params["train"]["seed"])
+    with _deterministic(device.type == "cpu"):
+        return _run_seeded(params, scheme, raw, masks, out, device, generator)
+
+
+@contextlib.contextmanager
+def _deterministic(enabled: bool):
+    """Deterministic kernels on CPU (bit-identical reruns), restoring the caller's setting."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(enabled or before)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def _run_seeded(params, scheme, raw, masks, out, device, generator) -> dict:
     cfg, model_cfg = params["train"], params["model"]
     class_names = scheme_class_names(params, scheme)
-    device = resolve_device(cfg["device"])
-    generator = seed_everything(cfg["seed"])
-    if device.type == "cpu":
-        torch.use_deterministic_algorithms(True)
     train_loader = _loader(raw, masks, "train", cfg, generator, train=True, device=device)
     val_loader = _loader(raw, masks, "val", cfg, generator, train=False, device=device)
     model = build_model(len(class_names), model_cfg["encoder_weights"], model_cfg["freeze_encoder"],
@@ -126,9 +140,11 @@ def _fit(model, train_loader, val_loader, optimizer, scheduler, scaler, device, 
                        "val_miou": val["miou"]}
             live.log_metric("train/loss", train_loss)
             live.log_metric("val/loss", val_loss)
-            live.log_metric("val/miou", float(np.nan_to_num(val["miou"])))
+            if np.isfinite(val["miou"]):
+                live.log_metric("val/miou", float(val["miou"]))
             for name, iou in zip(class_names, val["iou"]):
-                live.log_metric(f"val/iou/{name}", float(np.nan_to_num(iou)))
+                if np.isfinite(iou):  # a class absent from val has no IoU, not an IoU of 0
+                    live.log_metric(f"val/iou/{name}", float(iou))
             live.next_step()
             log.info("epoch %d/%d train_loss %.4f val_loss %.4f val_mIoU %.3f (%.1fs)", epoch + 1,
                      epochs, train_loss, val_loss, val["miou"], time.perf_counter() - start)
@@ -139,7 +155,10 @@ def _loader(raw, masks, split, cfg, generator, train: bool, device) -> DataLoade
     transform = joint_transform(cfg["image_size"], IMAGENET_MEAN, IMAGENET_STD, train, cfg["hflip"])
     dataset = SegmentationDataset(list_samples(raw, masks, split), transform)
     workers = cfg["num_workers"]
-    return DataLoader(dataset, batch_size=cfg["batch_size"], shuffle=train, drop_last=False,
+    # BatchNorm cannot train on a batch of one image (one value per channel at the
+    # bottleneck): drop a last batch of one, and only then.
+    drop_last = train and len(dataset) % cfg["batch_size"] == 1 and len(dataset) > 1
+    return DataLoader(dataset, batch_size=cfg["batch_size"], shuffle=train, drop_last=drop_last,
                       num_workers=workers, persistent_workers=workers > 0, generator=generator,
                       worker_init_fn=seed_worker, pin_memory=device.type == "cuda")
 

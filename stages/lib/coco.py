@@ -7,6 +7,26 @@ from pathlib import Path
 
 SPLITS = ("train", "val")
 
+# The 80 COCO "things" categories by supercategory (identical in 2014 and 2017).
+# params.yaml names classes by these; the schema's enums must list the same names
+# (tests/test_params.py checks).
+COCO_SUPERCATEGORIES: dict[str, tuple[str, ...]] = {
+    'person': ('person',),
+    'vehicle': ('bicycle', 'car', 'motorcycle', 'airplane', 'bus', 'train', 'truck', 'boat',),
+    'outdoor': ('traffic light', 'fire hydrant', 'stop sign', 'parking meter', 'bench',),
+    'animal': ('bird', 'cat', 'dog', 'horse', 'sheep', 'cow', 'elephant', 'bear', 'zebra', 'giraffe',),
+    'accessory': ('backpack', 'umbrella', 'handbag', 'tie', 'suitcase',),
+    'sports': ('frisbee', 'skis', 'snowboard', 'sports ball', 'kite', 'baseball bat', 'baseball glove', 'skateboard', 'surfboard', 'tennis racket',),
+    'kitchen': ('bottle', 'wine glass', 'cup', 'fork', 'knife', 'spoon', 'bowl',),
+    'food': ('banana', 'apple', 'sandwich', 'orange', 'broccoli', 'carrot', 'hot dog', 'pizza', 'donut', 'cake',),
+    'furniture': ('chair', 'couch', 'potted plant', 'bed', 'dining table', 'toilet',),
+    'electronic': ('tv', 'laptop', 'mouse', 'remote', 'keyboard', 'cell phone',),
+    'appliance': ('microwave', 'oven', 'toaster', 'sink', 'refrigerator',),
+    'indoor': ('book', 'clock', 'vase', 'scissors', 'teddy bear', 'hair drier', 'toothbrush',),
+}
+COCO_CATEGORIES: dict[str, str] = {
+    name: sup for sup, names in COCO_SUPERCATEGORIES.items() for name in names}
+
 
 class AnnotationError(ValueError):
     """An annotation file that is not COCO instances JSON."""

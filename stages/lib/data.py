@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
 from stages.lib.cli import StageError
@@ -29,6 +29,8 @@ class Sample:
 def list_samples(raw: Path, masks: Path, split: str) -> list[Sample]:
     """Pair each downloaded image of a split with its mask; a missing mask is an error."""
     ann_file = raw / "annotations" / f"instances_{split}.json"
+    if not ann_file.is_file():
+        raise StageError(f"{ann_file}: missing (is {raw} a folder written by download?)")
     images = json.loads(ann_file.read_text())["images"]
     samples = []
     for image in sorted(images, key=lambda im: im["id"]):
@@ -45,10 +47,12 @@ def list_samples(raw: Path, masks: Path, split: str) -> list[Sample]:
 
 
 def read_image(path: Path) -> torch.Tensor:
-    """uint8 CHW RGB, stored pixel grid (no EXIF rotation: COCO annotations use the raw grid)."""
+    """uint8 CHW RGB on the stored pixel grid: no EXIF rotation, because COCO annotations
+    refer to the stored grid. Pillow, as in the masks stage, so both see the same pixels."""
     try:
-        return decode_image(str(path), mode=ImageReadMode.RGB)
-    except (RuntimeError, OSError) as exc:
+        with Image.open(path) as image:
+            return v2.functional.pil_to_tensor(image.convert("RGB"))
+    except (OSError, ValueError) as exc:
         raise StageError(f"{path}: cannot decode image: {exc}") from None
 
 
@@ -97,6 +101,9 @@ class InferenceDataset(Dataset):
         sample = self.samples[index]
         image = tv_tensors.Image(read_image(sample.image_path))
         gt = torch.from_numpy(read_labels(sample.mask_path))
+        if image.shape[-2:] != gt.shape:
+            raise StageError(f"{sample.mask_path}: mask size {tuple(gt.shape)} differs from "
+                             f"image {sample.image_path} {tuple(image.shape[-2:])}")
         return {"index": index, "image": self.transform(image).as_subclass(torch.Tensor),
                 "gt": gt, "size": tuple(image.shape[-2:])}
 

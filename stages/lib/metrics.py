@@ -19,9 +19,10 @@ def confusion_matrix(gt: np.ndarray, pred: np.ndarray, num_classes: int) -> np.n
         raise ValueError(f"ground truth has {gt.size} pixels, prediction {pred.size}")
     keep = gt != IGNORE_INDEX
     gt, pred = gt[keep].astype(np.int64), pred[keep].astype(np.int64)
-    bad = (gt >= num_classes) | (pred < 0) | (pred >= num_classes)
-    if bad.any():
-        values = np.unique(np.concatenate([gt[bad], pred[bad]]))
+    gt_bad = (gt < 0) | (gt >= num_classes)
+    pred_bad = (pred < 0) | (pred >= num_classes)
+    if gt_bad.any() or pred_bad.any():
+        values = np.unique(np.concatenate([gt[gt_bad], pred[pred_bad]]))
         raise ValueError(f"label values {values.tolist()} outside 0..{num_classes - 1}")
     return np.bincount(num_classes * gt + pred, minlength=num_classes ** 2).reshape(
         num_classes, num_classes)

@@ -60,6 +60,20 @@ class SegNet(nn.Module):
         self.ups = nn.ModuleList(ups)
         self.head = nn.ConvTranspose2d(in_channels, num_classes, 3, stride=2, padding=1)
         self.num_classes = num_classes
+        self.encoder_frozen = False
+
+    def freeze_encoder(self) -> None:
+        """No gradients and fixed BatchNorm statistics in the encoder, like Keras'
+        `trainable = False` in the study (requires_grad alone would still update them)."""
+        self.encoder.requires_grad_(False)
+        self.encoder_frozen = True
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "SegNet":
+        super().train(mode)
+        if self.encoder_frozen:
+            self.encoder.eval()
+        return self
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         taps = []
@@ -99,7 +113,7 @@ def build_model(num_classes: int, encoder_weights: str, freeze_encoder: bool,
     if state is not None:
         model.encoder.load_state_dict(state)
     if freeze_encoder:
-        model.encoder.requires_grad_(False)
+        model.freeze_encoder()
     return model
 
 
@@ -118,7 +132,14 @@ def _encoder_state(spec: str, base_dir: Path) -> dict | None:
         if not path.is_file():
             raise WeightsError(f"model.encoder_weights: {spec!r} is neither imagenet, none, "
                                "nor an existing file")
-        full = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            full = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # unpickling, zip and format errors all mean "not weights"
+            raise WeightsError(f"model.encoder_weights: {spec!r} is not a torch state dict "
+                               f"file: {exc}") from None
+    if not isinstance(full, dict):
+        raise WeightsError(f"model.encoder_weights: {spec!r} holds a {type(full).__name__}, "
+                           "not a state dict")
     return _features_only(full, spec)
 
 
@@ -126,8 +147,8 @@ def _features_only(state: dict, spec: str) -> dict:
     """Accept a whole torchvision MobileNetV2 state dict or just its `features` part."""
     prefix = "features."
     picked = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)} or dict(state)
-    keep = {k: v for k, v in picked.items() if int(k.split(".")[0]) < 18}
     expected = set(SegNet(2).encoder.state_dict())
+    keep = {k: v for k, v in picked.items() if k in expected}
     if set(keep) != expected:
         missing = sorted(expected - set(keep))[:3]
         raise WeightsError(f"model.encoder_weights {spec!r}: not a MobileNetV2 state dict "
@@ -150,6 +171,9 @@ def checkpoint_payload(model: SegNet, class_names: list[str], image_size: int,
 
 
 def load_trained(path: str | Path, device: torch.device) -> tuple[SegNet, dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"{path}: no trained model (run the train stage first)")
     payload = torch.load(path, map_location=device, weights_only=True)
     model = SegNet(len(payload["class_names"]), payload["dropout"])
     model.load_state_dict(payload["state_dict"])

@@ -6,6 +6,8 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from stages.lib.coco import COCO_SUPERCATEGORIES
+
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "params.schema.yaml"
 
 
@@ -22,7 +24,7 @@ def validate_params(params: object, source: str = "params.yaml") -> dict:
     validator = jsonschema.Draft202012Validator(load_schema())
     errors = sorted(validator.iter_errors(params), key=lambda e: list(e.absolute_path))
     if errors:
-        lines = [f"{source}: {_key_path(e)}: {e.message}" for e in errors]
+        lines = [f"{source}: {_describe(e)}" for e in errors]
         raise ParamsError("invalid params:\n  " + "\n  ".join(lines))
     _check_scheme_semantics(params, source)
     return params
@@ -51,15 +53,32 @@ def _key_path(error: jsonschema.ValidationError) -> str:
     return ".".join(str(p) for p in error.absolute_path) or "(top level)"
 
 
+def _describe(error: jsonschema.ValidationError) -> str:
+    """One readable line per schema error, naming the full key path."""
+    path = _key_path(error)
+    if error.validator == "additionalProperties":
+        allowed = ", ".join(error.schema.get("properties", {})) or "none"
+        unknown = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        names = ", ".join(f"{path}.{k}" if path != "(top level)" else k for k in unknown)
+        return f"{names}: unknown key (allowed here: {allowed})"
+    if "propertyNames" in error.schema_path:
+        return (f"{path}: {error.instance!r} is not a valid name (letters, digits and _, "
+                "starting with a letter; 'background' is reserved for class 0)")
+    return f"{path}: {error.message}"
+
+
 def _check_scheme_semantics(params: dict, source: str) -> None:
-    # JSON Schema cannot say "no category claimed twice within one scheme".
+    # JSON Schema cannot say "no COCO category claimed twice within one scheme", directly
+    # or through a supercategory.
     for name, scheme in params["schemes"].items():
-        seen: dict[tuple[str, str], str] = {}
+        owner: dict[str, str] = {}
         for cls, claim in scheme["classes"].items():
-            for kind in ("categories", "supercategories"):
-                for value in claim.get(kind, []):
-                    if (kind, value) in seen:
-                        raise ParamsError(
-                            f"{source}: schemes.{name}.classes.{cls}.{kind}: {value!r} is "
-                            f"already claimed by class {seen[(kind, value)]!r}")
-                    seen[(kind, value)] = cls
+            claimed = list(claim.get("categories", []))
+            for sup in claim.get("supercategories", []):
+                claimed += COCO_SUPERCATEGORIES[sup]
+            for category in claimed:
+                if owner.get(category, cls) != cls:
+                    raise ParamsError(
+                        f"{source}: schemes.{name}.classes.{cls}: COCO category {category!r} "
+                        f"is already claimed by class {owner[category]!r}")
+                owner[category] = cls

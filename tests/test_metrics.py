@@ -1,0 +1,278 @@
+"""Confusion matrix and every score from it, checked against numbers computed by hand."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from stages import evaluate
+from stages.lib.cli import StageError
+from stages.lib.io import json_safe, write_json
+from stages.lib.labels import IGNORE_INDEX, save_labels
+from stages.lib.metrics import confusion_matrix, per_class_iou, scores
+
+I = IGNORE_INDEX  # noqa: E741
+
+# Four classes: 0 background, 1 person, 2 car, 3 a class that occurs nowhere.
+GT = np.array([[0, 0, 1, 1],
+               [0, I, 1, 2],
+               [2, 2, I, 0]], np.uint8)
+PRED = np.array([[0, 1, 1, 1],
+                 [0, 0, 1, 2],
+                 [1, 2, 2, 0]], np.uint8)
+# (gt, pred) over the 10 non-ignored pixels:
+#   gt 0: (0,0) x3, (0,1) x1      gt 1: (1,1) x3      gt 2: (2,2) x2, (2,1) x1
+CM = np.array([[3, 1, 0, 0],
+               [0, 3, 0, 0],
+               [0, 1, 2, 0],
+               [0, 0, 0, 0]])
+# tp = 3,3,2,0; gt count = 4,3,3,0; pred count = 3,5,2,0; 2 ignored pixels
+IOU = [3 / (4 + 3 - 3), 3 / (3 + 5 - 3), 2 / (3 + 2 - 2), math.nan]   # 0.75, 0.6, 2/3, nan
+MIOU = (0.75 + 0.6 + 2 / 3) / 3                                        # 0.672222...
+PIXEL_ACCURACY = 8 / 10
+PIXEL_ACCURACY_WITH_IGNORE = 8 / 12
+CLASS_ACCURACY = [3 / 4, 3 / 3, 2 / 3, math.nan]
+MEAN_CLASS_ACCURACY = (0.75 + 1 + 2 / 3) / 3                           # 0.805555...
+FW_IOU = 0.4 * 0.75 + 0.3 * 0.6 + 0.3 * (2 / 3)                        # 0.68
+DICE = [6 / 7, 6 / 8, 4 / 5, math.nan]
+
+
+def _close(actual, expected):
+    """Element-wise equality to 1e-12 where NaN must match NaN."""
+    actual, expected = np.asarray(actual, float), np.asarray(expected, float)
+    assert actual.shape == expected.shape
+    assert np.array_equal(np.isnan(actual), np.isnan(expected)), (actual, expected)
+    np.testing.assert_allclose(actual[~np.isnan(actual)], expected[~np.isnan(expected)],
+                               rtol=0, atol=1e-12)
+
+
+def test_confusion_matrix_hand_case():
+    cm = confusion_matrix(GT, PRED, 4)
+    assert cm.dtype.kind == "i"
+    assert cm.tolist() == CM.tolist()
+    assert cm.sum() == 10  # the two 255 pixels are dropped, whatever was predicted there
+
+
+def test_confusion_matrix_rows_are_ground_truth():
+    cm = confusion_matrix(np.array([2, 2, 2]), np.array([0, 0, 1]), 3)
+    assert cm[2].tolist() == [2, 1, 0]
+    assert cm[:, 2].tolist() == [0, 0, 0]
+
+
+def test_prediction_under_ignore_pixel_is_not_checked():
+    # an out-of-range prediction where gt is 255 does not matter: the pixel is dropped
+    cm = confusion_matrix(np.array([I, 1], np.uint8), np.array([9, 1], np.uint8), 2)
+    assert cm.tolist() == [[0, 0], [0, 1]]
+
+
+@pytest.mark.parametrize("gt, pred, value", [
+    ([0, 4], [0, 1], 4),            # gt class 4 with 4 classes
+    ([0, 1], [0, 4], 4),            # predicted class 4
+    ([0, 1], [0, 255], 255),        # prediction 255 on a labelled pixel
+    ([0, 1], [0, -1], -1),          # negative prediction
+])
+def test_out_of_range_labels_raise(gt, pred, value):
+    with pytest.raises(ValueError, match=r"label values \[.*\] outside 0\.\.3") as info:
+        confusion_matrix(np.array(gt), np.array(pred), 4)
+    listed = json.loads(str(info.value).split("label values ")[1].split(" outside")[0])
+    assert value in listed
+
+
+def test_out_of_range_message_lists_only_bad_values():
+    with pytest.raises(ValueError, match=r"label values \[4\] outside 0\.\.3"):
+        confusion_matrix(np.array([0, 4]), np.array([0, 1]), 4)
+
+
+def test_negative_ground_truth_raises():
+    with pytest.raises(ValueError):
+        confusion_matrix(np.array([0, -1]), np.array([0, 1]), 4)
+
+
+def test_shape_mismatch_raises():
+    with pytest.raises(ValueError, match="ground truth has 12 pixels, prediction 11"):
+        confusion_matrix(GT, PRED.ravel()[:11], 4)
+
+
+def test_every_score_by_hand():
+    s = scores(CM, ignored_pixels=2)
+    _close(s["iou"], IOU)
+    _close(per_class_iou(CM), IOU)
+    assert s["miou"] == pytest.approx(MIOU, abs=1e-12)
+    assert s["miou"] == pytest.approx(0.6722222222, abs=1e-9)
+    assert s["pixel_accuracy"] == pytest.approx(PIXEL_ACCURACY, abs=1e-12)
+    assert s["pixel_accuracy_with_ignore"] == pytest.approx(PIXEL_ACCURACY_WITH_IGNORE, abs=1e-12)
+    _close(s["class_accuracy"], CLASS_ACCURACY)
+    assert s["mean_class_accuracy"] == pytest.approx(MEAN_CLASS_ACCURACY, abs=1e-12)
+    assert s["fw_iou"] == pytest.approx(FW_IOU, abs=1e-12)
+    assert s["fw_iou"] == pytest.approx(0.68, abs=1e-12)
+    _close(s["dice"], DICE)
+
+
+def test_without_ignored_pixels_both_accuracies_agree():
+    s = scores(CM)
+    assert s["pixel_accuracy"] == s["pixel_accuracy_with_ignore"] == pytest.approx(0.8)
+
+
+def test_class_only_in_prediction_has_zero_iou_and_counts_in_miou():
+    gt = np.array([0, 0, 1, 1])
+    pred = np.array([0, 2, 1, 1])
+    s = scores(confusion_matrix(gt, pred, 3))
+    # class 0: tp 1, gt 2, pred 1 -> 1/2; class 1: 1; class 2: tp 0, pred 1 -> 0
+    _close(s["iou"], [0.5, 1.0, 0.0])
+    assert s["miou"] == pytest.approx(0.5)
+    _close(s["class_accuracy"], [0.5, 1.0, math.nan])
+    assert s["mean_class_accuracy"] == pytest.approx(0.75)
+    _close(s["dice"], [2 / 3, 1.0, 0.0])
+
+
+def test_empty_matrix_gives_nan_not_errors():
+    s = scores(np.zeros((3, 3), np.int64), ignored_pixels=5)
+    assert math.isnan(s["miou"]) and math.isnan(s["pixel_accuracy"])
+    assert s["pixel_accuracy_with_ignore"] == 0.0
+    assert math.isnan(s["fw_iou"]) and math.isnan(s["mean_class_accuracy"])
+
+
+def test_json_safe_turns_nan_into_null():
+    safe = json_safe({"iou": scores(CM)["iou"], "x": np.float32(0.5), "n": np.int64(3),
+                      "inf": float("inf"), 1: (math.nan,)})
+    assert safe == {"iou": [0.75, 0.6, pytest.approx(2 / 3), None], "x": 0.5, "n": 3,
+                    "inf": None, "1": [None]}
+    json.dumps(safe, allow_nan=False)
+
+
+# ---------------------------------------------------------------- stages.evaluate core
+
+def test_accumulate_sums_pairs_and_counts_ignore():
+    pairs = [(GT[:, :2], PRED[:, :2]), (GT[:, 2:], PRED[:, 2:])]
+    cm, ignored = evaluate.accumulate(iter(pairs), 4)
+    assert cm.tolist() == CM.tolist()
+    assert ignored == 2
+
+
+def test_metrics_document_by_hand():
+    names = ["background", "person", "car", "bus"]
+    doc = evaluate.metrics_document(CM, 2, names, images=1)
+    assert list(doc)[:5] == ["miou", "pixel_accuracy", "pixel_accuracy_with_ignore",
+                             "mean_class_accuracy", "fw_iou"]
+    assert doc["miou"] == pytest.approx(MIOU)
+    assert doc["pixel_accuracy"] == pytest.approx(0.8)
+    assert doc["pixel_accuracy_with_ignore"] == pytest.approx(8 / 12)
+    assert doc["mean_class_accuracy"] == pytest.approx(MEAN_CLASS_ACCURACY)
+    assert doc["fw_iou"] == pytest.approx(0.68)
+    assert list(doc["iou"]) == names
+    assert doc["iou"]["background"] == pytest.approx(0.75)
+    assert doc["iou"]["person"] == pytest.approx(0.6)
+    assert doc["iou"]["car"] == pytest.approx(2 / 3)
+    assert math.isnan(doc["iou"]["bus"])
+    assert doc["dice"]["background"] == pytest.approx(6 / 7)
+    assert doc["class_accuracy"]["car"] == pytest.approx(2 / 3)
+    assert (doc["images"], doc["pixels_evaluated"], doc["pixels_ignored"]) == (1, 10, 2)
+
+
+def test_metrics_document_json_has_null_for_absent_class(tmp_path):
+    doc = evaluate.metrics_document(CM, 2, ["background", "person", "car", "bus"], images=1)
+    write_json(tmp_path / "m.json", doc)
+    text = (tmp_path / "m.json").read_text()
+    loaded = json.loads(text, parse_constant=_no_constants)
+    assert loaded["iou"]["bus"] is None
+    assert loaded["dice"]["bus"] is None
+    assert loaded["class_accuracy"]["bus"] is None
+    assert loaded["iou"]["person"] == pytest.approx(0.6)
+
+
+def _no_constants(name):
+    raise AssertionError(f"JSON contains {name}")
+
+
+# ---------------------------------------------------------------- stages.evaluate.run
+
+# person_car scheme: 0 background, 1 person, 2 car (car occurs nowhere)
+GT_A = np.array([[0, 1, 1], [I, 0, 1]], np.uint8)
+PRED_A = np.array([[0, 1, 0], [0, 0, 1]], np.uint8)
+GT_B = np.array([[1, 1], [0, I]], np.uint8)
+PRED_B = np.array([[1, 0], [0, 0]], np.uint8)
+# cm rows gt: bg [3,0,0], person [2,3,0], car [0,0,0]; 2 ignored
+
+
+@pytest.fixture
+def folders(tmp_path):
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    save_labels(gt / "000000000001.png", GT_A)
+    save_labels(gt / "000000000002.png", GT_B)
+    save_labels(pred / "000000000001.png", PRED_A)
+    save_labels(pred / "000000000002.png", PRED_B)
+    return gt, pred
+
+
+def test_run_on_png_folders(params, folders, tmp_path):
+    gt, pred = folders
+    out, confusion = tmp_path / "metrics" / "person_car.json", tmp_path / "cm.csv"
+    evaluate.run(params, "person_car", pred, gt, out, confusion)
+    doc = json.loads(out.read_text(), parse_constant=_no_constants)
+    assert doc["miou"] == pytest.approx(0.6)            # (3/5 + 3/5) / 2, car absent
+    assert doc["pixel_accuracy"] == pytest.approx(6 / 8)
+    assert doc["pixel_accuracy_with_ignore"] == pytest.approx(6 / 10)
+    assert doc["mean_class_accuracy"] == pytest.approx((1 + 3 / 5) / 2)
+    assert doc["fw_iou"] == pytest.approx(3 / 8 * 0.6 + 5 / 8 * 0.6)
+    assert doc["iou"] == {"background": pytest.approx(0.6), "person": pytest.approx(0.6),
+                          "car": None}
+    assert doc["dice"] == {"background": pytest.approx(0.75), "person": pytest.approx(0.75),
+                           "car": None}
+    assert doc["class_accuracy"] == {"background": 1.0, "person": pytest.approx(0.6),
+                                     "car": None}
+    assert (doc["images"], doc["pixels_evaluated"], doc["pixels_ignored"]) == (2, 8, 2)
+    table = pd.read_csv(confusion)
+    assert list(table.columns) == ["ground_truth", "background", "person", "car"]
+    assert table["ground_truth"].tolist() == ["background", "person", "car"]
+    assert table[["background", "person", "car"]].to_numpy().tolist() == \
+        [[3, 0, 0], [2, 3, 0], [0, 0, 0]]
+
+
+def test_main_cli(params, folders, tmp_path):
+    gt, pred = folders
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    out = tmp_path / "m.json"
+    code = evaluate.main(["--params", str(params_file), "--scheme", "person_car", "--pred",
+                          str(pred), "--gt", str(gt), "--out", str(out), "--confusion",
+                          str(tmp_path / "cm.csv")])
+    assert code == 0
+    assert json.loads(out.read_text())["pixel_accuracy"] == pytest.approx(0.75)
+
+
+def test_missing_prediction_names_the_file(params, folders, tmp_path):
+    gt, pred = folders
+    (pred / "000000000002.png").unlink()
+    out = tmp_path / "m.json"
+    with pytest.raises(StageError, match=r"pred/000000000002\.png: prediction missing"):
+        evaluate.run(params, "person_car", pred, gt, out, tmp_path / "cm.csv")
+    assert not out.exists()
+
+
+def test_prediction_of_wrong_size_names_the_file(params, folders, tmp_path):
+    gt, pred = folders
+    save_labels(pred / "000000000001.png", np.zeros((3, 2), np.uint8))
+    with pytest.raises(StageError, match=r"000000000001\.png: size \(3, 2\) differs"):
+        evaluate.run(params, "person_car", pred, gt, tmp_path / "m.json", tmp_path / "cm.csv")
+
+
+def test_no_ground_truth_is_an_error(params, tmp_path):
+    (tmp_path / "gt").mkdir()
+    with pytest.raises(StageError, match="no ground-truth masks"):
+        evaluate.run(params, "person_car", tmp_path, tmp_path / "gt", tmp_path / "m.json",
+                     tmp_path / "cm.csv")
+
+
+def test_unknown_scheme_exit_code_2(params, folders, tmp_path, caplog):
+    gt, pred = folders
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    code = evaluate.main(["--params", str(params_file), "--scheme", "person_bus", "--pred",
+                          str(pred), "--gt", str(gt), "--out", str(tmp_path / "m.json"),
+                          "--confusion", str(tmp_path / "cm.csv")])
+    assert code == 2
+    assert "'person_bus'" in caplog.text
