@@ -164,6 +164,26 @@ def verdicts(schemes: list[Scheme]) -> list[str]:
     return sentences
 
 
+STUDY = "ImageNet-initialised encoder on COCO 2014 (82,783 train images): person 0.309 / car 0.262"
+FEW_IMAGES = 5000
+
+
+def training_caveats(params: dict, train_images: int | None) -> list[str]:
+    """What a reader must know before comparing these numbers with the study's."""
+    notes = []
+    weights = params["model"]["encoder_weights"]
+    if weights == "none":
+        notes.append("The encoder was trained from scratch (model.encoder_weights: none), not "
+                     "from ImageNet weights as in the study.")
+    if train_images is not None and train_images < FEW_IMAGES:
+        notes.append(f"Each model saw {train_images} training images for "
+                     f"{params['train']['epochs']} epochs at {params['train']['image_size']} px.")
+    if notes:
+        notes.append(f"Absolute IoUs are therefore not comparable with the study ({STUDY}); "
+                     "compare the schemes with each other, on the same data and budget.")
+    return notes
+
+
 def timing_rows(schemes: list[Scheme]) -> list[dict]:
     rows = []
     for s in schemes:
@@ -497,6 +517,7 @@ def build_context(params: dict, schemes: list[Scheme], provenance: dict,
         "legends": [{"scheme": s.name, "swatches": legend_swatches(s.class_names)}
                     for s in schemes],
         "examples": examples, "thumbnail_px": params["report"]["thumbnail_px"],
+        "caveats": training_caveats(params, provenance["data"]["images"].get("train")),
     }
 
 

@@ -250,10 +250,23 @@ def test_numbers_format_with_fixed_precision_and_never_minus_zero():
     assert report.format_signed(-0.02) == "-0.020"
 
 
+TRAINING = {"model": {"encoder_weights": "imagenet"}, "train": {"epochs": 20, "image_size": 128}}
+
+
+def test_caveats_say_when_numbers_cannot_be_compared_with_the_study():
+    scratch = {"model": {"encoder_weights": "none"}, "train": {"epochs": 3, "image_size": 64}}
+    notes = " ".join(report.training_caveats(scratch, 80))
+    assert "from scratch" in notes and "80 training images for 3 epochs at 64 px" in notes
+    assert "not comparable with the study" in notes
+    assert report.training_caveats(TRAINING, 82783) == []
+    assert "20 epochs" in " ".join(report.training_caveats(TRAINING, 800))
+
+
 def test_render_escapes_scheme_and_class_names():
     evil = synthetic_scheme(EVIL, [EVIL], [0.5, 0.25])
     plain = synthetic_scheme("plain", ["person"], [0.5, 0.2])
-    params = {"report": {"title": EVIL, "thumbnail_px": 64}, "analyze": {"projection": "pca"}}
+    params = {"report": {"title": EVIL, "thumbnail_px": 64}, "analyze": {"projection": "pca"},
+              **TRAINING}
     provenance = {"git": {"commit": None, "dirty": None}, "date": "d", "versions": [("x", "1")],
                   "params_yaml": EVIL, "data": {"base_url": EVIL, "year": 2017, "seed": 0,
                                                 "sha256": None, "images": {"val": 8}},
@@ -268,7 +281,8 @@ def test_render_escapes_scheme_and_class_names():
 
 
 def synthetic_page(schemes: list[report.Scheme]) -> Page:
-    params = {"report": {"title": "t", "thumbnail_px": 64}, "analyze": {"projection": "pca"}}
+    params = {"report": {"title": "t", "thumbnail_px": 64}, "analyze": {"projection": "pca"},
+              **TRAINING}
     provenance = {"git": {"commit": "abc1234", "dirty": False}, "date": "d", "versions": [],
                   "params_yaml": "", "data": {"base_url": "x", "year": 2017, "seed": 0,
                                               "sha256": None, "images": {}},
@@ -368,6 +382,7 @@ def test_provenance_lists_commit_params_versions_and_data(rendered):
     assert re.fullmatch(r"\d+\.\d+\.\d+", versions["python"][0])
     assert f"{SAMPLE}, COCO 2017" in text
     assert "images: train 8, val 6" in text
+    assert "Each model saw 8 training images" in text and "from scratch" in text
     yaml_block = re.search(r"<pre>(.*?)</pre>", rendered["html"], re.S).group(1)
     assert "n_examples: 2" in yaml_block and "&lt;script&gt;" in yaml_block
 
