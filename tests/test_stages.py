@@ -3,6 +3,7 @@ evaluate -> analyze through each module's main([...]), then the formats of what 
 from __future__ import annotations
 
 import json
+import os
 import math
 import shutil
 import statistics
@@ -471,3 +472,14 @@ def test_train_missing_mask_names_the_file(chain, tmp_path, caplog):
     assert code == 2
     assert f"{victim}: mask missing for image {victim.stem}.jpg" in caplog.text
     assert not (tmp_path / "m").exists()
+
+
+def test_outputs_get_the_usual_file_mode_not_the_private_temp_mode(tmp_path):
+    from stages.lib.io import atomic_dir, write_json
+    write_json(tmp_path / "a.json", {"x": 1})
+    with atomic_dir(tmp_path / "d") as tmp:
+        (tmp / "f").write_text("x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o777 & ~umask
