@@ -4,6 +4,7 @@ torch.load(weights_only=True)) and --out/dvclive/ (loss and mIoU per epoch)."""
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import time
 from pathlib import Path
@@ -120,9 +121,13 @@ def _run_seeded(params, scheme, raw, masks, out, device, generator) -> dict:
     with atomic_dir(out) as tmp:
         summary = _fit(model, train_loader, val_loader, optimizer, scheduler, scaler, device,
                        cfg["epochs"], class_names, tmp / "dvclive")
+        # Through a buffer: torch.save names the zip's root folder after the file, so a
+        # temporary file name would make identical weights give different bytes (and DVC
+        # would see a changed model).
+        buffer = io.BytesIO()
+        torch.save(checkpoint_payload(model, class_names, cfg["image_size"], model_cfg), buffer)
         with atomic_path(tmp / "model.pt") as model_tmp:
-            torch.save(checkpoint_payload(model, class_names, cfg["image_size"], model_cfg),
-                       model_tmp)
+            model_tmp.write_bytes(buffer.getvalue())
     return summary
 
 

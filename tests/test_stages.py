@@ -356,6 +356,9 @@ def test_train_is_deterministic_on_cpu(chain, tmp_path, monkeypatch):
     for key in first:
         assert torch.equal(first[key], second[key]), key
     assert not all(torch.equal(first[k], other[k]) for k in first)
+    # Byte-identical files too, so DVC sees an unchanged model as unchanged.
+    assert (tmp_path / "first" / "model.pt").read_bytes() == \
+        (tmp_path / "m5" / "model.pt").read_bytes()
 
 
 def test_train_at_32px_with_a_last_batch_of_one(chain, tmp_path, monkeypatch):
