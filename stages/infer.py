@@ -1,15 +1,20 @@
 """infer: predict the val split with a trained model. Writes under --out:
   val/{stem}.png   predicted class indices as palette PNGs at each image's own size
   samples.csv      per sample: loss, pixel accuracy, confidence, per-class IoU, latency
-  latents.npz      image_ids and pooled latent vectors (bottleneck + decoder blocks)
+  latents.npz      image_ids, pooled latent vectors (bottleneck + decoder blocks) and their
+                   layout: layer_names[i] occupies columns layer_slices[i] = [start, stop)
   timing.json      per-image latency total/mean/variance/median, throughput, device, batch
+                   size, model input size; warm-up excluded (see its *_definition keys)
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -26,6 +31,20 @@ from stages.lib.model import load_trained, pooled_latent, resolve_device
 from stages.lib.params import load_params
 
 log = logging.getLogger("infer")
+
+WARMUP_BATCHES = 1
+LATENCY_DEFINITION = (
+    "Per image: the forward pass of its batch (copy to the device included) divided by the "
+    "number of images in the batch, plus its own post-processing (logits resized to the "
+    "image's size, log-softmax, argmax, copy back to the CPU). Not included: reading, "
+    "decoding and resizing the image (data loader), scoring against the ground truth, "
+    "writing the PNG.")
+WARMUP_DEFINITION = (
+    "The first {n} batch(es) were run once, untimed, before the timed pass (first-call "
+    "allocation and kernel selection); the timed pass then times every image, those included.")
+THROUGHPUT_DEFINITION = (
+    "throughput_img_s = images / wall_s; wall_s is the timed pass after warm-up, end to end "
+    "(data loading, inference, scoring and writing predictions).")
 
 
 # ---------------------------------------------------------------- pure core
@@ -53,14 +72,95 @@ def sample_scores(log_probs: torch.Tensor, pred: torch.Tensor, gt: torch.Tensor,
     return row
 
 
-def timing_summary(latencies_s: list[float], wall_s: float, device: str, batch_size: int) -> dict:
+def timing_summary(latencies_s: list[float], wall_s: float, device: str, batch_size: int,
+                   image_size: int | None = None, warmup_batches: int = 0,
+                   torch_threads: int | None = None) -> dict:
+    """timing.json from the per-image latencies of the timed pass (warm-up already left out:
+    every latency given here is counted). Variance is the population variance."""
     ms = [1000 * t for t in latencies_s]
     return {
         "images": len(ms), "device": device, "batch_size": batch_size,
         "latency_ms": {"total": sum(ms), "mean": statistics.fmean(ms),
                        "variance": statistics.pvariance(ms), "median": statistics.median(ms)},
         "wall_s": wall_s, "throughput_img_s": len(ms) / wall_s if wall_s > 0 else None,
+        "image_size": image_size, "torch_threads": torch_threads,
+        "warmup_batches": warmup_batches,
+        "warmup_definition": WARMUP_DEFINITION.format(n=warmup_batches),
+        "latency_definition": LATENCY_DEFINITION,
+        "throughput_definition": THROUGHPUT_DEFINITION,
     }
+
+
+def latent_layout(features: list[torch.Tensor]) -> tuple[list[str], np.ndarray]:
+    """Names and [start, stop) columns of each layer in pooled_latent(features), in its
+    concatenation order (forward_with_latents: bottleneck, then the decoder blocks from the
+    deepest, decoder1, to the shallowest), from the tensors' own channel counts."""
+    names = ["bottleneck"] + [f"decoder{i}" for i in range(1, len(features))]
+    stops = np.cumsum([int(f.shape[1]) for f in features])
+    starts = np.concatenate([[0], stops[:-1]])
+    return names, np.stack([starts, stops], axis=1).astype(np.int64)
+
+
+@dataclass
+class Prediction:
+    index: int                  # into the dataset
+    log_probs: torch.Tensor     # (K, H, W) at the image's own size
+    pred: torch.Tensor          # (H, W) uint8 class indices
+    gt: torch.Tensor            # (H, W) ground-truth labels, as the batch carried them
+    latent: np.ndarray          # pooled latent vector
+    latency_s: float
+
+
+class TimedInference:
+    """Warm-up batches run untimed, then a timed pass that yields one Prediction at a time
+    (full-size maps exist for the sample at hand only, never for a whole batch or the split;
+    the caller scores and writes each before asking for the next). After the pass: `latencies_s`,
+    `wall_s` (from the end of warm-up to the end of the pass, consumer's work included) and
+    the latent `layout`."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device,
+                 warmup_batches: int = WARMUP_BATCHES,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.model, self.device, self.warmup_batches, self.clock = (
+            model, device, warmup_batches, clock)
+        self.latencies_s: list[float] = []
+        self.wall_s: float | None = None
+        self.layout: tuple[list[str], np.ndarray] | None = None
+
+    def __call__(self, batches: Iterable[dict]) -> Iterator[Prediction]:
+        """`batches` is iterated twice (warm-up, then the timed pass): a DataLoader or a list,
+        not a one-shot iterator."""
+        if iter(batches) is batches:
+            raise TypeError("TimedInference needs re-iterable batches (a DataLoader or a list)")
+        for batch in itertools.islice(batches, self.warmup_batches):
+            for _ in self._predict(batch):
+                pass
+        start = self.clock()
+        for batch in batches:
+            for prediction in self._predict(batch):
+                self.latencies_s.append(prediction.latency_s)
+                yield prediction
+        self.wall_s = self.clock() - start
+
+    def _predict(self, batch: dict) -> Iterator[Prediction]:
+        forward_s, logits, feats = self._timed_forward(batch["image"])
+        latents = pooled_latent(feats).cpu().numpy()
+        self.layout = latent_layout(feats)
+        share = forward_s / len(batch["index"])
+        for j, index in enumerate(batch["index"]):
+            post_start = self.clock()
+            log_probs = full_size_log_probs(logits[j].cpu(), batch["size"][j])
+            pred = log_probs.argmax(0).to(torch.uint8)
+            latency = share + self.clock() - post_start
+            yield Prediction(index, log_probs, pred, batch["gt"][j], latents[j], latency)
+
+    def _timed_forward(self, images: torch.Tensor):
+        _sync(self.device)
+        start = self.clock()
+        images = images.to(self.device, non_blocking=True)
+        logits, feats = self.model.forward_with_latents(images)
+        _sync(self.device)
+        return self.clock() - start, logits, feats
 
 
 # ---------------------------------------------------------------- run
@@ -74,44 +174,34 @@ def run(params: dict, model_dir: Path, raw: Path, masks: Path, out: Path) -> dic
     dataset = InferenceDataset(samples, meta["image_size"], meta["mean"], meta["std"])
     loader = DataLoader(dataset, batch_size=cfg["batch_size"], collate_fn=collate_inference,
                         pin_memory=device.type == "cuda")
-    rows, latents, latencies = [], [], []
-    start = time.perf_counter()
+    inference = TimedInference(model, device)
+    rows, latents = [], []
     with atomic_dir(out) as tmp, torch.inference_mode():
         (tmp / "val").mkdir()
-        for batch in loader:
-            forward_s, logits, feats = _timed_forward(model, batch["image"], device)
-            latents.append(pooled_latent(feats).cpu().numpy())
-            for j, index in enumerate(batch["index"]):
-                post_start = time.perf_counter()
-                log_probs = full_size_log_probs(logits[j].cpu(), batch["size"][j])
-                pred = log_probs.argmax(0).to(torch.uint8)
-                sample = samples[index]
-                save_labels(tmp / "val" / f"{sample.stem}.png", pred.numpy())
-                rows.append({"image_id": sample.image_id, "stem": sample.stem,
-                             **sample_scores(log_probs, pred, batch["gt"][j], class_names)})
-                latencies.append(forward_s / len(batch["index"]) + time.perf_counter() - post_start)
-        wall = time.perf_counter() - start
+        for p in inference(loader):
+            sample = samples[p.index]
+            save_labels(tmp / "val" / f"{sample.stem}.png", p.pred.numpy())
+            rows.append({"image_id": sample.image_id, "stem": sample.stem,
+                         **sample_scores(p.log_probs, p.pred, p.gt, class_names)})
+            latents.append(p.latent)
         table = pd.DataFrame(rows)
-        table["latency_ms"] = np.array(latencies) * 1000
+        table["latency_ms"] = np.array(inference.latencies_s) * 1000
         write_csv(tmp / "samples.csv", table)
+        names, slices = inference.layout
         with atomic_path(tmp / "latents.npz") as npz_tmp:
             with open(npz_tmp, "wb") as handle:
                 np.savez(handle, image_ids=table["image_id"].to_numpy(),
-                         latents=np.concatenate(latents).astype(np.float32))
-        timing = timing_summary(latencies, wall, str(device), cfg["batch_size"])
+                         latents=np.stack(latents).astype(np.float32),
+                         layer_names=np.array(names), layer_slices=slices)
+        timing = timing_summary(inference.latencies_s, inference.wall_s, str(device),
+                                cfg["batch_size"], image_size=int(meta["image_size"]),
+                                warmup_batches=inference.warmup_batches,
+                                torch_threads=torch.get_num_threads())
         write_json(tmp / "timing.json", timing)
-    log.info("%d images, mean loss %.4f, %.1f ms/image", len(table), table["loss"].mean(),
-             timing["latency_ms"]["mean"])
+    log.info("%d images, mean loss %.4f, %.1f ms/image (after %d warm-up batch(es))",
+             len(table), table["loss"].mean(), timing["latency_ms"]["mean"],
+             inference.warmup_batches)
     return timing
-
-
-def _timed_forward(model, images: torch.Tensor, device: torch.device):
-    images = images.to(device, non_blocking=True)
-    _sync(device)
-    start = time.perf_counter()
-    logits, feats = model.forward_with_latents(images)
-    _sync(device)
-    return time.perf_counter() - start, logits, feats
 
 
 def _sync(device: torch.device) -> None:

@@ -1,10 +1,14 @@
 """train: fit the MobileNetV2 + pix2pix model on one scheme's train masks; validate on
 val each epoch. Writes --out/model.pt (state dict + what rebuilds the model, loadable with
-torch.load(weights_only=True)) and --out/dvclive/ (loss and mIoU per epoch)."""
+torch.load(weights_only=True)) and --out/dvclive/ (loss and mIoU per epoch). With
+--checkpoints, saves the whole training state after every epoch; a run killed at any
+point resumes from it and ends with the same weights as an uninterrupted run."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import json
 import logging
 import time
 from pathlib import Path
@@ -16,8 +20,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from stages.lib.cli import run_main, stage_parser
-from stages.lib.data import (SegmentationDataset, joint_transform, list_samples, seed_everything,
-                             seed_worker)
+from stages.lib.data import (EpochSampler, SegmentationDataset, joint_transform, list_samples,
+                             seed_everything)
 from stages.lib.io import atomic_dir, atomic_path
 from stages.lib.labels import IGNORE_INDEX
 from stages.lib.metrics import confusion_matrix, scores
@@ -85,13 +89,67 @@ def _memory_format(device: torch.device) -> torch.memory_format:
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
 
+# ---------------------------------------------------------------- checkpoints
+
+def run_fingerprint(params: dict, scheme: str, raw: Path, masks: Path) -> str:
+    """What a checkpoint must match to be resumed: every value that shapes the training
+    (not num_workers: batches do not depend on it) and the identity of its data."""
+    values = {"scheme": params["schemes"][scheme], "model": params["model"],
+              "train": {k: v for k, v in params["train"].items() if k != "num_workers"}}
+    digest = hashlib.sha256(json.dumps(values, sort_keys=True).encode())
+    for path in (raw / "manifest.json", masks / "metadata.csv"):
+        digest.update(path.read_bytes() if path.is_file() else b"-")
+    for split in ("train", "val"):
+        for mask in sorted((masks / split).glob("*.png")):
+            digest.update(f"{split}/{mask.name}:{mask.stat().st_size};".encode())
+    return digest.hexdigest()
+
+
+def save_checkpoint(path: Path, fingerprint: str, history: list[dict], model, optimizer,
+                    scheduler, scaler) -> None:
+    state = {"fingerprint": fingerprint, "epoch": len(history), "history": history,
+             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+             "torch_rng": torch.get_rng_state()}
+    _save_torch(state, path)
+
+
+def resume(path: Path, fingerprint: str, model, optimizer, scheduler, scaler) -> list[dict]:
+    """Restore the last checkpoint of this very run; return the epochs it had finished."""
+    if not path.is_file():
+        return []
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("fingerprint") != fingerprint:
+        log.warning("%s: made with other params or data, starting afresh", path)
+        return []
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["torch_rng"])
+    log.info("resuming from %s after epoch %d", path, state["epoch"])
+    return state["history"]
+
+
+def _save_torch(obj: object, path: Path) -> None:
+    # Through a buffer: torch.save names the zip's root folder after the file, so a
+    # temporary file name would make identical weights give different bytes (and DVC
+    # would see a changed model).
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buffer.getvalue())
+
+
 # ---------------------------------------------------------------- run
 
-def run(params: dict, scheme: str, raw: Path, masks: Path, out: Path) -> dict:
+def run(params: dict, scheme: str, raw: Path, masks: Path, out: Path,
+        checkpoints: Path | None = None) -> dict:
     device = resolve_device(params["train"]["device"])
-    generator = seed_everything(params["train"]["seed"])
+    seed_everything(params["train"]["seed"])
+    torch.backends.cudnn.benchmark = device.type == "cuda"
     with _deterministic(device.type == "cpu"):
-        return _run_seeded(params, scheme, raw, masks, out, device, generator)
+        return _run_seeded(params, scheme, raw, masks, out, device, checkpoints)
 
 
 @contextlib.contextmanager
@@ -105,11 +163,11 @@ def _deterministic(enabled: bool):
         torch.use_deterministic_algorithms(before)
 
 
-def _run_seeded(params, scheme, raw, masks, out, device, generator) -> dict:
+def _run_seeded(params, scheme, raw, masks, out, device, checkpoints) -> dict:
     cfg, model_cfg = params["train"], params["model"]
     class_names = scheme_class_names(params, scheme)
-    train_loader = _loader(raw, masks, "train", cfg, generator, train=True, device=device)
-    val_loader = _loader(raw, masks, "val", cfg, generator, train=False, device=device)
+    train_loader = _loader(raw, masks, "train", cfg, train=True, device=device)
+    val_loader = _loader(raw, masks, "val", cfg, train=False, device=device)
     model = build_model(len(class_names), model_cfg["encoder_weights"], model_cfg["freeze_encoder"],
                         model_cfg["dropout"]).to(device, memory_format=_memory_format(device))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
@@ -118,54 +176,75 @@ def _run_seeded(params, scheme, raw, masks, out, device, generator) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=needs_grad_scaler(device))
     log.info("%s: %d train / %d val images, %d classes, device %s", scheme,
              len(train_loader.dataset), len(val_loader.dataset), len(class_names), device)
+    checkpoint = checkpoints / "last.pt" if checkpoints else None
+    fingerprint = run_fingerprint(params, scheme, raw, masks)
+    history = resume(checkpoint, fingerprint, model, optimizer, scheduler, scaler) \
+        if checkpoint else []
+
+    def after_epoch(records: list[dict]) -> None:
+        if checkpoint:
+            save_checkpoint(checkpoint, fingerprint, records, model, optimizer, scheduler, scaler)
+
     with atomic_dir(out) as tmp:
-        summary = _fit(model, train_loader, val_loader, optimizer, scheduler, scaler, device,
-                       cfg["epochs"], class_names, tmp / "dvclive")
-        # Through a buffer: torch.save names the zip's root folder after the file, so a
-        # temporary file name would make identical weights give different bytes (and DVC
-        # would see a changed model).
-        buffer = io.BytesIO()
-        torch.save(checkpoint_payload(model, class_names, cfg["image_size"], model_cfg), buffer)
-        with atomic_path(tmp / "model.pt") as model_tmp:
-            model_tmp.write_bytes(buffer.getvalue())
-    return summary
+        history = _fit(model, train_loader, val_loader, optimizer, scheduler, scaler, device,
+                       cfg["epochs"], class_names, history, after_epoch)
+        _write_dvclive(tmp / "dvclive", history, class_names)
+        _save_torch(checkpoint_payload(model, class_names, cfg["image_size"], model_cfg),
+                    tmp / "model.pt")
+    if checkpoint:
+        checkpoint.unlink(missing_ok=True)  # finished: a rerun must train, not resume
+    return history[-1] if history else {}
 
 
 def _fit(model, train_loader, val_loader, optimizer, scheduler, scaler, device, epochs,
-         class_names, live_dir: Path) -> dict:
-    summary: dict = {}
+         class_names, history: list[dict], after_epoch) -> list[dict]:
+    history = list(history)
+    for epoch in range(len(history), epochs):
+        start = time.perf_counter()
+        train_loader.sampler.set_epoch(epoch)
+        train_loss = train_epoch(model, train_loader, optimizer, scaler, device)
+        val_loss, cm = validate(model, val_loader, device, len(class_names))
+        scheduler.step()
+        val = scores(cm)
+        history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
+                        "val_miou": _finite_or_none(val["miou"]),
+                        "val_iou": {n: _finite_or_none(v) for n, v in zip(class_names, val["iou"])}})
+        after_epoch(history)
+        log.info("epoch %d/%d train_loss %.4f val_loss %.4f val_mIoU %.3f (%.1fs)", epoch + 1,
+                 epochs, train_loss, val_loss, val["miou"], time.perf_counter() - start)
+    return history
+
+
+def _write_dvclive(live_dir: Path, history: list[dict], class_names: list[str]) -> None:
+    """Per-epoch curves for `dvc plots`, written from the history so that a resumed run
+    logs every epoch, including those before the interruption."""
     with Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None) as live:
-        for epoch in range(epochs):
-            start = time.perf_counter()
-            train_loss = train_epoch(model, train_loader, optimizer, scaler, device)
-            val_loss, cm = validate(model, val_loader, device, len(class_names))
-            scheduler.step()
-            val = scores(cm)
-            summary = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
-                       "val_miou": val["miou"]}
-            live.log_metric("train/loss", train_loss)
-            live.log_metric("val/loss", val_loss)
-            if np.isfinite(val["miou"]):
-                live.log_metric("val/miou", float(val["miou"]))
-            for name, iou in zip(class_names, val["iou"]):
-                if np.isfinite(iou):  # a class absent from val has no IoU, not an IoU of 0
-                    live.log_metric(f"val/iou/{name}", float(iou))
+        for record in history:
+            live.log_metric("train/loss", record["train_loss"])
+            live.log_metric("val/loss", record["val_loss"])
+            if record["val_miou"] is not None:
+                live.log_metric("val/miou", record["val_miou"])
+            for name in class_names:  # a class absent from val has no IoU, not an IoU of 0
+                if record["val_iou"][name] is not None:
+                    live.log_metric(f"val/iou/{name}", record["val_iou"][name])
             live.next_step()
-            log.info("epoch %d/%d train_loss %.4f val_loss %.4f val_mIoU %.3f (%.1fs)", epoch + 1,
-                     epochs, train_loss, val_loss, val["miou"], time.perf_counter() - start)
-    return summary
 
 
-def _loader(raw, masks, split, cfg, generator, train: bool, device) -> DataLoader:
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
+
+
+def _loader(raw, masks, split, cfg, train: bool, device) -> DataLoader:
     transform = joint_transform(cfg["image_size"], IMAGENET_MEAN, IMAGENET_STD, train, cfg["hflip"])
-    dataset = SegmentationDataset(list_samples(raw, masks, split), transform)
+    dataset = SegmentationDataset(list_samples(raw, masks, split), transform, cfg["seed"])
+    sampler = EpochSampler(len(dataset), cfg["seed"], shuffle=train)
     workers = cfg["num_workers"]
     # BatchNorm cannot train on a batch of one image (one value per channel at the
     # bottleneck): drop a last batch of one, and only then.
     drop_last = train and len(dataset) % cfg["batch_size"] == 1 and len(dataset) > 1
-    return DataLoader(dataset, batch_size=cfg["batch_size"], shuffle=train, drop_last=drop_last,
-                      num_workers=workers, persistent_workers=workers > 0, generator=generator,
-                      worker_init_fn=seed_worker, pin_memory=device.type == "cuda")
+    return DataLoader(dataset, batch_size=cfg["batch_size"], sampler=sampler, drop_last=drop_last,
+                      num_workers=workers, persistent_workers=workers > 0,
+                      pin_memory=device.type == "cuda")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,9 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--raw", required=True, type=Path, help="folder written by download")
     parser.add_argument("--masks", required=True, type=Path, help="folder written by masks")
     parser.add_argument("--out", required=True, type=Path, help="model folder to create")
+    parser.add_argument("--checkpoints", type=Path, default=None,
+                        help="folder for the per-epoch checkpoint an interrupted run resumes "
+                             "from (kept outside both engines' outputs, deleted on success)")
     args = parser.parse_args(argv)
     return run_main("train", lambda: run(load_params(args.params), args.scheme, args.raw,
-                                         args.masks, args.out))
+                                         args.masks, args.out, args.checkpoints))
 
 
 if __name__ == "__main__":

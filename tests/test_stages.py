@@ -200,7 +200,10 @@ def test_infer_samples_csv(chain, val_images):
 def test_latents_npz(chain):
     table = pd.read_csv(chain["pred"] / "samples.csv")
     with np.load(chain["pred"] / "latents.npz") as npz:
-        assert sorted(npz.files) == ["image_ids", "latents"]
+        assert sorted(npz.files) == ["image_ids", "latents", "layer_names", "layer_slices"]
+        assert npz["layer_names"].tolist() == ["bottleneck", "decoder1", "decoder2",
+                                               "decoder3", "decoder4"]
+        assert npz["layer_slices"][-1, 1] == npz["latents"].shape[1]
         assert npz["image_ids"].tolist() == table["image_id"].tolist()
         latents = npz["latents"]
     assert latents.shape == (N_VAL, 320 + 512 + 256 + 128 + 64)
@@ -211,7 +214,9 @@ def test_latents_npz(chain):
 def test_timing_json(chain):
     timing = json.loads((chain["pred"] / "timing.json").read_text())
     assert set(timing) == {"images", "device", "batch_size", "latency_ms", "wall_s",
-                           "throughput_img_s"}
+                           "throughput_img_s", "image_size", "torch_threads", "warmup_batches",
+                           "warmup_definition", "latency_definition", "throughput_definition"}
+    assert (timing["image_size"], timing["warmup_batches"]) == (SIZE, 1)
     assert set(timing["latency_ms"]) == {"total", "mean", "variance", "median"}
     assert (timing["images"], timing["device"], timing["batch_size"]) == (
         N_VAL, "cpu", chain["params_dict"]["infer"]["batch_size"])

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
@@ -65,24 +65,64 @@ def joint_transform(size: int, mean, std, train: bool, hflip: bool) -> v2.Compos
     return v2.Compose(steps)
 
 
-class SegmentationDataset(Dataset):
-    """(normalised image, long mask) pairs at a fixed square size."""
+def derived_seed(*keys: int) -> int:
+    """A well-mixed seed from non-negative keys: (seed, epoch) orders an epoch,
+    (seed, epoch, index) augments one sample in it."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
 
-    def __init__(self, samples: list[Sample], transform: v2.Compose):
+
+class EpochSampler(Sampler):
+    """Yields (epoch, index) keys in an order fixed by (seed, epoch) alone, sharded over DDP
+    ranks like DistributedSampler. With the per-sample seeds of SegmentationDataset, every
+    batch is the same whatever the number of workers, whether they persist, whether the run
+    was resumed from a checkpoint, and over how many processes it is split."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool, rank: int = 0, world: int = 1):
+        self.n, self.seed, self.shuffle, self.rank, self.world = n, seed, shuffle, rank, world
+        self.epoch = 0
+        self.per_rank = -(-n // world)  # ceil: ranks take equal shares, padding by wrapping
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def __iter__(self):
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(
+                derived_seed(self.seed, self.epoch))).tolist()
+        else:
+            order = list(range(self.n))
+        order += order[: self.per_rank * self.world - self.n]
+        for index in order[self.rank::self.world]:
+            yield (self.epoch, index)
+
+
+class SegmentationDataset(Dataset):
+    """(normalised image, long mask) pairs at a fixed square size. A key is an index or an
+    (epoch, index) pair from EpochSampler; random augmentation is seeded from the pair, so
+    it does not depend on which process draws the sample or on what it drew before."""
+
+    def __init__(self, samples: list[Sample], transform: v2.Compose, seed: int = 0):
         self.samples = samples
         self.transform = transform
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
         sample = self.samples[index]
         image = tv_tensors.Image(read_image(sample.image_path))
         mask = tv_tensors.Mask(torch.from_numpy(read_labels(sample.mask_path)))
         if image.shape[-2:] != mask.shape[-2:]:
             raise StageError(f"{sample.mask_path}: mask size {tuple(mask.shape)} differs from "
                              f"image {sample.image_path} {tuple(image.shape[-2:])}")
-        image, mask = self.transform(image, mask)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derived_seed(self.seed, epoch, index))
+            image, mask = self.transform(image, mask)
         return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor).long()
 
 
@@ -114,15 +154,7 @@ def collate_inference(items: list[dict]) -> dict:
             "image": torch.stack([it["image"] for it in items])}
 
 
-def seed_everything(seed: int) -> torch.Generator:
+def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
-
-
-def seed_worker(worker_id: int) -> None:
-    # DataLoader seeds torch per worker; numpy and random need it done by hand.
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)

@@ -1,3 +1,6 @@
+# Checkpoints (checkpoints/{scheme}/last.pt) are deliberately no output of either engine:
+# both delete a job's outputs before rerunning it, which would defeat resuming. The stage
+# resumes only from a checkpoint of the same params and data, and deletes it on success.
 rule train:
     input:
         raw="data/raw",
@@ -21,4 +24,5 @@ rule train:
         runtime=720,
     shell:
         "python -m stages.train --params params.yaml --scheme {wildcards.scheme} "
-        "--raw {input.raw} --masks {input.masks} --out {output} > {log} 2>&1"
+        "--raw {input.raw} --masks {input.masks} --out {output} "
+        "--checkpoints checkpoints/{wildcards.scheme} > {log} 2>&1"

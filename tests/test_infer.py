@@ -1,0 +1,315 @@
+"""infer: timing with the warm-up left out, the layout of the latent vectors, and a small
+stage run on the real sample (download -> masks -> train 1 epoch -> infer at 64 px)."""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+import weakref
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from conftest import SAMPLE, small_params
+from stages import download, infer, masks, train
+from stages.lib.data import collate_inference
+from stages.lib.io import json_safe
+from stages.lib.model import SegNet, pooled_latent
+
+SCHEME = "person_car"
+N_TRAIN, N_VAL, SIZE, INFER_BATCH = 8, 4, 64, 3
+COLD_S = 0.5  # the stage run's first forward pass sleeps this long
+OLD_TIMING_KEYS = {"images", "device", "batch_size", "latency_ms", "wall_s", "throughput_img_s"}
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities of "
+                               "TorchVision are deprecated:DeprecationWarning"),
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Two cores shared with others: one intra-op thread (see tests/test_stages.py)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------- timing_summary
+
+def test_timing_summary_hand_checked():
+    timing = infer.timing_summary([0.010, 0.020, 0.030, 0.100], wall_s=2.0, device="cpu",
+                                  batch_size=2, image_size=128, warmup_batches=1,
+                                  torch_threads=1)
+    assert set(timing) >= OLD_TIMING_KEYS | {"image_size", "warmup_batches",
+                                             "latency_definition"}
+    assert (timing["images"], timing["device"], timing["batch_size"]) == (4, "cpu", 2)
+    assert (timing["image_size"], timing["warmup_batches"], timing["torch_threads"]) == (128, 1, 1)
+    lat = timing["latency_ms"]
+    assert set(lat) == {"total", "mean", "variance", "median"}
+    # ms 10, 20, 30, 100: mean 40; squared deviations 900+400+100+3600 = 5000, /4 (population)
+    assert lat["total"] == pytest.approx(160)
+    assert lat["mean"] == pytest.approx(40)
+    assert lat["variance"] == pytest.approx(1250)
+    assert lat["median"] == pytest.approx(25)
+    assert timing["wall_s"] == 2.0 and timing["throughput_img_s"] == pytest.approx(2.0)
+    for key in ("latency_definition", "warmup_definition", "throughput_definition"):
+        assert isinstance(timing[key], str) and len(timing[key]) > 40, key
+    assert "1 batch" in timing["warmup_definition"]
+    json.dumps(json_safe(timing), allow_nan=False)  # what write_json does
+
+
+def test_timing_summary_odd_count_median_and_zero_wall():
+    timing = infer.timing_summary([0.003, 0.001, 0.002], wall_s=0.0, device="cuda:0",
+                                  batch_size=8)
+    assert timing["latency_ms"]["median"] == pytest.approx(2)
+    assert timing["latency_ms"]["variance"] == pytest.approx(2 / 3)
+    assert timing["throughput_img_s"] is None
+
+
+# ---------------------------------------------------------------- warm-up, with a fake clock
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeModel:
+    """forward_with_latents advances the clock: COLD seconds on the first call, WARM after.
+    Features have 7, 1 and 4 channels (not a SegNet's, so nothing can be hard-coded)."""
+    COLD, WARM = 1000.0, 6.0
+
+    def __init__(self, clock: FakeClock):
+        self.clock, self.calls = clock, []
+
+    def forward_with_latents(self, images):
+        self.calls.append(images[:, 0, 0, 0].tolist())
+        self.clock.now += self.COLD if len(self.calls) == 1 else self.WARM
+        n = images.shape[0]
+        base = images[:, :1, :4, :4]
+        feats = [base.expand(n, c, 4, 4) * (k + 1) for k, c in enumerate((7, 1, 4))]
+        logits = torch.cat([base, -base, base * 0], dim=1)  # 3 classes at 4x4
+        return logits, feats
+
+
+def _batches(sizes: list[int]) -> list[dict]:
+    """Images whose first pixel is their dataset index; ground truth and size per image."""
+    batches, index = [], 0
+    for size in sizes:
+        items = []
+        for _ in range(size):
+            image = torch.rand(3, 4, 4)
+            image[0, 0, 0] = index
+            gt = torch.zeros(6, 5, dtype=torch.uint8)
+            items.append({"index": index, "image": image, "gt": gt, "size": (6, 5)})
+            index += 1
+        batches.append(collate_inference(items))
+    return batches
+
+
+def _run_fake(warmup_batches: int, consumer_s: float = 0.5):
+    clock = FakeClock()
+    model = FakeModel(clock)
+    inference = infer.TimedInference(model, torch.device("cpu"), warmup_batches, clock=clock)
+    predictions = []
+    for p in inference(_batches([2, 2, 1])):
+        clock.now += consumer_s  # scoring and writing: in wall_s, not in latency
+        predictions.append(p)
+    return inference, model, predictions
+
+
+def test_warm_up_batch_runs_untimed_and_every_image_is_timed_after():
+    inference, model, predictions = _run_fake(warmup_batches=1)
+    # one untimed pass over batch 0, then batches 0, 1, 2 timed
+    assert model.calls == [[0, 1], [0, 1], [2, 3], [4]]
+    assert [p.index for p in predictions] == [0, 1, 2, 3, 4]
+    # the batch's forward time shared by its images; the cold first call is in none of them
+    assert inference.latencies_s == pytest.approx([3, 3, 3, 3, 6])
+    assert [p.latency_s for p in predictions] == inference.latencies_s
+    assert inference.wall_s == pytest.approx(3 * FakeModel.WARM + 5 * 0.5)
+    timing = infer.timing_summary(inference.latencies_s, inference.wall_s, "cpu", 2,
+                                  warmup_batches=inference.warmup_batches)
+    assert timing["images"] == 5 and timing["warmup_batches"] == 1
+    # ms 3000 x4, 6000: mean 3600, variance (4 * 600^2 + 2400^2) / 5 = 1 440 000, median 3000
+    assert timing["latency_ms"] == pytest.approx(
+        {"total": 18000, "mean": 3600, "variance": 1_440_000, "median": 3000})
+    assert timing["throughput_img_s"] == pytest.approx(5 / 20.5)
+
+
+def test_without_warm_up_the_cold_call_is_timed():
+    """The contrast that shows the test above can fail: no warm-up, cold call counted."""
+    inference, model, _ = _run_fake(warmup_batches=0)
+    assert model.calls == [[0, 1], [2, 3], [4]]
+    assert inference.latencies_s == pytest.approx([500, 500, 3, 3, 6])
+
+
+def test_predictions_stream_one_sample_at_a_time():
+    clock = FakeClock()
+    model = FakeModel(clock)
+    stream = infer.TimedInference(model, torch.device("cpu"), clock=clock)(_batches([2, 2, 1]))
+    first = next(stream)
+    assert len(model.calls) == 2          # warm-up and batch 0 only: nothing read ahead
+    assert first.log_probs.shape == (3, 6, 5) and first.pred.shape == (6, 5)
+    assert first.pred.dtype == torch.uint8 and first.gt.shape == (6, 5)
+    assert torch.allclose(first.log_probs.exp().sum(0), torch.ones(6, 5))
+    assert torch.equal(first.pred, first.log_probs.argmax(0).to(torch.uint8))
+    gone = weakref.ref(first.log_probs)
+    del first
+    next(stream)
+    next(stream)
+    assert gone() is None                 # nothing keeps the full-size maps of past samples
+    assert len(list(stream)) == 2
+
+
+def test_one_shot_iterators_are_refused():
+    clock = FakeClock()
+    inference = infer.TimedInference(FakeModel(clock), torch.device("cpu"), clock=clock)
+    with pytest.raises(TypeError, match="re-iterable"):
+        next(inference(iter(_batches([2]))))
+
+
+def test_fake_latents_and_layout():
+    inference, _, predictions = _run_fake(warmup_batches=1)
+    names, slices = inference.layout
+    assert names == ["bottleneck", "decoder1", "decoder2"]
+    assert slices.tolist() == [[0, 7], [7, 8], [8, 12]]
+    for p in predictions:
+        assert p.latent.shape == (12,)
+        pixel = float(p.latent[0])
+        for k, (start, stop) in enumerate(slices):
+            assert np.allclose(p.latent[start:stop], pixel * (k + 1))
+
+
+# ---------------------------------------------------------------- layout of a real SegNet
+
+@torch.no_grad()
+def test_latent_layout_of_segnet_matches_pooled_latent():
+    _, features = SegNet(3).eval().forward_with_latents(torch.randn(2, 3, 64, 96))
+    latent = pooled_latent(features)
+    names, slices = infer.latent_layout(features)
+    assert names == ["bottleneck", "decoder1", "decoder2", "decoder3", "decoder4"]
+    assert slices.dtype == np.int64 and slices.shape == (5, 2)
+    assert (slices[:, 1] - slices[:, 0]).tolist() == [320, 512, 256, 128, 64]
+    assert slices[0, 0] == 0 and slices[-1, 1] == latent.shape[1] == 1280
+    assert (slices[1:, 0] == slices[:-1, 1]).all()          # contiguous, in order
+    for feature, (start, stop) in zip(features, slices):
+        assert torch.allclose(latent[:, start:stop], feature.mean(dim=(2, 3)))
+
+
+# ---------------------------------------------------------------- small stage run
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, default_params):
+    """download 8 train / 4 val images of the sample, masks, train 1 epoch at 64 px, infer in
+    batches of 3 (so 2 batches). The model's first forward pass sleeps COLD_S: the warm-up
+    must keep that out of every latency."""
+    root = tmp_path_factory.mktemp("infer_chain")
+    base = json.loads(json.dumps(default_params))
+    base["data"]["base_url"] = str(SAMPLE)
+    params = small_params(base, train=N_TRAIN, val=N_VAL, size=SIZE, epochs=1)
+    params["train"]["device"] = params["infer"]["device"] = "cpu"
+    params["infer"]["batch_size"] = INFER_BATCH
+    p = root / "params.yaml"
+    p.write_text(yaml.safe_dump(params, sort_keys=False))
+    paths = {"raw": root / "raw", "masks": root / "masks", "model": root / "model",
+             "pred": root / "pred", "params": params}
+    calls = []
+    real_forward = SegNet.forward_with_latents
+
+    def slow_first_forward(self, x):
+        calls.append(x.shape[0])
+        if len(calls) == 1:
+            time.sleep(COLD_S)
+        return real_forward(self, x)
+
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    codes = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)  # DVCLive writes relative to the working directory
+        codes["download"] = download.main(["--params", str(p), "--out", str(paths["raw"])])
+        codes["masks"] = masks.main(["--params", str(p), "--scheme", SCHEME, "--raw",
+                                     str(paths["raw"]), "--out", str(paths["masks"])])
+        codes["train"] = train.main(["--params", str(p), "--scheme", SCHEME, "--raw",
+                                     str(paths["raw"]), "--masks", str(paths["masks"]),
+                                     "--out", str(paths["model"])])
+        mp.setattr(SegNet, "forward_with_latents", slow_first_forward)
+        codes["infer"] = infer.main(["--params", str(p), "--model", str(paths["model"]),
+                                     "--raw", str(paths["raw"]), "--masks", str(paths["masks"]),
+                                     "--out", str(paths["pred"])])
+    torch.use_deterministic_algorithms(deterministic)  # train.run switches it on globally
+    paths["codes"], paths["forward_calls"] = codes, calls
+    return paths
+
+
+
+def test_stage_exit_codes(chain):
+    assert chain["codes"] == {"download": 0, "masks": 0, "train": 0, "infer": 0}
+
+
+def test_stage_timing_json(chain):
+    timing = json.loads((chain["pred"] / "timing.json").read_text())
+    assert set(timing) >= OLD_TIMING_KEYS | {"image_size", "warmup_batches", "latency_definition",
+                                             "warmup_definition", "throughput_definition"}
+    assert (timing["images"], timing["device"], timing["batch_size"]) == (N_VAL, "cpu",
+                                                                         INFER_BATCH)
+    assert timing["image_size"] == SIZE                  # from the checkpoint
+    assert timing["warmup_batches"] == 1
+    assert timing["torch_threads"] == 1
+    # warm-up: batch of 3, then the timed batches of 3 and 1
+    assert chain["forward_calls"] == [3, 3, 1]
+    per_image = pd.read_csv(chain["pred"] / "samples.csv")["latency_ms"]
+    assert (per_image > 0).all()
+    assert per_image.max() < COLD_S * 1000               # the cold sleep is in no latency
+    lat = timing["latency_ms"]
+    assert lat["total"] == pytest.approx(per_image.sum(), rel=1e-9)
+    assert lat["median"] == pytest.approx(statistics.median(per_image), rel=1e-9)
+    assert lat["variance"] == pytest.approx(statistics.pvariance(per_image), rel=1e-6)
+    assert lat["total"] <= timing["wall_s"] * 1000
+    assert timing["throughput_img_s"] == pytest.approx(N_VAL / timing["wall_s"], rel=1e-9)
+
+
+def test_stage_latents_layout(chain):
+    table = pd.read_csv(chain["pred"] / "samples.csv")
+    with np.load(chain["pred"] / "latents.npz", allow_pickle=False) as npz:
+        assert sorted(npz.files) == ["image_ids", "latents", "layer_names", "layer_slices"]
+        ids, latents = npz["image_ids"], npz["latents"]
+        names, slices = npz["layer_names"], npz["layer_slices"]
+    assert ids.tolist() == table["image_id"].tolist()
+    assert names.dtype.kind == "U"
+    assert names.tolist() == ["bottleneck", "decoder1", "decoder2", "decoder3", "decoder4"]
+    assert slices.shape == (5, 2) and slices.dtype.kind == "i"
+    assert slices.tolist() == [[0, 320], [320, 832], [832, 1088], [1088, 1216], [1216, 1280]]
+    assert latents.shape == (N_VAL, 1280) and latents.dtype == np.float32
+    assert np.isfinite(latents).all()
+    # decoder blocks end in a ReLU: their pooled activations are never negative
+    for name, (start, stop) in zip(names, slices):
+        if name.startswith("decoder"):
+            assert (latents[:, start:stop] >= 0).all(), name
+
+
+def test_stage_latents_match_a_fresh_forward_pass(chain):
+    """Row i of latents.npz is the pooled latent of val image i, batch by batch."""
+    from stages.lib.data import InferenceDataset, list_samples
+    from stages.lib.model import load_trained
+
+    model, meta = load_trained(chain["model"] / "model.pt", torch.device("cpu"))
+    samples = list_samples(chain["raw"], chain["masks"], "val")
+    dataset = InferenceDataset(samples, meta["image_size"], meta["mean"], meta["std"])
+    with torch.inference_mode():
+        images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+        _, features = model.forward_with_latents(images)
+        expected = pooled_latent(features).numpy()
+    with np.load(chain["pred"] / "latents.npz") as npz:
+        latents, slices = npz["latents"], npz["layer_slices"]
+    assert np.allclose(latents, expected, atol=1e-4)
+    bottleneck = slices[0]
+    assert np.allclose(latents[:, bottleneck[0]:bottleneck[1]],
+                       features[0].mean(dim=(2, 3)).numpy(), atol=1e-4)
