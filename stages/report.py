@@ -580,10 +580,10 @@ def read_samples(path: Path) -> pd.DataFrame:
     return samples
 
 
-def load_scheme(params: dict, name: str, models: Path, predictions: Path, metrics: Path,
+def load_scheme(params: dict, name: str, predictions: Path, metrics: Path,
                 analysis: Path) -> Scheme:
     class_names = scheme_class_names(params, name)
-    plots = models / name / "dvclive" / "plots" / "metrics"
+    plots = metrics / "train" / name / "plots" / "metrics"
     return Scheme(
         name=name, class_names=class_names, claims=params["schemes"][name]["classes"],
         metrics=read_metrics(metrics / f"{name}.json", class_names),
@@ -713,7 +713,7 @@ def label_thumbnail(path: Path, width: int) -> str:
 
 def run(params: dict, raw: Path, masks: Path, models: Path, predictions: Path, metrics: Path,
         analysis: Path, out: Path) -> Path:
-    schemes = [load_scheme(params, name, models, predictions, metrics, analysis)
+    schemes = [load_scheme(params, name, predictions, metrics, analysis)
                for name in params["schemes"]]
     cfg = params["report"]
     rows = examples(schemes, raw, masks, predictions, cfg["n_examples"], cfg["thumbnail_px"])

@@ -1,6 +1,6 @@
 """train: fit the MobileNetV2 + pix2pix model on one scheme's train masks; validate on
 val each epoch. Writes --out/model.pt (state dict + what rebuilds the model, loadable with
-torch.load(weights_only=True)) and --out/dvclive/ (loss and mIoU per epoch). With
+torch.load(weights_only=True)) and --live (DVCLive: loss and IoU per epoch). With
 --checkpoints, saves the whole training state after every epoch; a run killed at any
 point resumes from it and ends with the same weights as an uninterrupted run."""
 from __future__ import annotations
@@ -144,12 +144,12 @@ def _save_torch(obj: object, path: Path) -> None:
 # ---------------------------------------------------------------- run
 
 def run(params: dict, scheme: str, raw: Path, masks: Path, out: Path,
-        checkpoints: Path | None = None) -> dict:
+        checkpoints: Path | None = None, live: Path | None = None) -> dict:
     device = resolve_device(params["train"]["device"])
     seed_everything(params["train"]["seed"])
     torch.backends.cudnn.benchmark = device.type == "cuda"
     with _deterministic(device.type == "cpu"):
-        return _run_seeded(params, scheme, raw, masks, out, device, checkpoints)
+        return _run_seeded(params, scheme, raw, masks, out, device, checkpoints, live)
 
 
 @contextlib.contextmanager
@@ -163,7 +163,7 @@ def _deterministic(enabled: bool):
         torch.use_deterministic_algorithms(before)
 
 
-def _run_seeded(params, scheme, raw, masks, out, device, checkpoints) -> dict:
+def _run_seeded(params, scheme, raw, masks, out, device, checkpoints, live) -> dict:
     cfg, model_cfg = params["train"], params["model"]
     class_names = scheme_class_names(params, scheme)
     train_loader = _loader(raw, masks, "train", cfg, train=True, device=device)
@@ -185,10 +185,12 @@ def _run_seeded(params, scheme, raw, masks, out, device, checkpoints) -> dict:
         if checkpoint:
             save_checkpoint(checkpoint, fingerprint, records, model, optimizer, scheduler, scaler)
 
+    history = _fit(model, train_loader, val_loader, optimizer, scheduler, scaler, device,
+                   cfg["epochs"], class_names, history, after_epoch)
+    if live:
+        with atomic_dir(live) as tmp:
+            _write_dvclive(tmp, history, class_names)
     with atomic_dir(out) as tmp:
-        history = _fit(model, train_loader, val_loader, optimizer, scheduler, scaler, device,
-                       cfg["epochs"], class_names, history, after_epoch)
-        _write_dvclive(tmp / "dvclive", history, class_names)
         _save_torch(checkpoint_payload(model, class_names, cfg["image_size"], model_cfg),
                     tmp / "model.pt")
     if checkpoint:
@@ -253,12 +255,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--raw", required=True, type=Path, help="folder written by download")
     parser.add_argument("--masks", required=True, type=Path, help="folder written by masks")
     parser.add_argument("--out", required=True, type=Path, help="model folder to create")
+    parser.add_argument("--live", required=True, type=Path,
+                        help="DVCLive folder to create (loss and IoU per epoch, for dvc plots)")
     parser.add_argument("--checkpoints", type=Path, default=None,
                         help="folder for the per-epoch checkpoint an interrupted run resumes "
                              "from (kept outside both engines' outputs, deleted on success)")
     args = parser.parse_args(argv)
     return run_main("train", lambda: run(load_params(args.params), args.scheme, args.raw,
-                                         args.masks, args.out, args.checkpoints))
+                                         args.masks, args.out, args.checkpoints, args.live))
 
 
 if __name__ == "__main__":

@@ -139,7 +139,7 @@ def test_snakemake_end_to_end_then_nothing_to_do(tmp_path, tiny_params):
 
 
 @pytest.mark.e2e
-def test_dvc_repro_end_to_end_status_metrics_and_rerun_rules(tmp_path, tiny_params):
+def test_dvc_repro_end_to_end_status_metrics_plots_and_rerun_rules(tmp_path, tiny_params):
     root = copy_repo(tmp_path / "repo", tiny_params)
     run(["dvc", "repro"], root)
     _report_shows_both_schemes(root, tiny_params)
@@ -148,6 +148,10 @@ def test_dvc_repro_end_to_end_status_metrics_and_rerun_rules(tmp_path, tiny_para
     shown = run(["dvc", "metrics", "show", "--json"], root).stdout
     files = next(iter(json.loads(shown).values()))["data"]
     assert {f"metrics/{s}.json" for s in tiny_params["schemes"]} <= set(files)
+    plots = run(["dvc", "plots", "show", "--json"], root).stdout
+    drawn = json.dumps(json.loads(plots))
+    for scheme in tiny_params["schemes"]:
+        assert f"metrics/train/{scheme}/plots/metrics/val/miou.tsv" in drawn
     changed = {**tiny_params, "report": {**tiny_params["report"], "title": "Retitled"}}
     (root / "params.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
     rerun = run(["dvc", "repro"], root).stdout

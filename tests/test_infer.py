@@ -239,7 +239,8 @@ def chain(tmp_path_factory, default_params):
                                      str(paths["raw"]), "--out", str(paths["masks"])])
         codes["train"] = train.main(["--params", str(p), "--scheme", SCHEME, "--raw",
                                      str(paths["raw"]), "--masks", str(paths["masks"]),
-                                     "--out", str(paths["model"])])
+                                     "--out", str(paths["model"]),
+                                     "--live", str(root / "live")])
         mp.setattr(SegNet, "forward_with_latents", slow_first_forward)
         codes["infer"] = infer.main(["--params", str(p), "--model", str(paths["model"]),
                                      "--raw", str(paths["raw"]), "--masks", str(paths["masks"]),

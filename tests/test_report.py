@@ -6,6 +6,7 @@ import copy
 import importlib.metadata
 import json
 import re
+import shutil
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -36,7 +37,7 @@ download.run(params, raw)
 for s in params["schemes"]:
     m, model, pred = root / "data" / "masks" / s, root / "models" / s, root / "predictions" / s
     masks.run(params, s, raw, m)
-    train.run(params, s, raw, m, model)
+    train.run(params, s, raw, m, model, live=root / "metrics" / "train" / s)
     infer.run(params, model, raw, m, pred)
     evaluate.run(params, s, pred / "val", m / "val", root / "metrics" / f"{s}.json",
                  root / "metrics" / f"{s}.confusion.csv")
@@ -389,9 +390,7 @@ def test_provenance_lists_commit_params_versions_and_data(rendered):
 
 def test_missing_metrics_file_is_one_clear_error(pipeline, tmp_path, caplog):
     metrics = tmp_path / "metrics"
-    metrics.mkdir()
-    for f in (pipeline["root"] / "metrics").iterdir():
-        (metrics / f.name).write_bytes(f.read_bytes())
+    shutil.copytree(pipeline["root"] / "metrics", metrics)
     (metrics / "person_vehicle.json").unlink()
     out = tmp_path / "out" / "index.html"
     args = stage_args(pipeline["root"], metrics=metrics, out=out)
@@ -404,9 +403,7 @@ def test_missing_metrics_file_is_one_clear_error(pipeline, tmp_path, caplog):
 
 def test_confusion_for_other_classes_is_rejected(pipeline, tmp_path):
     metrics = tmp_path / "metrics"
-    metrics.mkdir()
-    for f in (pipeline["root"] / "metrics").iterdir():
-        (metrics / f.name).write_bytes(f.read_bytes())
+    shutil.copytree(pipeline["root"] / "metrics", metrics)
     swapped = metrics / "person_car.confusion.csv"
     frame = pd.read_csv(swapped).rename(columns={"car": "truck"})
     frame.to_csv(swapped, index=False)

@@ -77,7 +77,8 @@ def chain(tmp_path_factory, default_params, one_torch_thread):
             codes[f"masks {scheme}"] = masks.main(["--params", p, "--scheme", scheme, "--raw",
                                                    str(paths["raw"]), "--out", str(out)])
         codes["train"] = train.main(["--params", p, "--scheme", SCHEME, "--raw", str(paths["raw"]),
-                                     "--masks", str(paths["masks"]), "--out", str(paths["model"])])
+                                     "--masks", str(paths["masks"]), "--out", str(paths["model"]),
+                                     "--live", str(paths["model"].parent / "live")])
         codes["infer"] = infer.main(["--params", p, "--model", str(paths["model"]), "--raw",
                                      str(paths["raw"]), "--masks", str(paths["masks"]), "--out",
                                      str(paths["pred"])])
@@ -131,7 +132,7 @@ def test_masks_output(chain, val_images):
 
 
 def test_model_loads_with_weights_only(chain):
-    assert sorted(p.name for p in chain["model"].iterdir()) == ["dvclive", "model.pt"]
+    assert sorted(p.name for p in chain["model"].iterdir()) == ["model.pt"]
     payload = torch.load(chain["model"] / "model.pt", weights_only=True)
     assert payload["class_names"] == CLASSES
     assert payload["image_size"] == SIZE
@@ -144,7 +145,7 @@ def test_model_loads_with_weights_only(chain):
 
 
 def test_dvclive_log(chain):
-    live = chain["model"] / "dvclive"
+    live = chain["model"].parent / "live"
     summary = json.loads((live / "metrics.json").read_text())
     assert summary["step"] == 0  # one epoch
     assert math.isfinite(summary["train"]["loss"]) and summary["train"]["loss"] > 0
@@ -385,7 +386,8 @@ def _argv(stage: str, p: str, root: Path) -> list[str]:
     return {
         "download": ["--params", p, "--out", x],
         "masks": ["--params", p, "--scheme", SCHEME, "--raw", x, "--out", x],
-        "train": ["--params", p, "--scheme", SCHEME, "--raw", x, "--masks", x, "--out", x],
+        "train": ["--params", p, "--scheme", SCHEME, "--raw", x, "--masks", x, "--out", x,
+                  "--live", x],
         "infer": ["--params", p, "--model", x, "--raw", x, "--masks", x, "--out", x],
         "evaluate": ["--params", p, "--scheme", SCHEME, "--pred", x, "--gt", x, "--out", x,
                      "--confusion", x],
@@ -443,7 +445,8 @@ def test_evaluate_missing_folders(chain, tmp_path, caplog):
 def test_train_missing_raw_folder(chain, tmp_path, caplog):
     missing = tmp_path / "no_raw"
     code = train.main(["--params", str(chain["params"]), "--scheme", SCHEME, "--raw",
-                       str(missing), "--masks", str(chain["masks"]), "--out", str(tmp_path / "m")])
+                       str(missing), "--masks", str(chain["masks"]), "--out", str(tmp_path / "m"),
+                       "--live", str(tmp_path / "live")])
     assert code == 2
     assert str(missing) in caplog.text
 
@@ -474,7 +477,7 @@ def test_train_missing_mask_names_the_file(chain, tmp_path, caplog):
     try:
         code = train.main(["--params", str(chain["params"]), "--scheme", SCHEME, "--raw",
                            str(chain["raw"]), "--masks", str(masks_copy), "--out",
-                           str(tmp_path / "m")])
+                           str(tmp_path / "m"), "--live", str(tmp_path / "live")])
     finally:
         torch.use_deterministic_algorithms(deterministic)
     assert code == 2

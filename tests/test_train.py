@@ -83,7 +83,8 @@ def test_augmented_batches_do_not_depend_on_workers(data):
 def _command(data, out: Path, checkpoints: Path) -> list[str]:
     return [sys.executable, "-m", "stages.train", "--params", str(data["root"] / "params.yaml"),
             "--scheme", SCHEME, "--raw", str(data["raw"]), "--masks", str(data["masks"]),
-            "--out", str(out), "--checkpoints", str(checkpoints)]
+            "--out", str(out), "--live", str(out.parent / f"{out.name}_live"),
+            "--checkpoints", str(checkpoints)]
 
 
 def _epoch_of(checkpoint: Path) -> int:
@@ -116,9 +117,9 @@ def test_sigkill_then_rerun_resumes_and_ends_with_identical_weights(data, tmp_pa
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"after epoch {killed_at}" in resumed.stderr
     assert (tmp_path / "a" / "model.pt").read_bytes() == (tmp_path / "b" / "model.pt").read_bytes()
-    curve = Path("dvclive/plots/metrics/train/loss.tsv")
-    assert (tmp_path / "a" / curve).read_text() == (tmp_path / "b" / curve).read_text()
-    assert len((tmp_path / "b" / curve).read_text().splitlines()) == 1 + 6
+    curve = Path("plots/metrics/train/loss.tsv")
+    assert (tmp_path / "a_live" / curve).read_text() == (tmp_path / "b_live" / curve).read_text()
+    assert len((tmp_path / "b_live" / curve).read_text().splitlines()) == 1 + 6
     assert not checkpoint.exists()  # finished: a later rerun trains instead of resuming
 
 

@@ -7,6 +7,7 @@ rule report:
         models=expand("models/{scheme}", scheme=SCHEMES),
         predictions=expand("predictions/{scheme}", scheme=SCHEMES),
         metrics=expand("metrics/{scheme}.{ext}", scheme=SCHEMES, ext=["json", "confusion.csv"]),
+        curves=expand("metrics/train/{scheme}", scheme=SCHEMES),
         analysis=expand("analysis/{scheme}", scheme=SCHEMES),
         code=stage_code("report"),
     output:

@@ -7,7 +7,8 @@ rule train:
         masks="data/masks/{scheme}",
         code=stage_code("train"),
     output:
-        directory("models/{scheme}"),
+        model=directory("models/{scheme}"),
+        live=directory("metrics/train/{scheme}"),
     params:
         scheme=lambda w: config["schemes"][w.scheme],
         model=config["model"],
@@ -24,5 +25,5 @@ rule train:
         runtime=720,
     shell:
         "python -m stages.train --params params.yaml --scheme {wildcards.scheme} "
-        "--raw {input.raw} --masks {input.masks} --out {output} "
-        "--checkpoints checkpoints/{wildcards.scheme} > {log} 2>&1"
+        "--raw {input.raw} --masks {input.masks} --out {output.model} "
+        "--live {output.live} --checkpoints checkpoints/{wildcards.scheme} > {log} 2>&1"
