@@ -9,17 +9,22 @@ import contextlib
 import hashlib
 import io
 import json
+import os
+import subprocess
+import sys
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from dvclive import Live
 from torch import nn
 from torch.utils.data import DataLoader
 
-from stages.lib.cli import run_main, stage_parser
+from stages.lib.cli import StageError, run_main, stage_parser
 from stages.lib.data import (EpochSampler, SegmentationDataset, joint_transform, list_samples,
                              seed_everything)
 from stages.lib.io import atomic_dir, atomic_path
@@ -63,6 +68,10 @@ def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Opt
         if torch.isfinite(loss):
             total += loss.item() * len(images)
             count += len(images)
+    if dist.is_initialized():  # the epoch's loss over every rank's samples
+        sums = torch.tensor([total, float(count)], dtype=torch.float64)
+        dist.all_reduce(sums)
+        total, count = sums.tolist()
     return total / max(count, 1)
 
 
@@ -143,13 +152,56 @@ def _save_torch(obj: object, path: Path) -> None:
 
 # ---------------------------------------------------------------- run
 
+@dataclass(frozen=True)
+class Ranks:
+    """Where this process stands in a torchrun job (rank 0 of 1 when run alone)."""
+
+    rank: int = 0
+    world: int = 1
+    local: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> "Ranks":
+        env = os.environ
+        return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)),
+                   int(env.get("LOCAL_RANK", 0)))
+
+
+def per_rank_batch(batch_size: int, world: int) -> int:
+    """train.batch_size is the global batch: each of `world` processes takes an equal part."""
+    if batch_size % world:
+        raise StageError(f"train.batch_size {batch_size} must be a multiple of train.nproc {world}")
+    return batch_size // world
+
+
 def run(params: dict, scheme: str, raw: Path, masks: Path, out: Path,
         checkpoints: Path | None = None, live: Path | None = None) -> dict:
+    ranks = Ranks.from_env()
     device = resolve_device(params["train"]["device"])
+    if device.type == "cuda" and ranks.world > 1:
+        device = torch.device("cuda", ranks.local)
+        torch.cuda.set_device(device)
     seed_everything(params["train"]["seed"])
     torch.backends.cudnn.benchmark = device.type == "cuda"
-    with _deterministic(device.type == "cpu"):
-        return _run_seeded(params, scheme, raw, masks, out, device, checkpoints, live)
+    with _process_group(ranks, device), _deterministic(device.type == "cpu"):
+        return _run_seeded(params, scheme, raw, masks, out, device, checkpoints, live, ranks)
+
+
+@contextlib.contextmanager
+def _process_group(ranks: Ranks, device: torch.device):
+    """NCCL between GPUs, gloo between CPU processes; nothing when run alone."""
+    if ranks.world == 1:
+        yield
+        return
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 @contextlib.contextmanager
@@ -163,13 +215,18 @@ def _deterministic(enabled: bool):
         torch.use_deterministic_algorithms(before)
 
 
-def _run_seeded(params, scheme, raw, masks, out, device, checkpoints, live) -> dict:
+def _run_seeded(params, scheme, raw, masks, out, device, checkpoints, live, ranks) -> dict:
     cfg, model_cfg = params["train"], params["model"]
     class_names = scheme_class_names(params, scheme)
-    train_loader = _loader(raw, masks, "train", cfg, train=True, device=device)
+    train_loader = _loader(raw, masks, "train", cfg, train=True, device=device, ranks=ranks)
     val_loader = _loader(raw, masks, "val", cfg, train=False, device=device)
     model = build_model(len(class_names), model_cfg["encoder_weights"], model_cfg["freeze_encoder"],
-                        model_cfg["dropout"]).to(device, memory_format=_memory_format(device))
+                        model_cfg["dropout"])
+    if ranks.world > 1 and device.type == "cuda":
+        # Per-GPU batches are small: BatchNorm statistics over the global batch. (SyncBatchNorm
+        # runs on GPUs only; CPU ranks keep per-process statistics.)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device, memory_format=_memory_format(device))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg["epochs"])
@@ -180,13 +237,16 @@ def _run_seeded(params, scheme, raw, masks, out, device, checkpoints, live) -> d
     fingerprint = run_fingerprint(params, scheme, raw, masks)
     history = resume(checkpoint, fingerprint, model, optimizer, scheduler, scaler) \
         if checkpoint else []
+    trained = _wrap_ddp(model, device, ranks)
 
     def after_epoch(records: list[dict]) -> None:
-        if checkpoint:
+        if checkpoint and ranks.main:
             save_checkpoint(checkpoint, fingerprint, records, model, optimizer, scheduler, scaler)
 
-    history = _fit(model, train_loader, val_loader, optimizer, scheduler, scaler, device,
+    history = _fit(trained, model, train_loader, val_loader, optimizer, scheduler, scaler, device,
                    cfg["epochs"], class_names, history, after_epoch)
+    if not ranks.main:
+        return history[-1] if history else {}
     if live:
         with atomic_dir(live) as tmp:
             _write_dvclive(tmp, history, class_names)
@@ -198,13 +258,22 @@ def _run_seeded(params, scheme, raw, masks, out, device, checkpoints, live) -> d
     return history[-1] if history else {}
 
 
-def _fit(model, train_loader, val_loader, optimizer, scheduler, scaler, device, epochs,
+def _wrap_ddp(model: nn.Module, device: torch.device, ranks: Ranks) -> nn.Module:
+    if ranks.world == 1:
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def _fit(trained, model, train_loader, val_loader, optimizer, scheduler, scaler, device, epochs,
          class_names, history: list[dict], after_epoch) -> list[dict]:
+    """`trained` is the model as optimised (DDP-wrapped under torchrun), `model` the bare one
+    validated (every rank validates the whole val split alike: no collective needed)."""
     history = list(history)
     for epoch in range(len(history), epochs):
         start = time.perf_counter()
         train_loader.sampler.set_epoch(epoch)
-        train_loss = train_epoch(model, train_loader, optimizer, scaler, device)
+        train_loss = train_epoch(trained, train_loader, optimizer, scaler, device)
         val_loss, cm = validate(model, val_loader, device, len(class_names))
         scheduler.step()
         val = scores(cm)
@@ -236,15 +305,17 @@ def _finite_or_none(value: float) -> float | None:
     return float(value) if np.isfinite(value) else None
 
 
-def _loader(raw, masks, split, cfg, train: bool, device) -> DataLoader:
+def _loader(raw, masks, split, cfg, train: bool, device, ranks: Ranks = Ranks()) -> DataLoader:
     transform = joint_transform(cfg["image_size"], IMAGENET_MEAN, IMAGENET_STD, train, cfg["hflip"])
     dataset = SegmentationDataset(list_samples(raw, masks, split), transform, cfg["seed"])
-    sampler = EpochSampler(len(dataset), cfg["seed"], shuffle=train)
+    sampler = EpochSampler(len(dataset), cfg["seed"], shuffle=train, rank=ranks.rank,
+                           world=ranks.world)
+    batch = per_rank_batch(cfg["batch_size"], ranks.world) if train else cfg["batch_size"]
     workers = cfg["num_workers"]
     # BatchNorm cannot train on a batch of one image (one value per channel at the
     # bottleneck): drop a last batch of one, and only then.
-    drop_last = train and len(dataset) % cfg["batch_size"] == 1 and len(dataset) > 1
-    return DataLoader(dataset, batch_size=cfg["batch_size"], sampler=sampler, drop_last=drop_last,
+    drop_last = train and len(sampler) % batch == 1 and len(sampler) > 1
+    return DataLoader(dataset, batch_size=batch, sampler=sampler, drop_last=drop_last,
                       num_workers=workers, persistent_workers=workers > 0,
                       pin_memory=device.type == "cuda")
 
@@ -261,8 +332,26 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder for the per-epoch checkpoint an interrupted run resumes "
                              "from (kept outside both engines' outputs, deleted on success)")
     args = parser.parse_args(argv)
+    nproc = _requested_processes(args.params)
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return launch(nproc, sys.argv[1:] if argv is None else list(argv))
     return run_main("train", lambda: run(load_params(args.params), args.scheme, args.raw,
                                          args.masks, args.out, args.checkpoints, args.live))
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """Rerun this stage as `nproc` DDP processes under torchrun (the same command line for
+    Snakemake and DVC: train.nproc in params.yaml decides)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={nproc}", "-m", "stages.train", *argv]
+    return subprocess.call(command)
+
+
+def _requested_processes(params_path: str) -> int:
+    try:
+        return int(load_params(params_path)["train"]["nproc"])
+    except Exception:  # invalid params: run() reports them properly in this process
+        return 1
 
 
 if __name__ == "__main__":

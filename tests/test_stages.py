@@ -404,7 +404,7 @@ def test_unknown_params_key_exit_code_2(stage, params, tmp_path, caplog):
     params["train"]["epoch"] = 3
     p = str(_write_params(tmp_path / "params.yaml", params))
     assert MODULES[stage].main(_argv(stage, p, tmp_path)) == 2
-    assert "train.epoch: unknown key (allowed here: device, image_size, epochs" in caplog.text
+    assert "train.epoch: unknown key (allowed here: device, nproc, image_size, epochs" in caplog.text
     assert str(tmp_path / "params.yaml") in caplog.text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
