@@ -9,10 +9,10 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import subprocess
 import sys
-import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path

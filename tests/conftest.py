@@ -55,3 +55,15 @@ def copy_repo(dest: Path, params: dict | None = None) -> Path:
     subprocess.run(git + ["add", "-A"], cwd=dest, check=True)
     subprocess.run(git + ["commit", "-q", "-m", "copy"], cwd=dest, check=True)
     return dest
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for in-process torch work in modules that opt in: on a small
+    machine shared with other jobs, two competing threads made tiny trainings 10x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

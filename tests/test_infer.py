@@ -24,20 +24,7 @@ N_TRAIN, N_VAL, SIZE, INFER_BATCH = 8, 4, 64, 3
 COLD_S = 0.5  # the stage run's first forward pass sleeps this long
 OLD_TIMING_KEYS = {"images", "device", "batch_size", "latency_ms", "wall_s", "throughput_img_s"}
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities of "
-                               "TorchVision are deprecated:DeprecationWarning"),
-]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Two cores shared with others: one intra-op thread (see tests/test_stages.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------- timing_summary

@@ -38,7 +38,6 @@ SINGLE_CHANNEL = ("train", 204805)
 SCHEMES = ("person_car", "person_vehicle")
 
 # pycocotools 2.0.11 under numpy 2 warns on every decode; not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,7 @@ from stages.lib.cli import StageError
 from stages.lib.model import (SegNet, WeightsError, build_model, checkpoint_payload, load_trained,
                               pooled_latent, resolve_device)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The machine's two cores are shared: one intra-op thread is much faster under load."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -28,23 +28,7 @@ SCHEME = "person_car"
 CLASSES = ["background", "person", "car"]
 N_TRAIN, N_VAL, SIZE = 8, 6, 64
 
-# Third-party deprecations (pycocotools under numpy 2; torchvision.io's image decoding, which
-# stages.lib.data.read_image uses and torchvision says will be removed): reported, not ours.
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities of "
-                               "TorchVision are deprecated:DeprecationWarning"),
-]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Other people share this machine's two cores: with two intra-op threads competing for
-    them, a tiny training run here took 28 s instead of 2 s."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _write_params(path: Path, params: dict) -> Path:
