@@ -157,3 +157,30 @@ def test_dvc_repro_end_to_end_status_metrics_plots_and_rerun_rules(tmp_path, tin
     rerun = run(["dvc", "repro"], root).stdout
     assert re.findall(r"Running stage '([^']+)'", rerun) == ["report"], rerun
     assert "Retitled" in (root / "reports" / "index.html").read_text()
+
+
+def _revisions(node):
+    """Every revision record in `dvc exp show --json` output, however deeply nested."""
+    if isinstance(node, dict):
+        if isinstance(node.get("data"), dict) and "params" in node["data"]:
+            yield node
+        for value in node.values():
+            yield from _revisions(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _revisions(value)
+
+
+@pytest.mark.e2e
+def test_dvc_experiment_with_a_changed_param_is_listed_with_its_metrics(tmp_path, tiny_params):
+    root = copy_repo(tmp_path / "repo", tiny_params)
+    run(["dvc", "exp", "run", "-S", "train.epochs=2"], root)
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], root).stdout)
+    epochs = {r["rev"]: r["data"]["params"]["params.yaml"]["data"]["train"]["epochs"]
+              for r in _revisions(shown)}
+    baseline = run(["git", "rev-parse", "HEAD"], root).stdout.strip()
+    assert epochs.pop(baseline) == 1  # the commit keeps its params
+    [experiment] = [rev for rev, value in epochs.items() if rev != "workspace" and value == 2]
+    data = next(r for r in _revisions(shown) if r["rev"] == experiment)["data"]
+    for scheme in tiny_params["schemes"]:
+        assert "miou" in data["metrics"][f"metrics/{scheme}.json"]["data"]
