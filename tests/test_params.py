@@ -219,3 +219,43 @@ def test_image_size_below_64_is_refused(params):
     # 32 px leaves a 1x1 bottleneck, where BatchNorm cannot train on a batch of one.
     params["train"]["image_size"] = 32
     assert "train.image_size: 32 is less than the minimum of 64" in _error(params)
+
+
+@pytest.mark.parametrize("section, key, value", [
+    ("data", "mode", "torrent"),
+    ("data", "backoff_s", -1),
+    ("masks", "workers", 0),
+])
+def test_new_data_and_masks_values_are_checked(params, section, key, value):
+    params[section][key] = value
+    assert f"{section}.{key}:" in _error(params)
+
+
+def test_background_share_must_be_a_fraction(params):
+    params["data"]["filter"]["background_share"] = 1.5
+    assert "data.filter.background_share: 1.5 is greater than the maximum of 1" in _error(params)
+
+
+def test_checksum_must_name_its_algorithm(params):
+    params["data"]["checksums"] = {"zips/val2017.zip": "4950dc9d00dbe1c933ee0170f5797584351d2a41"}
+    assert "data.checksums.zips/val2017.zip: " in _error(params)
+    params["data"]["checksums"] = {"zips/val2017.zip": "sha1:4950dc9d00dbe1c933ee0170f5797584351d2a41"}
+    validate_params(params)
+
+
+@pytest.mark.parametrize("value", ["nearest", "priority"])
+def test_crowd_rule_is_an_enum(params, value):
+    params["schemes"]["person_car"]["crowd"] = value
+    assert "schemes.person_car.crowd: " in _error(params)
+
+
+def test_overlap_priority_must_list_every_class_once(params):
+    params["schemes"]["person_car"]["overlap"] = ["car", "person"]
+    validate_params(params)
+    params["schemes"]["person_car"]["overlap"] = ["car"]
+    message = _error(params)
+    assert "schemes.person_car.overlap: the priority list ['car'] must name every class" in message
+    params["schemes"]["person_car"]["overlap"] = ["car", "bus"]
+    assert "schemes.person_car.overlap" in _error(params)
+    params["schemes"]["person_car"]["overlap"] = "first"
+    assert "schemes.person_car.overlap: 'first' is not valid" in _error(params)

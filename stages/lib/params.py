@@ -82,3 +82,8 @@ def _check_scheme_semantics(params: dict, source: str) -> None:
                         f"{source}: schemes.{name}.classes.{cls}: COCO category {category!r} "
                         f"is already claimed by class {owner[category]!r}")
                 owner[category] = cls
+        overlap = scheme["overlap"]
+        if overlap != "ignore" and sorted(overlap) != sorted(scheme["classes"]):
+            raise ParamsError(
+                f"{source}: schemes.{name}.overlap: the priority list {overlap} must name every "
+                f"class of the scheme exactly once ({', '.join(scheme['classes'])})")
