@@ -1,37 +1,37 @@
-"""download: COCO annotations and a reproducible subset of images, from the COCO server
-or any folder/URL laid out like it, into one raw-data folder with a manifest.
+"""download: COCO annotations and a reproducible choice of images, from the COCO server or
+any folder/URL laid out like it, into one raw-data folder with a manifest.
 
-Layout read (as on http://images.cocodataset.org):
+Layout read (as on http://images.cocodataset.org, years 2014 and 2017):
   {base}/annotations/annotations_trainval{year}.zip  ->  annotations/instances_{split}{year}.json
-  {base}/{split}{year}/{file_name}                   ->  one image
+  {base}/{split}{year}/{file_name}                   ->  one image (mode: subset)
+  {base}/zips/{split}{year}.zip                      ->  every image of a split (mode: archives)
 Layout written under --out:
   annotations/instances_{split}.json   exactly the selected images and their annotations
   images/{split}/{file_name}
   manifest.json                        source, selection, bytes and sha256 of every file
+Work in progress lives in --checkpoints (default: a hidden folder beside --out): complete
+files under their names, partial ones as *.part. A killed or failed run resumes from there,
+and the folder becomes --out in one rename when everything is verified.
 """
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import logging
 import random
 import shutil
-import time
-import urllib.error
+import threading
 import urllib.parse
-import urllib.request
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path, PurePosixPath
 
 from PIL import Image
 from tqdm import tqdm
 
 from stages.lib.cli import StageError, run_main, stage_parser
-from stages.lib.coco import SPLITS, AnnotationError, check_instances
-from stages.lib.io import atomic_dir, atomic_path, write_json
+from stages.lib.coco import SPLITS, AnnotationError, check_instances, resolve_scheme
+from stages.lib.fetch import CorruptFile, FetchError, Fetcher, file_digest, verify_checksum
+from stages.lib.io import atomic_path, publish_dir, write_json
 from stages.lib.params import load_params
 
 log = logging.getLogger("download")
@@ -39,13 +39,37 @@ log = logging.getLogger("download")
 
 # ---------------------------------------------------------------- pure core
 
-def select_images(images: list[dict], max_images: int | None, seed: int) -> list[dict]:
-    """A seeded, order-independent choice of up to max_images images, sorted by id."""
+def select_images(images: list[dict], max_images: int | None, seed: int,
+                  positive_ids: set[int] | None = None, background_share: float = 0.0) -> list[dict]:
+    """A seeded, order-independent choice of up to max_images images, sorted by id.
+
+    With positive_ids (images showing a category some scheme claims), the choice is drawn
+    from those, plus `background_share` of it from the other images."""
     ordered = sorted(images, key=lambda im: im["id"])
-    if max_images is None or max_images >= len(ordered):
-        return ordered
-    chosen = random.Random(seed).sample(ordered, max_images)
+    rng = random.Random(seed)
+    if positive_ids is None:
+        chosen = ordered if max_images is None or max_images >= len(ordered) else \
+            rng.sample(ordered, max_images)
+        return sorted(chosen, key=lambda im: im["id"])
+    positives = [im for im in ordered if im["id"] in positive_ids]
+    negatives = [im for im in ordered if im["id"] not in positive_ids]
+    n_pos, n_neg = _split_counts(len(positives), len(negatives), max_images, background_share)
+    chosen = rng.sample(positives, n_pos) + rng.sample(negatives, n_neg)
     return sorted(chosen, key=lambda im: im["id"])
+
+
+def _split_counts(available_pos: int, available_neg: int, total: int | None,
+                  share: float) -> tuple[int, int]:
+    if total is None:
+        if share >= 1:
+            return 0, available_neg
+        return available_pos, min(available_neg, round(available_pos * share / (1 - share)))
+    n_neg = min(available_neg, round(total * share))
+    return min(available_pos, total - round(total * share)), n_neg
+
+
+def images_showing(annotations: list[dict], category_ids: set[int]) -> set[int]:
+    return {a["image_id"] for a in annotations if a["category_id"] in category_ids}
 
 
 def subset_instances(data: dict, images: list[dict]) -> dict:
@@ -58,155 +82,356 @@ def subset_instances(data: dict, images: list[dict]) -> dict:
 
 
 def image_relpath(split: str, year: int, file_name: str) -> str:
+    """Where the official layout keeps an image (2014 names: COCO_val2014_000000xxxxxx.jpg)."""
     name = PurePosixPath(file_name)
     if name.name != file_name or file_name in ("", ".", ".."):
         raise StageError(f"image file_name {file_name!r} is not a plain file name")
     return f"{split}{year}/{file_name}"
 
 
-def backoff_seconds(attempt: int, base: float = 0.5, cap: float = 30.0) -> float:
-    """Exponential backoff with full jitter, so parallel retries do not stampede."""
-    return random.uniform(0, min(cap, base * 2 ** attempt))
+def image_source_path(image: dict, split: str, year: int) -> str:
+    """The path of the image's coco_url under the base (so a mirror of the server works as
+    the server does), or the official layout when coco_url is absent or unusable."""
+    default = image_relpath(split, year, image["file_name"])
+    path = urllib.parse.urlsplit(image.get("coco_url") or "").path.lstrip("/")
+    parts = PurePosixPath(path).parts
+    if len(parts) == 2 and parts[1] == image["file_name"] and parts[0] not in (".", ".."):
+        return path
+    return default
 
 
-# ---------------------------------------------------------------- sources
-
-@dataclass
-class Source:
-    """A COCO-server-like tree: an http(s)/file URL or a local folder."""
-
-    base: str
-    timeout_s: float = 60.0
-    retries: int = 4
-
-    def is_remote(self) -> bool:
-        return urllib.parse.urlsplit(self.base).scheme in ("http", "https")
-
-    def fetch(self, relpath: str, dest: Path) -> int:
-        """Copy base/relpath to dest atomically (with retries for http); return bytes."""
-        for attempt in range(self.retries + 1):
-            try:
-                with atomic_path(dest) as tmp:
-                    size = self._copy_to(relpath, tmp)
-                return size
-            except (urllib.error.URLError, OSError, ConnectionError) as exc:
-                if not self.is_remote() or _is_permanent(exc) or attempt == self.retries:
-                    raise StageError(f"cannot fetch {self.describe(relpath)}: {exc}") from None
-                delay = backoff_seconds(attempt)
-                log.warning("retry %d for %s in %.1fs: %s", attempt + 1, relpath, delay, exc)
-                time.sleep(delay)
-        raise AssertionError("unreachable")
-
-    def describe(self, relpath: str) -> str:
-        return f"{self.base.rstrip('/')}/{relpath}"
-
-    def _copy_to(self, relpath: str, tmp: Path) -> int:
-        if self.is_remote():
-            return _http_copy(self.describe(relpath), tmp, self.timeout_s)
-        shutil.copyfile(self._local_path(relpath), tmp)
-        return tmp.stat().st_size
-
-    def _local_path(self, relpath: str) -> Path:
-        parts = urllib.parse.urlsplit(self.base)
-        root = Path(urllib.parse.unquote(parts.path)) if parts.scheme == "file" else Path(self.base)
-        return root / relpath
+def annotations_relpath(year: int) -> str:
+    return f"annotations/annotations_trainval{year}.zip"
 
 
-def _http_copy(url: str, tmp: Path, timeout_s: float) -> int:
-    request = urllib.request.Request(url, headers={"User-Agent": "segflow"})
-    with urllib.request.urlopen(request, timeout=timeout_s) as response, open(tmp, "wb") as out:
-        expected = response.headers.get("Content-Length")
-        shutil.copyfileobj(response, out, length=1 << 20)
-        size = out.tell()
-    if expected is not None and int(expected) != size:
-        raise ConnectionError(f"truncated body: {size} of {expected} bytes")
-    return size
+def archive_relpath(split: str, year: int) -> str:
+    return f"zips/{split}{year}.zip"
 
 
-def _is_permanent(exc: Exception) -> bool:
-    return isinstance(exc, urllib.error.HTTPError) and exc.code in (401, 403, 404, 410)
+def unsafe_entries(infos: list[zipfile.ZipInfo]) -> list[str]:
+    """Zip entries that would land outside the target folder: absolute paths, drive letters,
+    '..' components, or symbolic links (which could point anywhere)."""
+    bad = []
+    for info in infos:
+        name = info.filename.replace("\\", "/")
+        parts = PurePosixPath(name).parts
+        is_link = (info.external_attr >> 16) & 0o170000 == 0o120000
+        if name.startswith("/") or ".." in parts or (parts and ":" in parts[0]) or is_link:
+            bad.append(info.filename)
+    return bad
+
+
+def scheme_category_ids(params: dict, categories: list[dict]) -> set[int]:
+    """COCO category ids that some scheme claims."""
+    ids: set[int] = set()
+    for name, scheme in params["schemes"].items():
+        try:
+            ids |= set(resolve_scheme(name, scheme, categories).class_of_category)
+        except AnnotationError as exc:
+            raise StageError(str(exc)) from None
+    return ids
 
 
 # ---------------------------------------------------------------- run
 
-def run(params: dict, out: Path) -> dict:
+def run(params: dict, out: Path, checkpoints: Path | None = None) -> dict:
     data = params["data"]
-    source = Source(data["base_url"], data["timeout_s"], data["retries"])
-    year = data["year"]
-    with atomic_dir(out) as tmp:
-        instances = _fetch_annotations(source, year, tmp)
-        manifest = {"base_url": data["base_url"], "year": year, "seed": data["seed"], "splits": {}}
-        for split in SPLITS:
-            chosen = select_images(instances[split]["images"], data["max_images"][split], data["seed"])
-            ann_path = tmp / "annotations" / f"instances_{split}.json"
-            ann_path.parent.mkdir(parents=True, exist_ok=True)
-            ann_path.write_text(json.dumps(subset_instances(instances[split], chosen)))
-            files = _fetch_images(source, split, year, chosen, tmp / "images" / split, data["workers"])
-            manifest["splits"][split] = {
-                "annotations": _file_record(ann_path, tmp), "images": files}
-            log.info("%s: %d of %d images", split, len(chosen), len(instances[split]["images"]))
-        write_json(tmp / "manifest.json", manifest)
+    staging = checkpoints or out.parent / f".{out.name}.partial"
+    _prepare_staging(staging, data)
+    with _Progress() as progress:
+        fetcher = Fetcher(data["base_url"], timeout_s=data["timeout_s"], retries=data["retries"],
+                          backoff_s=data["backoff_s"], checksums=data["checksums"],
+                          on_bytes=progress.add_bytes)
+        instances = _load_annotations(fetcher, data["year"], staging)
+        selected, counts = _select(params, instances)
+        job = _Job(fetcher, data, staging, progress)
+        if data["mode"] == "archives":
+            failures = job.from_archives(selected)
+        else:
+            failures = job.one_by_one(selected)
+    _log_summary(fetcher, failures)
+    if failures:
+        raise StageError(
+            f"could not fetch {len(failures)} file(s); the complete ones stay in {staging} "
+            "and a rerun resumes from there:\n  " + "\n  ".join(sorted(failures)))
+    manifest = _write_outputs(staging, data, instances, selected, counts)
+    publish_dir(staging, out)
     return manifest
 
 
-def _fetch_annotations(source: Source, year: int, tmp: Path) -> dict[str, dict]:
-    archive = tmp / f".annotations_trainval{year}.zip"
-    source.fetch(f"annotations/annotations_trainval{year}.zip", archive)
+def _prepare_staging(staging: Path, data: dict) -> None:
+    """Reuse what an interrupted run left only if it came from the same source and year."""
+    marker = staging / "source.json"
+    source = {"base_url": data["base_url"], "year": data["year"]}
+    if staging.exists():
+        try:
+            previous = json.loads(marker.read_text())
+        except (OSError, json.JSONDecodeError):
+            previous = None
+        if previous == source:
+            log.info("resuming from %s", staging)
+            return
+        log.warning("%s holds files from another source or year: starting afresh", staging)
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    write_json(marker, source)
+
+
+def _load_annotations(fetcher: Fetcher, year: int, staging: Path) -> dict[str, dict]:
+    relpath = annotations_relpath(year)
+    archive = fetcher.local_path(relpath)
+    if archive is None:
+        archive = staging / Path(relpath).name
+        _fetch_or_fail(fetcher, relpath, archive, _check_zip)
+    else:
+        _verify_local(fetcher, relpath, archive)
     instances = {}
     try:
         with zipfile.ZipFile(archive) as zf:
             for split in SPLITS:
-                member = f"annotations/instances_{split}{year}.json"
-                try:
-                    raw = zf.read(member)
-                except KeyError:
-                    raise StageError(f"{source.describe(archive.name[1:])}: no member {member}") from None
-                try:
-                    instances[split] = check_instances(json.load(io.BytesIO(raw)), member)
-                except (json.JSONDecodeError, AnnotationError) as exc:
-                    raise StageError(f"{member}: not COCO instances JSON: {exc}") from None
+                instances[split] = _read_member_json(zf, f"annotations/instances_{split}{year}.json",
+                                                     fetcher.url(relpath))
     except zipfile.BadZipFile as exc:
-        raise StageError(f"annotations archive for {year} is not a zip file: {exc}") from None
-    finally:
-        archive.unlink(missing_ok=True)
+        raise StageError(f"{fetcher.url(relpath)}: not a zip file: {exc}") from None
     return instances
 
 
-def _fetch_images(source: Source, split: str, year: int, images: list[dict],
-                  folder: Path, workers: int) -> list[dict]:
-    folder.mkdir(parents=True, exist_ok=True)
-
-    def fetch_one(image: dict) -> dict:
-        dest = folder / image["file_name"]
-        source.fetch(image_relpath(split, year, image["file_name"]), dest)
-        _check_jpeg(dest, source.describe(image_relpath(split, year, image["file_name"])))
-        return {"id": image["id"], **_file_record(dest, folder.parent.parent)}
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        records = list(tqdm(pool.map(fetch_one, images), total=len(images),
-                            desc=f"download {split}", unit="img", disable=None))
-    return records
+def _verify_local(fetcher: Fetcher, relpath: str, path: Path) -> None:
+    """An archive read in place from a local mirror: it must exist and match its checksum."""
+    if not path.is_file():
+        raise StageError(f"{path}: no such file (expected {relpath} under {fetcher.base})")
+    expected = fetcher.checksums.get(relpath)
+    if expected:
+        try:
+            verify_checksum(path, expected)
+        except CorruptFile as exc:
+            raise StageError(f"{path}: {exc}") from None
 
 
-def _check_jpeg(path: Path, origin: str) -> None:
+def _read_member_json(zf: zipfile.ZipFile, member: str, origin: str) -> dict:
+    try:
+        with zf.open(member) as handle:
+            return check_instances(json.load(handle), f"{origin}:{member}")
+    except KeyError:
+        raise StageError(f"{origin}: no member {member}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise StageError(f"{origin}:{member}: not valid JSON: {exc}") from None
+    except AnnotationError as exc:
+        raise StageError(f"not COCO instances JSON: {exc}") from None
+
+
+def _fetch_or_fail(fetcher: Fetcher, relpath: str, dest: Path, check=None) -> None:
+    try:
+        fetcher.fetch(relpath, dest, check)
+    except FetchError as exc:
+        raise StageError(f"cannot fetch {exc}") from None
+
+
+def _select(params: dict, instances: dict[str, dict]) -> tuple[dict, dict]:
+    data = params["data"]
+    selected, counts = {}, {}
+    for split in SPLITS:
+        images = instances[split]["images"]
+        positives = None
+        if data["filter"]["scheme_categories_only"]:
+            wanted = scheme_category_ids(params, instances[split]["categories"])
+            positives = images_showing(instances[split]["annotations"], wanted)
+        selected[split] = select_images(images, data["max_images"][split], data["seed"],
+                                        positives, data["filter"]["background_share"])
+        counts[split] = {"available": len(images),
+                         "with_scheme_categories": None if positives is None else len(positives)}
+        log.info("%s: %d of %d images selected", split, len(selected[split]), len(images))
+    return selected, counts
+
+
+class _Job:
+    """Fetches the selected images into the staging folder, collecting failures."""
+
+    def __init__(self, fetcher: Fetcher, data: dict, staging: Path, progress: "_Progress"):
+        self.fetcher, self.data, self.staging, self.progress = fetcher, data, staging, progress
+        self.year = data["year"]
+
+    def dest(self, split: str, image: dict) -> Path:
+        image_relpath(split, self.year, image["file_name"])  # refuses names with folders
+        return self.staging / "images" / split / image["file_name"]
+
+    def one_by_one(self, selected: dict[str, list[dict]]) -> list[str]:
+        tasks = [(split, image) for split in SPLITS for image in selected[split]]
+        self.progress.expect_files(len(tasks))
+        return self._in_pool(lambda task: self._fetch_image(*task), tasks)
+
+    def _fetch_image(self, split: str, image: dict) -> None:
+        self.fetcher.fetch(image_source_path(image, split, self.year), self.dest(split, image),
+                           check_jpeg)
+
+    def from_archives(self, selected: dict[str, list[dict]]) -> list[str]:
+        self.progress.expect_files(sum(map(len, selected.values())))
+        failures = []
+        for split in SPLITS:
+            missing = [im for im in selected[split] if not self.dest(split, im).exists()]
+            self.fetcher.counters.add(skipped=len(selected[split]) - len(missing))
+            self.progress.files_done(len(selected[split]) - len(missing))
+            if missing:
+                failures += self._extract_split(split, missing)
+        return failures
+
+    def _extract_split(self, split: str, images: list[dict]) -> list[str]:
+        relpath = archive_relpath(split, self.year)
+        archive = self.fetcher.local_path(relpath)
+        if archive is None:
+            archive = self.staging / relpath
+            try:
+                self.fetcher.fetch(relpath, archive, _check_zip)
+            except FetchError as exc:
+                return [str(exc)]
+        else:
+            _verify_local(self.fetcher, relpath, archive)
+        reader = _ArchiveReader(archive, self.fetcher.url(relpath))
+        failures = self._in_pool(lambda image: self._extract_image(reader, split, image), images)
+        if not failures and self.fetcher.remote:
+            archive.unlink()   # every image is out: 18 GB back to the user
+        return failures
+
+    def _extract_image(self, reader: "_ArchiveReader", split: str, image: dict) -> None:
+        dest = self.dest(split, image)
+        member = image_relpath(split, self.year, image["file_name"])
+        try:
+            reader.extract(member, dest)
+            self.fetcher.counters.add(extracted=1)
+        except (CorruptFile, KeyError, zipfile.BadZipFile) as exc:
+            # A member that is missing or damaged in the archive: the server also has
+            # each image on its own, so fetch that one.
+            log.warning("%s in %s: %s; fetching it on its own", member, reader.origin, exc)
+            self.fetcher.counters.add(retried=1)
+            self._fetch_image(split, image)
+
+    def _in_pool(self, work, tasks: list) -> list[str]:
+        failures = []
+        with ThreadPoolExecutor(max_workers=self.data["workers"]) as pool:
+            futures = [pool.submit(work, task) for task in tasks]
+            for future in as_completed(futures):
+                try:
+                    future.result()
+                except FetchError as exc:
+                    failures.append(str(exc))
+                self.progress.files_done(1)
+        return failures
+
+
+class _ArchiveReader:
+    """Extracts members of one zip from many threads (one handle per thread), after
+    refusing the whole archive if any entry would land outside the target folder."""
+
+    def __init__(self, path: Path, origin: str):
+        self.path, self.origin = path, origin
+        self._local = threading.local()
+        try:
+            with zipfile.ZipFile(path) as zf:
+                bad = unsafe_entries(zf.infolist())
+        except zipfile.BadZipFile as exc:
+            raise StageError(f"{origin}: not a zip file: {exc}") from None
+        if bad:
+            raise StageError(f"{origin}: refusing an archive whose entries would land outside "
+                             f"the target folder: {', '.join(bad[:5])}")
+
+    def extract(self, member: str, dest: Path) -> None:
+        zf = getattr(self._local, "zf", None)
+        if zf is None:
+            zf = self._local.zf = zipfile.ZipFile(self.path)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(dest) as tmp:
+            with zf.open(member) as source, open(tmp, "wb") as out:
+                shutil.copyfileobj(source, out, 1 << 20)   # zipfile checks the CRC at the end
+            check_jpeg(tmp)
+
+
+def check_jpeg(path: Path) -> None:
     try:
         with Image.open(path) as image:
             image.load()
     except Exception as exc:  # PIL raises many types for a broken file
-        path.unlink(missing_ok=True)
-        raise StageError(f"{origin}: not a decodable image: {exc}") from None
+        raise CorruptFile(f"not a decodable image: {exc}") from None
+
+
+def _check_zip(path: Path) -> None:
+    if not zipfile.is_zipfile(path):
+        raise CorruptFile("not a zip file")
+
+
+def _write_outputs(staging: Path, data: dict, instances: dict, selected: dict, counts: dict) -> dict:
+    """Annotation subsets and the manifest into staging, then everything else out of it."""
+    manifest = {"base_url": data["base_url"], "year": data["year"], "mode": data["mode"],
+                "seed": data["seed"], "filter": data["filter"], "splits": {}}
+    with ThreadPoolExecutor(max_workers=data["workers"]) as pool:
+        for split in SPLITS:
+            ann_path = staging / "annotations" / f"instances_{split}.json"
+            with atomic_path(ann_path) as tmp:
+                tmp.write_text(json.dumps(subset_instances(instances[split], selected[split])))
+            paths = [staging / "images" / split / im["file_name"] for im in selected[split]]
+            records = list(pool.map(lambda p: _file_record(p, staging), paths))
+            manifest["splits"][split] = {
+                **counts[split], "annotations": _file_record(ann_path, staging),
+                "images": [{"id": im["id"], **rec} for im, rec in zip(selected[split], records)]}
+    write_json(staging / "manifest.json", manifest)
+    _remove_unlisted(staging, selected)
+    return json.loads((staging / "manifest.json").read_text())
+
+
+def _remove_unlisted(staging: Path, selected: dict[str, list[dict]]) -> None:
+    """Archives, partial files and images of an earlier selection are not output."""
+    keep = {Path("manifest.json"), Path("annotations"), Path("images"),
+            *(Path("annotations") / f"instances_{s}.json" for s in SPLITS),
+            *(Path("images") / s for s in SPLITS),
+            *(Path("images") / s / im["file_name"] for s in SPLITS for im in selected[s])}
+    for path in sorted(staging.rglob("*"), reverse=True):
+        if path.relative_to(staging) not in keep:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    for split in SPLITS:
+        (staging / "images" / split).mkdir(parents=True, exist_ok=True)
 
 
 def _file_record(path: Path, root: Path) -> dict:
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return {"path": path.relative_to(root).as_posix(), "bytes": path.stat().st_size, "sha256": digest}
+    return {"path": path.relative_to(root).as_posix(), "bytes": path.stat().st_size,
+            "sha256": file_digest(path)}
+
+
+def _log_summary(fetcher: Fetcher, failures: list[str]) -> None:
+    c = fetcher.counters
+    log.info("fetched %d, extracted %d, skipped %d (already complete), %d retries, %d failed; "
+             "%.1f MB received", c.fetched, c.extracted, c.skipped, c.retried, len(failures),
+             c.received_bytes / 1e6)
+
+
+class _Progress:
+    """Two progress bars: files and bytes (silent when not on a terminal)."""
+
+    def __enter__(self) -> "_Progress":
+        self.files = tqdm(desc="files", unit="file", position=0, disable=None)
+        self.bytes = tqdm(desc="bytes", unit="B", unit_scale=True, unit_divisor=1024,
+                          position=1, disable=None)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.files.close()
+        self.bytes.close()
+
+    def expect_files(self, n: int) -> None:
+        self.files.reset(total=n)
+
+    def files_done(self, n: int) -> None:
+        self.files.update(n)
+
+    def add_bytes(self, n: int) -> None:
+        self.bytes.update(n)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = stage_parser("download", __doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path, help="raw data folder to create")
+    parser.add_argument("--checkpoints", type=Path, default=None,
+                        help="folder for work in progress (resumed by a rerun)")
     args = parser.parse_args(argv)
-    return run_main("download", lambda: run(load_params(args.params), args.out))
+    return run_main("download", lambda: run(load_params(args.params), args.out, args.checkpoints))
 
 
 if __name__ == "__main__":

@@ -48,28 +48,6 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-class _FlakyHandler(_QuietHandler):
-    """The first request for each path in `flaky` fails once: 503, or a truncated body."""
-
-    flaky: dict[str, str] = {}
-    seen: list[str] = []
-
-    def do_GET(self):
-        type(self).seen.append(self.path)
-        mode = type(self).flaky.pop(self.path, None)
-        if mode == "503":
-            self.send_error(503, "busy")
-        elif mode == "truncate":
-            body = Path(self.translate_path(self.path)).read_bytes()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body[: len(body) // 2])
-            self.close_connection = True
-        else:
-            super().do_GET()
-
-
 @pytest.fixture(scope="module")
 def serve():
     """serve(folder) -> base URL of a loopback HTTP server for that folder."""
@@ -183,36 +161,6 @@ def test_file_url_with_percent_encoded_path(tmp_path, params):
     _check_output(out, manifest, url, max_images={"train": 1, "val": 2})
 
 
-def test_http_retries_after_503_and_truncated_body(serve, tmp_path, params):
-    train_ids = _selected_ids("train", MAX["train"], SEED)
-    by_id = {im["id"]: im for im in SOURCE["train"]["images"]}
-    busy = f"/train2017/{by_id[train_ids[0]]['file_name']}"
-    cut = f"/train2017/{by_id[train_ids[1]]['file_name']}"
-    _FlakyHandler.flaky = {busy: "503", cut: "truncate",
-                           "/annotations/annotations_trainval2017.zip": "truncate"}
-    _FlakyHandler.seen = []
-    base = serve(SAMPLE, _FlakyHandler)
-    out = tmp_path / "raw"
-    p = _params(params, base)
-    p["data"]["retries"] = 2
-    manifest = download.run(p, out)
-    _check_output(out, manifest, base)
-    assert _FlakyHandler.flaky == {}  # every failure was served
-    assert _FlakyHandler.seen.count(busy) == 2 and _FlakyHandler.seen.count(cut) == 2
-    assert _FlakyHandler.seen.count("/annotations/annotations_trainval2017.zip") == 2
-
-
-def test_http_truncated_body_without_retries_is_an_error(serve, tmp_path, params):
-    by_id = {im["id"]: im for im in SOURCE["val"]["images"]}
-    cut = f"/val2017/{by_id[_selected_ids('val', MAX['val'], SEED)[0]]['file_name']}"
-    _FlakyHandler.flaky = {cut: "truncate"}
-    base = serve(SAMPLE, _FlakyHandler)
-    target = tmp_path / "target"
-    with pytest.raises(StageError, match=rf"cannot fetch {base}{cut}: truncated body"):
-        download.run(_params(params, base), target / "raw")   # retries = 0
-    assert not target.exists() or list(target.iterdir()) == []
-
-
 def test_null_max_images_takes_every_image(tmp_path, params):
     out = tmp_path / "raw"
     limits = {"train": None, "val": 2}
@@ -222,28 +170,33 @@ def test_null_max_images_takes_every_image(tmp_path, params):
     _check_output(out, manifest, str(SAMPLE), max_images=limits)
 
 
-def test_404_names_the_url_and_leaves_no_output(serve, tmp_path, params):
+def test_404_names_the_url_keeps_completed_files_and_leaves_no_output(serve, tmp_path, params):
     served = tmp_path / "served"
-    (served / "annotations").mkdir(parents=True)
-    shutil.copy(SAMPLE / "annotations" / "annotations_trainval2017.zip", served / "annotations")
+    shutil.copytree(SAMPLE, served)
     by_id = {split: {im["id"]: im for im in SOURCE[split]["images"]} for split in SOURCE}
-    for split in ("train", "val"):
-        (served / f"{split}2017").mkdir()
-        for image_id in _selected_ids(split, MAX[split], SEED):
-            name = by_id[split][image_id]["file_name"]
-            shutil.copy(SAMPLE / f"{split}2017" / name, served / f"{split}2017" / name)
-    missing = by_id["val"][_selected_ids("val", MAX["val"], SEED)[1]]["file_name"]
-    (served / "val2017" / missing).unlink()
+    missing = [by_id["val"][_selected_ids("val", MAX["val"], SEED)[1]]["file_name"],
+               by_id["train"][_selected_ids("train", MAX["train"], SEED)[0]]["file_name"]]
+    (served / "val2017" / missing[0]).unlink()
+    (served / "train2017" / missing[1]).unlink()
     base = serve(served)
     target = tmp_path / "out"
     out = target / "raw"
     with pytest.raises(StageError) as info:
         download.run(_params(params, base), out)
     message = str(info.value)
-    assert f"{base}/val2017/{missing}" in message
-    assert "404" in message
-    assert not out.exists()
-    assert list(target.iterdir()) == []   # no temporary folder left beside it either
+    assert message.startswith("could not fetch 2 file(s)")
+    assert f"{base}/val2017/{missing[0]}: HTTP 404" in message      # every failure named
+    assert f"{base}/train2017/{missing[1]}: HTTP 404" in message
+    assert not out.exists()                                         # nothing under the final name
+    staged = target / ".raw.partial"
+    assert sorted(p.name for p in target.iterdir()) == [".raw.partial"]
+    assert len(list((staged / "images").rglob("*.jpg"))) == sum(MAX.values()) - 2
+    # the missing files appear; the rerun fetches only them and publishes
+    shutil.copy(SAMPLE / "val2017" / missing[0], served / "val2017" / missing[0])
+    shutil.copy(SAMPLE / "train2017" / missing[1], served / "train2017" / missing[1])
+    manifest = download.run(_params(params, base), out)
+    _check_output(out, manifest, base)
+    assert sorted(p.name for p in target.iterdir()) == ["raw"]
 
 
 def test_undecodable_image_is_an_error(tmp_path, params):
@@ -256,6 +209,7 @@ def test_undecodable_image_is_an_error(tmp_path, params):
     with pytest.raises(StageError, match=rf"train2017/{victim}: not a decodable image"):
         download.run(_params(params, str(served)), out)
     assert not out.exists()
+    assert not list((tmp_path / ".raw.partial").rglob(victim + "*"))
 
 
 def test_existing_output_is_replaced(tmp_path, params):
@@ -264,7 +218,7 @@ def test_existing_output_is_replaced(tmp_path, params):
     (out / "stale.txt").write_text("old")
     download.run(_params(params, str(SAMPLE), max_images={"train": 1, "val": 1}), out)
     assert sorted(p.name for p in out.iterdir()) == ["annotations", "images", "manifest.json"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]   # staging became the output
 
 
 def test_main_cli_and_missing_source(tmp_path, params, caplog):
@@ -278,6 +232,11 @@ def test_main_cli_and_missing_source(tmp_path, params, caplog):
     assert download.main(["--params", str(params_file), "--out", str(tmp_path / "raw2")]) == 2
     assert f"{tmp_path / 'nowhere'}/annotations/annotations_trainval2017.zip" in caplog.text
     assert not (tmp_path / "raw2").exists()
+    params["data"]["workers"] = "eight"
+    params_file.write_text(yaml.safe_dump(params))
+    assert download.main(["--params", str(params_file), "--out", str(tmp_path / "raw3")]) == 2
+    assert "data.workers: 'eight' is not of type 'integer'" in caplog.text
+    assert not (tmp_path / "raw3").exists()
 
 
 def test_select_images_is_order_independent():
@@ -323,5 +282,276 @@ def test_image_relpath_refuses_escapes(name):
         download.image_relpath("val", 2017, name)
 
 
-def test_backoff_is_bounded():
-    assert all(0 <= download.backoff_seconds(a) <= min(30.0, 0.5 * 2 ** a) for a in range(12))
+
+
+
+# ------------------------------------------------ COCO-server mirrors, faults, kills
+
+from coco_mirror import build_mirror, instances_for  # noqa: E402
+from fault_server import FaultServer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def mirrors(tmp_path_factory) -> dict[int, tuple[Path, dict]]:
+    """2014- and 2017-style copies of the server layout: {year: (root, {relpath: sha256})}."""
+    root = tmp_path_factory.mktemp("mirrors")
+    return {year: (root / str(year), build_mirror(root / str(year), year)) for year in (2014, 2017)}
+
+
+@pytest.fixture
+def no_proxy(monkeypatch):
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+
+
+def _mirror_params(params: dict, base: str, year: int, **data) -> dict:
+    params["data"].update(base_url=base, year=year, max_images={"train": None, "val": None},
+                          seed=SEED, retries=4, backoff_s=0.01, timeout_s=0.5, workers=8)
+    params["data"].update(data)
+    return params
+
+
+def _check_mirror_copy(out: Path, manifest: dict, mirror: tuple[Path, dict], year: int) -> None:
+    """Every selected image is on disk, byte-identical to the mirror, and in the manifest;
+    the annotation files hold exactly the selected images and their annotations."""
+    root, hashes = mirror
+    instances = instances_for(year)
+    assert sorted(p.name for p in out.iterdir()) == ["annotations", "images", "manifest.json"]
+    for split in ("train", "val"):
+        written = json.loads((out / "annotations" / f"instances_{split}.json").read_text())
+        chosen = {im["id"] for im in written["images"]}
+        assert written["annotations"] == [a for a in instances[split]["annotations"]
+                                          if a["image_id"] in chosen]
+        on_disk = sorted(p.name for p in (out / "images" / split).iterdir())
+        assert on_disk == sorted(im["file_name"] for im in written["images"])
+        records = manifest["splits"][split]["images"]
+        assert [r["id"] for r in records] == sorted(chosen)
+        for image, record in zip(written["images"], records):
+            relpath = f"{split}{year}/{image['file_name']}"
+            data = (out / record["path"]).read_bytes()
+            assert hashlib.sha256(data).hexdigest() == hashes[relpath] == record["sha256"]
+
+
+def _plan_faults(server: FaultServer, paths: list[str], n_faults: int, seed: int) -> int:
+    """Spread n_faults over paths, at most two per path, in combinations a flaky network
+    produces (a break mid-body then a server that ignores the resume, and so on)."""
+    rng = random.Random(seed)
+    combos = [("reset",), ("truncate",), ("503",), ("500",), ("corrupt",), ("429",),
+              ("reset", "ignore_range"), ("truncate", "503"), ("stall",), ("503:date",),
+              ("reset", "reset"), ("truncate", "ignore_range")]
+    injected = 0
+    for path in rng.sample(paths, len(paths)):
+        if injected >= n_faults:
+            break
+        combo = rng.choice(combos)
+        if "stall" in combo and rng.random() < 0.7:   # stalls cost a timeout each: fewer
+            combo = ("reset",)
+        server.inject(path, *combo)
+        injected += len(combo)
+    return injected
+
+
+@pytest.mark.parametrize("year", [2017, 2014])
+def test_subset_download_survives_100_injected_faults(mirrors, no_proxy, tmp_path, params, year):
+    root, hashes = mirrors[year]
+    with FaultServer(root, stall_s=1.5) as server:
+        paths = ["/" + p for p in hashes if p.startswith(("train", "val"))]
+        ann = f"/annotations/annotations_trainval{year}.zip"
+        server.inject(ann, "reset", "ignore_range")
+        injected = 2 + _plan_faults(server, paths, 110, seed=year)
+        checksums = {ann[1:]: "sha256:" + hashes[ann[1:]]}
+        p = _mirror_params(params, server.base, year, checksums=checksums)
+        out = tmp_path / "raw"
+        manifest = download.run(p, out)
+        assert server.pending() == 0
+        assert len(server.served_faults()) == injected >= 100
+        gets_of_images = [r for r in server.requests if r.path in paths]
+        assert {r.path for r in gets_of_images} == set(paths)     # nothing missing
+    _check_mirror_copy(out, manifest, mirrors[year], year)
+    assert sum(len(manifest["splits"][s]["images"]) for s in ("train", "val")) == 160
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
+
+
+@pytest.mark.parametrize("year", [2017, 2014])
+def test_archive_mode_with_faults_and_checksums(mirrors, no_proxy, tmp_path, params, year):
+    root, hashes = mirrors[year]
+    limits = {"train": 7, "val": None}
+    with FaultServer(root, stall_s=1.5) as server:
+        server.inject(f"/zips/train{year}.zip", "corrupt", "reset", "ignore_range")
+        server.inject(f"/zips/val{year}.zip", "truncate", "503")
+        checksums = {f"zips/{s}{year}.zip": "sha256:" + hashes[f"zips/{s}{year}.zip"]
+                     for s in ("train", "val")}
+        p = _mirror_params(params, server.base, year, mode="archives", max_images=limits,
+                           checksums=checksums)
+        manifest = download.run(p, tmp_path / "raw")
+        assert server.pending() == 0
+        image_gets = [r for r in server.requests if not r.path.startswith(("/zips", "/annotations"))]
+        assert image_gets == []                 # every image came out of the archives
+    _check_mirror_copy(tmp_path / "raw", manifest, mirrors[year], year)
+    assert [len(manifest["splits"][s]["images"]) for s in ("train", "val")] == [7, 80]
+    assert manifest["mode"] == "archives"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]   # archives not kept
+
+
+def test_archive_member_that_does_not_decode_is_fetched_on_its_own(mirrors, no_proxy, tmp_path, params):
+    root, hashes = mirrors[2017]
+    served = tmp_path / "served"
+    shutil.copytree(root, served)
+    instances = instances_for(2017)
+    victim = sorted(im["file_name"] for im in instances["val"]["images"])[3]
+    archive = served / "zips" / "val2017.zip"
+    with zipfile.ZipFile(root / "zips" / "val2017.zip") as src, \
+            zipfile.ZipFile(archive, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            dst.writestr(info, b"\xff\xd8broken" if info.filename.endswith(victim) else data)
+    with FaultServer(served) as server:
+        p = _mirror_params(params, server.base, 2017, mode="archives")
+        manifest = download.run(p, tmp_path / "raw")
+        assert [r.path for r in server.requests if r.path.startswith("/val2017")] == [f"/val2017/{victim}"]
+    _check_mirror_copy(tmp_path / "raw", manifest, mirrors[2017], 2017)
+
+
+def test_archive_with_escaping_entries_is_refused(mirrors, tmp_path, params):
+    root, _ = mirrors[2017]
+    served = tmp_path / "served"
+    shutil.copytree(root, served)
+    with zipfile.ZipFile(served / "zips" / "train2017.zip", "a") as zf:
+        zf.writestr("train2017/../../evil.jpg", b"x")
+    p = _mirror_params(params, str(served), 2017, mode="archives")
+    with pytest.raises(StageError, match=r"train2017.zip: refusing an archive whose entries would "
+                                         r"land outside the target folder: train2017/\.\./\.\./evil.jpg"):
+        download.run(p, tmp_path / "out" / "raw")
+    assert not list(tmp_path.rglob("evil.jpg"))
+    assert not (tmp_path / "out" / "raw").exists()
+
+
+def test_unsafe_entries():
+    def info(name, mode=0o100644):
+        entry = zipfile.ZipInfo(name)
+        entry.external_attr = mode << 16
+        return entry
+
+    names = ["val2017/a.jpg", "val2017/", "/etc/passwd", "a/../../b", "C:/x.jpg", "..\\x.jpg"]
+    bad = download.unsafe_entries([info(n) for n in names] + [info("val2017/link", 0o120777)])
+    assert bad == ["/etc/passwd", "a/../../b", "C:/x.jpg", "..\\x.jpg", "val2017/link"]
+
+
+def test_local_archive_checksum_mismatch_is_an_error(mirrors, tmp_path, params):
+    root, _ = mirrors[2017]
+    p = _mirror_params(params, str(root), 2017, mode="archives",
+                       checksums={"zips/val2017.zip": "sha1:" + "0" * 40})
+    with pytest.raises(StageError, match=r"val2017.zip: sha1 \w+ differs from the expected 0+"):
+        download.run(p, tmp_path / "raw")
+
+
+def test_killed_download_resumes_without_refetching_complete_files(mirrors, no_proxy, tmp_path, params):
+    """SIGKILL midway, rerun: the same output, complete files not fetched again, partial
+    files continued with Range."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, _ = mirrors[2017]
+    limits = {"train": 10, "val": 10}
+    staging, out = tmp_path / "ck", tmp_path / "raw"
+    with FaultServer(root, bytes_per_s=300_000) as server:
+        p = _mirror_params(params, server.base, 2017, max_images=limits, workers=3, timeout_s=10)
+        params_file = tmp_path / "params.yaml"
+        params_file.write_text(yaml.safe_dump(p))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stages.download", "--params", str(params_file), "--out", str(out),
+             "--checkpoints", str(staging)], cwd=Path(download.__file__).parents[1],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while len(list(staging.glob("images/*/*.jpg"))) < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        complete = {f"/{p.parent.name}2017/{p.name}" for p in staging.glob("images/*/*.jpg")}
+        partial = {f"/{p.parent.name}2017/{p.name[:-5]}": p.stat().st_size
+                   for p in staging.glob("images/*/*.jpg.part") if p.stat().st_size}
+        assert len(complete) >= 4 and not out.exists()
+        assert (staging / "annotations_trainval2017.zip").exists()
+        before = len(server.requests)
+
+        server.bytes_per_s = None
+        manifest = download.run(p, out, staging)
+        rerun = server.requests[before:]
+    assert not complete & {r.path for r in rerun}                    # nothing fetched twice
+    assert "/annotations/annotations_trainval2017.zip" not in {r.path for r in rerun}
+    for path, size in partial.items():
+        (request,) = [r for r in rerun if r.path == path]
+        assert (request.range, request.status) == (f"bytes={size}-", 206)
+    _check_mirror_copy(out, manifest, mirrors[2017], 2017)
+    clean = download.run(_mirror_params(params, str(root), 2017, max_images=limits),
+                         tmp_path / "clean")
+    assert manifest["splits"] == clean["splits"]
+    assert not staging.exists()
+
+
+def test_filter_keeps_scheme_images_plus_a_background_share(tmp_path, params):
+    claimed = download.scheme_category_ids(params, SOURCE["val"]["categories"])
+    names = {c["id"]: c["name"] for c in SOURCE["val"]["categories"]}
+    assert {names[i] for i in claimed} == {"person", "car", "bicycle", "motorcycle", "airplane",
+                                           "bus", "train", "truck", "boat"}
+    positives = download.images_showing(SOURCE["val"]["annotations"], claimed)
+    supers = {c["id"]: c["supercategory"] for c in SOURCE["val"]["categories"]}
+    assert positives == {a["image_id"] for a in SOURCE["val"]["annotations"]
+                         if supers[a["category_id"]] in ("person", "vehicle")}
+    assert 49 <= len(positives) < 80   # the sample's README: 49 val images show people
+    params["data"]["filter"] = {"scheme_categories_only": True, "background_share": 0.25}
+    manifest = download.run(_params(params, str(SAMPLE), max_images={"train": 12, "val": 20}),
+                            tmp_path / "raw")
+    for split, n in (("train", 12), ("val", 20)):
+        ids = [r["id"] for r in manifest["splits"][split]["images"]]
+        shown = download.images_showing(SOURCE[split]["annotations"], claimed)
+        assert len(ids) == n
+        assert sum(i not in shown for i in ids) == round(n * 0.25)
+        assert manifest["splits"][split]["with_scheme_categories"] == len(shown)
+
+
+def test_select_images_with_filter_counts():
+    images = [{"id": i} for i in range(100)]
+    positives = set(range(0, 100, 4))                     # 25 positives, 75 others
+    pick = lambda n, share: download.select_images(images, n, 0, positives, share)  # noqa: E731
+    assert all(im["id"] in positives for im in pick(10, 0.0))
+    assert sum(im["id"] in positives for im in pick(10, 0.3)) == 7
+    assert len(pick(None, 0.0)) == 25                     # every positive, no others
+    assert sum(im["id"] not in positives for im in pick(None, 0.5)) == 25
+    assert len(pick(40, 0.0)) == 25                       # not enough positives: all of them
+    assert all(im["id"] not in positives for im in pick(None, 1.0))
+    assert pick(10, 0.3) == pick(10, 0.3) != download.select_images(images, 10, 1, positives, 0.3)
+
+
+def test_image_source_path_prefers_coco_url_path():
+    image = {"file_name": "COCO_val2014_000000000042.jpg",
+             "coco_url": "http://images.cocodataset.org/val2014/COCO_val2014_000000000042.jpg"}
+    assert download.image_source_path(image, "val", 2014) == "val2014/COCO_val2014_000000000042.jpg"
+    odd = {"file_name": "x.jpg", "coco_url": "http://h/../../x.jpg"}
+    assert download.image_source_path(odd, "train", 2017) == "train2017/x.jpg"
+    assert download.image_source_path({"file_name": "x.jpg"}, "val", 2017) == "val2017/x.jpg"
+
+
+def test_malformed_annotation_json_names_the_member(tmp_path, params):
+    served = tmp_path / "served"
+    shutil.copytree(SAMPLE, served)
+    archive = served / "annotations" / "annotations_trainval2017.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("annotations/instances_train2017.json", '{"images": [')
+    with pytest.raises(StageError, match=r"annotations_trainval2017.zip:annotations/"
+                                         r"instances_train2017.json: not valid JSON"):
+        download.run(_params(params, str(served)), tmp_path / "out" / "raw")
+    assert not (tmp_path / "out" / "raw").exists()
+
+
+def test_changed_source_discards_stale_staging(tmp_path, params):
+    staging = tmp_path / "ck"
+    (staging / "images" / "val").mkdir(parents=True)
+    (staging / "source.json").write_text('{"base_url": "http://elsewhere", "year": 2017}')
+    (staging / "images" / "val" / "000000000139.jpg").write_bytes(b"from another mirror")
+    p = _params(params, str(SAMPLE), max_images={"train": 1, "val": None})
+    manifest = download.run(p, tmp_path / "raw", staging)
+    _check_output(tmp_path / "raw", manifest, str(SAMPLE), max_images={"train": 1, "val": None})

@@ -40,17 +40,34 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_UMASK)
-        if final.exists():
-            old = final.with_name(f".{final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        _swap_in(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish_dir(src: str | Path, final: str | Path) -> None:
+    """Move a finished folder (e.g. a resumable staging folder) to `final` in one rename,
+    replacing what was there; copies only when the two are on different file systems."""
+    src, final = Path(src), Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if os.stat(src).st_dev == os.stat(final.parent).st_dev:
+        _swap_in(src, final)
+        return
+    with atomic_dir(final) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+    shutil.rmtree(src)
+
+
+def _swap_in(folder: Path, final: Path) -> None:
+    os.chmod(folder, 0o777 & ~_UMASK)
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(folder, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(folder, final)
 
 
 def write_json(path: str | Path, obj: object) -> None:
