@@ -1,3 +1,6 @@
+# Work in progress (checkpoints/download: complete files, *.part files) is deliberately no
+# output of either engine, which delete outputs before a job: a killed or failed download
+# resumes from it, and it becomes data/raw in one rename when everything is verified.
 rule download:
     input:
         sample="data/sample",
@@ -17,4 +20,5 @@ rule download:
         mem_mb=2000,
         runtime=120,
     shell:
-        "python -m stages.download --params params.yaml --out {output} > {log} 2>&1"
+        "python -m stages.download --params params.yaml --out {output} "
+        "--checkpoints checkpoints/download > {log} 2>&1"

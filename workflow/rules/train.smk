@@ -1,4 +1,4 @@
-# Checkpoints (checkpoints/{scheme}/last.pt) are deliberately no output of either engine:
+# Checkpoints (checkpoints/train/{scheme}/last.pt) are deliberately no output of either engine:
 # both delete a job's outputs before rerunning it, which would defeat resuming. The stage
 # resumes only from a checkpoint of the same params and data, and deletes it on success.
 rule train:
@@ -26,4 +26,4 @@ rule train:
     shell:
         "python -m stages.train --params params.yaml --scheme {wildcards.scheme} "
         "--raw {input.raw} --masks {input.masks} --out {output.model} "
-        "--live {output.live} --checkpoints checkpoints/{wildcards.scheme} > {log} 2>&1"
+        "--live {output.live} --checkpoints checkpoints/train/{wildcards.scheme} > {log} 2>&1"
