@@ -184,3 +184,36 @@ def test_dvc_experiment_with_a_changed_param_is_listed_with_its_metrics(tmp_path
     data = next(r for r in _revisions(shown) if r["rev"] == experiment)["data"]
     for scheme in tiny_params["schemes"]:
         assert "miou" in data["metrics"][f"metrics/{scheme}.json"]["data"]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("year, mode, engine", [(2014, "subset", "snakemake"),
+                                                (2017, "archives", "dvc")])
+def test_pipeline_from_a_flaky_coco_mirror(tmp_path, tiny_params, monkeypatch, year, mode, engine):
+    """A mirror of the COCO server (2014 or 2017 naming) over loopback HTTP that breaks
+    connections, through the whole pipeline to the report."""
+    from coco_mirror import build_mirror
+    from fault_server import FaultServer
+
+    monkeypatch.setitem(ENV, "NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setitem(ENV, "no_proxy", "127.0.0.1,localhost")
+    build_mirror(tmp_path / "mirror", year)
+    with FaultServer(tmp_path / "mirror") as server:
+        server.inject(f"/annotations/annotations_trainval{year}.zip", "reset", "ignore_range")
+        server.inject(f"/zips/val{year}.zip", "truncate", "503")
+        for split in ("train", "val"):
+            for path in sorted((tmp_path / "mirror" / f"{split}{year}").iterdir())[:40:4]:
+                server.inject(f"/{split}{year}/{path.name}", "reset")
+        params = {**tiny_params, "data": {**tiny_params["data"], "base_url": server.base,
+                                          "year": year, "mode": mode, "backoff_s": 0.01}}
+        root = copy_repo(tmp_path / "repo", params)
+        run(["snakemake", "--cores", "2"] if engine == "snakemake" else ["dvc", "repro"], root)
+        assert server.served_faults()
+    html = _report_shows_both_schemes(root, params)
+    assert server.base in html
+    names = sorted(p.name for p in (root / "data" / "raw" / "images" / "val").iterdir())
+    assert len(names) == 6 and all(n.startswith(f"COCO_val{year}_" if year == 2014 else "0000")
+                                   for n in names)
+    masks = sorted(p.name for p in (root / "data" / "masks" / "person_car" / "val").iterdir())
+    assert masks == [n.replace(".jpg", ".png") for n in names]
+    assert not (root / "checkpoints" / "download").exists()
