@@ -1,75 +1,271 @@
 """masks: one palette PNG per image (pixel value = class index, 255 = ignore) for one label
 scheme, plus a per-image metadata table.
 
-Rules: class 0 is every pixel no class claims; crowd regions of a claimed category and
-pixels claimed by two different classes get 255; objects of unclaimed categories,
-crowd or not, are background like everything else. Layout written under --out:
+Rules: class 0 is every pixel no class claims; objects of unclaimed categories, crowd or
+not, are background like everything else. Per scheme, `crowd` decides what a crowd region
+of a claimed category becomes (ignore: 255; class: its class, like an instance;
+background: dropped, so its pixels keep whatever else claims them) and `overlap` what a
+pixel claimed by two different classes becomes (ignore: 255; or a priority list of the
+classes, first wins). Images are read on their stored pixel grid, never EXIF-rotated:
+COCO annotations and the JSON width/height refer to that grid.
+
+Layout written under --out:
   {split}/{file stem}.png   for split in train, val
-  metadata.csv              one row per image (both splits)
+  metadata.csv              one row per image, ordered by split then image id
 """
 from __future__ import annotations
 
+import collections
+import csv
 import logging
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
-import pandas as pd
 from PIL import Image
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from stages.lib.cli import StageError, run_main, stage_parser
 from stages.lib.coco import SPLITS, AnnotationError, SchemeMap, read_instances, resolve_scheme
-from stages.lib.io import atomic_dir, write_csv
+from stages.lib.io import atomic_dir
 from stages.lib.labels import IGNORE_INDEX, save_labels
 from stages.lib.params import load_params, scheme_class_names
 
 log = logging.getLogger("masks")
 
+CROWD_RULES = ("ignore", "class", "background")
+# Why an annotation drew less than it claims: malformed parts dropped (polygons of fewer
+# than 3 points or an odd number of coordinates, RLEs of another size), no segmentation
+# at all, or a well-formed one that covers no pixel.
+FLAWS = ("degenerate", "empty", "zero_area")
+# ITU-R BT.601 luma, the weights of Pillow's convert("L").
+LUMA = np.array([0.299, 0.587, 0.114])
+IMAGE_COLUMNS = ("width", "height", "is_grayscale", "grayscale_score", "colourfulness",
+                 "brightness", "contrast", "n_annotations",
+                 *(f"n_{flaw}_annotations" for flaw in FLAWS),
+                 "crowd_fraction", "ignore_fraction", "n_unclaimed_objects")
+# Only what rasterising and the metadata read travels to the workers.
+ANNOTATION_KEYS = ("category_id", "iscrowd", "segmentation", "area")
 
-# ---------------------------------------------------------------- pure core
+
+# ---------------------------------------------------------------- pure core: rules
+
+@dataclass(frozen=True)
+class LabelRules:
+    """What crowd regions and overlaps of claimed categories become."""
+
+    crowd: str = "ignore"                    # one of CROWD_RULES
+    priority: tuple[int, ...] | None = None  # class indices, first wins; None: overlap -> 255
+
+
+def label_rules(scheme_params: dict, scheme: SchemeMap) -> LabelRules:
+    crowd = scheme_params.get("crowd", "ignore")
+    if crowd not in CROWD_RULES:
+        raise ValueError(f"schemes.{scheme.name}.crowd: {crowd!r} is not one of {CROWD_RULES}")
+    overlap = scheme_params.get("overlap", "ignore")
+    if overlap == "ignore":
+        return LabelRules(crowd, None)
+    if sorted(overlap) != sorted(scheme.class_names[1:]):
+        raise ValueError(f"schemes.{scheme.name}.overlap: {overlap} must name every class once")
+    return LabelRules(crowd, tuple(scheme.class_names.index(name) for name in overlap))
+
+
+def count_column(category_name: str) -> str:
+    return "count_" + category_name.replace(" ", "_")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything an image needs besides its own annotations; the same for a whole split."""
+
+    scheme: SchemeMap
+    rules: LabelRules = LabelRules()
+    tolerance: float = 6.0
+    # (category id, column) of every category the scheme does not claim, by id: the same
+    # columns for every image, whatever it shows.
+    counted: tuple[tuple[int, str], ...] = field(default=())
+
+    def columns(self) -> list[str]:
+        classes = ["background_fraction"]
+        for name in self.scheme.class_names[1:]:
+            classes += [f"{name}_fraction", f"{name}_instances", f"{name}_mean_area"]
+        return ["image_id", "file_name", "split", *IMAGE_COLUMNS, *classes,
+                *(column for _, column in self.counted)]
+
+
+def make_plan(scheme_name: str, scheme_params: dict, categories: list[dict],
+              tolerance: float) -> Plan:
+    """Raises AnnotationError (a scheme naming categories the file lacks) or ValueError."""
+    scheme = resolve_scheme(scheme_name, scheme_params, categories)
+    counted = tuple((c["id"], count_column(c["name"]))
+                    for c in sorted(categories, key=lambda c: c["id"])
+                    if c["id"] not in scheme.class_of_category)
+    return Plan(scheme, label_rules(scheme_params, scheme), tolerance, counted)
+
+
+# ---------------------------------------------------------------- pure core: decoding
+
+@dataclass(frozen=True)
+class Decoded:
+    """One annotation as a compressed RLE, with what went wrong decoding it."""
+
+    category_id: int
+    crowd: bool
+    rle: dict | None      # None when nothing could be drawn
+    pixels: int           # pixels the RLE covers
+    area: float           # the annotation's `area` field (COCO's instance area), else pixels
+    flaw: str | None      # one of FLAWS, or None
+
+
+def decode_annotation(ann: dict, height: int, width: int) -> Decoded:
+    """Polygons, uncompressed RLE and compressed RLE (the cases of pycocotools'
+    COCO.annToRLE, without needing a COCO index); malformed input never raises."""
+    segm = ann.get("segmentation")
+    if not segm:
+        rle, flaw = None, "empty"
+    elif isinstance(segm, list):
+        rle, flaw = _polygons_rle(segm, height, width)
+    elif isinstance(segm, dict):
+        rle, flaw = _dict_rle(segm, height, width)
+    else:
+        rle, flaw = None, "degenerate"
+    pixels = int(mask_utils.area(rle)) if rle is not None else 0
+    if flaw is None and pixels == 0:
+        flaw = "zero_area"
+    area = ann.get("area")
+    if not isinstance(area, (int, float)) or isinstance(area, bool) or not np.isfinite(area):
+        area = pixels
+    return Decoded(ann["category_id"], bool(ann.get("iscrowd", 0)), rle, pixels, float(area),
+                   flaw)
+
+
+def _polygons_rle(parts: list, height: int, width: int) -> tuple[dict | None, str | None]:
+    polygons = [p for p in (_polygon(part) for part in parts) if p is not None]
+    flaw = None if len(polygons) == len(parts) else "degenerate"
+    if not polygons:
+        return None, flaw
+    return mask_utils.merge(mask_utils.frPyObjects(polygons, height, width)), flaw
+
+
+def _polygon(part: object) -> list[float] | None:
+    # pycocotools takes a first part of 4 numbers for a box and silently drops an odd last
+    # coordinate, so both are refused here rather than drawn wrong.
+    if not isinstance(part, list) or len(part) < 6 or len(part) % 2:
+        return None
+    try:
+        coords = np.asarray(part, dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    if coords.ndim != 1 or not np.isfinite(coords).all():
+        return None
+    return coords.tolist()
+
+
+def _dict_rle(segm: dict, height: int, width: int) -> tuple[dict | None, str | None]:
+    # pycocotools' C decoder trusts the counts: a run total other than height*width writes
+    # past its buffer, so totals are checked before anything is decoded.
+    size, counts = segm.get("size"), segm.get("counts")
+    if not isinstance(size, (list, tuple)) or list(size) != [height, width]:
+        return None, "degenerate"
+    if isinstance(counts, list):
+        if not all(isinstance(c, int) and c >= 0 for c in counts) or sum(counts) != height * width:
+            return None, "degenerate"
+        return mask_utils.frPyObjects({"size": [height, width], "counts": counts},
+                                      height, width), None
+    if isinstance(counts, str):
+        try:
+            counts = counts.encode("ascii")
+        except UnicodeEncodeError:
+            return None, "degenerate"
+    if isinstance(counts, bytes) and _compressed_total(counts) == height * width:
+        return {"size": [height, width], "counts": counts}, None
+    return None, "degenerate"
+
+
+def _compressed_total(counts: bytes) -> int | None:
+    """Sum of the runs of a COCO compressed RLE string (pycocotools' rleFrString), or None
+    when a run is negative."""
+    runs: list[int] = []
+    p = 0
+    while p < len(counts):
+        x = k = 0
+        more = True
+        while more:
+            c = counts[p] - 48 if p < len(counts) else -48
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(runs) > 2:
+            x += runs[-2]
+        if x < 0:
+            return None
+        runs.append(x)
+    return sum(runs)
+
 
 def annotation_rle(ann: dict, height: int, width: int) -> dict:
-    """One compressed RLE for a polygon, uncompressed-RLE or compressed-RLE segmentation
-    (the same three cases as pycocotools' COCO.annToRLE, without needing a COCO index)."""
-    segm = ann["segmentation"]
-    if isinstance(segm, list):
-        polygons = [p for p in segm if len(p) >= 6]  # fewer than 3 points has no area
-        if not polygons:
-            return mask_utils.encode(np.zeros((height, width, 1), np.uint8, order="F"))[0]
-        return mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
-    if isinstance(segm.get("counts"), list):
-        return mask_utils.frPyObjects(segm, height, width)
-    return segm
+    """One compressed RLE of an annotation (empty when nothing is drawable)."""
+    rle = decode_annotation(ann, height, width).rle
+    if rle is None:
+        return mask_utils.encode(np.zeros((height, width, 1), np.uint8, order="F"))[0]
+    return rle
 
 
-def rasterize(height: int, width: int, anns: list[dict], scheme: SchemeMap) -> np.ndarray:
-    """The label map of one image under one scheme."""
-    labels = np.zeros((height, width), np.uint8)
-    claims = np.zeros((height, width), np.uint8)
-    crowd = np.zeros((height, width), bool)
+# ---------------------------------------------------------------- pure core: labels
+
+def label_map(height: int, width: int, decoded: list[Decoded], scheme: SchemeMap,
+              rules: LabelRules) -> np.ndarray:
+    """The label map of one image under one scheme and its crowd/overlap rules."""
     by_class: dict[int, list[dict]] = {}
-    for ann in anns:
-        cls = scheme.class_of_category.get(ann["category_id"])
-        if cls is None:
+    crowds: list[dict] = []
+    for ann in decoded:
+        cls = scheme.class_of_category.get(ann.category_id)
+        if cls is None or ann.rle is None:
             continue
-        if ann.get("iscrowd", 0):
-            crowd |= _decode([annotation_rle(ann, height, width)])
-        else:
-            by_class.setdefault(cls, []).append(annotation_rle(ann, height, width))
-    # One merged RLE per class: instances of the same class never conflict with each other.
-    for cls, rles in sorted(by_class.items()):
-        region = _decode(rles)
-        claims += region
-        labels[region] = cls
-    labels[(claims > 1) | crowd] = IGNORE_INDEX
+        if ann.crowd and rules.crowd == "ignore":
+            crowds.append(ann.rle)
+        elif not ann.crowd or rules.crowd == "class":
+            by_class.setdefault(cls, []).append(ann.rle)
+    labels = np.zeros((height, width), np.uint8)
+    if rules.priority is None:
+        claims = np.zeros((height, width), np.uint8)
+        # One merged RLE per class: instances of one class never conflict with each other.
+        for cls, rles in sorted(by_class.items()):
+            region = _decode(rles)
+            claims += region
+            labels[region] = cls
+        labels[claims > 1] = IGNORE_INDEX
+    else:
+        # Lowest priority first, so each class overwrites those it takes precedence over.
+        for cls in reversed(rules.priority):
+            if cls in by_class:
+                labels[_decode(by_class[cls])] = cls
+    if crowds:
+        labels[_decode(crowds)] = IGNORE_INDEX
     return labels
+
+
+def rasterize(height: int, width: int, anns: list[dict], scheme: SchemeMap,
+              rules: LabelRules = LabelRules()) -> np.ndarray:
+    """The label map of one image from its COCO annotation dicts."""
+    return label_map(height, width, [decode_annotation(a, height, width) for a in anns],
+                     scheme, rules)
 
 
 def _decode(rles: list[dict]) -> np.ndarray:
     merged = rles[0] if len(rles) == 1 else mask_utils.merge(rles)
     return mask_utils.decode(merged).astype(bool)
 
+
+# ---------------------------------------------------------------- pure core: metadata
 
 def grayscale_score(pixels: np.ndarray) -> float:
     """Mean absolute channel difference (0 for a true grayscale image)."""
@@ -79,84 +275,240 @@ def grayscale_score(pixels: np.ndarray) -> float:
     return float((np.abs(rgb[..., 0] - rgb[..., 1]) + np.abs(rgb[..., 1] - rgb[..., 2])).mean() / 2)
 
 
-def image_metadata(pixels: np.ndarray, labels: np.ndarray, anns: list[dict],
-                   scheme: SchemeMap, tolerance: float) -> dict:
-    """Per-image facts the analysis plots against loss."""
-    total = labels.size
+def colourfulness(pixels: np.ndarray) -> float:
+    """Hasler & Suesstrunk (2003): std and mean of the opponent channels rg = R - G and
+    yb = (R + G) / 2 - B, combined as sigma_rgyb + 0.3 * mu_rgyb (0 for grayscale)."""
+    if pixels.ndim == 2:
+        return 0.0
+    rgb = pixels[..., :3].astype(np.float64)
+    rg = rgb[..., 0] - rgb[..., 1]
+    yb = 0.5 * (rgb[..., 0] + rgb[..., 1]) - rgb[..., 2]
+    return float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))
+
+
+def luminance(pixels: np.ndarray) -> np.ndarray:
+    return pixels.astype(np.float64) if pixels.ndim == 2 else pixels[..., :3] @ LUMA
+
+
+def pixel_stats(pixels: np.ndarray, tolerance: float) -> dict:
+    """Colour facts of one decoded image (0-255 scale), rounded for a readable table."""
     gray = grayscale_score(pixels)
-    row = {
-        "width": labels.shape[1], "height": labels.shape[0],
-        "is_grayscale": bool(gray <= tolerance), "grayscale_score": round(gray, 3),
-        "brightness": round(float(pixels.mean()), 3),
-        "n_annotations": len(anns),
-        "crowd_fraction": 0.0,
-        "ignore_fraction": float((labels == IGNORE_INDEX).sum() / total),
-        "n_unclaimed_objects": sum(a["category_id"] not in scheme.class_of_category for a in anns),
-    }
-    crowds = [annotation_rle(a, *labels.shape) for a in anns if a.get("iscrowd", 0)]
+    luma = luminance(pixels)
+    return {"is_grayscale": bool(gray <= tolerance), "grayscale_score": round(gray, 3),
+            "colourfulness": round(colourfulness(pixels), 3),
+            "brightness": round(float(luma.mean()), 3),
+            "contrast": round(float(luma.std()), 3)}  # RMS contrast
+
+
+def image_metadata(pixels: np.ndarray, labels: np.ndarray, decoded: list[Decoded],
+                   plan: Plan) -> dict:
+    """Per-image facts the analysis plots against loss, in plan.columns() order."""
+    total = labels.size
+    class_of = plan.scheme.class_of_category
+    crowds = [d.rle for d in decoded if d.crowd and d.rle is not None]
+    row = {"width": labels.shape[1], "height": labels.shape[0],
+           **pixel_stats(pixels, plan.tolerance), "n_annotations": len(decoded)}
+    for flaw in FLAWS:
+        row[f"n_{flaw}_annotations"] = sum(d.flaw == flaw for d in decoded)
     # Decoded, not the `area` field: a crowd RLE's area is not its pixel count, and
     # overlapping crowds must not count twice.
     row["crowd_fraction"] = float(_decode(crowds).sum() / total) if crowds else 0.0
-    for index, name in enumerate(scheme.class_names):
-        row[f"{name}_fraction"] = float((labels == index).sum() / total)
-        if index:
-            instances = [a for a in anns if scheme.class_of_category.get(a["category_id"]) == index
-                         and not a.get("iscrowd", 0)]
-            row[f"{name}_instances"] = len(instances)
-            row[f"{name}_mean_area"] = (
-                float(np.mean([a["area"] for a in instances]) / total) if instances else 0.0)
+    counts = np.bincount(labels.ravel(), minlength=IGNORE_INDEX + 1)
+    row["ignore_fraction"] = float(counts[IGNORE_INDEX] / total)
+    row["n_unclaimed_objects"] = sum(d.category_id not in class_of for d in decoded)
+    row["background_fraction"] = float(counts[0] / total)
+    for index, name in enumerate(plan.scheme.class_names[1:], start=1):
+        # Instances are the non-crowd objects that drew something.
+        areas = [d.area for d in decoded
+                 if class_of.get(d.category_id) == index and not d.crowd and d.pixels]
+        row[f"{name}_fraction"] = float(counts[index] / total)
+        row[f"{name}_instances"] = len(areas)
+        row[f"{name}_mean_area"] = float(np.mean(areas) / total) if areas else 0.0
+    per_category = collections.Counter(d.category_id for d in decoded)
+    for category_id, column in plan.counted:
+        row[column] = per_category[category_id]  # a crowd region counts once
     return row
 
 
-# ---------------------------------------------------------------- run
+# ---------------------------------------------------------------- one image (in a worker)
 
-def run(params: dict, scheme_name: str, raw: Path, out: Path) -> pd.DataFrame:
-    tolerance = params["masks"]["grayscale_tolerance"]
-    scheme_class_names(params, scheme_name)  # an unknown scheme fails here, by name
-    rows = []
-    with atomic_dir(out) as tmp:
-        for split in SPLITS:
-            ann_file = raw / "annotations" / f"instances_{split}.json"
-            try:
-                data = read_instances(ann_file)
-                scheme = resolve_scheme(scheme_name, params["schemes"][scheme_name], data["categories"])
-            except AnnotationError as exc:
-                raise StageError(str(exc)) from None
-            anns_of = _group_annotations(data["annotations"])
-            (tmp / split).mkdir()
-            for image in tqdm(data["images"], desc=f"masks {scheme_name} {split}", unit="img",
-                              disable=None):
-                rows.append(_one_image(raw / "images" / split, image, anns_of.get(image["id"], []),
-                                       scheme, tolerance, tmp / split, split))
-        table = pd.DataFrame(rows)
-        write_csv(tmp / "metadata.csv", table)
-    log.info("%s: %d masks, %d grayscale", scheme_name, len(table), int(table["is_grayscale"].sum()))
-    return table
+@dataclass(frozen=True)
+class SplitJob:
+    """What every image task of a split shares; sent once to each worker."""
+
+    split: str
+    plan: Plan
+    images: Path       # folder of the split's JPEGs
+    out: Path          # folder of the split's PNGs
+    ann_file: Path     # named in errors about listed images
 
 
-def _group_annotations(annotations: list[dict]) -> dict[int, list[dict]]:
-    grouped: dict[int, list[dict]] = {}
-    for ann in annotations:
-        grouped.setdefault(ann["image_id"], []).append(ann)
-    return grouped
-
-
-def _one_image(folder: Path, image: dict, anns: list[dict], scheme: SchemeMap,
-               tolerance: float, out_folder: Path, split: str) -> dict:
-    path = folder / image["file_name"]
+def read_pixels(path: Path, ann_file: Path) -> np.ndarray:
+    """uint8 HxW (grayscale) or HxWx3 on the stored grid; CMYK and palette become RGB."""
+    if not path.is_file():
+        raise StageError(f"{path}: missing (listed in {ann_file})")
     try:
         with Image.open(path) as handle:
-            pixels = np.asarray(handle.convert("L" if handle.mode in ("L", "I;16") else "RGB"))
+            return np.asarray(handle.convert("L" if handle.mode in ("L", "I;16") else "RGB"))
     except (OSError, ValueError) as exc:
         raise StageError(f"{path}: cannot read image: {exc}") from None
+
+
+def process_image(job: SplitJob, image: dict, anns: list[dict]) -> dict:
+    """Read, rasterise, write the PNG (atomically), return the metadata row."""
+    path = job.images / image["file_name"]
+    pixels = read_pixels(path, job.ann_file)
     height, width = image["height"], image["width"]
     if pixels.shape[:2] != (height, width):
         raise StageError(f"{path}: decoded size {pixels.shape[1]}x{pixels.shape[0]} differs from "
                          f"the annotation's {width}x{height}")
-    labels = rasterize(height, width, anns, scheme)
-    save_labels(out_folder / f"{Path(image['file_name']).stem}.png", labels)
-    meta = image_metadata(pixels, labels, anns, scheme, tolerance)
-    return {"image_id": image["id"], "file_name": image["file_name"], "split": split, **meta}
+    decoded = [decode_annotation(a, height, width) for a in anns]
+    labels = label_map(height, width, decoded, job.plan.scheme, job.plan.rules)
+    save_labels(job.out / f"{Path(image['file_name']).stem}.png", labels)
+    return {"image_id": image["id"], "file_name": image["file_name"], "split": job.split,
+            **image_metadata(pixels, labels, decoded, job.plan)}
+
+
+_JOB: SplitJob | None = None  # a worker's split, set once by its initializer
+
+
+def _init_worker(job: SplitJob) -> None:
+    global _JOB
+    _JOB = job
+
+
+def _process_task(task: tuple[dict, list[dict]]) -> dict:
+    return process_image(_JOB, *task)
+
+
+def map_ordered(job: SplitJob, tasks: Iterable[tuple[dict, list[dict]]],
+                workers: int) -> Iterator[dict]:
+    """Rows in task order, computed by `workers` processes with a bounded number of tasks
+    in flight: memory stays flat however many images there are."""
+    if workers == 1:
+        _init_worker(job)
+        yield from map(_process_task, tasks)
+        return
+    # spawn: the parent may hold threads (torch in tests), which fork would copy mid-lock;
+    # and spawned workers are waited-for children, so their peak memory is measurable.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                             initargs=(job,)) as pool:
+        pending: collections.deque = collections.deque()
+        try:
+            for task in tasks:
+                pending.append(pool.submit(_process_task, task))
+                if len(pending) >= 4 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            # On an error, drop what has not started; leaving the `with` waits for the rest,
+            # so no worker writes into the temporary folder after it is removed.
+            for future in pending:
+                future.cancel()
+
+
+def worker_count(requested: int) -> int:
+    try:
+        available = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        available = os.cpu_count() or 1
+    return max(1, min(requested, available))
+
+
+# ---------------------------------------------------------------- run
+
+@dataclass
+class Summary:
+    """What the stage's log line reports."""
+
+    workers: int
+    n_images: int = 0
+    n_grayscale: int = 0
+    n_annotations: int = 0
+    flaws: collections.Counter = field(default_factory=collections.Counter)
+
+    def add(self, row: dict) -> None:
+        self.n_images += 1
+        self.n_grayscale += bool(row["is_grayscale"])
+        self.n_annotations += row["n_annotations"]
+        for flaw in FLAWS:
+            self.flaws[flaw] += row[f"n_{flaw}_annotations"]
+
+
+def run(params: dict, scheme_name: str, raw: Path, out: Path) -> Summary:
+    scheme_class_names(params, scheme_name)  # an unknown scheme fails here, by name
+    summary = Summary(worker_count(params["masks"]["workers"]))
+    with atomic_dir(out) as tmp, open(tmp / "metadata.csv", "w", newline="") as handle:
+        # Atomic as a whole: the table is only ever seen inside the finished folder.
+        writer: csv.DictWriter | None = None
+        for split in SPLITS:
+            job, tasks = split_job(params, scheme_name, raw, split, tmp / split)
+            if writer is None:
+                writer = csv.DictWriter(handle, job.plan.columns(), lineterminator="\n")
+                writer.writeheader()
+            elif job.plan.columns() != writer.fieldnames:
+                raise StageError(f"{job.ann_file}: categories differ from the first split's, "
+                                 "so the metadata columns would not line up")
+            job.out.mkdir()
+            rows = map_ordered(job, tasks, summary.workers)
+            for row in tqdm(rows, total=len(tasks), desc=f"masks {scheme_name} {split}",
+                            unit="img", disable=None):
+                writer.writerow(row)
+                summary.add(row)
+        handle.flush()
+        os.fsync(handle.fileno())
+    log.info("%s: %d masks (%d workers), %d grayscale; %d annotations: %d degenerate, "
+             "%d empty, %d zero-area", scheme_name, summary.n_images, summary.workers,
+             summary.n_grayscale, summary.n_annotations, summary.flaws["degenerate"],
+             summary.flaws["empty"], summary.flaws["zero_area"])
+    return summary
+
+
+def split_job(params: dict, scheme_name: str, raw: Path, split: str,
+               out: Path) -> tuple[SplitJob, list[tuple[dict, list[dict]]]]:
+    ann_file = raw / "annotations" / f"instances_{split}.json"
+    try:
+        data = read_instances(ann_file)
+        plan = make_plan(scheme_name, params["schemes"][scheme_name], data["categories"],
+                         params["masks"]["grayscale_tolerance"])
+    except (AnnotationError, ValueError) as exc:
+        raise StageError(str(exc)) from None
+    job = SplitJob(split, plan, raw / "images" / split, out, ann_file)
+    return job, image_tasks(data, ann_file)
+
+
+def image_tasks(data: dict, source: Path) -> list[tuple[dict, list[dict]]]:
+    """(image, its annotations) by image id, keeping only the keys the workers read."""
+    anns_of: dict[object, list[dict]] = {}
+    for index, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict) or "image_id" not in ann or "category_id" not in ann:
+            raise StageError(f"{source}: annotations[{index}] lacks image_id or category_id")
+        anns_of.setdefault(ann["image_id"], []).append(
+            {k: ann[k] for k in ANNOTATION_KEYS if k in ann})
+    tasks = []
+    for index, image in enumerate(data["images"]):
+        problem = _image_entry_problem(image)
+        if problem:
+            raise StageError(f"{source}: images[{index}]: {problem}")
+        tasks.append(({k: image[k] for k in ("id", "file_name", "width", "height")},
+                      anns_of.get(image["id"], [])))
+    return sorted(tasks, key=lambda task: task[0]["id"])
+
+
+def _image_entry_problem(image: object) -> str | None:
+    if not isinstance(image, dict):
+        return "not an object"
+    missing = [k for k in ("id", "file_name", "width", "height") if k not in image]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    if not isinstance(image["id"], int) or not isinstance(image["file_name"], str):
+        return f"id {image['id']!r} / file_name {image['file_name']!r} must be int / string"
+    for key in ("width", "height"):
+        if not isinstance(image[key], int) or image[key] < 1:
+            return f"{key} {image[key]!r} is not a positive integer"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,8 +2,12 @@
 PNGs, and the per-image metadata table."""
 from __future__ import annotations
 
+import base64
 import copy
+import io
 import json
+import os
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -12,14 +16,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from PIL import Image
+from PIL import Image, ImageOps
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from conftest import SAMPLE
 from stages import masks
 from stages.lib.cli import StageError
-from stages.lib.coco import resolve_scheme
+from stages.lib.coco import COCO_CATEGORIES, resolve_scheme
 from stages.lib.labels import IGNORE_INDEX, label_image, palette_colours, read_labels, save_labels
 
 # Chosen by searching the sample's annotations (see the coverage test below):
@@ -60,11 +64,23 @@ def claimed_categories(coco: COCO, scheme: dict) -> dict[int, int]:
     return out
 
 
+def scheme_with(params: dict, scheme_name: str, crowd: str = "ignore",
+                overlap: str = "ignore") -> dict:
+    """A scheme's params with other crowd/overlap rules; overlap "first" keeps the classes'
+    order as the priority, "last" reverses it."""
+    scheme = copy.deepcopy(params["schemes"][scheme_name])
+    names = list(scheme["classes"])
+    scheme["crowd"] = crowd
+    scheme["overlap"] = {"ignore": "ignore", "first": names, "last": names[::-1]}[overlap]
+    return scheme
+
+
 def expected_labels(coco: COCO, image_id: int, scheme: dict) -> tuple[np.ndarray, dict]:
     """The label map from pycocotools' annToMask per annotation, plus what it contained."""
     info = coco.imgs[image_id]
     h, w = info["height"], info["width"]
     class_of = claimed_categories(coco, scheme)
+    crowd_rule, overlap = scheme.get("crowd", "ignore"), scheme.get("overlap", "ignore")
     anns = coco.loadAnns(coco.getAnnIds(imgIds=image_id, iscrowd=None))
     regions = np.zeros((len(scheme["classes"]) + 1, h, w), bool)
     crowd = np.zeros((h, w), bool)
@@ -73,17 +89,24 @@ def expected_labels(coco: COCO, image_id: int, scheme: dict) -> tuple[np.ndarray
         if cls is None:
             continue
         m = coco.annToMask(ann).astype(bool)
-        if ann["iscrowd"]:
-            crowd |= m
+        if ann["iscrowd"] and crowd_rule != "class":
+            if crowd_rule == "ignore":
+                crowd |= m
         else:
             regions[cls] |= m
     count = regions.sum(0)
     labels = np.zeros((h, w), np.uint8)
-    for cls in range(1, len(regions)):
-        labels[regions[cls]] = cls
-    overlap = count > 1
-    labels[overlap | crowd] = IGNORE_INDEX
-    facts = {"crowd": int((crowd & ~overlap).sum()), "overlap": int(overlap.sum()),
+    overlapping = count > 1
+    if overlap == "ignore":
+        for cls in range(1, len(regions)):
+            labels[regions[cls]] = cls
+        labels[overlapping] = IGNORE_INDEX
+    else:
+        names = list(scheme["classes"])
+        for cls in [names.index(n) + 1 for n in overlap]:  # an unset pixel takes the first
+            labels[(labels == 0) & regions[cls]] = cls
+    labels[crowd] = IGNORE_INDEX
+    facts = {"crowd": int((crowd & ~overlapping).sum()), "overlap": int(overlapping.sum()),
              "regions": regions}
     return labels, facts
 
@@ -121,6 +144,30 @@ def test_rasterize_matches_pycocotools(cocos, params, scheme_name, split, image_
     assert got.dtype == np.uint8 and got.shape == (info["height"], info["width"])
     assert set(np.unique(got).tolist()) <= {0, 1, 2, IGNORE_INDEX}
     assert np.array_equal(got, expected), f"{(got != expected).sum()} pixels differ"
+
+
+RULES = [(c, o) for c in ("ignore", "class", "background") for o in ("ignore", "first", "last")]
+
+
+@pytest.mark.parametrize("scheme_name", SCHEMES)
+@pytest.mark.parametrize("crowd, overlap", RULES)
+def test_crowd_and_overlap_rules_match_pycocotools(cocos, params, scheme_name, crowd, overlap):
+    """Every rule on the chosen real images (crowds, overlaps) against a reference built
+    from annToMask; each rule other than the default changes some pixels there."""
+    scheme_params = scheme_with(params, scheme_name, crowd, overlap)
+    changed = 0
+    for split, ids in CHOSEN.items():
+        coco = cocos[split]
+        plan = masks.make_plan(scheme_name, scheme_params, coco.dataset["categories"], 6.0)
+        for image_id in ids:
+            info = coco.imgs[image_id]
+            anns = coco.loadAnns(coco.getAnnIds(imgIds=image_id, iscrowd=None))
+            got = masks.rasterize(info["height"], info["width"], anns, plan.scheme, plan.rules)
+            expected, _ = expected_labels(coco, image_id, scheme_params)
+            assert np.array_equal(got, expected), f"{split} {image_id}: {(got != expected).sum()}"
+            default, _ = expected_labels(coco, image_id, params["schemes"][scheme_name])
+            changed += int((got != default).sum())
+    assert (changed > 0) == ((crowd, overlap) != ("ignore", "ignore"))
 
 
 def test_vehicle_scheme_labels_other_vehicles_where_car_scheme_has_background(cocos, params):
@@ -195,6 +242,262 @@ def test_degenerate_polygon_has_no_area(params):
     got = masks.rasterize(8, 8, anns, scheme)
     assert got[1:4, 1:4].tolist() == [[2] * 3] * 3
     assert (got == 1).sum() == 0
+
+
+# ---------------------------------------------------------------- rules on known label maps
+
+CATEGORIES = [{"id": i, "name": name, "supercategory": sup}
+              for i, (name, sup) in enumerate(COCO_CATEGORIES.items(), start=1)]
+CAT_ID = {c["name"]: c["id"] for c in CATEGORIES}
+
+
+def span_rle(start: int, stop: int, compressed: bool, height: int = 2, width: int = 10) -> dict:
+    """An RLE covering columns [start, stop) of every row, compressed or not."""
+    mask = np.zeros((height, width), np.uint8)
+    mask[:, start:stop] = 1
+    if compressed:
+        counts = mask_utils.encode(np.asfortranarray(mask))["counts"].decode("ascii")
+        return {"size": [height, width], "counts": counts}
+    runs, value, run = [], 0, 0
+    for v in mask.flatten(order="F").tolist():
+        if v != value:
+            runs.append(run)
+            value, run = v, 0
+        run += 1
+    return {"size": [height, width], "counts": runs + [run]}
+
+
+def span_annotations() -> list[dict]:
+    """A 2x10 image, both rows alike. Columns: person 1-4 (compressed RLE), car 3-6
+    (polygon), a person crowd 6-8, a bus 8-9, a bus crowd 0-1 (crowds: uncompressed RLE)."""
+    return [
+        {"category_id": CAT_ID["person"], "iscrowd": 0, "segmentation": span_rle(1, 5, True)},
+        {"category_id": CAT_ID["car"], "iscrowd": 0, "segmentation": [[3, 0, 7, 0, 7, 2, 3, 2]]},
+        {"category_id": CAT_ID["person"], "iscrowd": 1, "segmentation": span_rle(6, 9, False)},
+        {"category_id": CAT_ID["bus"], "iscrowd": 0, "segmentation": span_rle(8, 10, True)},
+        {"category_id": CAT_ID["bus"], "iscrowd": 1, "segmentation": span_rle(0, 2, False)},
+    ]
+
+
+# (scheme, crowd, overlap) -> the row of labels; "first" = classes in their order
+# (person wins), "last" = reversed (car/vehicle wins). In person_vehicle the bus is claimed.
+EXACT = {
+    ("person_car", "ignore", "ignore"): [0, 1, 1, 255, 255, 2, 255, 255, 255, 0],
+    ("person_car", "ignore", "first"): [0, 1, 1, 1, 1, 2, 255, 255, 255, 0],
+    ("person_car", "ignore", "last"): [0, 1, 1, 2, 2, 2, 255, 255, 255, 0],
+    ("person_car", "class", "ignore"): [0, 1, 1, 255, 255, 2, 255, 1, 1, 0],
+    ("person_car", "class", "first"): [0, 1, 1, 1, 1, 2, 1, 1, 1, 0],
+    ("person_car", "class", "last"): [0, 1, 1, 2, 2, 2, 2, 1, 1, 0],
+    ("person_car", "background", "ignore"): [0, 1, 1, 255, 255, 2, 2, 0, 0, 0],
+    ("person_car", "background", "first"): [0, 1, 1, 1, 1, 2, 2, 0, 0, 0],
+    ("person_car", "background", "last"): [0, 1, 1, 2, 2, 2, 2, 0, 0, 0],
+    ("person_vehicle", "ignore", "ignore"): [255, 255, 1, 255, 255, 2, 255, 255, 255, 2],
+    ("person_vehicle", "class", "ignore"): [2, 255, 1, 255, 255, 2, 255, 1, 255, 2],
+    ("person_vehicle", "class", "last"): [2, 2, 1, 2, 2, 2, 2, 1, 2, 2],
+    ("person_vehicle", "background", "first"): [0, 1, 1, 1, 1, 2, 2, 0, 2, 2],
+}
+
+
+@pytest.mark.parametrize("scheme_name, crowd, overlap", list(EXACT))
+def test_rules_on_a_synthetic_image_give_the_exact_label_map(params, scheme_name, crowd, overlap):
+    plan = masks.make_plan(scheme_name, scheme_with(params, scheme_name, crowd, overlap),
+                           CATEGORIES, 6.0)
+    got = masks.rasterize(2, 10, span_annotations(), plan.scheme, plan.rules)
+    assert got.tolist() == [EXACT[scheme_name, crowd, overlap]] * 2
+
+
+def test_label_rules_resolve_class_names_to_indices(params):
+    plan = masks.make_plan("person_car", scheme_with(params, "person_car", "class", "last"),
+                           CATEGORIES, 6.0)
+    assert plan.rules == masks.LabelRules("class", (2, 1))
+    default = masks.make_plan("person_car", params["schemes"]["person_car"], CATEGORIES, 6.0)
+    assert default.rules == masks.LabelRules("ignore", None) == masks.LabelRules()
+    with pytest.raises(ValueError, match=r"schemes\.person_car\.crowd: 'drop'"):
+        masks.label_rules({"crowd": "drop"}, plan.scheme)
+    with pytest.raises(ValueError, match=r"schemes\.person_car\.overlap"):
+        masks.label_rules({"overlap": ["car"]}, plan.scheme)
+
+
+# ---------------------------------------------------------------- malformed segmentations
+
+SQUARE = [0, 0, 4, 0, 4, 4, 0, 4]   # 16 pixels of an 8x8 image
+FLAWED = [  # segmentation, flaw, pixels drawn
+    ([SQUARE], None, 16),
+    ([[1, 1, 5, 5]], "degenerate", 0),                      # fewer than 3 points
+    ([[1, 1, 5, 1, 5, 5, 1]], "degenerate", 0),             # odd coordinate count
+    ([SQUARE, [6, 6]], "degenerate", 16),                   # the good part is still drawn
+    (SQUARE, "degenerate", 0),                              # flat: not a list of polygons
+    ([[0, 0, 4, 0, "x", 4, 0, 4]], "degenerate", 0),        # not numbers
+    ([[0, 0, 4, 0, float("nan"), 4, 0, 4]], "degenerate", 0),
+    ("polygon", "degenerate", 0),
+    ({"size": [8, 9], "counts": [72]}, "degenerate", 0),    # RLE of another size
+    ({"size": [8, 8], "counts": [10, 60]}, "degenerate", 0),  # runs past the image
+    ({"size": [8, 8], "counts": [10, -2, 56]}, "degenerate", 0),
+    ({"size": [8, 8], "counts": mask_utils.encode(np.ones((4, 4), np.uint8, order="F"))[
+        "counts"].decode()}, "degenerate", 0),               # compressed runs of a 4x4 mask
+    ({"counts": [64]}, "degenerate", 0),                    # no size
+    ([], "empty", 0),
+    ({}, "empty", 0),
+    (None, "empty", 0),
+    ([[1, 1, 5, 1, 9, 1]], "zero_area", 0),                 # collinear
+    ({"size": [8, 8], "counts": [64]}, "zero_area", 0),     # all background
+]
+
+
+@pytest.mark.parametrize("segmentation, flaw, pixels", FLAWED)
+def test_malformed_segmentations_are_classified_not_fatal(params, segmentation, flaw, pixels):
+    ann = {"category_id": CAT_ID["person"], "iscrowd": 0, "segmentation": segmentation}
+    decoded = masks.decode_annotation(ann, 8, 8)
+    assert (decoded.flaw, decoded.pixels) == (flaw, pixels)
+    assert mask_utils.decode(masks.annotation_rle(ann, 8, 8)).sum() == pixels
+    scheme = resolve_scheme("person_car", params["schemes"]["person_car"], CATEGORIES)
+    assert (masks.rasterize(8, 8, [ann], scheme) == 1).sum() == pixels
+
+
+def test_annotation_without_segmentation_key_is_empty():
+    decoded = masks.decode_annotation({"category_id": 1, "area": 5}, 8, 8)
+    assert (decoded.flaw, decoded.rle, decoded.pixels, decoded.area) == ("empty", None, 0, 5.0)
+
+
+def test_flaw_counts_reach_the_metadata_and_the_log_line(tmp_path, params, caplog):
+    anns = [{"id": i, "image_id": 1, "category_id": CAT_ID["person"], "iscrowd": 0,
+             "segmentation": segm} for i, (segm, _, _) in enumerate(FLAWED, start=1)]
+    raw = synthetic_raw(tmp_path / "raw", {"a.jpg": Image.new("RGB", (8, 8), (200, 30, 30))},
+                        anns)
+    params["masks"]["workers"] = 1
+    with caplog.at_level("INFO", logger="masks"):
+        summary = masks.run(params, "person_car", raw, tmp_path / "out")
+    expected = {f: sum(flaw == f for _, flaw, _ in FLAWED) for f in masks.FLAWS}
+    assert expected == {"degenerate": 12, "empty": 3, "zero_area": 2}
+    assert dict(summary.flaws) == expected
+    row = pd.read_csv(tmp_path / "out" / "metadata.csv").set_index("file_name").loc["a.jpg"]
+    assert row.n_annotations == len(FLAWED)
+    assert {f: row[f"n_{f}_annotations"] for f in masks.FLAWS} == expected
+    assert row.person_instances == 2                        # the ones that drew pixels
+    assert row.person_fraction == 16 / 64
+    assert "18 annotations: 12 degenerate, 3 empty, 2 zero-area" in caplog.text
+    assert "person_car: 2 masks (1 workers)" in caplog.text
+
+
+# ---------------------------------------------------------------- orientation and colour
+
+def synthetic_raw(root: Path, train: dict[str, Image.Image], anns: list[dict] = (),
+                  save: dict[str, dict] | None = None) -> Path:
+    """A raw folder of synthetic JPEGs: `train` (ids 1, 2, ... in order) with `anns`, and
+    one plain val image. The JSON sizes are the stored ones."""
+    val = {"val.jpg": Image.new("RGB", (12, 8), (90, 120, 30))}
+    (root / "annotations").mkdir(parents=True)
+    for split, files in (("train", train), ("val", val)):
+        folder = root / "images" / split
+        folder.mkdir(parents=True)
+        images = []
+        for image_id, (name, image) in enumerate(files.items(), start=1):
+            image.save(folder / name, format="JPEG", quality=95, **(save or {}).get(name, {}))
+            images.append({"id": image_id, "file_name": name, "width": image.width,
+                           "height": image.height})
+        doc = {"images": images, "annotations": list(anns) if split == "train" else [],
+               "categories": CATEGORIES}
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(doc))
+    return root
+
+
+def rotated_jpeg(width: int, height: int) -> tuple[Image.Image, dict]:
+    """An RGB image and the save options that tag it EXIF orientation 6 (viewers rotate
+    it 90 degrees; the pixels are stored width x height)."""
+    ramp = np.tile(np.linspace(0, 255, width).astype(np.uint8), (height, 1))
+    image = Image.fromarray(np.stack([ramp, 255 - ramp, np.full_like(ramp, 60)], axis=-1))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return image, {"exif": exif.tobytes()}
+
+
+def test_sample_annotations_refer_to_the_stored_pixel_grid(cocos):
+    """COCO's width/height are the stored JPEG size. (No sample JPEG carries an EXIF
+    orientation other than 1 today; one that did would have to agree too.)"""
+    for split, coco in cocos.items():
+        for info in coco.imgs.values():
+            with Image.open(SAMPLE / f"{split}2017" / info["file_name"]) as image:
+                assert image.size == (info["width"], info["height"]), info["file_name"]
+
+
+def test_exif_rotated_cmyk_and_grayscale_jpegs_give_masks_on_the_stored_grid(tmp_path, params):
+    w, h = 40, 24
+    rotated, save = rotated_jpeg(w, h)
+    ramp = np.tile(np.linspace(0, 255, w).astype(np.uint8), (h, 1))
+    files = {"rotated.jpg": rotated, "cmyk.jpg": Image.new("CMYK", (w, h), (0, 200, 200, 0)),
+             "gray.jpg": Image.fromarray(ramp)}
+    # a person over columns 2-9 of rows 3-6 of the stored grid, in each image
+    anns = [{"id": i, "image_id": i, "category_id": CAT_ID["person"], "iscrowd": 0, "area": 32.0,
+             "segmentation": [[2, 3, 10, 3, 10, 7, 2, 7]]} for i in (1, 2, 3)]
+    raw = synthetic_raw(tmp_path / "raw", files, anns, save={"rotated.jpg": save})
+    folder = raw / "images" / "train"
+    with Image.open(folder / "rotated.jpg") as image:
+        assert image.getexif()[0x0112] == 6 and image.size == (w, h)
+        assert ImageOps.exif_transpose(image).size == (h, w)  # what a viewer would show
+    for name, mode in (("cmyk.jpg", "CMYK"), ("gray.jpg", "L")):
+        with Image.open(folder / name) as image:
+            assert image.mode == mode
+    params["masks"]["workers"] = 1
+    masks.run(params, "person_car", raw, tmp_path / "masks")
+    expected = np.zeros((h, w), np.uint8)
+    expected[3:7, 2:10] = 1
+    for name in files:
+        labels = read_labels(tmp_path / "masks" / "train" / f"{Path(name).stem}.png")
+        assert labels.shape == (h, w) and np.array_equal(labels, expected), name
+    table = pd.read_csv(tmp_path / "masks" / "metadata.csv").set_index("file_name")
+    for name in files:
+        row = table.loc[name]
+        assert (row.width, row.height, row.person_instances) == (w, h, 1)
+        assert row.person_fraction == 32 / (w * h)
+        assert row.person_mean_area == 32 / (w * h)
+    gray, cmyk = table.loc["gray.jpg"], table.loc["cmyk.jpg"]
+    assert gray.is_grayscale and gray.colourfulness == 0 and gray.contrast > 50
+    assert not cmyk.is_grayscale and cmyk.colourfulness > 50 and cmyk.contrast < 2
+
+
+def test_training_loader_reads_an_exif_rotated_jpeg_at_its_stored_size(tmp_path):
+    from stages.lib.data import read_image
+
+    image, save = rotated_jpeg(40, 24)
+    image.save(tmp_path / "r.jpg", quality=95, **save)
+    tensor = read_image(tmp_path / "r.jpg")
+    assert tuple(tensor.shape) == (3, 24, 40)
+    # the pixels, not only the size: the red ramp still runs along the stored width
+    assert tensor[0, 12, 0] < 30 and tensor[0, 12, -1] > 225
+
+
+def test_report_thumbnail_of_an_exif_rotated_jpeg_keeps_the_stored_aspect(tmp_path):
+    from stages import report
+
+    image, save = rotated_jpeg(40, 24)
+    image.save(tmp_path / "r.jpg", quality=95, **save)
+    uri = report.photo_thumbnail(tmp_path / "r.jpg", 20)
+    with Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))) as thumb:
+        assert thumb.size == (20, 12)
+
+
+# ---------------------------------------------------------------- colour statistics
+
+def test_colour_statistics_on_images_with_known_values():
+    red_green = np.zeros((2, 4, 3), np.uint8)
+    red_green[:, :2, 0] = 255
+    red_green[:, 2:, 1] = 255
+    # rg = +-255 (std 255, mean 0); yb = 127.5 everywhere (std 0, mean 127.5)
+    assert masks.colourfulness(red_green) == pytest.approx(255 + 0.3 * 127.5)
+    luma = (0.299 * 255, 0.587 * 255)
+    assert masks.pixel_stats(red_green, 6.0) == {
+        "is_grayscale": False, "grayscale_score": 191.25,
+        "colourfulness": 293.25, "brightness": round(sum(luma) / 2, 3),
+        "contrast": round((luma[1] - luma[0]) / 2, 3)}
+    half = np.zeros((2, 4), np.uint8)
+    half[:, 2:] = 255
+    assert masks.pixel_stats(half, 6.0) == {"is_grayscale": True, "grayscale_score": 0.0,
+                                            "colourfulness": 0.0, "brightness": 127.5,
+                                            "contrast": 127.5}
+    flat = np.full((3, 3, 3), 77, np.uint8)
+    assert masks.pixel_stats(flat, 0.0) == {"is_grayscale": True, "grayscale_score": 0.0,
+                                            "colourfulness": 0.0, "brightness": 77.0,
+                                            "contrast": 0.0}
 
 
 # ---------------------------------------------------------------- palette PNGs
@@ -284,25 +587,43 @@ def test_run_writes_expected_pngs(mask_runs, cocos, params, scheme_name):
 
 
 METADATA_COLUMNS = ["image_id", "file_name", "split", "width", "height", "is_grayscale",
-                    "grayscale_score", "brightness", "n_annotations", "crowd_fraction",
-                    "ignore_fraction", "n_unclaimed_objects", "background_fraction"]
+                    "grayscale_score", "colourfulness", "brightness", "contrast",
+                    "n_annotations", "n_degenerate_annotations", "n_empty_annotations",
+                    "n_zero_area_annotations", "crowd_fraction", "ignore_fraction",
+                    "n_unclaimed_objects", "background_fraction"]
+
+
+def count_columns(coco: COCO, class_of: dict[int, int]) -> list[str]:
+    return ["count_" + c["name"].replace(" ", "_")
+            for c in sorted(coco.dataset["categories"], key=lambda c: c["id"])
+            if c["id"] not in class_of]
 
 
 @pytest.mark.parametrize("scheme_name, cls", [("person_car", "car"), ("person_vehicle", "vehicle")])
 def test_metadata_table(mask_runs, cocos, params, raw, scheme_name, cls):
-    folder, returned = mask_runs[scheme_name]
+    folder, summary = mask_runs[scheme_name]
     table = pd.read_csv(folder / "metadata.csv")
+    scheme_params = params["schemes"][scheme_name]
+    counted = count_columns(cocos["val"], claimed_categories(cocos["val"], scheme_params))
     assert list(table.columns) == METADATA_COLUMNS + [
         "person_fraction", "person_instances", "person_mean_area",
-        f"{cls}_fraction", f"{cls}_instances", f"{cls}_mean_area"]
-    assert len(table) == 11 and len(returned) == 11
+        f"{cls}_fraction", f"{cls}_instances", f"{cls}_mean_area"] + counted
+    # every unclaimed COCO category, names with spaces made identifiers
+    assert len(counted) == (78 if scheme_name == "person_car" else 71)
+    assert {"count_bus", "count_traffic_light", "count_hair_drier"} <= set(counted) or \
+        scheme_name == "person_vehicle"
+    assert "count_person" not in counted and "count_car" not in counted
+    assert len(table) == 11 and summary.n_images == 11 and summary.n_grayscale == 4
+    assert summary.n_annotations == table["n_annotations"].sum()
     assert table["split"].tolist() == ["train"] * 6 + ["val"] * 5
-    assert table["image_id"].tolist() == CHOSEN["train"] + CHOSEN["val"]
+    assert table["image_id"].tolist() == sorted(CHOSEN["train"]) + sorted(CHOSEN["val"])
     assert table["is_grayscale"].dtype == bool
     total = table[["background_fraction", "person_fraction", f"{cls}_fraction",
                    "ignore_fraction"]].sum(axis=1)
     np.testing.assert_allclose(total, 1.0, atol=1e-9)
-    scheme_params = params["schemes"][scheme_name]
+    assert (table[counted].sum(axis=1) == table["n_unclaimed_objects"]).all()
+    flaws = ["n_degenerate_annotations", "n_empty_annotations", "n_zero_area_annotations"]
+    assert (table[flaws] == 0).all().all()   # real COCO annotations are well-formed
     for row in table.itertuples(index=False):
         coco = cocos[row.split]
         info = coco.imgs[row.image_id]
@@ -314,6 +635,10 @@ def test_metadata_table(mask_runs, cocos, params, raw, scheme_name, cls):
                                                           info["height"])
         assert row.n_annotations == len(anns)
         assert row.n_unclaimed_objects == sum(a["category_id"] not in class_of for a in anns)
+        for cat in coco.dataset["categories"]:
+            if cat["id"] not in class_of:
+                column = "count_" + cat["name"].replace(" ", "_")
+                assert getattr(row, column) == sum(a["category_id"] == cat["id"] for a in anns)
         assert row.person_fraction == pytest.approx((expected == 1).sum() / n)
         assert getattr(row, f"{cls}_fraction") == pytest.approx((expected == 2).sum() / n)
         assert row.ignore_fraction == pytest.approx((expected == IGNORE_INDEX).sum() / n)
@@ -330,15 +655,24 @@ def test_metadata_table(mask_runs, cocos, params, raw, scheme_name, cls):
         assert (row.crowd_fraction > 0) == crowd.any()
         assert crowd.sum() / n - 1e-9 <= row.crowd_fraction <= 1.0
         with Image.open(raw / "images" / row.split / row.file_name) as image:
-            pixels = np.asarray(image).astype(np.int64)
-        assert row.brightness == pytest.approx(pixels.mean(), abs=1e-3)
+            pixels = np.asarray(image).astype(np.float64)
         if pixels.ndim == 2:
-            score = 0.0
+            score = colourful = 0.0
+            luma = pixels
         else:
-            score = (np.abs(pixels[..., 0] - pixels[..., 1])
-                     + np.abs(pixels[..., 1] - pixels[..., 2])).mean() / 2
+            r, g, b = pixels[..., 0], pixels[..., 1], pixels[..., 2]
+            score = (np.abs(r - g) + np.abs(g - b)).mean() / 2
+            rg, yb = r - g, (r + g) / 2 - b
+            colourful = (np.sqrt(rg.var() + yb.var())
+                         + 0.3 * np.sqrt(rg.mean() ** 2 + yb.mean() ** 2))
+            luma = 0.299 * r + 0.587 * g + 0.114 * b
+        assert row.brightness == pytest.approx(luma.mean(), abs=1e-3)
+        assert row.contrast == pytest.approx(luma.std(), abs=1e-3)
+        assert row.colourfulness == pytest.approx(colourful, abs=1e-3)
         assert row.grayscale_score == pytest.approx(score, abs=1e-3)
         assert row.is_grayscale == (score <= params["masks"]["grayscale_tolerance"])
+    colourful = table.set_index("image_id")["colourfulness"]
+    assert colourful[204805] == 0.0 and colourful[360452] > 20 * colourful[114692]
 
 
 def test_metadata_grayscale_detection(mask_runs, raw):
@@ -370,12 +704,14 @@ def test_crowd_fraction_is_the_fraction_of_crowd_pixels(cocos, params, split, im
     for ann in anns:
         if ann["iscrowd"]:
             crowd |= coco.annToMask(ann).astype(bool)
-    scheme = resolve_scheme("person_car", params["schemes"]["person_car"],
-                            coco.dataset["categories"])
-    labels = masks.rasterize(info["height"], info["width"], anns, scheme)
+    plan = masks.make_plan("person_car", params["schemes"]["person_car"],
+                           coco.dataset["categories"], 6.0)
+    decoded = [masks.decode_annotation(a, info["height"], info["width"]) for a in anns]
+    labels = masks.label_map(info["height"], info["width"], decoded, plan.scheme, plan.rules)
     with Image.open(SAMPLE / f"{split}2017" / info["file_name"]) as image:
         pixels = np.asarray(image.convert("RGB"))
-    row = masks.image_metadata(pixels, labels, anns, scheme, 6.0)
+    row = masks.image_metadata(pixels, labels, decoded, plan)
+    assert list(row) == plan.columns()[3:]
     assert row["crowd_fraction"] == pytest.approx(crowd.mean(), abs=1e-3)
 
 
@@ -424,3 +760,124 @@ def test_image_size_disagreeing_with_annotation_is_an_error(tmp_path, params, ra
                                          r"the annotation's 640x480"):
         masks.run(params, "person_car", bad, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- bad input
+
+def broken_copy(raw: Path, tmp_path: Path) -> Path:
+    bad = tmp_path / "raw"
+    shutil.copytree(raw, bad)
+    return bad
+
+
+def assert_no_output(tmp_path: Path) -> None:
+    """Neither the final folder nor a temporary one beside it is left behind."""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
+
+
+def test_malformed_annotation_json_is_one_clear_error(tmp_path, params, raw):
+    bad = broken_copy(raw, tmp_path)
+    ann_file = bad / "annotations" / "instances_val.json"   # after train's masks are written
+    ann_file.write_text('{"images": [{"id": 1,')
+    with pytest.raises(StageError, match=rf"^{re.escape(str(ann_file))}: cannot read COCO "
+                                         r"annotations: .*line 1") as info:
+        masks.run(params, "person_car", bad, tmp_path / "out")
+    assert "\n" not in str(info.value)
+    assert_no_output(tmp_path)
+
+
+@pytest.mark.parametrize("key, entry, message", [
+    ("annotations", 3, r"annotations\[3\] lacks image_id or category_id"),
+    ("images", 0, r"images\[0\]: lacks height"),
+])
+def test_annotation_entries_missing_keys_are_named(tmp_path, params, raw, key, entry, message):
+    bad = broken_copy(raw, tmp_path)
+    ann_file = bad / "annotations" / "instances_train.json"
+    doc = json.loads(ann_file.read_text())
+    doc[key][entry].pop("image_id" if key == "annotations" else "height")
+    ann_file.write_text(json.dumps(doc))
+    with pytest.raises(StageError, match=rf"^{re.escape(str(ann_file))}: {message}"):
+        masks.run(params, "person_car", bad, tmp_path / "out")
+    assert_no_output(tmp_path)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_listed_but_missing_image_is_named(tmp_path, params, raw, workers, monkeypatch):
+    monkeypatch.setattr(masks, "worker_count", lambda n: n)   # a pool even on one CPU
+    params["masks"]["workers"] = workers
+    bad = broken_copy(raw, tmp_path)
+    target = bad / "images" / "val" / "000000478721.jpg"
+    target.unlink()
+    ann_file = bad / "annotations" / "instances_val.json"
+    with pytest.raises(StageError, match=rf"^{re.escape(str(target))}: missing \(listed in "
+                                         rf"{re.escape(str(ann_file))}\)$"):
+        masks.run(params, "person_car", bad, tmp_path / "out")
+    assert_no_output(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_unreadable_jpeg_is_named(tmp_path, params, raw, damage, monkeypatch):
+    monkeypatch.setattr(masks, "worker_count", lambda n: n)
+    params["masks"]["workers"] = 2
+    bad = broken_copy(raw, tmp_path)
+    target = bad / "images" / "val" / "000000436738.jpg"
+    data = target.read_bytes()
+    target.write_bytes(b"this is not a JPEG" if damage == "garbage" else data[: len(data) // 2])
+    with pytest.raises(StageError, match=rf"^{re.escape(str(target))}: cannot read image: ") \
+            as info:
+        masks.run(params, "person_car", bad, tmp_path / "out")
+    assert "\n" not in str(info.value)
+    assert_no_output(tmp_path)
+
+
+def test_unreadable_jpeg_through_main_is_one_log_line(tmp_path, params, raw, caplog):
+    bad = broken_copy(raw, tmp_path)
+    target = bad / "images" / "train" / "000000073731.jpg"
+    target.write_bytes(b"\xff\xd8 broken")
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    code = masks.main(["--params", str(params_file), "--scheme", "person_car", "--raw", str(bad),
+                       "--out", str(tmp_path / "out")])
+    assert code == 2
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].getMessage().startswith(f"{target}: cannot read image")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml", "raw"]
+
+
+# ---------------------------------------------------------------- workers and streaming
+
+def test_worker_count_is_capped_at_the_usable_cpus():
+    assert masks.worker_count(1) == 1
+    assert masks.worker_count(10_000) == len(os.sched_getaffinity(0))
+
+
+def test_one_and_two_workers_write_identical_files(tmp_path, params, raw, monkeypatch):
+    monkeypatch.setattr(masks, "worker_count", lambda n: n)
+    outputs = {}
+    for workers in (1, 2):
+        params["masks"]["workers"] = workers
+        summary = masks.run(params, "person_vehicle", raw, tmp_path / str(workers))
+        assert summary.workers == workers and summary.n_images == 11
+        outputs[workers] = {p.relative_to(tmp_path / str(workers)).as_posix(): p.read_bytes()
+                            for p in sorted((tmp_path / str(workers)).rglob("*")) if p.is_file()}
+    assert len(outputs[1]) == 12 and "metadata.csv" in outputs[1]
+    assert outputs[1] == outputs[2]
+
+
+def test_tasks_in_flight_are_bounded_and_rows_keep_task_order(tmp_path, params, raw):
+    job, tasks = masks.split_job(params, "person_car", raw, "val", tmp_path / "val")
+    job.out.mkdir()
+    pulled = 0
+
+    def feed():
+        nonlocal pulled
+        for task in tasks * 4:
+            pulled += 1
+            yield task
+
+    ids = []
+    for row in masks.map_ordered(job, feed(), 2):
+        assert pulled - len(ids) <= 4 * 2   # never the whole list at once
+        ids.append(row["image_id"])
+    assert ids == [task[0]["id"] for task in tasks] * 4 and pulled == 20
+    assert [task[0]["id"] for task in tasks] == sorted(CHOSEN["val"])
