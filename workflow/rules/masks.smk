@@ -13,7 +13,8 @@ rule masks:
         benchmark_path("masks")
     conda:
         "../envs/segflow.yaml"
-    threads: 1
+    # one process per worker (the stage caps them at the CPUs it may use)
+    threads: config["masks"]["workers"]
     resources:
         mem_mb=4000,
         runtime=120,
