@@ -24,6 +24,12 @@ log = logging.getLogger("analyze")
 
 # Identifiers and bookkeeping columns that are not properties of the image.
 NOT_METADATA = {"image_id", "file_name", "split", "stem"}
+# masks writes one count_<category> column per COCO category its scheme leaves unclaimed
+# (70+). Binning them all would bury the other fields; only categories seen in enough
+# samples to fill bins are kept, the most frequent first.
+COUNT_PREFIX = "count_"
+MIN_COUNT_SHARE = 0.05
+MAX_COUNT_FIELDS = 10
 
 
 # ---------------------------------------------------------------- pure core
@@ -55,7 +61,8 @@ def cluster_table(samples: pd.DataFrame) -> pd.DataFrame:
 
 
 def metadata_fields(samples: pd.DataFrame) -> list[str]:
-    """Numeric (or boolean) metadata columns that vary across samples."""
+    """Numeric (or boolean) metadata columns that vary across samples, with at most
+    MAX_COUNT_FIELDS of the per-category counts, in column order."""
     metrics = {"loss", "pixel_accuracy", "confidence", "latency_ms", "x", "y", "cluster"}
     fields = []
     for col in samples.columns:
@@ -65,7 +72,17 @@ def metadata_fields(samples: pd.DataFrame) -> list[str]:
         if (pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values)) \
                 and values.nunique(dropna=True) > 1:
             fields.append(col)
-    return fields
+    counts = frequent_counts(samples, [f for f in fields if f.startswith(COUNT_PREFIX)])
+    return [f for f in fields if not f.startswith(COUNT_PREFIX) or f in counts]
+
+
+def frequent_counts(samples: pd.DataFrame, columns: list[str]) -> set[str]:
+    """The count columns whose category shows in at least MIN_COUNT_SHARE of the samples
+    (and two of them), at most MAX_COUNT_FIELDS, most frequent first (ties by name)."""
+    share = {c: float((samples[c] > 0).mean()) for c in columns}
+    frequent = [c for c in columns
+                if share[c] >= MIN_COUNT_SHARE and (samples[c] > 0).sum() >= 2]
+    return set(sorted(frequent, key=lambda c: (-share[c], c))[:MAX_COUNT_FIELDS])
 
 
 def loss_by_bins(samples: pd.DataFrame, field: str, n_bins: int) -> pd.DataFrame:
@@ -104,8 +121,12 @@ def run(params: dict, predictions: Path, masks: Path, out: Path) -> pd.DataFrame
     samples = samples.merge(metadata[metadata["split"] == "val"], on="image_id", how="left",
                             validate="one_to_one")
     xy = project(latents, cfg["projection"], cfg["seed"])
-    samples["x"], samples["y"] = xy[:, 0], xy[:, 1]
-    samples["cluster"] = cluster(latents, cfg["n_clusters"], cfg["seed"])
+    # One concat, not three inserts: with the metadata's 100-odd columns, pandas warns
+    # about (and slows down on) a fragmented frame.
+    placed = pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1],
+                           "cluster": cluster(latents, cfg["n_clusters"], cfg["seed"])},
+                          index=samples.index)
+    samples = pd.concat([samples, placed], axis=1)
     bins = pd.concat([loss_by_bins(samples, f, cfg["n_bins"]) for f in metadata_fields(samples)],
                      ignore_index=True)
     with atomic_dir(out) as tmp:

@@ -273,6 +273,23 @@ def test_analysis_files(chain):
         assert (group["low"].to_numpy()[1:] == group["high"].to_numpy()[:-1]).all()
     for field in ("image_id", "loss", "x", "cluster", "latency_ms", "iou_person"):
         assert field not in set(bins["field"])
+    assert "count_bus" in samples.columns   # every unclaimed category reaches samples.csv...
+    counted = [f for f in set(bins["field"]) if f.startswith("count_")]
+    assert len(counted) <= analyze.MAX_COUNT_FIELDS   # ...but only a few are binned
+
+
+def test_analyze_bins_only_the_frequent_category_counts():
+    """masks writes 70+ count_<category> columns; the bins keep the frequent few."""
+    n = 40
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"image_id": range(n), "loss": rng.random(n),
+                          "brightness": rng.random(n) * 255, "count_never": 0})
+    for i in range(15):   # count_c<i> is non-zero in i + 1 samples
+        frame[f"count_c{i:02d}"] = [2] * (i + 1) + [0] * (n - i - 1)
+    # 2 samples (5%) at least, then the 10 most frequent: c05 (6 samples) .. c14 (15)
+    assert analyze.metadata_fields(frame) == ["brightness"] + [
+        f"count_c{i:02d}" for i in range(5, 15)]
+    assert analyze.MAX_COUNT_FIELDS == 10
 
 
 def test_analyze_refuses_too_few_or_mismatched_samples(chain, tmp_path):
