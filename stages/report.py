@@ -26,7 +26,6 @@ import pandas as pd
 import yaml
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
@@ -36,6 +35,7 @@ from stages.lib.cli import StageError, run_main, stage_parser
 from stages.lib.io import atomic_path
 from stages.lib.labels import IGNORE_INDEX, colourise, palette_colours, read_labels
 from stages.lib.params import load_params, scheme_class_names
+from stages.lib.plots import compact, confusion_figure, png_bytes  # noqa: F401 (re-exported)
 
 log = logging.getLogger("report")
 
@@ -309,45 +309,8 @@ def loss_comparison(names: list[str], scores: list[dict]) -> str:
 
 # ---------------------------------------------------------------- pure core: figures
 
-def png_bytes(fig: Figure) -> bytes:
-    buffer = io.BytesIO()
-    FigureCanvasAgg(fig)  # Agg explicitly, without pyplot's global figure registry
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
-    return buffer.getvalue()
-
-
 def data_uri(data: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
-
-
-def compact(count: float) -> str:
-    for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(count) >= limit:
-            return f"{count / limit:.1f}{suffix}"
-    return f"{int(count)}"
-
-
-def confusion_figure(cm: np.ndarray, class_names: list[str], title: str) -> bytes:
-    """Row-normalised heat-map (share of each ground-truth class) annotated with counts."""
-    rows = cm.sum(axis=1, keepdims=True)
-    share = np.divide(cm, rows, out=np.full(cm.shape, np.nan), where=rows > 0)
-    k = len(class_names)
-    fig = Figure(figsize=(1.05 * k + 2.0, 0.95 * k + 1.5))
-    ax = fig.subplots()
-    image = ax.imshow(share, cmap=colormaps["viridis"].with_extremes(bad="#d9d9d9"),
-                      vmin=0, vmax=1)
-    for i, j in itertools.product(range(k), range(k)):
-        text = "no pixels" if np.isnan(share[i, j]) else f"{share[i, j]:.0%}\n{compact(cm[i, j])}"
-        dark = np.isnan(share[i, j]) or share[i, j] > 0.6
-        ax.text(j, i, text, ha="center", va="center", fontsize=8,
-                color="black" if dark else "white")
-    ax.set_xticks(range(k), class_names, rotation=30, ha="right")
-    ax.set_yticks(range(k), class_names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("ground truth")
-    ax.set_title(title)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the row")
-    return png_bytes(fig)
 
 
 def curves_figure(schemes: list[Scheme]) -> bytes:

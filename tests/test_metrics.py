@@ -276,3 +276,168 @@ def test_unknown_scheme_exit_code_2(params, folders, tmp_path, caplog):
                           "--confusion", str(tmp_path / "cm.csv")])
     assert code == 2
     assert "'person_bus'" in caplog.text
+
+
+# ---------------------------------------------------------------- against torchmetrics
+
+def torchmetrics_scores(pairs, num_classes: int) -> dict:
+    """Every figure of stages.lib.metrics.scores, from torchmetrics updated image by image
+    (ignore_index=255, undefined ratios as NaN). torchmetrics has no frequency-weighted IoU
+    and no accuracy that counts ignore pixels as errors: the first is built from its
+    per-class IoU and its confusion matrix, the second by giving the ignore pixels a class
+    of their own that no prediction can have. Mean class accuracy is the mean of its
+    per-class accuracies over the classes in the ground truth. Only the Jaccard index takes NaN for 0/0; the
+    others give 0 there (zero_division=0), which the comparison below accounts for."""
+    import torch
+    from torchmetrics import classification as tmc
+
+    k, nan = num_classes, float("nan")
+    common = {"num_classes": k, "ignore_index": IGNORE_INDEX}
+    metrics = {
+        "cm": tmc.MulticlassConfusionMatrix(**common),
+        "iou": tmc.MulticlassJaccardIndex(average=None, zero_division=nan, **common),
+        "miou": tmc.MulticlassJaccardIndex(average="macro", **common),
+        "pixel_accuracy": tmc.MulticlassAccuracy(average="micro", **common),
+        "class_accuracy": tmc.MulticlassAccuracy(average=None, zero_division=0, **common),
+        "dice": tmc.MulticlassF1Score(average=None, zero_division=0, **common),
+        "precision": tmc.MulticlassPrecision(average=None, zero_division=0, **common),
+        "recall": tmc.MulticlassRecall(average=None, zero_division=0, **common),
+    }
+    with_ignore = tmc.MulticlassAccuracy(num_classes=k + 1, average="micro")
+    for gt, pred in pairs:
+        gt_t = torch.from_numpy(np.asarray(gt).astype(np.int64))[None]
+        pred_t = torch.from_numpy(np.asarray(pred).astype(np.int64))[None]
+        for metric in metrics.values():
+            metric.update(pred_t, gt_t)
+        with_ignore.update(pred_t, torch.where(gt_t == IGNORE_INDEX, k, gt_t))
+    out = {name: metric.compute().numpy() for name, metric in metrics.items()}
+    out = {name: (float(v) if v.ndim == 0 else v.astype(float)) for name, v in out.items()}
+    out["pixel_accuracy_with_ignore"] = float(with_ignore.compute())
+    support = out["cm"].sum(1)
+    out["fw_iou"] = float(np.nansum(support / support.sum() * out["iou"]))
+    # Mean class accuracy in the FCN sense: over the classes the ground truth has.
+    # (torchmetrics' macro average also counts a class that is only predicted, as 0.)
+    out["mean_class_accuracy"] = float(out["class_accuracy"][support > 0].mean())
+    return out
+
+
+def _assert_same_as_torchmetrics(pairs, num_classes: int):
+    reference = torchmetrics_scores(pairs, num_classes)
+    cm, ignored = evaluate.accumulate(iter(pairs), num_classes)
+    assert cm.tolist() == reference["cm"].astype(np.int64).tolist()  # identical, not close
+    ours = scores(cm, ignored)
+    np.testing.assert_allclose(ours["iou"], reference["iou"], rtol=1e-6, atol=1e-7,
+                               equal_nan=True)
+    support, predicted = cm.sum(1), cm.sum(0)
+    undefined = {"class_accuracy": support == 0, "recall": support == 0,
+                 "precision": predicted == 0, "dice": support + predicted == 0}
+    for key, zero_over_zero in undefined.items():
+        assert np.array_equal(np.isnan(ours[key]), zero_over_zero), key
+        np.testing.assert_allclose(ours[key][~zero_over_zero], reference[key][~zero_over_zero],
+                                   rtol=1e-6, atol=1e-7, err_msg=key)
+        assert (reference[key][zero_over_zero] == 0).all(), key  # torchmetrics' 0 for 0/0
+    for key in ("miou", "pixel_accuracy", "pixel_accuracy_with_ignore",
+                "mean_class_accuracy", "fw_iou"):
+        assert ours[key] == pytest.approx(reference[key], rel=1e-6, abs=1e-7), key
+    return ours, reference
+
+
+def test_hand_case_matches_torchmetrics():
+    ours, reference = _assert_same_as_torchmetrics([(GT, PRED)], 4)
+    # and both match the hand-computed figures (torchmetrics computes in float32)
+    np.testing.assert_allclose(reference["iou"], IOU, atol=1e-6, equal_nan=True)
+    assert reference["miou"] == pytest.approx(MIOU, abs=1e-6)
+    assert reference["pixel_accuracy_with_ignore"] == pytest.approx(PIXEL_ACCURACY_WITH_IGNORE)
+    np.testing.assert_allclose(reference["dice"][:3], DICE[:3], atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_label_maps_match_torchmetrics(seed):
+    """Several images of different sizes, ignore pixels, a class only predicted (3), a class
+    only in the ground truth (4: never predicted, precision undefined), one absent (5)."""
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for h, w in [(17, 23), (31, 9), (8, 40)]:
+        gt = rng.choice([0, 1, 2, 4, IGNORE_INDEX], size=(h, w), p=[.4, .2, .2, .1, .1])
+        pred = np.where(rng.random((h, w)) < 0.6, gt, rng.choice([0, 1, 2, 3], size=(h, w)))
+        pred = np.where(pred == IGNORE_INDEX, 0, pred)
+        pred = np.where(pred == 4, 1, pred)
+        pairs.append((gt.astype(np.uint8), pred.astype(np.uint8)))
+    ours, _ = _assert_same_as_torchmetrics(pairs, 6)
+    assert ours["iou"][3] == 0.0 and math.isnan(ours["iou"][5])
+    assert math.isnan(ours["precision"][4]) and ours["recall"][4] == 0.0
+
+
+def test_per_sample_rows_sum_to_the_whole_set(folders, tmp_path, params):
+    gt, pred = folders
+    out, samples = tmp_path / "m.json", tmp_path / "samples.csv"
+    evaluate.run(params, "person_car", pred, gt, out, tmp_path / "cm.csv",
+                 tmp_path / "cm.png", samples)
+    table = pd.read_csv(samples, dtype={"stem": str})
+    assert table["stem"].tolist() == ["000000000001", "000000000002"]
+    assert table["pixels_evaluated"].sum() == 8 and table["pixels_ignored"].sum() == 2
+    # image 1: gt [[0,1,1],[I,0,1]] pred [[0,1,0],[0,0,1]]
+    first = table.iloc[0]
+    assert first["pixel_accuracy"] == pytest.approx(4 / 5)
+    assert first["pixel_accuracy_with_ignore"] == pytest.approx(4 / 6)
+    assert first["iou_person"] == pytest.approx(2 / 3)
+    assert first["precision_person"] == pytest.approx(1.0)
+    assert first["recall_person"] == pytest.approx(2 / 3)
+    assert math.isnan(first["iou_car"]) and math.isnan(first["precision_car"])
+    ref, _ = _assert_same_as_torchmetrics([(GT_A, PRED_A)], 3)
+    assert first["miou"] == pytest.approx(ref["miou"])
+    from PIL import Image
+    with Image.open(tmp_path / "cm.png") as image:
+        assert image.format == "PNG" and image.width > 100
+
+
+def test_metrics_json_keys_for_dvc(params, folders, tmp_path):
+    """`dvc metrics` flattens nested keys with dots: summary figures at the top, one
+    `<figure>.<class>` key per class, nothing else nested deeper."""
+    gt, pred = folders
+    evaluate.run(params, "person_car", pred, gt, tmp_path / "m.json", tmp_path / "cm.csv")
+    doc = json.loads((tmp_path / "m.json").read_text())
+    for key, value in doc.items():
+        if isinstance(value, dict):
+            assert key in {"iou", "dice", "class_accuracy", "precision", "recall"}
+            assert list(value) == ["background", "person", "car"]
+            assert all(v is None or isinstance(v, float) for v in value.values())
+        else:
+            assert isinstance(value, (int, float)), key
+
+
+def test_dvc_metrics_diff_between_two_schemes(params, folders, tmp_path):
+    """Two evaluations (person_car, then person_vehicle in the same file) committed one
+    after the other: `dvc metrics diff` reports every figure by a readable dotted key."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    dvc = Path(sys.executable).parent / "dvc"
+    if not dvc.exists():
+        pytest.skip("dvc is not installed in this environment")
+    gt, pred = folders
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-c", "user.email=t@segflow", "-c", "user.name=t"]
+    run = lambda *cmd: subprocess.run(cmd, cwd=repo, check=True, capture_output=True,  # noqa: E731
+                                      text=True).stdout
+    run("git", "init", "-q")
+    run(str(dvc), "init", "-q")
+    (repo / "dvc.yaml").write_text("metrics:\n  - metrics.json\n")
+    evaluate.run(params, "person_car", pred, gt, repo / "metrics.json", tmp_path / "cm.csv")
+    run(*git, "add", "-A")
+    run(*git, "commit", "-qm", "person_car")
+    # person_vehicle: same label maps, class 2 is now "vehicle" and is predicted once
+    shutil.copytree(pred, tmp_path / "pred2")
+    save_labels(tmp_path / "pred2" / "000000000002.png", np.array([[1, 0], [2, 0]], np.uint8))
+    evaluate.run(params, "person_vehicle", tmp_path / "pred2", gt, repo / "metrics.json",
+                 tmp_path / "cm.csv")
+    diff = json.loads(run(str(dvc), "metrics", "diff", "--all", "--json"))["metrics.json"]
+    assert {"miou", "pixel_accuracy", "pixel_accuracy_with_ignore", "iou.person",
+            "iou.background", "dice.person", "precision.person", "recall.person"} <= set(diff)
+    assert diff["iou.person"]["old"] == pytest.approx(0.6)
+    assert diff["iou.person"]["new"] == pytest.approx(0.6)
+    assert diff["iou.vehicle"]["old"] is None and diff["iou.vehicle"]["new"] == 0.0
+    assert diff["pixel_accuracy"]["diff"] == pytest.approx(-1 / 8)

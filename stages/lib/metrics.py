@@ -40,7 +40,10 @@ def per_class_iou(cm: np.ndarray) -> np.ndarray:
 
 
 def scores(cm: np.ndarray, ignored_pixels: int = 0) -> dict[str, object]:
-    """All summary figures; per-class lists keep NaN for absent classes (json_safe -> null)."""
+    """All summary figures; per-class lists keep NaN for absent classes (json_safe -> null).
+    mIoU is the mean over classes present in the ground truth or the prediction; precision
+    is NaN for a class never predicted, recall (= class accuracy) for one absent from the
+    ground truth."""
     tp = np.diag(cm).astype(float)
     gt_count = cm.sum(1).astype(float)
     pred_count = cm.sum(0).astype(float)
@@ -58,4 +61,6 @@ def scores(cm: np.ndarray, ignored_pixels: int = 0) -> dict[str, object]:
         "mean_class_accuracy": float(np.nanmean(_ratio(tp, gt_count))) if (gt_count > 0).any() else np.nan,
         "fw_iou": float(np.nansum(freq * iou)) if total else np.nan,
         "dice": _ratio(2 * tp, gt_count + pred_count),
+        "precision": _ratio(tp, pred_count),
+        "recall": _ratio(tp, gt_count),
     }

@@ -6,6 +6,8 @@ rule evaluate:
     output:
         metrics="metrics/{scheme}.json",
         confusion="metrics/{scheme}.confusion.csv",
+        confusion_plot="metrics/{scheme}.confusion.png",
+        samples="metrics/{scheme}.samples.csv",
     params:
         scheme=lambda w: config["schemes"][w.scheme],
     log:
@@ -21,4 +23,5 @@ rule evaluate:
     shell:
         "python -m stages.evaluate --params params.yaml --scheme {wildcards.scheme} "
         "--pred {input.pred}/val --gt {input.gt}/val --out {output.metrics} "
-        "--confusion {output.confusion} > {log} 2>&1"
+        "--confusion {output.confusion} --confusion-plot {output.confusion_plot} "
+        "--samples {output.samples} > {log} 2>&1"

@@ -1,0 +1,100 @@
+"""Figures shared by stages: matplotlib through the Agg canvas (no pyplot global state),
+PNG bytes without a timestamp, and image overlays drawn with numpy + Pillow."""
+from __future__ import annotations
+
+import io
+import itertools
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
+
+from stages.lib.io import atomic_path
+
+
+def png_bytes(fig: Figure) -> bytes:
+    buffer = io.BytesIO()
+    FigureCanvasAgg(fig)  # Agg explicitly, without pyplot's global figure registry
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def write_png(path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def save_image(path, image: Image.Image) -> None:
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+def compact(count: float) -> str:
+    for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(count) >= limit:
+            return f"{count / limit:.1f}{suffix}"
+    return f"{int(count)}"
+
+
+def confusion_figure(cm: np.ndarray, class_names: list[str], title: str) -> bytes:
+    """Row-normalised heat-map (share of each ground-truth class) annotated with counts."""
+    rows = cm.sum(axis=1, keepdims=True)
+    share = np.divide(cm, rows, out=np.full(cm.shape, np.nan), where=rows > 0)
+    k = len(class_names)
+    fig = Figure(figsize=(1.05 * k + 2.0, 0.95 * k + 1.5))
+    ax = fig.subplots()
+    image = ax.imshow(share, cmap=colormaps["viridis"].with_extremes(bad="#d9d9d9"),
+                      vmin=0, vmax=1)
+    for i, j in itertools.product(range(k), range(k)):
+        text = "no pixels" if np.isnan(share[i, j]) else f"{share[i, j]:.0%}\n{compact(cm[i, j])}"
+        dark = np.isnan(share[i, j]) or share[i, j] > 0.6
+        ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                color="black" if dark else "white")
+    ax.set_xticks(range(k), class_names, rotation=30, ha="right")
+    ax.set_yticks(range(k), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("ground truth")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the row")
+    return png_bytes(fig)
+
+
+def fit_width(image: Image.Image, width: int, nearest: bool = False) -> Image.Image:
+    """Scale down (never up) to at most `width` pixels wide, keeping the aspect."""
+    if image.width <= width:
+        return image
+    height = max(1, round(image.height * width / image.width))
+    method = Image.Resampling.NEAREST if nearest else Image.Resampling.LANCZOS
+    return image.resize((width, height), method)
+
+
+def heat_overlay(rgb: np.ndarray, heat: np.ndarray, alpha: float = 0.5,
+                 cmap: str = "inferno") -> np.ndarray:
+    """uint8 RGB: `heat` (H, W, values in [0, 1]) coloured and blended over `rgb` (H, W, 3),
+    more opaque where the heat is high so the photo stays readable where it is low."""
+    heat = np.clip(np.nan_to_num(heat), 0, 1)
+    colour = colormaps[cmap](heat)[..., :3] * 255
+    weight = alpha * heat[..., None] + 0.15
+    return (rgb * (1 - weight) + colour * weight).round().clip(0, 255).astype(np.uint8)
+
+
+def mask_overlay(rgb: np.ndarray, mask: np.ndarray, colour=(255, 0, 255),
+                 alpha: float = 0.6) -> np.ndarray:
+    """uint8 RGB with the pixels of a boolean mask tinted."""
+    out = rgb.astype(np.float64).copy()
+    out[mask] = out[mask] * (1 - alpha) + np.asarray(colour, float) * alpha
+    return out.round().astype(np.uint8)
+
+
+def side_by_side(panels: list[np.ndarray], gap: int = 4) -> Image.Image:
+    """uint8 RGB panels of equal height in one row, separated by white gaps."""
+    height = max(p.shape[0] for p in panels)
+    width = sum(p.shape[1] for p in panels) + gap * (len(panels) - 1)
+    canvas = np.full((height, width, 3), 255, np.uint8)
+    x = 0
+    for panel in panels:
+        canvas[: panel.shape[0], x: x + panel.shape[1]] = panel
+        x += panel.shape[1] + gap
+    return Image.fromarray(canvas)
