@@ -777,12 +777,23 @@ def assert_no_output(tmp_path: Path) -> None:
 
 def test_malformed_annotation_json_is_one_clear_error(tmp_path, params, raw):
     bad = broken_copy(raw, tmp_path)
-    ann_file = bad / "annotations" / "instances_val.json"   # after train's masks are written
+    ann_file = bad / "annotations" / "instances_val.json"
     ann_file.write_text('{"images": [{"id": 1,')
     with pytest.raises(StageError, match=rf"^{re.escape(str(ann_file))}: cannot read COCO "
                                          r"annotations: .*line 1") as info:
         masks.run(params, "person_car", bad, tmp_path / "out")
     assert "\n" not in str(info.value)
+    assert_no_output(tmp_path)
+
+
+def test_splits_with_different_categories_are_refused(tmp_path, params, raw):
+    bad = broken_copy(raw, tmp_path)
+    ann_file = bad / "annotations" / "instances_val.json"
+    doc = json.loads(ann_file.read_text())
+    doc["categories"] = [c for c in doc["categories"] if c["name"] != "toothbrush"]
+    ann_file.write_text(json.dumps(doc))
+    with pytest.raises(StageError, match=rf"^{re.escape(str(ann_file))}: categories differ"):
+        masks.run(params, "person_car", bad, tmp_path / "out")
     assert_no_output(tmp_path)
 
 
@@ -871,12 +882,12 @@ def test_tasks_in_flight_are_bounded_and_rows_keep_task_order(tmp_path, params, 
 
     def feed():
         nonlocal pulled
-        for task in tasks * 4:
+        for image, anns in tasks * 4:
             pulled += 1
-            yield task
+            yield "val", image, anns
 
     ids = []
-    for row in masks.map_ordered(job, feed(), 2):
+    for row in masks.map_ordered({"val": job}, feed(), 2):
         assert pulled - len(ids) <= 4 * 2   # never the whole list at once
         ids.append(row["image_id"])
     assert ids == [task[0]["id"] for task in tasks] * 4 and pulled == 20
