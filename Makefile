@@ -6,7 +6,7 @@ BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.segflow-installed
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run repro test test-fast lint clean
+.PHONY: setup run repro test test-fast lint bench clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -29,6 +29,10 @@ test-fast: setup
 
 lint: setup
 	snakemake --lint
+
+# All benchmarks (benchmarks/bench_*.py); their tables land in BENCHMARKS.md.
+bench: setup
+	$(BIN)/python -m benchmarks
 
 clean:
 	rm -rf data/raw data/masks models predictions metrics analysis reports/index.html logs .snakemake

@@ -1,0 +1,86 @@
+"""The benchmark harness at a tiny scale, so it cannot rot: the masks benchmark's table,
+its JSON, and the rewrite of its own BENCHMARKS.md section only. No timing is asserted."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from benchmarks import bench_masks, harness
+from conftest import ROOT
+
+COLUMNS = ["method", "workers", "data", "images", "seconds", "images/s", "peak RSS main (MiB)",
+           "peak RSS per worker (MiB)"]
+
+
+def test_masks_benchmark_at_tiny_scale_rewrites_only_its_section(tmp_path):
+    markdown = tmp_path / "BENCHMARKS.md"
+    start, end = harness.markers("masks")
+    committed = (ROOT / "BENCHMARKS.md").read_text()
+    assert committed.count(start) == 1 and committed.count(end) == 1
+    before, after = committed.split(start)[0], committed.split(end)[1]
+    markdown.write_text(before + start + "\nstale figures\n" + end + after)
+
+    assert harness.main(["masks", "--scale", "0.025", "--out", str(tmp_path / "out"),
+                         "--markdown", str(markdown)]) == 0
+
+    result = json.loads((tmp_path / "out" / "masks.json").read_text())
+    table = result["table"]
+    assert all(list(row) == COLUMNS for row in table)
+    assert {(row["method"], row["data"]) for row in table} == {
+        (method, data) for method in bench_masks.METHODS.values() for data in ("1x", "10x")}
+    for row in table:
+        assert row["images"] == {"1x": 4, "10x": 40}[row["data"]]   # 2 per split, x10
+        assert row["seconds"] > 0 and row["images/s"] > 0 and row["peak RSS main (MiB)"] > 0
+        pooled = row["method"] == bench_masks.METHODS["stage"] and row["workers"] > 1
+        assert (row["peak RSS per worker (MiB)"] != "in main") == pooled
+    assert any("byte-identical to the stage's at 1x: yes" in note for note in result["notes"])
+    assert result["machine"]["cores_usable"] >= 1 and result["scale"] == 0.025
+
+    text = markdown.read_text()
+    assert "stale figures" not in text
+    assert text.startswith(before + start + "\n## masks: throughput and peak memory\n")
+    assert text.endswith(end + after)
+    section = text.split(start)[1].split(end)[0]
+    assert "| masks stage (run) | 1 | 10x | 40 |" in section
+    assert section.count("\n| ") == len(table) + 1   # header and one line per row
+
+
+def test_update_markdown_replaces_one_section_or_appends_it():
+    text = ("# B\n\n<!-- bench:a:start -->\nold a\n<!-- bench:a:end -->\n\n"
+            "<!-- bench:b:start -->\nold b\n<!-- bench:b:end -->\n")
+    updated = harness.update_markdown(text, "b", "new b\n")
+    assert updated == text.replace("old b", "new b")
+    appended = harness.update_markdown(text, "c", "c body\n")
+    assert appended == text + "\n<!-- bench:c:start -->\nc body\n<!-- bench:c:end -->\n"
+
+
+def test_markdown_table_and_result_checks():
+    rows = [{"method": "x|y", "rate": 1234.56, "small": 0.123}]
+    assert harness.markdown_table(rows) == ("| method | rate | small |\n|---|---|---|\n"
+                                            "| x\\|y | 1,234.6 | 0.12 |")
+    with pytest.raises(ValueError, match="columns"):
+        harness.check_result("z", {"title": "t", "table": [{"a": 1}, {"b": 2}]})
+    with pytest.raises(ValueError, match="non-empty table"):
+        harness.check_result("z", {"title": "t", "table": []})
+
+
+def test_unknown_benchmark_is_refused(capsys):
+    assert "masks" in harness.available()
+    with pytest.raises(SystemExit) as info:
+        harness.main(["nosuch"])
+    assert info.value.code == 2
+    assert "unknown benchmark(s) nosuch (available: " in capsys.readouterr().err
+
+
+def test_ten_times_data_repeats_images_and_annotations_under_new_ids(tmp_path):
+    assert bench_masks.build_raw(tmp_path / "raw", 2, 10) == 40
+    doc = json.loads((tmp_path / "raw" / "annotations" / "instances_val.json").read_text())
+    ids = [im["id"] for im in doc["images"]]
+    assert len(set(ids)) == 20 and len({a["id"] for a in doc["annotations"]}) == len(
+        doc["annotations"])
+    assert {a["image_id"] for a in doc["annotations"]} <= set(ids)
+    assert len(doc["annotations"]) % 10 == 0
+    for image in doc["images"]:
+        assert (tmp_path / "raw" / "images" / "val" / image["file_name"]).resolve().is_file()
