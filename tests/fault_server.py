@@ -196,3 +196,11 @@ def _range_start(header: str) -> int | None:
         return None
     first = header[6:].split(",")[0].split("-")[0]
     return int(first) if first.isdigit() else None
+
+
+if __name__ == "__main__":   # serve a folder without faults: python tests/fault_server.py DIR
+    import sys
+
+    server = FaultServer(Path(sys.argv[1]))
+    print(server.start(), flush=True)
+    threading.Event().wait()
