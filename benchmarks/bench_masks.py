@@ -3,18 +3,21 @@ per-annotation COCO.annToMask loop and the JPEG-read + PNG-write limit, with the
 memory of each, at 1x and 10x the sample's image count.
 
 Every measurement runs in a fresh process (`python -m benchmarks.bench_masks child ...`),
-so its peak RSS (getrusage: the process itself, and the largest of the worker processes
-it waited for) belongs to that measurement alone. The 10x data set repeats the embedded
-sample's images and annotations under new ids, in a temporary raw folder of symlinks.
+so its peak memory belongs to that measurement alone. Peaks are the kernel's high-water
+marks (VmHWM in /proc/<pid>/status, Linux): the process's own, and the largest among its
+worker processes, read while they run. (getrusage's ru_maxrss would not do: a child made
+by fork starts with its parent's RSS as its maximum, and keeps it across exec.) The 10x
+data set repeats the embedded sample's images and annotations under new ids, in a
+temporary raw folder of symlinks.
 """
 from __future__ import annotations
 
 import contextlib
 import json
-import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -29,7 +32,8 @@ SAMPLE_PER_SPLIT = 80
 FACTORS = (1, 10)
 ID_STRIDE = 1_000_000      # COCO 2017 image ids stay below 600,000
 METHODS = {"stage": "masks stage (run)", "naive": "naive annToMask loop",
-           "limit": "JPEG read + PNG write limit"}
+           "limit": "JPEG read + PNG write limit",
+           "core": "label maps only: stage core", "core_naive": "label maps only: annToMask"}
 
 
 # ---------------------------------------------------------------- data
@@ -70,62 +74,79 @@ def replicate(data: dict, images: list[dict], factor: int) -> dict:
     return {"images": out_images, "annotations": out_anns, "categories": data["categories"]}
 
 
-# ---------------------------------------------------------------- the three methods (child)
+# ---------------------------------------------------------------- the methods (in a child)
+# Each returns (images, workers used, seconds of the timed part or None for all of it).
 
-def stage(raw: Path, out: Path, workers: int) -> tuple[int, int]:
+def stage(raw: Path, out: Path, workers: int) -> tuple[int, int, float | None]:
     from stages import masks
     from stages.lib.params import load_params
 
     params = load_params(ROOT / "params.yaml")
     params["masks"]["workers"] = workers
     summary = masks.run(params, SCHEME, raw, out)
-    return summary.n_images, summary.workers
+    return summary.n_images, summary.workers, None
 
 
-def naive(raw: Path, out: Path, workers: int) -> tuple[int, int]:
-    """What one would write first: pycocotools' COCO index, annToMask per annotation, the
-    stage's default rules (crowd and overlap: ignore). Labels only, no metadata."""
+def naive_labels(coco, image_id: int, class_of: dict[int, int]) -> np.ndarray:
+    """What one would write first: annToMask per annotation, then the stage's default
+    rules (crowd regions and overlaps: ignore)."""
+    from stages.lib.labels import IGNORE_INDEX
+
+    info = coco.imgs[image_id]
+    claims = np.zeros((info["height"], info["width"]), np.uint8)
+    labels = np.zeros_like(claims)
+    crowd = np.zeros(claims.shape, bool)
+    regions: dict[int, np.ndarray] = {}
+    for ann in coco.loadAnns(coco.getAnnIds(imgIds=image_id, iscrowd=None)):
+        cls = class_of.get(ann["category_id"])
+        if cls is None:
+            continue
+        m = coco.annToMask(ann).astype(bool)
+        if ann["iscrowd"]:
+            crowd |= m
+        else:
+            regions[cls] = regions.get(cls, np.zeros_like(m)) | m
+    for cls in sorted(regions):
+        claims += regions[cls]
+        labels[regions[cls]] = cls
+    labels[(claims > 1) | crowd] = IGNORE_INDEX
+    return labels
+
+
+def coco_index(ann_file: Path):
+    """pycocotools' COCO index and the scheme's category -> class map."""
     from pycocotools.coco import COCO
 
     from stages import masks
-    from stages.lib.labels import IGNORE_INDEX, save_labels
     from stages.lib.params import load_params
 
+    with contextlib.redirect_stdout(sys.stderr):  # COCO() prints progress
+        coco = COCO(str(ann_file))
     scheme_params = load_params(ROOT / "params.yaml")["schemes"][SCHEME]
+    plan = masks.make_plan(SCHEME, scheme_params, coco.dataset["categories"], 6.0)
+    return coco, plan
+
+
+def naive(raw: Path, out: Path, workers: int) -> tuple[int, int, float | None]:
+    """The naive stage: COCO index, read each JPEG, naive_labels, the same PNG writer.
+    Labels only, no metadata."""
+    from stages import masks
+    from stages.lib.labels import save_labels
+
     count = 0
     for split in SPLITS:
         ann_file = raw / "annotations" / f"instances_{split}.json"
-        with contextlib.redirect_stdout(sys.stderr):  # COCO() prints progress
-            coco = COCO(str(ann_file))
-        class_of = masks.make_plan(SCHEME, scheme_params, coco.dataset["categories"],
-                                   6.0).scheme.class_of_category
+        coco, plan = coco_index(ann_file)
         for image_id in sorted(coco.imgs):
-            info = coco.imgs[image_id]
-            masks.read_pixels(raw / "images" / split / info["file_name"], ann_file)
-            claims = np.zeros((info["height"], info["width"]), np.uint8)
-            labels = np.zeros_like(claims)
-            crowd = np.zeros(claims.shape, bool)
-            regions: dict[int, np.ndarray] = {}
-            for ann in coco.loadAnns(coco.getAnnIds(imgIds=image_id, iscrowd=None)):
-                cls = class_of.get(ann["category_id"])
-                if cls is None:
-                    continue
-                m = coco.annToMask(ann).astype(bool)
-                if ann["iscrowd"]:
-                    crowd |= m
-                else:
-                    regions[cls] = regions.get(cls, np.zeros_like(m)) | m
-            for cls in sorted(regions):
-                claims += regions[cls]
-                labels[regions[cls]] = cls
-            labels[(claims > 1) | crowd] = IGNORE_INDEX
-            (out / split).mkdir(parents=True, exist_ok=True)
-            save_labels(out / split / f"{Path(info['file_name']).stem}.png", labels)
+            name = coco.imgs[image_id]["file_name"]
+            masks.read_pixels(raw / "images" / split / name, ann_file)
+            labels = naive_labels(coco, image_id, plan.scheme.class_of_category)
+            save_labels(out / split / f"{Path(name).stem}.png", labels)
             count += 1
-    return count, 1
+    return count, 1, None
 
 
-def limit(raw: Path, out: Path, workers: int) -> tuple[int, int]:
+def limit(raw: Path, out: Path, workers: int) -> tuple[int, int, float | None]:
     """The floor of any masks stage in one process: decode every JPEG, write a palette PNG
     of its size (the same atomic writer), nothing else."""
     from stages import masks
@@ -139,20 +160,88 @@ def limit(raw: Path, out: Path, workers: int) -> tuple[int, int]:
             save_labels(out / split / f"{Path(image['file_name']).stem}.png",
                         np.zeros(pixels.shape[:2], np.uint8))
             count += 1
-    return count, 1
+    return count, 1, None
+
+
+def core(raw: Path, out: Path, workers: int) -> tuple[int, int, float | None]:
+    """The stage's label maps alone (decode_annotation + label_map), no file I/O; only the
+    loop over images is timed."""
+    from stages import masks
+
+    count, seconds = 0, 0.0
+    for split in SPLITS:
+        ann_file = raw / "annotations" / f"instances_{split}.json"
+        _, plan = coco_index(ann_file)
+        tasks = masks.image_tasks(json.loads(ann_file.read_text()), ann_file)
+        started = time.perf_counter()
+        for image, anns in tasks:
+            h, w = image["height"], image["width"]
+            masks.label_map(h, w, [masks.decode_annotation(a, h, w) for a in anns],
+                            plan.scheme, plan.rules)
+        seconds += time.perf_counter() - started
+        count += len(tasks)
+    return count, 1, seconds
+
+
+def core_naive(raw: Path, out: Path, workers: int) -> tuple[int, int, float | None]:
+    """naive_labels alone, no file I/O; only the loop over images is timed."""
+    count, seconds = 0, 0.0
+    for split in SPLITS:
+        coco, plan = coco_index(raw / "annotations" / f"instances_{split}.json")
+        started = time.perf_counter()
+        for image_id in sorted(coco.imgs):
+            naive_labels(coco, image_id, plan.scheme.class_of_category)
+        seconds += time.perf_counter() - started
+        count += len(coco.imgs)
+    return count, 1, seconds
+
+
+def peak_kib(pid: int | str = "self") -> int:
+    """The high-water mark of a process's resident memory, in KiB (0 once it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+class WorkerPeak(threading.Thread):
+    """The largest VmHWM among this process's descendants, read every 50 ms. VmHWM only
+    grows, so a spike between two reads is still seen; only a child's last 50 ms are not."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.kib = 0
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._done.wait(0.05):
+            for child in me.children(recursive=True):
+                self.kib = max(self.kib, peak_kib(child.pid))
+
+    def stop(self) -> int:
+        self._done.set()
+        self.join()
+        return self.kib
 
 
 def child(method: str, workers: int, raw: Path, out: Path) -> dict:
-    """One measurement, in this process: wall time of the work, peak RSS afterwards."""
-    func = {"stage": stage, "naive": naive, "limit": limit}[method]
+    """One measurement, in this process: wall time of the work and the memory peaks."""
+    func = {"stage": stage, "naive": naive, "limit": limit, "core": core,
+            "core_naive": core_naive}[method]
+    sampler = WorkerPeak()
+    sampler.start()
     started = time.perf_counter()
-    images, used = func(raw, out, workers)
-    seconds = time.perf_counter() - started
-    # Linux reports ru_maxrss in KiB. RUSAGE_CHILDREN: the largest waited-for child.
-    main_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    child_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    images, used, timed = func(raw, out, workers)
+    seconds = time.perf_counter() - started if timed is None else timed
+    worker_kib = sampler.stop()
     return {"method": method, "workers": used, "images": images, "seconds": seconds,
-            "main_mib": main_kib / 1024, "worker_mib": child_kib / 1024 if used > 1 else None}
+            "main_mib": peak_kib() / 1024, "worker_mib": worker_kib / 1024 if used > 1 else None}
 
 
 # ---------------------------------------------------------------- parent
@@ -179,7 +268,8 @@ def run(scale: float) -> dict:
 
     workers = masks.worker_count(load_params(ROOT / "params.yaml")["masks"]["workers"])
     per_split = max(1, round(SAMPLE_PER_SPLIT * scale))
-    runs = [("stage", 1), ("stage", workers), ("naive", 1), ("limit", 1)]
+    runs = [("stage", 1), ("stage", workers), ("naive", 1), ("limit", 1), ("core", 1),
+            ("core_naive", 1)]
     runs = list(dict.fromkeys(runs))  # one stage row when only one worker is usable
     rows, results = [], {}
     with tempfile.TemporaryDirectory(prefix="bench_masks.") as tmp:
@@ -224,13 +314,17 @@ def notes(results: dict, workers: int, per_split: int, identical: bool) -> list[
            "one worker." if workers > 1 else "."),
         "The stage also computes the metadata row (colour statistics, per-class and "
         "per-category counts) and its time includes reading the JSON and starting the "
-        "worker processes; the naive loop and the limit write labels only.",
+        "worker processes; the naive loop and the limit write labels only. The two "
+        "'label maps only' rows time rasterising alone (annotations already in memory, no "
+        f"JPEG, no PNG): there the stage core runs at "
+        f"{rate('core', 1) / rate('core_naive', 1):.1f}x annToMask's speed.",
         "The naive loop's PNGs are byte-identical to the stage's at 1x: "
         f"{'yes' if identical else 'NO'}.",
-        "Peak RSS: getrusage(RUSAGE_SELF) of the measuring process (main) and "
-        "RUSAGE_CHILDREN (the largest worker); with 1 worker the stage runs in the main "
-        "process. What grows with the image count in main is the parsed annotation JSON; "
-        "workers hold one image at a time.",
+        "Peak RSS: the kernel's high-water mark (VmHWM) of the measuring process (main) and "
+        "the largest of its worker processes; with 1 worker the stage runs in the main "
+        "process. What grows with the image count in main is the parsed annotation JSON "
+        "(the stage keeps only the keys it reads and releases each image's share once "
+        "handed out); a worker holds one image at a time.",
         "Timings come from one run each on a machine that may be shared; read ratios, "
         "not the last digit.",
     ]
