@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import resource
 import subprocess
 import sys
 import tempfile
@@ -75,9 +76,10 @@ def replicate(data: dict, images: list[dict], factor: int) -> dict:
 
 
 # ---------------------------------------------------------------- the methods (in a child)
-# Each returns (images, workers used, seconds of the timed part or None for all of it).
+# Each returns (images, workers used, (wall s, CPU s) of the timed part, or None when the
+# whole call is timed).
 
-def stage(raw: Path, out: Path, workers: int) -> tuple[int, int, float | None]:
+def stage(raw: Path, out: Path, workers: int) -> tuple[int, int, tuple | None]:
     from stages import masks
     from stages.lib.params import load_params
 
@@ -127,7 +129,7 @@ def coco_index(ann_file: Path):
     return coco, plan
 
 
-def naive(raw: Path, out: Path, workers: int) -> tuple[int, int, float | None]:
+def naive(raw: Path, out: Path, workers: int) -> tuple[int, int, tuple | None]:
     """The naive stage: COCO index, read each JPEG, naive_labels, the same PNG writer.
     Labels only, no metadata."""
     from stages import masks
@@ -146,7 +148,7 @@ def naive(raw: Path, out: Path, workers: int) -> tuple[int, int, float | None]:
     return count, 1, None
 
 
-def limit(raw: Path, out: Path, workers: int) -> tuple[int, int, float | None]:
+def limit(raw: Path, out: Path, workers: int) -> tuple[int, int, tuple | None]:
     """The floor of any masks stage in one process: decode every JPEG, write a palette PNG
     of its size (the same atomic writer), nothing else."""
     from stages import masks
@@ -163,37 +165,37 @@ def limit(raw: Path, out: Path, workers: int) -> tuple[int, int, float | None]:
     return count, 1, None
 
 
-def core(raw: Path, out: Path, workers: int) -> tuple[int, int, float | None]:
+def core(raw: Path, out: Path, workers: int) -> tuple[int, int, tuple | None]:
     """The stage's label maps alone (decode_annotation + label_map), no file I/O; only the
     loop over images is timed."""
     from stages import masks
 
-    count, seconds = 0, 0.0
+    count, timed = 0, np.zeros(2)
     for split in SPLITS:
         ann_file = raw / "annotations" / f"instances_{split}.json"
         _, plan = coco_index(ann_file)
         tasks = masks.image_tasks(json.loads(ann_file.read_text()), ann_file)
-        started = time.perf_counter()
+        started = np.array([time.perf_counter(), time.process_time()])
         for image, anns in tasks:
             h, w = image["height"], image["width"]
             masks.label_map(h, w, [masks.decode_annotation(a, h, w) for a in anns],
                             plan.scheme, plan.rules)
-        seconds += time.perf_counter() - started
+        timed += [time.perf_counter(), time.process_time()] - started
         count += len(tasks)
-    return count, 1, seconds
+    return count, 1, tuple(timed)
 
 
-def core_naive(raw: Path, out: Path, workers: int) -> tuple[int, int, float | None]:
+def core_naive(raw: Path, out: Path, workers: int) -> tuple[int, int, tuple | None]:
     """naive_labels alone, no file I/O; only the loop over images is timed."""
-    count, seconds = 0, 0.0
+    count, timed = 0, np.zeros(2)
     for split in SPLITS:
         coco, plan = coco_index(raw / "annotations" / f"instances_{split}.json")
-        started = time.perf_counter()
+        started = np.array([time.perf_counter(), time.process_time()])
         for image_id in sorted(coco.imgs):
             naive_labels(coco, image_id, plan.scheme.class_of_category)
-        seconds += time.perf_counter() - started
+        timed += [time.perf_counter(), time.process_time()] - started
         count += len(coco.imgs)
-    return count, 1, seconds
+    return count, 1, tuple(timed)
 
 
 def peak_kib(pid: int | str = "self") -> int:
@@ -230,6 +232,14 @@ class WorkerPeak(threading.Thread):
         return self.kib
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and of the workers it has waited for: the
+    work done, whatever else the machine was busy with."""
+    me, children = (resource.getrusage(who) for who in (resource.RUSAGE_SELF,
+                                                         resource.RUSAGE_CHILDREN))
+    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+
+
 def child(method: str, workers: int, raw: Path, out: Path) -> dict:
     """One measurement, in this process: wall time of the work and the memory peaks."""
     func = {"stage": stage, "naive": naive, "limit": limit, "core": core,
@@ -237,10 +247,11 @@ def child(method: str, workers: int, raw: Path, out: Path) -> dict:
     sampler = WorkerPeak()
     sampler.start()
     started = time.perf_counter()
+    cpu_before = cpu_seconds()
     images, used, timed = func(raw, out, workers)
-    seconds = time.perf_counter() - started if timed is None else timed
+    seconds, cpu = timed or (time.perf_counter() - started, cpu_seconds() - cpu_before)
     worker_kib = sampler.stop()
-    return {"method": method, "workers": used, "images": images, "seconds": seconds,
+    return {"method": method, "workers": used, "images": images, "seconds": seconds, "cpu": cpu,
             "main_mib": peak_kib() / 1024, "worker_mib": worker_kib / 1024 if used > 1 else None}
 
 
@@ -293,6 +304,7 @@ def table_row(result: dict, factor: int) -> dict:
             "data": f"{factor}x", "images": result["images"],
             "seconds": round(result["seconds"], 2),
             "images/s": round(result["images"] / result["seconds"], 1),
+            "CPU ms/image": round(1000 * result["cpu"] / result["images"], 1),
             "peak RSS main (MiB)": round(result["main_mib"], 1),
             "peak RSS per worker (MiB)": "in main" if worker is None else round(worker, 1)}
 
@@ -325,8 +337,9 @@ def notes(results: dict, workers: int, per_split: int, identical: bool) -> list[
         "process. What grows with the image count in main is the parsed annotation JSON "
         "(the stage keeps only the keys it reads and releases each image's share once "
         "handed out); a worker holds one image at a time.",
-        "Timings come from one run each on a machine that may be shared; read ratios, "
-        "not the last digit.",
+        "Timings come from one run each on a machine that may be shared (see the load "
+        "average above): wall-clock rates suffer from it, CPU ms per image (the process and "
+        "its workers, user + system) much less.",
     ]
     return lines
 

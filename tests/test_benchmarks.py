@@ -10,8 +10,8 @@ import pytest
 from benchmarks import bench_masks, harness
 from conftest import ROOT
 
-COLUMNS = ["method", "workers", "data", "images", "seconds", "images/s", "peak RSS main (MiB)",
-           "peak RSS per worker (MiB)"]
+COLUMNS = ["method", "workers", "data", "images", "seconds", "images/s", "CPU ms/image",
+           "peak RSS main (MiB)", "peak RSS per worker (MiB)"]
 
 
 def test_masks_benchmark_at_tiny_scale_rewrites_only_its_section(tmp_path):
@@ -33,6 +33,7 @@ def test_masks_benchmark_at_tiny_scale_rewrites_only_its_section(tmp_path):
     for row in table:
         assert row["images"] == {"1x": 4, "10x": 40}[row["data"]]   # 2 per split, x10
         assert row["seconds"] > 0 and row["images/s"] > 0 and row["peak RSS main (MiB)"] > 0
+        assert row["CPU ms/image"] > 0
         pooled = row["method"] == bench_masks.METHODS["stage"] and row["workers"] > 1
         assert (row["peak RSS per worker (MiB)"] != "in main") == pooled
     assert any("byte-identical to the stage's at 1x: yes" in note for note in result["notes"])
