@@ -85,3 +85,45 @@ def test_ten_times_data_repeats_images_and_annotations_under_new_ids(tmp_path):
     assert len(doc["annotations"]) % 10 == 0
     for image in doc["images"]:
         assert (tmp_path / "raw" / "images" / "val" / image["file_name"]).resolve().is_file()
+
+
+def _smoke(name: str, tmp_path, scale: float) -> dict:
+    """Run one benchmark through the harness into tmp_path; return its JSON result."""
+    markdown = tmp_path / "BENCHMARKS.md"
+    markdown.write_text("# Benchmarks\n")
+    assert harness.main([name, "--scale", str(scale), "--out", str(tmp_path / "out"),
+                         "--markdown", str(markdown)]) == 0
+    start, end = harness.markers(name)
+    assert start in markdown.read_text() and end in markdown.read_text()
+    return json.loads((tmp_path / "out" / f"{name}.json").read_text())
+
+
+def test_download_benchmark_smoke(tmp_path, monkeypatch):
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    result = _smoke("download", tmp_path, 0.1)
+    assert [(r["mode"], r["client"]) for r in result["table"]] == [
+        ("subset", "curl"), ("subset", "download stage"),
+        ("archives", "curl"), ("archives", "download stage")]
+    for row in result["table"]:
+        assert row["images"] == 160 and row["MB"] > 20 and row["seconds"] > 0
+    assert [r["files fetched"] for r in result["table"]] == [161, 161, 3, 3]
+
+
+def test_train_benchmark_smoke(tmp_path, one_torch_thread):
+    result = _smoke("train", tmp_path, 0.05)
+    measured = [r["measurement"] for r in result["table"]]
+    assert measured[-3:] == ["train step alone, eager (contiguous)",
+                             "train step alone, channels_last",
+                             "train epoch (loader num_workers=0 + step)"]
+    assert all(r["images/s"] > 0 for r in result["table"])
+    assert any("GFLOP per image at 128 px" in n for n in result["notes"])
+
+
+def test_infer_benchmark_smoke(tmp_path, one_torch_thread):
+    result = _smoke("infer", tmp_path, 0.05)
+    rows = {r["measurement"]: r for r in result["table"]}
+    assert rows["segflow model forward, eager"]["vs raw forward (eager)"] == 1.0
+    assert rows["segflow model forward, torch.compile"]["images/s"] == "n/a"   # skipped in smoke
+    mious = [r for r in result["table"] if r["val mIoU after 1 epoch(s)"] != ""]
+    assert len(mious) == 2 and all(0 <= r["val mIoU after 1 epoch(s)"] <= 1 for r in mious)
+    assert any("overhead over the raw forward" in n for n in result["notes"])
