@@ -150,7 +150,9 @@ class TimedInference:
         for j, index in enumerate(batch["index"]):
             post_start = self.clock()
             log_probs = full_size_log_probs(logits[j].cpu(), batch["size"][j])
-            pred = log_probs.argmax(0).to(torch.uint8)
+            # max(0).indices, not argmax(0): the same first-maximum indices, but torch's CPU
+            # argmax over the leading (strided) dimension is ~9x slower at full image size.
+            pred = log_probs.max(0).indices.to(torch.uint8)
             latency = share + self.clock() - post_start
             yield Prediction(index, log_probs, pred, batch["gt"][j], latents[j], latency)
 
