@@ -127,3 +127,11 @@ def test_infer_benchmark_smoke(tmp_path, one_torch_thread):
     mious = [r for r in result["table"] if r["val mIoU after 1 epoch(s)"] != ""]
     assert len(mious) == 2 and all(0 <= r["val mIoU after 1 epoch(s)"] <= 1 for r in mious)
     assert any("overhead over the raw forward" in n for n in result["notes"])
+
+
+def test_metrics_benchmark_smoke(tmp_path):
+    result = _smoke("metrics", tmp_path, 0.05)
+    names = [r["implementation"] for r in result["table"]]
+    assert names[0] == "segflow (numpy bincount)" and len(names) == 3
+    assert [r["identical matrix"] for r in result["table"][1:]] == ["yes", "yes"]
+    assert result["table"][1]["vs torchmetrics"] == 1.0
