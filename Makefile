@@ -35,4 +35,4 @@ bench: setup
 	$(BIN)/python -m benchmarks
 
 clean:
-	rm -rf data/raw data/masks models predictions metrics analysis reports/index.html logs .snakemake
+	rm -rf data/raw data/masks models predictions metrics analysis compare reports/index.html logs .snakemake

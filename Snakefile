@@ -19,6 +19,7 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/infer.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/analyze.smk"
+include: "workflow/rules/compare.smk"
 include: "workflow/rules/report.smk"
 
 

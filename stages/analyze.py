@@ -1,8 +1,31 @@
-"""analyze: a map of the val samples in the model's latent space, unsupervised clusters
-on it, and loss per bin of every metadata field. Writes under --out:
-  samples.csv        per sample: metrics from infer, metadata from masks, x, y, cluster
-  clusters.csv       per cluster: size, mean loss, mean IoU per class, grayscale share
-  metadata_loss.csv  per metadata field and bin: range, count, mean loss, mean IoU per class
+"""analyze: what the model learned and where it fails, for one scheme, as the study found
+it: a map of the val samples in the model's latent space, unsupervised clusters on it,
+"fetch similars", heat-maps of the features a cluster shares and Grad-CAM, metadata
+against loss, and a ranking of label issues. Writes under --out:
+  samples.csv            per sample: infer's scores, masks' metadata, x, y, cluster,
+                         label_quality and its rank
+  clusters.csv           per cluster: size, mean loss / pixel accuracy / IoU per class,
+                         grayscale share, dominant categories, medoid, representatives
+  cluster_categories.csv per cluster and category: share of its images showing it, share
+                         over all samples, lift
+  similars.csv           per query (cluster medoids, highest-loss samples, listed ids): its
+                         k nearest neighbours by cosine distance in the latent space
+  metadata_loss.csv      per binning, metadata field and bin: range, count, loss mean / std /
+                         standard error, mean IoU per class, excess in standard errors, flag
+  metadata_flagged.csv   the samples of every flagged bin, worst loss first
+  metadata/{field}.png   mean loss per bin (each binning), flagged bins marked: fields with
+                         a flagged bin, the class fractions, grayscale and brightness
+  label_issues.csv       every sample ranked by cleanlab's label-quality score (worst first);
+                         for the flagged top: the size and kind of the disagreement region
+  label_issues/{stem}.png         image | ground truth | prediction | disagreement
+  label_issues/{stem}.region.png  palette PNG: the confidently predicted class where it
+                                  disagrees with the label, 255 elsewhere
+  heatmaps/index.csv     one row per heat-map PNG (kind, cluster, sample, class, layer)
+  heatmaps/shared_features.csv    per cluster: the layer's channels whose mean activation
+                                  most exceeds the data set's (in standard deviations)
+  heatmaps/*.png         shared-feature overlays on each cluster's representatives, and
+                         Grad-CAM per class on the chosen samples
+  summary.json           choices made (k and its silhouette scores, thresholds, counts)
 """
 from __future__ import annotations
 
@@ -11,62 +34,56 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.cluster import KMeans
-from sklearn.decomposition import PCA
-from sklearn.manifold import TSNE
-from sklearn.preprocessing import StandardScaler
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
+from torch.utils.data import DataLoader, Subset
 
+from stages.lib import buckets, embeddings, explain
 from stages.lib.cli import StageError, run_main, stage_parser
-from stages.lib.io import atomic_dir, write_csv
+from stages.lib.data import InferenceDataset, collate_inference, list_samples, read_image
+from stages.lib.io import atomic_dir, write_csv, write_json
+from stages.lib.labels import IGNORE_INDEX, colourise, save_labels
+from stages.lib.model import load_trained, resolve_device
 from stages.lib.params import load_params
+from stages.lib.plots import (fit_width, heat_overlay, mask_overlay, png_bytes, save_image,
+                              side_by_side, write_png)
 
 log = logging.getLogger("analyze")
 
 # Identifiers and bookkeeping columns that are not properties of the image.
 NOT_METADATA = {"image_id", "file_name", "split", "stem"}
+# Columns analyze itself adds, and infer's scores: never metadata either.
+NOT_FIELDS = {"loss", "pixel_accuracy", "confidence", "latency_ms", "x", "y", "cluster",
+              "label_quality", "label_quality_rank"}
 # masks writes one count_<category> column per COCO category its scheme leaves unclaimed
 # (70+). Binning them all would bury the other fields; only categories seen in enough
 # samples to fill bins are kept, the most frequent first.
 COUNT_PREFIX = "count_"
+INSTANCES_SUFFIX = "_instances"
 MIN_COUNT_SHARE = 0.05
 MAX_COUNT_FIELDS = 10
+DOMINANT_SHARE = 0.25      # a category is "dominant" in a cluster from this share of its images
+N_DOMINANT = 3
 
 
-# ---------------------------------------------------------------- pure core
+# ---------------------------------------------------------------- pure core: inputs
 
-def project(latents: np.ndarray, method: str, seed: int) -> np.ndarray:
-    """2-D coordinates of standardised latent vectors."""
-    scaled = StandardScaler().fit_transform(latents)
-    if method == "pca":
-        return PCA(n_components=2, random_state=seed).fit_transform(scaled)
-    perplexity = float(min(30, max(2, (len(scaled) - 1) // 3)))
-    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(scaled)
-
-
-def cluster(latents: np.ndarray, n_clusters: int, seed: int) -> np.ndarray:
-    scaled = StandardScaler().fit_transform(latents)
-    k = min(n_clusters, len(scaled))
-    return KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(scaled)
-
-
-def cluster_table(samples: pd.DataFrame) -> pd.DataFrame:
-    iou_cols = [c for c in samples.columns if c.startswith("iou_")]
-    grouped = samples.groupby("cluster")
-    table = pd.DataFrame({"size": grouped.size(), "mean_loss": grouped["loss"].mean(),
-                          "mean_pixel_accuracy": grouped["pixel_accuracy"].mean(),
-                          "grayscale_share": grouped["is_grayscale"].mean()})
-    for col in iou_cols:
-        table[f"mean_{col}"] = grouped[col].mean()
-    return table.reset_index()
+def merge_inputs(samples: pd.DataFrame, ids: np.ndarray, metadata: pd.DataFrame,
+                 source: str) -> pd.DataFrame:
+    if not np.array_equal(ids, samples["image_id"].to_numpy()):
+        raise StageError(f"{source}: image ids do not match samples.csv")
+    val = metadata[metadata["split"] == "val"] if "split" in metadata else metadata
+    merged = samples.merge(val, on="image_id", how="left", validate="one_to_one")
+    return merged
 
 
 def metadata_fields(samples: pd.DataFrame) -> list[str]:
     """Numeric (or boolean) metadata columns that vary across samples, with at most
     MAX_COUNT_FIELDS of the per-category counts, in column order."""
-    metrics = {"loss", "pixel_accuracy", "confidence", "latency_ms", "x", "y", "cluster"}
     fields = []
     for col in samples.columns:
-        if col in NOT_METADATA or col in metrics or col.startswith("iou_"):
+        if col in NOT_METADATA or col in NOT_FIELDS or col.startswith("iou_"):
             continue
         values = samples[col]
         if (pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values)) \
@@ -85,32 +102,378 @@ def frequent_counts(samples: pd.DataFrame, columns: list[str]) -> set[str]:
     return set(sorted(frequent, key=lambda c: (-share[c], c))[:MAX_COUNT_FIELDS])
 
 
-def loss_by_bins(samples: pd.DataFrame, field: str, n_bins: int) -> pd.DataFrame:
-    """Equal-width bins of one field with count, mean loss and mean IoU per class."""
-    values = samples[field].astype(float)
-    edges = np.histogram_bin_edges(values, bins=2 if samples[field].dtype == bool else n_bins)
-    index = np.clip(np.digitize(values, edges[1:-1], right=False), 0, len(edges) - 2)
-    iou_cols = [c for c in samples.columns if c.startswith("iou_")]
+def category_presence(samples: pd.DataFrame) -> pd.DataFrame:
+    """One boolean column per category an image may show, read by prefix/suffix so that
+    masks may add or drop columns: `<class>_instances` (the scheme's own classes) and
+    `count_<category>` (COCO categories the scheme leaves unclaimed)."""
+    columns = {}
+    for col in samples.columns:
+        if col.startswith(COUNT_PREFIX):
+            name = col.removeprefix(COUNT_PREFIX).replace("_", " ")
+        elif col.endswith(INSTANCES_SUFFIX):
+            name = col.removesuffix(INSTANCES_SUFFIX)
+        else:
+            continue
+        values = pd.to_numeric(samples[col], errors="coerce").fillna(0)
+        columns[name] = values.to_numpy() > 0
+    return pd.DataFrame(columns, index=samples.index)
+
+
+# ---------------------------------------------------------------- pure core: clusters
+
+def cluster_samples(reduced: np.ndarray, cfg: dict, seed: int) -> tuple[np.ndarray, dict]:
+    method = cfg["method"]
+    if method == "kmeans":
+        labels, scores = embeddings.kmeans_by_silhouette(reduced, cfg["k_min"], cfg["k_max"],
+                                                         seed)
+        return labels, {"method": method, "k": int(len(np.unique(labels))),
+                        "silhouette_by_k": {str(k): v for k, v in scores.items()}}
+    labels = embeddings.hdbscan_labels(reduced, cfg["min_cluster_size"])
+    return labels, {"method": method, "k": int(len(set(labels) - {embeddings.NOISE})),
+                    "noise": int((labels == embeddings.NOISE).sum()),
+                    "min_cluster_size": cfg["min_cluster_size"]}
+
+
+def category_table(clusters: np.ndarray, presence: pd.DataFrame) -> pd.DataFrame:
+    """Per cluster and category shown anywhere: share in the cluster, overall, lift."""
+    overall = presence.mean()
     rows = []
-    for b in range(len(edges) - 1):
-        members = samples[index == b]
-        row = {"field": field, "bin": b, "low": edges[b], "high": edges[b + 1],
-               "count": len(members), "mean_loss": members["loss"].mean() if len(members) else np.nan}
-        row.update({f"mean_{c}": members[c].mean() if len(members) else np.nan for c in iou_cols})
-        rows.append(row)
-    return pd.DataFrame(rows)
+    for c in sorted(np.unique(clusters)):
+        members = presence[clusters == c]
+        for name in presence.columns:
+            if overall[name] == 0:
+                continue
+            share = float(members[name].mean())
+            rows.append({"cluster": int(c), "category": name,
+                         "images": int(members[name].sum()), "share": share,
+                         "share_overall": float(overall[name]),
+                         "lift": share / float(overall[name])})
+    return pd.DataFrame(rows, columns=["cluster", "category", "images", "share",
+                                       "share_overall", "lift"])
+
+
+def dominant_categories(table: pd.DataFrame, cluster: int) -> str:
+    """'bus 60% (3.1x); ...': the categories in at least DOMINANT_SHARE of the cluster's
+    images, most over-represented first; else the most frequent one."""
+    rows = table[table["cluster"] == cluster]
+    strong = rows[rows["share"] >= DOMINANT_SHARE].sort_values(["lift", "share", "category"],
+                                                               ascending=[False, False, True])
+    picked = strong.head(N_DOMINANT) if len(strong) else rows.sort_values(
+        ["share", "category"], ascending=[False, True]).head(1)
+    picked = picked[picked["share"] > 0]
+    return "; ".join(f"{r.category} {r.share:.0%} ({r.lift:.1f}x)" for r in picked.itertuples())
+
+
+def cluster_table(samples: pd.DataFrame, categories: pd.DataFrame,
+                  members: dict[int, list[int]]) -> pd.DataFrame:
+    """One row per cluster; `members` maps a cluster to its representatives (row indices,
+    the medoid first; empty for HDBSCAN's noise)."""
+    iou_cols = [c for c in samples.columns if c.startswith("iou_")]
+    grouped = samples.groupby("cluster")
+    gray = (samples["is_grayscale"].astype(float) if "is_grayscale" in samples
+            else pd.Series(np.nan, index=samples.index))
+    table = pd.DataFrame({"size": grouped.size(), "mean_loss": grouped["loss"].mean(),
+                          "mean_pixel_accuracy": grouped["pixel_accuracy"].mean(),
+                          "grayscale_share": gray.groupby(samples["cluster"]).mean()})
+    for col in iou_cols:
+        table[f"mean_{col}"] = grouped[col].mean()
+    table = table.reset_index()
+    table["dominant_categories"] = [dominant_categories(categories, c) for c in table["cluster"]]
+    reps = [members.get(int(c), []) for c in table["cluster"]]
+    table["medoid_image_id"] = [int(samples.loc[r[0], "image_id"]) if r else -1 for r in reps]
+    table["representative_image_ids"] = [
+        " ".join(str(int(samples.loc[i, "image_id"])) for i in r) for r in reps]
+    return table
+
+
+# ---------------------------------------------------------------- pure core: similars
+
+def similar_queries(samples: pd.DataFrame, medoids: dict[int, int], top_loss: int,
+                    listed: list[int]) -> list[tuple[int, str]]:
+    """(row index, reason) of every sample to fetch similars for, each once."""
+    queries: dict[int, str] = {}
+    for c, row in sorted(medoids.items()):
+        queries.setdefault(row, f"medoid of cluster {c}")
+    worst = samples["loss"].fillna(-np.inf).sort_values(ascending=False, kind="stable")
+    for rank, row in enumerate(worst.index[:top_loss], start=1):
+        queries.setdefault(int(row), f"loss rank {rank}")
+    position = {int(v): i for i, v in enumerate(samples["image_id"])}
+    for image_id in listed:
+        if image_id not in position:
+            raise StageError(f"analyze.similars.image_ids: image {image_id} is not in the val "
+                             "samples")
+        queries.setdefault(position[image_id], "listed in params")
+    return list(queries.items())
+
+
+def similars_table(samples: pd.DataFrame, queries: list[tuple[int, str]],
+                   neighbours: list[list[tuple[int, float]]]) -> pd.DataFrame:
+    rows = []
+    for (query, reason), found in zip(queries, neighbours):
+        for rank, (row, distance) in enumerate(found, start=1):
+            rows.append({"query_image_id": int(samples.loc[query, "image_id"]),
+                         "query_reason": reason,
+                         "query_cluster": int(samples.loc[query, "cluster"]),
+                         "query_loss": samples.loc[query, "loss"], "rank": rank,
+                         "image_id": int(samples.loc[row, "image_id"]),
+                         "cosine_distance": distance,
+                         "cluster": int(samples.loc[row, "cluster"]),
+                         "loss": samples.loc[row, "loss"]})
+    return pd.DataFrame(rows, columns=["query_image_id", "query_reason", "query_cluster",
+                                       "query_loss", "rank", "image_id", "cosine_distance",
+                                       "cluster", "loss"])
+
+
+# ---------------------------------------------------------------- pure core: shared features
+
+def shared_features(latents: np.ndarray, start: int, stop: int, clusters: np.ndarray,
+                    n_channels: int) -> pd.DataFrame:
+    """Per cluster (noise left out), the channels of one layer (columns start:stop of the
+    pooled latents) whose mean pooled activation in the cluster exceeds the data set's
+    mean by the most data-set standard deviations."""
+    layer = latents[:, start:stop].astype(np.float64)
+    mean, std = layer.mean(0), layer.std(0)
+    rows = []
+    for c in sorted(set(np.unique(clusters)) - {embeddings.NOISE}):
+        in_cluster = layer[clusters == c].mean(0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            z = np.where(std > 0, (in_cluster - mean) / np.where(std > 0, std, 1), -np.inf)
+        for rank, channel in enumerate(np.argsort(-z, kind="stable")[:n_channels], start=1):
+            if not np.isfinite(z[channel]):
+                break
+            rows.append({"cluster": int(c), "rank": rank, "channel": int(channel),
+                         "cluster_mean": float(in_cluster[channel]),
+                         "dataset_mean": float(mean[channel]),
+                         "dataset_std": float(std[channel]), "z": float(z[channel])})
+    return pd.DataFrame(rows, columns=["cluster", "rank", "channel", "cluster_mean",
+                                       "dataset_mean", "dataset_std", "z"])
+
+
+# ---------------------------------------------------------------- pure core: metadata
+
+def metadata_buckets(samples: pd.DataFrame, cfg: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """All bins of every field under every binning, and the samples of flagged bins."""
+    tables, flagged = [], []
+    for binning in cfg["binning"]:
+        for field in metadata_fields(samples):
+            table, index = buckets.bucket_table(samples, field, cfg["n_bins"], binning,
+                                                cfg["z"], cfg["min_count"])
+            tables.append(table)
+            for row in table[table["flagged"]].itertuples():
+                members = samples[index == row.bin].sort_values("loss", ascending=False,
+                                                                kind="stable")
+                flagged.append(pd.DataFrame({
+                    "binning": binning, "field": field, "bin": row.bin, "low": row.low,
+                    "high": row.high, "rank": np.arange(1, len(members) + 1),
+                    "image_id": members["image_id"].to_numpy(),
+                    "file_name": members.get("file_name", pd.Series("", members.index)).to_numpy(),
+                    "loss": members["loss"].to_numpy()}))
+    columns = ["binning", "field", "bin", "low", "high", "rank", "image_id", "file_name", "loss"]
+    bins = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+    listed = pd.concat(flagged, ignore_index=True) if flagged else pd.DataFrame(columns=columns)
+    return bins, listed
+
+
+def plotted_fields(bins: pd.DataFrame, class_names: list[str]) -> list[str]:
+    """Fields drawn as PNG: every field with a flagged bin, and always the scheme's class
+    fractions, grayscale and brightness (where the study's findings were); the numbers of
+    every field are in metadata_loss.csv."""
+    if bins.empty:
+        return []
+    always = {f"{c}_fraction" for c in class_names} | {"is_grayscale", "brightness"}
+    flagged = set(bins.loc[bins["flagged"], "field"])
+    return [f for f in dict.fromkeys(bins["field"]) if f in always or f in flagged]
+
+
+def metadata_figure(field: str, bins: pd.DataFrame) -> bytes:
+    """Mean loss (± standard error) per bin, one panel per binning; flagged bins hatched."""
+    binnings = list(dict.fromkeys(bins["binning"]))
+    fig = Figure(figsize=(3.4 * len(binnings) + 0.4, 2.7))
+    axes = np.atleast_1d(fig.subplots(1, len(binnings), sharey=True))
+    for ax, binning in zip(axes, binnings):
+        part = bins[bins["binning"] == binning].sort_values("bin")
+        x = np.arange(len(part))
+        colours = ["#fde725" if f else "#21918c" for f in part["flagged"]]
+        bars = ax.bar(x, part["mean_loss"].fillna(0), yerr=part["se_loss"].fillna(0),
+                      color=colours, edgecolor="#333333", linewidth=0.6, capsize=2)
+        for bar, flag in zip(bars, part["flagged"]):
+            if flag:
+                bar.set_hatch("//")
+        for xi, h, n in zip(x, part["mean_loss"].fillna(0), part["count"]):
+            ax.text(xi, h, f"n={int(n)}", ha="center", va="bottom", fontsize=7)
+        ax.axhline(part["overall_mean_loss"].iloc[0], color="#444444", linestyle="--",
+                   linewidth=1)
+        ax.set_xticks(x, [f"{lo:.3g}–{hi:.3g}" for lo, hi in zip(part["low"], part["high"])],
+                      rotation=30, ha="right", fontsize=7)
+        ax.set_title(f"{field} ({binning.replace('_', ' ')})", fontsize=9)
+        ax.margins(y=0.15)
+    axes[0].set_ylabel("mean loss ± s.e.")
+    return png_bytes(fig)
+
+
+# ---------------------------------------------------------------- pure core: label issues
+
+def main_disagreement(labels: np.ndarray, probs: np.ndarray, region: np.ndarray,
+                      class_names: list[str]) -> str:
+    """The most common (label -> prediction) pair inside the region, in words."""
+    if not region.any():
+        return ""
+    pred = probs.argmax(0)[region]
+    pairs = labels[region].astype(np.int64) * len(class_names) + pred
+    top = int(np.bincount(pairs).argmax())
+    label, predicted = divmod(top, len(class_names))
+    return f"labelled {class_names[label]}, model says {class_names[predicted]}"
+
+
+def issue_figure(rgb: np.ndarray, labels: np.ndarray, probs: np.ndarray, region: np.ndarray,
+                 width: int) -> Image.Image:
+    """Image | ground truth | prediction | disagreement region over the image."""
+    pred = probs.argmax(0).astype(np.uint8)
+    panels = [Image.fromarray(rgb), Image.fromarray(colourise(labels)),
+              Image.fromarray(colourise(pred)), Image.fromarray(mask_overlay(rgb, region))]
+    return side_by_side([np.asarray(fit_width(p, width, nearest=i in (1, 2)))
+                         for i, p in enumerate(panels)])
 
 
 # ---------------------------------------------------------------- run
 
-def run(params: dict, predictions: Path, masks: Path, out: Path) -> pd.DataFrame:
-    cfg = params["analyze"]
+class ModelView:
+    """The trained model and the val images in the order of samples.csv."""
+
+    def __init__(self, model_dir: Path, raw: Path, masks: Path, image_ids: list[int],
+                 device: str, batch_size: int):
+        self.device = resolve_device(device)
+        self.model, meta = load_trained(model_dir / "model.pt", self.device)
+        self.class_names = list(meta["class_names"])
+        listed = list_samples(raw, masks, "val")
+        by_id = {s.image_id: s for s in listed}
+        missing = [i for i in image_ids if i not in by_id]
+        if missing:
+            raise StageError(f"{raw}: val images {missing[:5]} of samples.csv are missing")
+        self.samples = [by_id[i] for i in image_ids]
+        self.dataset = InferenceDataset(self.samples, meta["image_size"], meta["mean"],
+                                        meta["std"])
+        self.batch_size = batch_size
+
+    def batches(self, rows: list[int] | None = None):
+        """Batches of the whole split, or of some rows; every item keeps its row in the
+        whole split as its index (InferenceDataset returns the index it was asked for)."""
+        data = self.dataset if rows is None else Subset(self.dataset, rows)
+        return DataLoader(data, batch_size=self.batch_size, collate_fn=collate_inference)
+
+    def image(self, row: int) -> torch.Tensor:
+        return self.dataset[row]["image"][None].to(self.device)
+
+    def rgb(self, row: int, width: int) -> np.ndarray:
+        photo = read_image(self.samples[row].image_path).permute(1, 2, 0).numpy()
+        return np.asarray(fit_width(Image.fromarray(photo), width))
+
+
+def label_issues(view: ModelView, samples: pd.DataFrame, top: int, width: int,
+                 folder: Path) -> tuple[pd.DataFrame, dict]:
+    """Pass 1 (all images, streamed): cleanlab's score per image and the per-class
+    confident-learning thresholds. Pass 2 (the `top` worst only): their disagreement
+    regions, figures and region PNGs."""
+    k = len(view.class_names)
+    thresholds = explain.ClassThresholds(k)
+    scores = np.full(len(samples), np.nan)
+    for item in explain.stream_probs(view.model, view.batches(), view.device):
+        scores[item.index] = explain.label_quality(item.probs, item.labels)
+        thresholds.update(item.probs, item.labels)
+    t = thresholds.values()
+    order = np.argsort(np.where(np.isnan(scores), np.inf, scores), kind="stable")
+    table = pd.DataFrame({"rank": np.arange(1, len(samples) + 1),
+                          "image_id": samples["image_id"].to_numpy()[order],
+                          "stem": [view.samples[i].stem for i in order],
+                          "label_quality": scores[order],
+                          "loss": samples["loss"].to_numpy()[order]})
+    table["flagged"] = (table["rank"] <= top) & table["label_quality"].notna()
+    extra = {c: [np.nan] * len(table) for c in ("disagreement_pixels", "disagreement_fraction")}
+    extra["main_disagreement"] = [""] * len(table)
+    extra["figure"] = [""] * len(table)
+    extra["region"] = [""] * len(table)
+    flagged_rows = [int(order[i]) for i in range(len(order)) if table["flagged"].iloc[i]]
+    position = {int(r): i for i, r in enumerate(order)}
+    folder.mkdir(parents=True, exist_ok=True)
+    for item in explain.stream_probs(view.model, view.batches(flagged_rows), view.device):
+        row = item.index
+        region = explain.disagreement(item.probs, item.labels, t)
+        stem = view.samples[row].stem
+        i = position[row]
+        labelled = int((item.labels != IGNORE_INDEX).sum())
+        extra["disagreement_pixels"][i] = int(region.sum())
+        extra["disagreement_fraction"][i] = region.sum() / labelled if labelled else np.nan
+        extra["main_disagreement"][i] = main_disagreement(item.labels, item.probs, region,
+                                                          view.class_names)
+        rgb = read_image(view.samples[row].image_path).permute(1, 2, 0).numpy()
+        save_image(folder / f"{stem}.png", issue_figure(rgb, item.labels, item.probs, region,
+                                                        width))
+        save_labels(folder / f"{stem}.region.png",
+                    np.where(region, item.probs.argmax(0), IGNORE_INDEX).astype(np.uint8))
+        extra["figure"][i] = f"label_issues/{stem}.png"
+        extra["region"][i] = f"label_issues/{stem}.region.png"
+    for key, values in extra.items():
+        table[key] = values
+    return table, {"thresholds": dict(zip(view.class_names, t.tolist())),
+                   "method": "cleanlab.segmentation.rank.get_label_quality_scores (softmin), "
+                             "labelled pixels only",
+                   "flagged": int(table["flagged"].sum())}
+
+
+def heatmaps(view: ModelView, samples: pd.DataFrame, features: pd.DataFrame,
+             members: dict[int, list[int]], queries: list[tuple[int, str]], cfg: dict,
+             width: int, folder: Path) -> pd.DataFrame:
+    """Shared-feature overlays on each cluster's representatives, Grad-CAM per class on
+    every similars query; returns the index rows."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for cluster, reps in sorted(members.items()):
+        channels = features.loc[features["cluster"] == cluster, "channel"].astype(int).tolist()
+        if not channels:
+            continue
+        for row in reps:
+            rgb = view.rgb(row, width)
+            raw_heat = explain.channel_maps(view.model, cfg["layer"], view.image(row), channels)
+            heat = explain.normalise(explain.upsample(raw_heat, rgb.shape[:2]))
+            stem = view.samples[row].stem
+            name = f"cluster{cluster}_{stem}.png"
+            save_image(folder / name, Image.fromarray(heat_overlay(rgb, heat)))
+            rows.append({"file": f"heatmaps/{name}", "kind": "shared_features",
+                         "cluster": cluster, "image_id": int(samples.loc[row, "image_id"]),
+                         "stem": stem, "class": "", "layer": cfg["layer"],
+                         "channels": " ".join(map(str, channels)), "target": "",
+                         "peak": float(raw_heat.max()),
+                         "reason": "representative of its cluster"})
+    module = explain.layer_module(view.model, cfg["gradcam_layer"])
+    classes = list(range(len(view.class_names)))
+    for row, reason in queries:
+        rgb = view.rgb(row, width)
+        cams = explain.grad_cam(view.model, module, view.image(row), classes)
+        stem = view.samples[row].stem
+        for c, (cam, target) in cams.items():
+            heat = explain.normalise(explain.upsample(cam, rgb.shape[:2]))
+            name = f"gradcam_{stem}_{view.class_names[c]}.png"
+            save_image(folder / name, Image.fromarray(heat_overlay(rgb, heat)))
+            rows.append({"file": f"heatmaps/{name}", "kind": "gradcam",
+                         "cluster": int(samples.loc[row, "cluster"]),
+                         "image_id": int(samples.loc[row, "image_id"]), "stem": stem,
+                         "class": view.class_names[c], "layer": cfg["gradcam_layer"],
+                         "channels": "", "target": target, "peak": float(cam.max()),
+                         "reason": reason})
+    # peak: the map's maximum before scaling to [0, 1]; 0 means an empty map (drawn flat).
+    return pd.DataFrame(rows, columns=["file", "kind", "cluster", "image_id", "stem", "class",
+                                       "layer", "channels", "target", "peak", "reason"])
+
+
+def read_inputs(predictions: Path, masks: Path) -> tuple[pd.DataFrame, np.ndarray, dict]:
     for name in ("samples.csv", "latents.npz"):
         if not (predictions / name).is_file():
             raise StageError(f"{predictions / name}: missing (run the infer stage first)")
     samples = pd.read_csv(predictions / "samples.csv", dtype={"stem": str})
     with np.load(predictions / "latents.npz") as npz:
         ids, latents = npz["image_ids"], npz["latents"]
+        layout = {str(n): (int(a), int(b)) for n, (a, b) in
+                  zip(npz["layer_names"], npz["layer_slices"])} if "layer_names" in npz else {}
     if not np.array_equal(ids, samples["image_id"].to_numpy()):
         raise StageError(f"{predictions / 'latents.npz'}: image ids do not match samples.csv")
     if len(samples) < 3:
@@ -118,23 +481,80 @@ def run(params: dict, predictions: Path, masks: Path, out: Path) -> pd.DataFrame
     if not (masks / "metadata.csv").is_file():
         raise StageError(f"{masks / 'metadata.csv'}: missing (run the masks stage first)")
     metadata = pd.read_csv(masks / "metadata.csv")
-    samples = samples.merge(metadata[metadata["split"] == "val"], on="image_id", how="left",
-                            validate="one_to_one")
-    xy = project(latents, cfg["projection"], cfg["seed"])
-    # One concat, not three inserts: with the metadata's 100-odd columns, pandas warns
-    # about (and slows down on) a fragmented frame.
-    placed = pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1],
-                           "cluster": cluster(latents, cfg["n_clusters"], cfg["seed"])},
-                          index=samples.index)
-    samples = pd.concat([samples, placed], axis=1)
-    bins = pd.concat([loss_by_bins(samples, f, cfg["n_bins"]) for f in metadata_fields(samples)],
-                     ignore_index=True)
+    if "image_id" not in metadata:
+        raise StageError(f"{masks / 'metadata.csv'}: no image_id column")
+    merged = merge_inputs(samples, ids, metadata, str(predictions / "latents.npz"))
+    return merged, latents, layout
+
+
+def run(params: dict, predictions: Path, masks: Path, model_dir: Path, raw: Path,
+        out: Path) -> pd.DataFrame:
+    cfg = params["analyze"]
+    seed = cfg["seed"]
+    if cfg["clustering"]["k_min"] > cfg["clustering"]["k_max"]:
+        raise StageError(f"analyze.clustering: k_min {cfg['clustering']['k_min']} is above "
+                         f"k_max {cfg['clustering']['k_max']}")
+    samples, latents, layout = read_inputs(predictions, masks)
+    for layer in (cfg["heatmaps"]["layer"], cfg["heatmaps"]["gradcam_layer"]):
+        if layer not in layout:
+            raise StageError(f"analyze.heatmaps: layer {layer!r} is not in "
+                             f"{predictions / 'latents.npz'} (has {', '.join(layout)})")
+    view = ModelView(model_dir, raw, masks, samples["image_id"].astype(int).tolist(),
+                     cfg["device"], cfg["batch_size"])
+
+    scaled = embeddings.standardise(latents)
+    reduced = embeddings.reduce(scaled, cfg["pca_dims"], seed)
+    xy = embeddings.project(scaled, reduced, cfg["projection"], seed)
+    clusters, cluster_info = cluster_samples(reduced, cfg["clustering"], seed)
+    samples = pd.concat([samples, pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1],
+                                                "cluster": clusters}, index=samples.index)],
+                        axis=1)
+    members: dict[int, list[int]] = {}
+    for c in sorted(set(clusters) - {embeddings.NOISE}):
+        rows = np.flatnonzero(clusters == c)
+        members[int(c)] = [int(rows[i]) for i in
+                           embeddings.representatives(reduced[rows], cfg["representatives"])]
+    categories = category_table(clusters, category_presence(samples))
+    queries = similar_queries(samples, {c: r[0] for c, r in members.items()},
+                              cfg["similars"]["top_loss"], cfg["similars"]["image_ids"])
+    similars = similars_table(samples, queries, embeddings.nearest_neighbours(
+        scaled, [q for q, _ in queries], cfg["similars"]["k"]))
+    start, stop = layout[cfg["heatmaps"]["layer"]]
+    features = shared_features(latents, start, stop, clusters, cfg["heatmaps"]["channels"])
+    bins, flagged = metadata_buckets(samples, cfg["buckets"])
+
     with atomic_dir(out) as tmp:
+        issues, issue_info = label_issues(view, samples, cfg["label_issues"]["top"],
+                                          cfg["figure_px"], tmp / "label_issues")
+        quality = issues.set_index("image_id")
+        samples = samples.assign(
+            label_quality=samples["image_id"].map(quality["label_quality"]),
+            label_quality_rank=samples["image_id"].map(quality["rank"])).copy()
+        index = heatmaps(view, samples, features, members, queries, cfg["heatmaps"],
+                         cfg["figure_px"], tmp / "heatmaps")
+        write_csv(tmp / "heatmaps" / "index.csv", index)
+        write_csv(tmp / "heatmaps" / "shared_features.csv", features)
+        (tmp / "metadata").mkdir()
+        for field in plotted_fields(bins, view.class_names):
+            write_png(tmp / "metadata" / f"{field}.png",
+                      metadata_figure(field, bins[bins["field"] == field]))
         write_csv(tmp / "samples.csv", samples)
-        write_csv(tmp / "clusters.csv", cluster_table(samples))
+        write_csv(tmp / "clusters.csv", cluster_table(samples, categories, members))
+        write_csv(tmp / "cluster_categories.csv", categories)
+        write_csv(tmp / "similars.csv", similars)
         write_csv(tmp / "metadata_loss.csv", bins)
-    log.info("%d samples, %d clusters, %d metadata fields", len(samples),
-             samples["cluster"].nunique(), bins["field"].nunique())
+        write_csv(tmp / "metadata_flagged.csv", flagged)
+        write_csv(tmp / "label_issues.csv", issues)
+        write_json(tmp / "summary.json", {
+            "samples": len(samples), "projection": cfg["projection"],
+            "latent_dims": int(latents.shape[1]), "reduced_dims": int(reduced.shape[1]),
+            "clustering": cluster_info, "similars_queries": len(queries),
+            "flagged_buckets": int(bins["flagged"].sum()) if len(bins) else 0,
+            "label_issues": issue_info, "heatmaps": len(index),
+            "classes": view.class_names})
+    log.info("%d samples, %d clusters (%s), %d flagged buckets, %d label issues flagged, "
+             "%d heat-maps", len(samples), cluster_info["k"], cluster_info["method"],
+             int(bins["flagged"].sum()) if len(bins) else 0, issue_info["flagged"], len(index))
     return samples
 
 
@@ -142,10 +562,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = stage_parser("analyze", __doc__.splitlines()[0])
     parser.add_argument("--predictions", required=True, type=Path, help="folder written by infer")
     parser.add_argument("--masks", required=True, type=Path, help="folder written by masks")
+    parser.add_argument("--model", required=True, type=Path, help="folder written by train")
+    parser.add_argument("--raw", required=True, type=Path, help="folder written by download")
     parser.add_argument("--out", required=True, type=Path, help="analysis folder to create")
     args = parser.parse_args(argv)
     return run_main("analyze", lambda: run(load_params(args.params), args.predictions,
-                                           args.masks, args.out))
+                                           args.masks, args.model, args.raw, args.out))
 
 
 if __name__ == "__main__":

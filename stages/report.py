@@ -454,7 +454,8 @@ def render(context: dict) -> str:
 
 
 def build_context(params: dict, schemes: list[Scheme], provenance: dict,
-                  examples: list[dict]) -> dict:
+                  examples: list[dict], issues: list[dict] | None = None,
+                  differences: list[dict] | None = None) -> dict:
     """Everything the template shows, figures already encoded."""
     names = [s.name for s in schemes]
     fields = informative_fields(schemes)
@@ -481,6 +482,7 @@ def build_context(params: dict, schemes: list[Scheme], provenance: dict,
                     for s in schemes],
         "examples": examples, "thumbnail_px": params["report"]["thumbnail_px"],
         "caveats": training_caveats(params, provenance["data"]["images"].get("train")),
+        "issues": issues or [], "differences": differences or [],
     }
 
 
@@ -556,9 +558,18 @@ def load_scheme(params: dict, name: str, predictions: Path, metrics: Path,
         timing=read_timing(predictions / name / "timing.json"),
         samples=read_samples(analysis / name / "samples.csv"),
         clusters=read_table(analysis / name / "clusters.csv", ["cluster", "size", "mean_loss"]),
-        metadata_loss=read_table(analysis / name / "metadata_loss.csv",
-                                 ["field", "bin", "low", "high", "count", "mean_loss"]),
+        metadata_loss=one_binning(read_table(analysis / name / "metadata_loss.csv",
+                                             ["field", "bin", "low", "high", "count",
+                                              "mean_loss"]),
+                                  params["analyze"]["buckets"]["binning"][0]),
     )
+
+
+def one_binning(frame: pd.DataFrame, binning: str) -> pd.DataFrame:
+    """analyze bins every field under each binning of params; the charts show the first."""
+    if "binning" not in frame.columns:
+        return frame
+    return frame[frame["binning"] == binning].reset_index(drop=True)
 
 
 def read_timing(path: Path) -> dict:
@@ -672,15 +683,67 @@ def label_thumbnail(path: Path, width: int) -> str:
     return encode(thumbnail(Image.fromarray(colourise(labels)), width, nearest=True), "PNG")
 
 
+# ---------------------------------------------------------------- run: analyze and compare
+
+N_ISSUES = 3  # label-issue figures shown per scheme (analyze lists them all)
+
+
+def issue_gallery(folder: Path, scheme: str, n: int = N_ISSUES) -> list[dict]:
+    """The n worst-scored images analyze flagged, with its pre-drawn figure."""
+    path = folder / "label_issues.csv"
+    if not path.is_file():
+        return []
+    table = read_table(path, ["rank", "label_quality", "flagged"], dtype={"stem": str})
+    rows = []
+    for r in table[table["flagged"].astype(bool)].head(n).itertuples():
+        figure = folder / str(r.figure)
+        if not figure.is_file():
+            raise StageError(f"{figure}: missing (listed in {path})")
+        rows.append({"scheme": scheme, "rank": int(r.rank), "stem": str(r.stem),
+                     "score": finite(r.label_quality), "what": str(r.main_disagreement)
+                     if isinstance(r.main_disagreement, str) else "",
+                     "src": data_uri(figure.read_bytes())})
+    return rows
+
+
+def _change_text(row: dict, kind: str) -> str:
+    where = (f"cluster {row['cluster']} of {row['clusters_of']}" if kind == "cluster" else
+             f"{row['field']} {row['low']:.3g}–{row['high']:.3g} ({row['binning']}, bins of "
+             f"{row['bins_of']})")
+    z = finite(row.get("z"))
+    return (f"{where}: {row['images']} images, mean loss {row['mean_loss_a']:.3f} → "
+            f"{row['mean_loss_b']:.3f} (z {'—' if z is None else f'{z:.1f}'}"
+            f"{', significant' if row['significant'] else ''})")
+
+
+def scheme_differences(compare: Path | None) -> list[dict]:
+    """One entry per pair of schemes from compare/summary.json (none without it)."""
+    if compare is None:
+        return []
+    doc = read_json(compare / "summary.json")
+    pairs = []
+    for p in doc.get("pairs", []):
+        pairs.append({"a": p["a"], "b": p["b"], "images": p["images"],
+                      "delta_loss": finite(p["loss"]["mean_delta_loss"]),
+                      "z": finite(p["loss"]["z"]), "delta_miou": finite(p["mean_delta_miou"]),
+                      "ari": finite(p["cluster_agreement_ari"]),
+                      "clusters": [_change_text(r, "cluster") for r in p["clusters_changing_most"][:3]],
+                      "buckets": [_change_text(r, "bucket") for r in p["buckets_changing_most"][:3]],
+                      "only_in": p["label_issues_only_in"]})
+    return pairs
+
+
 # ---------------------------------------------------------------- run
 
 def run(params: dict, raw: Path, masks: Path, models: Path, predictions: Path, metrics: Path,
-        analysis: Path, out: Path) -> Path:
+        analysis: Path, out: Path, compare: Path | None = None) -> Path:
     schemes = [load_scheme(params, name, predictions, metrics, analysis)
                for name in params["schemes"]]
     cfg = params["report"]
     rows = examples(schemes, raw, masks, predictions, cfg["n_examples"], cfg["thumbnail_px"])
-    html = render(build_context(params, schemes, provenance(params, raw, models, schemes), rows))
+    issues = [row for s in schemes for row in issue_gallery(analysis / s.name, s.name)]
+    html = render(build_context(params, schemes, provenance(params, raw, models, schemes), rows,
+                                issues, scheme_differences(compare)))
     with atomic_path(out) as tmp:
         tmp.write_text(html, encoding="utf-8")
     log.info("%s: %d schemes, %d examples, %.1f MB", out, len(schemes), len(rows),
@@ -698,11 +761,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics", required=True, type=Path,
                         help="folder of {scheme}.json and {scheme}.confusion.csv")
     parser.add_argument("--analysis", required=True, type=Path, help="folder of analysis/{scheme}")
+    parser.add_argument("--compare", type=Path, help="folder written by compare")
     parser.add_argument("--out", required=True, type=Path, help="HTML file to write")
     args = parser.parse_args(argv)
     return run_main("report", lambda: run(load_params(args.params), args.raw, args.masks,
                                           args.models, args.predictions, args.metrics,
-                                          args.analysis, args.out))
+                                          args.analysis, args.out, args.compare))
 
 
 if __name__ == "__main__":

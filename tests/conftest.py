@@ -29,7 +29,7 @@ def small_params(base: dict, *, train: int = 8, val: int = 6, size: int = 64, ep
     p = copy.deepcopy(base)
     p["data"]["max_images"] = {"train": train, "val": val}
     p["train"].update(image_size=size, epochs=epochs, batch_size=4)
-    p["analyze"]["n_clusters"] = 2
+    p["analyze"]["clustering"].update(method="kmeans", k_min=2, k_max=2)
     p["report"]["n_examples"] = 2
     return p
 

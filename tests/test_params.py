@@ -29,7 +29,7 @@ def test_default_params_yaml_is_valid(default_params):
 
 def test_schema_requires_every_section():
     assert set(load_schema()["required"]) == {"data", "schemes", "masks", "model", "train",
-                                              "infer", "analyze", "report"}
+                                              "infer", "analyze", "compare", "report"}
 
 
 @pytest.mark.parametrize("path, key", [
@@ -61,7 +61,7 @@ def test_wrong_type_names_the_key(params):
 def test_all_problems_reported_at_once(params):
     params["train"]["epochs"] = 0
     params["infer"]["batch_size"] = "big"
-    params["analyze"]["projection"] = "umap"
+    params["analyze"]["projection"] = "isomap"
     message = _error(params)
     for key in ("train.epochs", "infer.batch_size", "analyze.projection"):
         assert f"params.yaml: {key}:" in message

@@ -29,7 +29,7 @@ TITLE = f'segflow {EVIL} & "co"'
 BUILD = """
 import sys
 from pathlib import Path
-from stages import analyze, download, evaluate, infer, masks, train
+from stages import analyze, compare, download, evaluate, infer, masks, train
 from stages.lib.params import load_params
 params, root = load_params(sys.argv[1]), Path(sys.argv[2])
 raw = root / "data" / "raw"
@@ -41,7 +41,8 @@ for s in params["schemes"]:
     infer.run(params, model, raw, m, pred)
     evaluate.run(params, s, pred / "val", m / "val", root / "metrics" / f"{s}.json",
                  root / "metrics" / f"{s}.confusion.csv")
-    analyze.run(params, pred, m, root / "analysis" / s)
+    analyze.run(params, pred, m, model, raw, root / "analysis" / s)
+compare.run(params, root / "analysis", root / "compare")
 """
 
 _BUILT: dict[str, dict] = {}
@@ -66,6 +67,7 @@ def stage_args(root: Path, **override) -> dict:
     paths = {"raw": root / "data" / "raw", "masks": root / "data" / "masks",
              "models": root / "models", "predictions": root / "predictions",
              "metrics": root / "metrics", "analysis": root / "analysis",
+             "compare": root / "compare",
              "out": root / "reports" / "index.html"}
     paths.update(override)
     return paths
@@ -73,7 +75,8 @@ def stage_args(root: Path, **override) -> dict:
 
 def cli_argv(params_path: Path, paths: dict) -> list[str]:
     argv = ["--params", str(params_path)]
-    for key in ("raw", "masks", "models", "predictions", "metrics", "analysis", "out"):
+    for key in ("raw", "masks", "models", "predictions", "metrics", "analysis", "compare",
+                "out"):
         argv += [f"--{key}", str(paths[key])]
     return argv
 
@@ -359,7 +362,8 @@ def test_sections_toc_timing_and_examples(rendered):
     page, params, root = rendered["page"], rendered["params"], rendered["root"]
     headings = [t for t in re.findall(r"<h2>(.*?)</h2>", rendered["html"])]
     assert headings == ["1. Provenance", "2. Scheme comparison", "3. Inference timing",
-                        "4. Population map", "5. Metadata vs loss", "6. Examples"]
+                        "4. Population map", "5. Metadata vs loss", "6. Examples",
+                        "7. Label issues", "8. Scheme differences"]
     ids = {attrs["id"] for _, attrs in page.tags if "id" in attrs}
     anchors = [attrs["href"][1:] for tag, attrs in page.tags
                if tag == "a" and attrs.get("href", "").startswith("#")]
@@ -373,6 +377,19 @@ def test_sections_toc_timing_and_examples(rendered):
     examples = page.tables["examples-table"][1:]
     assert len(examples) == params["report"]["n_examples"]
     assert all("loss" in cell for row in examples for cell in row[1:])
+
+
+def test_label_issues_and_scheme_differences(rendered):
+    page, params, root = rendered["page"], rendered["params"], rendered["root"]
+    text = page.all_text()
+    for s in params["schemes"]:
+        issues = pd.read_csv(root / "analysis" / s / "label_issues.csv", dtype={"stem": str})
+        worst = issues.iloc[0]
+        assert f"{s} #1 {worst['stem']}: score {worst['label_quality']:.3f}" in text
+    summary = json.loads((root / "compare" / "summary.json").read_text())
+    [pair] = summary["pairs"]
+    assert f"{pair['b']} vs {pair['a']} on {pair['images']} shared images" in text
+    assert f"adjusted Rand index {pair['cluster_agreement_ari']:.3f}" in text
 
 
 def test_provenance_lists_commit_params_versions_and_data(rendered):

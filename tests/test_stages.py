@@ -51,6 +51,8 @@ def chain(tmp_path_factory, default_params, one_torch_thread):
              "model": root / "models" / SCHEME, "pred": root / "predictions" / SCHEME,
              "metrics": root / "metrics" / f"{SCHEME}.json",
              "confusion": root / "metrics" / f"{SCHEME}_confusion.csv",
+             "confusion_plot": root / "metrics" / f"{SCHEME}.confusion.png",
+             "metric_samples": root / "metrics" / f"{SCHEME}.samples.csv",
              "analysis": root / "analysis" / SCHEME}
     deterministic = torch.are_deterministic_algorithms_enabled()
     codes = {}
@@ -70,10 +72,13 @@ def chain(tmp_path_factory, default_params, one_torch_thread):
                                            str(paths["pred"] / "val"), "--gt",
                                            str(paths["masks"] / "val"), "--out",
                                            str(paths["metrics"]), "--confusion",
-                                           str(paths["confusion"])])
+                                           str(paths["confusion"]), "--confusion-plot",
+                                           str(paths["confusion_plot"]), "--samples",
+                                           str(paths["metric_samples"])])
         codes["analyze"] = analyze.main(["--params", p, "--predictions", str(paths["pred"]),
-                                         "--masks", str(paths["masks"]), "--out",
-                                         str(paths["analysis"])])
+                                         "--masks", str(paths["masks"]), "--model",
+                                         str(paths["model"]), "--raw", str(paths["raw"]),
+                                         "--out", str(paths["analysis"])])
     torch.use_deterministic_algorithms(deterministic)  # train.run switches it on globally
     paths["codes"] = codes
     paths["params_dict"] = params
@@ -222,8 +227,8 @@ def test_metrics_json(chain, val_images):
     assert "NaN" not in text and "Infinity" not in text
     assert list(doc) == ["miou", "pixel_accuracy", "pixel_accuracy_with_ignore",
                          "mean_class_accuracy", "fw_iou", "iou", "dice", "class_accuracy",
-                         "images", "pixels_evaluated", "pixels_ignored"]
-    for key in ("iou", "dice", "class_accuracy"):
+                         "precision", "recall", "images", "pixels_evaluated", "pixels_ignored"]
+    for key in ("iou", "dice", "class_accuracy", "precision", "recall"):
         assert list(doc[key]) == CLASSES
         assert all(v is None or 0 <= v <= 1 for v in doc[key].values())
     assert doc["images"] == N_VAL
@@ -245,37 +250,117 @@ def test_metrics_json(chain, val_images):
     assert doc["pixel_accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
 
 
+def test_metrics_match_torchmetrics_on_the_real_predictions(chain, val_images):
+    from test_metrics import torchmetrics_scores
+
+    pairs = [(read_labels(chain["masks"] / "val" / f"{Path(im['file_name']).stem}.png"),
+              read_labels(chain["pred"] / "val" / f"{Path(im['file_name']).stem}.png"))
+             for im in val_images]
+    reference = torchmetrics_scores(pairs, len(CLASSES))
+    doc = json.loads(chain["metrics"].read_text())
+    table = pd.read_csv(chain["confusion"])
+    assert table[CLASSES].to_numpy().tolist() == reference["cm"].astype(int).tolist()
+    for key in ("miou", "pixel_accuracy", "pixel_accuracy_with_ignore", "mean_class_accuracy",
+                "fw_iou"):
+        assert doc[key] == pytest.approx(reference[key], rel=1e-5), key
+    for key in ("iou", "dice", "class_accuracy", "precision", "recall"):
+        for index, name in enumerate(CLASSES):
+            if doc[key][name] is not None:
+                assert doc[key][name] == pytest.approx(reference[key][index], rel=1e-5), key
+    # per-sample table: one row per image, summing to the whole-set counts
+    per_sample = pd.read_csv(chain["metric_samples"], dtype={"stem": str})
+    assert per_sample["stem"].tolist() == [Path(im["file_name"]).stem for im in val_images]
+    assert per_sample["pixels_evaluated"].sum() == doc["pixels_evaluated"]
+    assert per_sample["pixels_ignored"].sum() == doc["pixels_ignored"]
+    infer_table = pd.read_csv(chain["pred"] / "samples.csv")
+    np.testing.assert_allclose(per_sample["pixel_accuracy"], infer_table["pixel_accuracy"])
+    with Image.open(chain["confusion_plot"]) as image:
+        assert image.format == "PNG"
+
+
+ANALYSIS_FILES = ["cluster_categories.csv", "clusters.csv", "heatmaps", "label_issues",
+                  "label_issues.csv", "metadata", "metadata_flagged.csv", "metadata_loss.csv",
+                  "samples.csv", "similars.csv", "summary.json"]
+
+
 def test_analysis_files(chain):
     folder = chain["analysis"]
-    assert sorted(p.name for p in folder.iterdir()) == ["clusters.csv", "metadata_loss.csv",
-                                                        "samples.csv"]
+    assert sorted(p.name for p in folder.iterdir()) == ANALYSIS_FILES
     samples = pd.read_csv(folder / "samples.csv")
     infer_table = pd.read_csv(chain["pred"] / "samples.csv")
     assert samples["image_id"].tolist() == infer_table["image_id"].tolist()
-    for col in ("loss", "x", "y", "cluster", "is_grayscale", "person_fraction", "split", "width"):
+    for col in ("loss", "x", "y", "cluster", "is_grayscale", "person_fraction", "split", "width",
+                "label_quality", "label_quality_rank"):
         assert col in samples.columns
     assert (samples["split"] == "val").all()
     assert np.isfinite(samples[["x", "y"]]).all().all()
-    assert set(samples["cluster"]) == {0, 1}   # n_clusters 2 in small_params
+    assert set(samples["cluster"]) == {0, 1}   # k_min = k_max = 2 in small_params
+    assert sorted(samples["label_quality_rank"]) == list(range(1, N_VAL + 1))
     clusters = pd.read_csv(folder / "clusters.csv")
     assert list(clusters.columns) == ["cluster", "size", "mean_loss", "mean_pixel_accuracy",
                                       "grayscale_share", "mean_iou_background", "mean_iou_person",
-                                      "mean_iou_car"]
+                                      "mean_iou_car", "dominant_categories", "medoid_image_id",
+                                      "representative_image_ids"]
     assert clusters["size"].sum() == N_VAL
     assert clusters["grayscale_share"].between(0, 1).all()
+    for row in clusters.itertuples():
+        reps = [int(i) for i in str(row.representative_image_ids).split()]
+        assert reps[0] == row.medoid_image_id
+        assert set(samples.loc[samples["image_id"].isin(reps), "cluster"]) == {row.cluster}
+    cats = pd.read_csv(folder / "cluster_categories.csv")
+    assert list(cats.columns) == ["cluster", "category", "images", "share", "share_overall",
+                                  "lift"]
+    assert "person" in set(cats["category"]) and cats["share"].between(0, 1).all()
+    # the shares are right: recount one category from the metadata
+    person = samples["person_instances"] > 0
+    for row in cats[cats["category"] == "person"].itertuples():
+        assert row.images == int(person[samples["cluster"] == row.cluster].sum())
+    similars = pd.read_csv(folder / "similars.csv")
+    k = chain["params_dict"]["analyze"]["similars"]["k"]
+    for query, group in similars.groupby("query_image_id"):
+        assert group["rank"].tolist() == list(range(1, min(k, N_VAL - 1) + 1))
+        assert query not in set(group["image_id"])
+        assert group["cosine_distance"].is_monotonic_increasing
+    assert set(clusters["medoid_image_id"]) <= set(similars["query_image_id"])
     bins = pd.read_csv(folder / "metadata_loss.csv")
-    assert list(bins.columns)[:6] == ["field", "bin", "low", "high", "count", "mean_loss"]
-    n_bins = chain["params_dict"]["analyze"]["n_bins"]
+    assert list(bins.columns)[:12] == ["binning", "field", "bin", "low", "high", "count",
+                                       "mean_loss", "std_loss", "se_loss", "overall_mean_loss",
+                                       "excess_se", "flagged"]
+    cfg = chain["params_dict"]["analyze"]["buckets"]
+    assert set(bins["binning"]) == set(cfg["binning"])
     assert "brightness" in set(bins["field"])
-    for field, group in bins.groupby("field"):
+    for (binning, field), group in bins.groupby(["binning", "field"]):
         assert group["count"].sum() == N_VAL, field
-        assert len(group) == (2 if field == "is_grayscale" else n_bins), field
+        assert len(group) <= (2 if field == "is_grayscale" else cfg["n_bins"]), field
         assert (group["low"].to_numpy()[1:] == group["high"].to_numpy()[:-1]).all()
-    for field in ("image_id", "loss", "x", "cluster", "latency_ms", "iou_person"):
+    for field in ("image_id", "loss", "x", "cluster", "latency_ms", "iou_person",
+                  "label_quality"):
         assert field not in set(bins["field"])
     assert "count_bus" in samples.columns   # every unclaimed category reaches samples.csv...
     counted = [f for f in set(bins["field"]) if f.startswith("count_")]
     assert len(counted) <= analyze.MAX_COUNT_FIELDS   # ...but only a few are binned
+    assert (folder / "metadata" / "brightness.png").is_file()
+    issues = pd.read_csv(folder / "label_issues.csv", dtype={"stem": str})
+    assert issues["rank"].tolist() == list(range(1, N_VAL + 1))
+    assert issues["label_quality"].is_monotonic_increasing
+    top = chain["params_dict"]["analyze"]["label_issues"]["top"]
+    flagged = issues[issues["flagged"]]
+    assert len(flagged) == min(top, N_VAL)
+    for row in flagged.itertuples():
+        region = read_labels(folder / row.region)
+        gt = read_labels(chain["masks"] / "val" / f"{row.stem}.png")
+        assert region.shape == gt.shape
+        inside = region != IGNORE_INDEX
+        assert inside.sum() == row.disagreement_pixels
+        assert (region[inside] != gt[inside]).all() and (gt[inside] != IGNORE_INDEX).all()
+        assert (folder / row.figure).is_file()
+    index = pd.read_csv(folder / "heatmaps" / "index.csv")
+    assert set(index["kind"]) == {"shared_features", "gradcam"}
+    assert all((folder / f).is_file() for f in index["file"])
+    gradcam = index[index["kind"] == "gradcam"]
+    assert set(gradcam["class"]) == set(CLASSES)
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["clustering"]["k"] == 2 and summary["samples"] == N_VAL
 
 
 def test_analyze_bins_only_the_frequent_category_counts():
@@ -300,11 +385,13 @@ def test_analyze_refuses_too_few_or_mismatched_samples(chain, tmp_path):
         ids, latents = npz["image_ids"], npz["latents"]
     np.savez(pred / "latents.npz", image_ids=ids[::-1], latents=latents)
     with pytest.raises(StageError, match="image ids do not match samples.csv"):
-        analyze.run(chain["params_dict"], pred, chain["masks"], tmp_path / "a")
+        analyze.run(chain["params_dict"], pred, chain["masks"], chain["model"], chain["raw"],
+                    tmp_path / "a")
     table.head(2).to_csv(pred / "samples.csv", index=False)
     np.savez(pred / "latents.npz", image_ids=ids[:2], latents=latents[:2])
     with pytest.raises(StageError, match="2 samples; analysis needs 3"):
-        analyze.run(chain["params_dict"], pred, chain["masks"], tmp_path / "a")
+        analyze.run(chain["params_dict"], pred, chain["masks"], chain["model"], chain["raw"],
+                    tmp_path / "a")
     assert not (tmp_path / "a").exists()
 
 
@@ -392,7 +479,8 @@ def _argv(stage: str, p: str, root: Path) -> list[str]:
         "infer": ["--params", p, "--model", x, "--raw", x, "--masks", x, "--out", x],
         "evaluate": ["--params", p, "--scheme", SCHEME, "--pred", x, "--gt", x, "--out", x,
                      "--confusion", x],
-        "analyze": ["--params", p, "--predictions", x, "--masks", x, "--out", x],
+        "analyze": ["--params", p, "--predictions", x, "--masks", x, "--model", x, "--raw", x,
+                    "--out", x],
     }[stage]
 
 
@@ -464,7 +552,8 @@ def test_infer_missing_model_folder(chain, tmp_path, caplog):
 def test_analyze_missing_predictions_folder(chain, tmp_path, caplog):
     missing = tmp_path / "no_predictions"
     code = analyze.main(["--params", str(chain["params"]), "--predictions", str(missing),
-                         "--masks", str(chain["masks"]), "--out", str(tmp_path / "a")])
+                         "--masks", str(chain["masks"]), "--model", str(chain["model"]),
+                         "--raw", str(chain["raw"]), "--out", str(tmp_path / "a")])
     assert code == 2
     assert str(missing) in caplog.text
 

@@ -71,13 +71,12 @@ def fit_width(image: Image.Image, width: int, nearest: bool = False) -> Image.Im
 
 
 def heat_overlay(rgb: np.ndarray, heat: np.ndarray, alpha: float = 0.5,
-                 cmap: str = "inferno") -> np.ndarray:
-    """uint8 RGB: `heat` (H, W, values in [0, 1]) coloured and blended over `rgb` (H, W, 3),
-    more opaque where the heat is high so the photo stays readable where it is low."""
+                 cmap: str = "turbo") -> np.ndarray:
+    """uint8 RGB: `heat` (H, W, values in [0, 1]) coloured (blue low, red high) and blended
+    over `rgb` (H, W, 3) with weight `alpha`, as Grad-CAM figures usually are."""
     heat = np.clip(np.nan_to_num(heat), 0, 1)
     colour = colormaps[cmap](heat)[..., :3] * 255
-    weight = alpha * heat[..., None] + 0.15
-    return (rgb * (1 - weight) + colour * weight).round().clip(0, 255).astype(np.uint8)
+    return (rgb * (1 - alpha) + colour * alpha).round().clip(0, 255).astype(np.uint8)
 
 
 def mask_overlay(rgb: np.ndarray, mask: np.ndarray, colour=(255, 0, 255),

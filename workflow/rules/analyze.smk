@@ -2,6 +2,8 @@ rule analyze:
     input:
         predictions="predictions/{scheme}",
         masks="data/masks/{scheme}",
+        model="models/{scheme}",
+        raw="data/raw",
         code=stage_code("analyze"),
     output:
         directory("analysis/{scheme}"),
@@ -13,10 +15,11 @@ rule analyze:
         benchmark_path("analyze")
     conda:
         "../envs/segflow.yaml"
-    threads: 1
+    threads: 2
     resources:
-        mem_mb=4000,
-        runtime=60,
+        mem_mb=6000,
+        runtime=120,
     shell:
         "python -m stages.analyze --params params.yaml --predictions {input.predictions} "
-        "--masks {input.masks} --out {output} > {log} 2>&1"
+        "--masks {input.masks} --model {input.model} --raw {input.raw} --out {output} "
+        "> {log} 2>&1"

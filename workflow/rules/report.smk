@@ -9,6 +9,7 @@ rule report:
         metrics=expand("metrics/{scheme}.{ext}", scheme=SCHEMES, ext=["json", "confusion.csv"]),
         curves=expand("metrics/train/{scheme}", scheme=SCHEMES),
         analysis=expand("analysis/{scheme}", scheme=SCHEMES),
+        compare="compare",
         code=stage_code("report"),
     output:
         "reports/index.html",
@@ -28,4 +29,4 @@ rule report:
     shell:
         "python -m stages.report --params params.yaml --raw data/raw --masks data/masks "
         "--models models --predictions predictions --metrics metrics --analysis analysis "
-        "--out {output} > {log} 2>&1"
+        "--compare compare --out {output} > {log} 2>&1"

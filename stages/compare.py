@@ -1,0 +1,248 @@
+"""compare: the label schemes against each other, on the val images they share. Reads
+analysis/<scheme>/ of every scheme in params.yaml and writes under --out:
+  samples.csv       per image: loss, mIoU, cluster, label quality and flag in each scheme;
+                    per pair of schemes (a, b), b - a of the loss, mIoU and each shared
+                    class's IoU
+  clusters.csv      per pair, per cluster of either scheme (its own latent space): mean loss
+                    of its images in a and in b, mean change, its standard error, z
+  buckets.csv       the same per metadata bucket of either scheme (analyze's bins)
+  label_issues.csv  images flagged as label issues in some scheme: in which, and whether
+                    in one scheme only
+  summary.json      per pair: images, mean changes, cluster agreement (adjusted Rand
+                    index), the clusters and buckets that change most, one-scheme issues
+A change counts as significant when the group holds at least compare.min_count images and
+its mean change is at least compare.z standard errors from zero.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import adjusted_rand_score
+
+from stages.lib import buckets
+from stages.lib.cli import StageError, run_main, stage_parser
+from stages.lib.io import atomic_dir, write_csv, write_json
+from stages.lib.params import load_params, scheme_class_names
+
+log = logging.getLogger("compare")
+
+SAMPLE_COLUMNS = ["image_id", "loss", "cluster", "label_quality", "label_quality_rank"]
+N_TOP = 5
+
+
+# ---------------------------------------------------------------- pure core
+
+def per_sample_miou(samples: pd.DataFrame) -> pd.Series:
+    """Mean of a sample's per-class IoUs over the classes defined for it (NaN if none)."""
+    ious = samples[[c for c in samples.columns if c.startswith("iou_")]]
+    return ious.mean(axis=1, skipna=True)
+
+
+def pair_name(a: str, b: str) -> str:
+    return f"{b}_vs_{a}"
+
+
+def joined_samples(tables: dict[str, pd.DataFrame], flagged: dict[str, set[int]],
+                   classes: dict[str, list[str]]) -> pd.DataFrame:
+    """One row per image present in every scheme, with per-scheme columns and per-pair
+    deltas (b - a for each pair in params order)."""
+    merged = None
+    for name, table in tables.items():
+        part = pd.DataFrame({"image_id": table["image_id"].astype(int)})
+        if merged is None and "file_name" in table:
+            part["file_name"] = table["file_name"]
+        part[f"loss_{name}"] = table["loss"]
+        part[f"miou_{name}"] = per_sample_miou(table)
+        for cls in classes[name]:
+            if f"iou_{cls}" in table:
+                part[f"iou_{cls}_{name}"] = table[f"iou_{cls}"]
+        part[f"cluster_{name}"] = table["cluster"]
+        part[f"label_quality_{name}"] = table["label_quality"]
+        part[f"label_quality_rank_{name}"] = table["label_quality_rank"]
+        part[f"flagged_{name}"] = part["image_id"].isin(flagged[name])
+        merged = part if merged is None else merged.merge(part, on="image_id", how="inner",
+                                                          validate="one_to_one")
+    deltas = {}
+    for a, b in itertools.combinations(tables, 2):
+        pair = pair_name(a, b)
+        deltas[f"delta_loss_{pair}"] = merged[f"loss_{b}"] - merged[f"loss_{a}"]
+        deltas[f"delta_miou_{pair}"] = merged[f"miou_{b}"] - merged[f"miou_{a}"]
+        for cls in classes[a]:
+            if cls in classes[b] and f"iou_{cls}_{a}" in merged and f"iou_{cls}_{b}" in merged:
+                deltas[f"delta_iou_{cls}_{pair}"] = merged[f"iou_{cls}_{b}"] - merged[f"iou_{cls}_{a}"]
+    return pd.concat([merged, pd.DataFrame(deltas, index=merged.index)], axis=1)
+
+
+def group_change(delta: pd.Series, loss_a: pd.Series, loss_b: pd.Series, z: float,
+                 min_count: int) -> dict:
+    """Mean change of a group, its standard error, z and whether it is significant."""
+    d = delta.dropna()
+    n = len(d)
+    mean = float(d.mean()) if n else np.nan
+    se = float(d.std(ddof=1) / np.sqrt(n)) if n >= 2 else np.nan
+    score = mean / se if n >= 2 and se > 0 else np.nan
+    return {"images": n, "mean_loss_a": float(loss_a.mean()) if n else np.nan,
+            "mean_loss_b": float(loss_b.mean()) if n else np.nan, "mean_delta_loss": mean,
+            "se_delta_loss": se, "z": score,
+            "significant": bool(n >= min_count and np.isfinite(score) and abs(score) >= z)}
+
+
+def cluster_changes(joined: pd.DataFrame, schemes: list[str], z: float,
+                    min_count: int) -> pd.DataFrame:
+    rows = []
+    for a, b in itertools.combinations(schemes, 2):
+        delta = joined[f"delta_loss_{pair_name(a, b)}"]
+        for grouping in (a, b):
+            for cluster, members in joined.groupby(f"cluster_{grouping}"):
+                idx = members.index
+                rows.append({"a": a, "b": b, "clusters_of": grouping, "cluster": int(cluster),
+                             **group_change(delta[idx], joined.loc[idx, f"loss_{a}"],
+                                            joined.loc[idx, f"loss_{b}"], z, min_count)})
+    return _ranked(pd.DataFrame(rows))
+
+
+def bucket_changes(joined: pd.DataFrame, samples: dict[str, pd.DataFrame],
+                   bins: dict[str, pd.DataFrame], schemes: list[str], z: float,
+                   min_count: int) -> pd.DataFrame:
+    """Changes per bucket of each scheme's own bins (its fields: a scheme's class fractions
+    exist in it only), over the images both schemes have."""
+    rows = []
+    for a, b in itertools.combinations(schemes, 2):
+        delta = joined[f"delta_loss_{pair_name(a, b)}"]
+        for grouping in (a, b):
+            values = joined[["image_id"]].merge(samples[grouping], on="image_id", how="left")
+            for (binning, field), part in bins[grouping].groupby(["binning", "field"], sort=False):
+                if field not in values:
+                    continue
+                part = part.sort_values("bin")
+                edges = np.append(part["low"].to_numpy(), part["high"].to_numpy()[-1])
+                index = buckets.assign(pd.to_numeric(values[field], errors="coerce"), edges)
+                for b_index, low, high in zip(part["bin"], part["low"], part["high"]):
+                    members = joined.index[index == b_index]
+                    if len(members) == 0:
+                        continue
+                    rows.append({"a": a, "b": b, "bins_of": grouping, "binning": binning,
+                                 "field": field, "bin": int(b_index), "low": low, "high": high,
+                                 **group_change(delta[members], joined.loc[members, f"loss_{a}"],
+                                                joined.loc[members, f"loss_{b}"], z, min_count)})
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    # A field both schemes share (brightness, person_fraction...) has the same bins in
+    # both: keep one row, the first scheme's.
+    same = ["a", "b", "binning", "field", "low", "high", "images", "mean_delta_loss"]
+    return _ranked(frame.drop_duplicates(subset=same, keep="first"))
+
+
+def _ranked(frame: pd.DataFrame) -> pd.DataFrame:
+    """Biggest absolute mean change first within each pair, significant ones before."""
+    if frame.empty:
+        return frame
+    frame = frame.assign(_abs=frame["mean_delta_loss"].abs())
+    frame = frame.sort_values(["a", "b", "significant", "_abs"], ascending=[True, True, False, False],
+                              kind="stable")
+    return frame.drop(columns="_abs").reset_index(drop=True)
+
+
+def issue_changes(joined: pd.DataFrame, schemes: list[str]) -> pd.DataFrame:
+    flags = joined[[f"flagged_{s}" for s in schemes]].to_numpy()
+    keep = flags.any(axis=1)
+    part = joined.loc[keep]
+    out = pd.DataFrame({"image_id": part["image_id"]})
+    if "file_name" in part:
+        out["file_name"] = part["file_name"]
+    out["flagged_in"] = [" ".join(s for s, f in zip(schemes, row) if f) for row in flags[keep]]
+    out["only_in"] = [next(s for s, f in zip(schemes, row) if f) if row.sum() == 1 else ""
+                      for row in flags[keep]]
+    for s in schemes:
+        out[f"label_quality_{s}"] = part[f"label_quality_{s}"]
+        out[f"label_quality_rank_{s}"] = part[f"label_quality_rank_{s}"]
+    return out.sort_values(["only_in", "image_id"], ascending=[False, True],
+                           kind="stable").reset_index(drop=True)
+
+
+def summary(joined: pd.DataFrame, clusters: pd.DataFrame, bucket_rows: pd.DataFrame,
+            issues: pd.DataFrame, schemes: list[str], z: float, min_count: int) -> dict:
+    pairs = []
+    for a, b in itertools.combinations(schemes, 2):
+        pair = pair_name(a, b)
+        change = group_change(joined[f"delta_loss_{pair}"], joined[f"loss_{a}"],
+                              joined[f"loss_{b}"], z, min_count)
+        top = lambda frame: (frame[(frame["a"] == a) & (frame["b"] == b)]  # noqa: E731
+                             .head(N_TOP).to_dict("records") if len(frame) else [])
+        pairs.append({
+            "a": a, "b": b, "images": int(len(joined)), "loss": change,
+            "mean_delta_miou": float(joined[f"delta_miou_{pair}"].mean()),
+            "cluster_agreement_ari": float(adjusted_rand_score(joined[f"cluster_{a}"],
+                                                               joined[f"cluster_{b}"])),
+            "clusters_changing_most": top(clusters), "buckets_changing_most": top(bucket_rows),
+            "label_issues_only_in": {s: int((issues["only_in"] == s).sum()) for s in (a, b)},
+        })
+    return {"schemes": schemes, "significance": {"z": z, "min_count": min_count},
+            "pairs": pairs}
+
+
+# ---------------------------------------------------------------- run
+
+def read_scheme(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame, set[int]]:
+    def table(name: str, columns: list[str]) -> pd.DataFrame:
+        path = folder / name
+        if not path.is_file():
+            raise StageError(f"{path}: missing (run the analyze stage first)")
+        frame = pd.read_csv(path)
+        missing = [c for c in columns if c not in frame.columns]
+        if missing:
+            raise StageError(f"{path}: missing columns {', '.join(missing)}; re-run analyze")
+        return frame
+
+    samples = table("samples.csv", SAMPLE_COLUMNS)
+    bins = table("metadata_loss.csv", ["binning", "field", "bin", "low", "high"])
+    issues = table("label_issues.csv", ["image_id", "flagged"])
+    return samples, bins, set(issues.loc[issues["flagged"].astype(bool), "image_id"].astype(int))
+
+
+def run(params: dict, analysis: Path, out: Path) -> dict:
+    cfg = params["compare"]
+    schemes = list(params["schemes"])
+    samples, bins, flagged = {}, {}, {}
+    for name in schemes:
+        samples[name], bins[name], flagged[name] = read_scheme(analysis / name)
+    classes = {name: scheme_class_names(params, name) for name in schemes}
+    joined = joined_samples(samples, flagged, classes)
+    if len(schemes) > 1 and joined.empty:
+        raise StageError(f"{analysis}: the schemes share no val image; nothing to compare")
+    clusters = cluster_changes(joined, schemes, cfg["z"], cfg["min_count"])
+    bucket_rows = bucket_changes(joined, samples, bins, schemes, cfg["z"], cfg["min_count"])
+    issues = issue_changes(joined, schemes)
+    doc = summary(joined, clusters, bucket_rows, issues, schemes, cfg["z"], cfg["min_count"])
+    with atomic_dir(out) as tmp:
+        write_csv(tmp / "samples.csv", joined)
+        write_csv(tmp / "clusters.csv", clusters)
+        write_csv(tmp / "buckets.csv", bucket_rows)
+        write_csv(tmp / "label_issues.csv", issues)
+        write_json(tmp / "summary.json", doc)
+    for pair in doc["pairs"]:
+        log.info("%s vs %s: %d images, mean loss change %+.4f (z %.2f), ARI %.3f, %d "
+                 "significant clusters, %d significant buckets", pair["b"], pair["a"],
+                 pair["images"], pair["loss"]["mean_delta_loss"], pair["loss"]["z"],
+                 pair["cluster_agreement_ari"],
+                 int(clusters["significant"].sum()) if len(clusters) else 0,
+                 int(bucket_rows["significant"].sum()) if len(bucket_rows) else 0)
+    return doc
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = stage_parser("compare", __doc__.splitlines()[0])
+    parser.add_argument("--analysis", required=True, type=Path,
+                        help="folder of analysis/<scheme> (written by analyze)")
+    parser.add_argument("--out", required=True, type=Path, help="comparison folder to create")
+    args = parser.parse_args(argv)
+    return run_main("compare", lambda: run(load_params(args.params), args.analysis, args.out))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

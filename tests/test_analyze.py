@@ -1,0 +1,363 @@
+"""analyze: the cores on hand-made data (clusters, medoids, neighbours, buckets, categories,
+shared features, label quality against cleanlab, disagreement, Grad-CAM on a model whose
+answer is known), and label issues found on real sample images whose labels were
+corrupted (a person erased, a region relabelled)."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from conftest import SAMPLE, small_params
+from stages import analyze
+from stages.lib import buckets, embeddings, explain
+from stages.lib.labels import IGNORE_INDEX, read_labels, save_labels
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+# ---------------------------------------------------------------- embeddings
+
+def blobs(seed: int = 0, per: int = 20, dims: int = 6) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = np.eye(dims)[:3] * 10
+    points = np.concatenate([c + rng.normal(0, 0.3, (per, dims)) for c in centres])
+    return points, np.repeat(np.arange(3), per)
+
+
+def test_kmeans_picks_the_k_with_the_best_silhouette():
+    points, truth = blobs()
+    labels, scores = embeddings.kmeans_by_silhouette(points, 2, 6, seed=0)
+    assert set(scores) == {2, 3, 4, 5, 6}
+    assert max(scores, key=scores.get) == 3
+    assert len(set(labels)) == 3
+    # the same partition as the truth, whatever the label numbers
+    assert len(set(zip(labels, truth))) == 3
+
+
+def test_k_range_is_capped_by_the_number_of_samples():
+    points, _ = blobs(per=2)
+    labels, scores = embeddings.kmeans_by_silhouette(points, 2, 20, seed=0)
+    assert max(scores) == len(points) - 1 and len(labels) == len(points)
+
+
+def test_hdbscan_finds_the_blobs_and_marks_outliers():
+    points, truth = blobs()
+    points = np.vstack([points, [[100.0] * 6]])
+    labels = embeddings.hdbscan_labels(points, min_cluster_size=5)
+    assert len(set(labels) - {embeddings.NOISE}) == 3
+    assert labels[-1] == embeddings.NOISE
+
+
+def test_medoid_and_representatives_by_hand():
+    points = np.array([[0.0], [1.0], [2.0], [10.0]])
+    # sums of distances: 13, 11, 11, 27 -> the first minimum, index 1
+    assert embeddings.medoid(points) == 1
+    assert embeddings.representatives(points, 3) == [1, 0, 2]
+    assert embeddings.representatives(points, 1) == [1]
+
+
+def test_nearest_neighbours_by_cosine():
+    vectors = np.array([[1.0, 0.0], [10.0, 0.5], [0.0, 1.0], [-1.0, 0.0]])
+    [found] = embeddings.nearest_neighbours(vectors, [0], k=2)
+    assert [i for i, _ in found] == [1, 2]     # scale does not matter, direction does
+    assert found[0][1] == pytest.approx(1 - 10 / np.hypot(10, 0.5))
+    assert found[1][1] == pytest.approx(1.0)
+
+
+def test_projection_methods_give_finite_2d_maps():
+    points, _ = blobs(per=8)
+    scaled = embeddings.standardise(points)
+    reduced = embeddings.reduce(scaled, 4, seed=0)
+    assert reduced.shape == (24, 4)
+    for method in ("pca", "tsne", "umap"):
+        xy = embeddings.project(scaled, reduced, method, seed=0)
+        assert xy.shape == (24, 2) and np.isfinite(xy).all(), method
+
+
+# ---------------------------------------------------------------- buckets
+
+def test_bin_edges_and_assignment():
+    values = pd.Series([0.0, 0.0, 0.0, 0.0, 0.1, 0.5, 0.9, 1.0])
+    assert buckets.bin_edges(values, 4, "equal_width").tolist() == [0, 0.25, 0.5, 0.75, 1.0]
+    edges = buckets.bin_edges(pd.Series([0.0, 0.0, 0.0, 0.0, 0.2, 0.4, 0.6, 0.8]), 4,
+                              "equal_count")
+    assert edges[0] == 0 and edges[-1] == 0.8 and len(edges) == 4   # tied zeros merge
+    assert buckets.bin_edges(pd.Series([True, False, True]), 5, "equal_count").tolist() == \
+        [0, 0.5, 1]
+    index = buckets.assign([0.0, 0.25, 0.99, 1.0, np.nan], np.array([0, 0.25, 0.5, 0.75, 1.0]))
+    assert index.tolist() == [0, 1, 3, 3, -1]
+
+
+def test_a_bucket_whose_loss_stands_out_is_flagged():
+    # 20 samples: field in [0, 1); the 4 with field >= 0.8 have loss ~3, the rest ~1
+    field = np.arange(20) / 20
+    loss = np.where(field >= 0.8, 3.0, 1.0) + np.tile([-0.1, 0.1], 10)
+    samples = pd.DataFrame({"image_id": range(20), "car_fraction": field, "loss": loss,
+                            "iou_car": 1 - field})
+    table, index = buckets.bucket_table(samples, "car_fraction", 5, "equal_width", z=2.0,
+                                        min_count=3)
+    assert table["flagged"].tolist() == [False, False, False, False, True]
+    last = table.iloc[-1]
+    assert last["count"] == 4 and last["mean_loss"] == pytest.approx(3.0)
+    expected_se = np.std(loss[16:], ddof=1) / 2
+    assert last["se_loss"] == pytest.approx(expected_se)
+    assert last["excess_se"] == pytest.approx((3.0 - loss.mean()) / expected_se)
+    assert last["mean_iou_car"] == pytest.approx(1 - field[16:].mean())
+    # with min_count above its size, the same bucket is not flagged
+    table, _ = buckets.bucket_table(samples, "car_fraction", 5, "equal_width", 2.0, 5)
+    assert not table["flagged"].any()
+    assert (index == 4).sum() == 4
+
+
+def test_flagged_bucket_samples_are_listed_worst_first():
+    field = np.arange(20) / 20
+    loss = np.where(field >= 0.8, 3.0, 1.0) + np.arange(20) / 100
+    samples = pd.DataFrame({"image_id": range(20), "car_fraction": field, "loss": loss,
+                            "file_name": [f"{i}.jpg" for i in range(20)]})
+    cfg = {"binning": ["equal_width"], "n_bins": 5, "z": 2.0, "min_count": 3}
+    bins, listed = analyze.metadata_buckets(samples, cfg)
+    assert bins["flagged"].sum() == 1
+    assert listed["image_id"].tolist() == [19, 18, 17, 16]
+    assert listed["rank"].tolist() == [1, 2, 3, 4]
+
+
+# ---------------------------------------------------------------- clusters and categories
+
+def test_categories_read_by_prefix_and_dominance():
+    samples = pd.DataFrame({"person_instances": [1, 1, 0, 2], "count_bus": [0, 0, 2, 1],
+                            "count_traffic_light": [0, 0, 0, 0], "car_fraction": [.1, .2, .3, .4]})
+    presence = analyze.category_presence(samples)
+    assert list(presence.columns) == ["person", "bus", "traffic light"]
+    table = analyze.category_table(np.array([0, 0, 1, 1]), presence)
+    assert "traffic light" not in set(table["category"])     # shown nowhere
+    bus = table[(table["category"] == "bus") & (table["cluster"] == 1)].iloc[0]
+    assert (bus["images"], bus["share"], bus["share_overall"], bus["lift"]) == (2, 1.0, 0.5, 2.0)
+    assert analyze.dominant_categories(table, 1) == "bus 100% (2.0x); person 50% (0.7x)"
+    assert analyze.dominant_categories(table, 0) == "person 100% (1.3x)"
+
+
+def test_shared_features_rank_the_channels_a_cluster_lights_up():
+    rng = np.random.default_rng(0)
+    latents = rng.normal(0, 1, (30, 10))
+    clusters = np.repeat([0, 1, 2], 10)
+    latents[clusters == 1, 7] += 5        # layer = columns 4:10, so channel 3
+    latents[clusters == 1, 5] += 3        # channel 1
+    latents[:, 9] = 1.0                   # constant: never chosen
+    table = analyze.shared_features(latents, 4, 10, clusters, n_channels=2)
+    ones = table[table["cluster"] == 1]
+    assert ones["channel"].tolist() == [3, 1]
+    assert (ones["z"] > 1).all()
+    assert 5 not in set(table["channel"])
+
+
+def test_similar_queries_medoids_worst_losses_and_listed_ids():
+    samples = pd.DataFrame({"image_id": [10, 11, 12, 13], "loss": [0.1, 0.9, np.nan, 0.5]})
+    queries = analyze.similar_queries(samples, {0: 0, 1: 3}, top_loss=2, listed=[12])
+    assert queries == [(0, "medoid of cluster 0"), (3, "medoid of cluster 1"),
+                       (1, "loss rank 1"), (2, "listed in params")]
+    with pytest.raises(analyze.StageError, match="image 99 is not in the val samples"):
+        analyze.similar_queries(samples, {}, 0, [99])
+
+
+# ---------------------------------------------------------------- label quality
+
+def test_label_quality_is_cleanlabs_score_over_labelled_pixels():
+    from cleanlab.segmentation.rank import get_label_quality_scores
+
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet([1, 1, 1], size=(12, 9)).transpose(2, 0, 1).astype(np.float32)
+    labels = rng.integers(0, 3, (12, 9)).astype(np.uint8)
+    expected, _ = get_label_quality_scores(labels[None].astype(int), probs[None], verbose=False)
+    assert explain.label_quality(probs, labels) == pytest.approx(expected[0], rel=1e-6)
+    # ignore pixels are left out: what the model says there does not change the score
+    ignored = labels.copy()
+    ignored[:4] = IGNORE_INDEX
+    first = explain.label_quality(probs, ignored)
+    shuffled = probs.copy()
+    shuffled[:, :4] = shuffled[::-1, :4]
+    assert explain.label_quality(shuffled, ignored) == pytest.approx(first)
+    assert np.isnan(explain.label_quality(probs, np.full((3, 3), IGNORE_INDEX, np.uint8)))
+
+
+def test_thresholds_and_disagreement_by_hand():
+    # two classes, four pixels; labels 0 0 1 1, p(class 1) .1 .9 .8 .4
+    p1 = np.array([[0.1, 0.9, 0.8, 0.4]])
+    probs = np.stack([1 - p1, p1])
+    labels = np.array([[0, 0, 1, 1]], np.uint8)
+    t = explain.ClassThresholds(2)
+    t.update(probs, labels)
+    assert t.values() == pytest.approx([(0.9 + 0.1) / 2, (0.8 + 0.4) / 2])   # .5, .6
+    region = explain.disagreement(probs, labels, t.values())
+    # pixel 1: labelled 0, says 1 with .9 >= .6; pixel 3: labelled 1, says 0 with .6 >= .5
+    assert region.tolist() == [[False, True, False, True]]
+    strict = explain.disagreement(probs, labels, np.array([0.7, 0.95]))
+    assert strict.tolist() == [[False, False, False, False]]
+    labels[0, 1] = IGNORE_INDEX
+    assert not explain.disagreement(probs, labels, t.values())[0, 1]
+
+
+# ---------------------------------------------------------------- Grad-CAM
+
+class TwoLayer(nn.Module):
+    """conv -> ReLU (hooked) -> 1x1 conv to 3 classes: Grad-CAM has a closed form here."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU())
+        self.head = nn.Conv2d(5, 3, 1)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def test_grad_cam_closed_form_for_a_linear_head():
+    """Target: sum of logit c over the pixels predicted c (mask M). d target / d A_k = W_ck M,
+    so the channel weights are W_ck mean(M) and the map is mean(M) relu(logit_c - b_c)."""
+    model = TwoLayer().eval()
+    image = torch.randn(1, 3, 6, 7)
+    cams = explain.grad_cam(model, model.features, image, [0, 1, 2])
+    with torch.no_grad():
+        logits = model(image)
+    pred = logits.argmax(1)[0]
+    for c, (cam, target) in cams.items():
+        share = (pred == c).float().mean()
+        if share == 0:
+            assert target == "all pixels"
+            share = torch.tensor(1.0)
+        else:
+            assert target == "predicted pixels"
+        expected = share * torch.relu(logits[0, c] - model.head.bias[c])
+        torch.testing.assert_close(cam, expected.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_layer_modules_output_the_latent_layers():
+    from stages.lib.model import SegNet, pooled_latent
+
+    model = SegNet(3).eval()
+    image = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        _, features = model.forward_with_latents(image)
+    pooled = pooled_latent(features)[0]
+    start = 0
+    for name, feature in zip(explain.LAYERS, features):
+        _, act = explain.forward_capturing(model, explain.layer_module(model, name), image)
+        torch.testing.assert_close(act, feature)
+        width = feature.shape[1]
+        torch.testing.assert_close(act.mean((2, 3))[0], pooled[start:start + width])
+        start += width
+
+
+# ---------------------------------------------------------------- label issues, real images
+
+N_IMAGES, SIZE, EPOCHS = 10, 64, 60
+
+
+@pytest.fixture(scope="module")
+def memorised(tmp_path_factory, default_params, one_torch_thread):
+    """A model that has learnt the clean labels of 10 real val images (trained on them),
+    standing in for a model that segments well: cleanlab's ranking needs one."""
+    from stages import download, masks, train
+
+    root = tmp_path_factory.mktemp("issues")
+    params = small_params(json.loads(json.dumps(default_params)), train=1, val=N_IMAGES,
+                          size=SIZE, epochs=EPOCHS)
+    params["data"]["base_url"] = str(SAMPLE)
+    params["data"]["filter"].update(scheme_categories_only=True, background_share=0.0)
+    params["train"].update(device="cpu", batch_size=5, lr=0.003, hflip=False)
+    params["infer"]["device"] = params["analyze"]["device"] = "cpu"
+    raw, clean = root / "raw", root / "masks"
+    download.run(params, raw)
+    masks.run(params, "person_car", raw, clean)
+    # train on the val images themselves
+    (raw / "annotations" / "instances_train.json").write_text(
+        (raw / "annotations" / "instances_val.json").read_text())
+    shutil.rmtree(raw / "images" / "train")
+    shutil.copytree(raw / "images" / "val", raw / "images" / "train")
+    shutil.rmtree(clean / "train")
+    shutil.copytree(clean / "val", clean / "train")
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        train.run(params, "person_car", raw, clean, root / "model", live=root / "live")
+    torch.use_deterministic_algorithms(deterministic)
+    return {"root": root, "params": params, "raw": raw, "clean": clean,
+            "model": root / "model"}
+
+
+def _corrupt(clean, dest, metadata) -> list[str]:
+    """Copy the masks; erase the largest person of one image (its pixels become
+    background) and paint a block of background as car in another."""
+    shutil.copytree(clean, dest)
+    val = metadata[metadata["split"] == "val"].sort_values("person_fraction", ascending=False)
+    stems = [f"{int(i):012d}" for i in val["image_id"]]
+    erased, painted = stems[0], stems[1]
+    path = dest / "val" / f"{erased}.png"
+    labels = read_labels(path)
+    labels[labels == 1] = 0
+    save_labels(path, labels)
+    path = dest / "val" / f"{painted}.png"
+    labels = read_labels(path)
+    h, w = labels.shape
+    block = labels[h // 4: 3 * h // 4, w // 4: 3 * w // 4]
+    block[block == 0] = 2
+    save_labels(path, labels)
+    return [erased, painted]
+
+
+def test_corrupted_labels_rank_at_the_top(memorised, tmp_path):
+    from stages import infer
+
+    m = memorised
+    metadata = pd.read_csv(m["clean"] / "metadata.csv")
+    corrupted = _corrupt(m["clean"], tmp_path / "masks", metadata)
+    infer.run(m["params"], m["model"], m["raw"], tmp_path / "masks", tmp_path / "pred")
+    analyze.run(m["params"], tmp_path / "pred", tmp_path / "masks", m["model"], m["raw"],
+                tmp_path / "analysis")
+    issues = pd.read_csv(tmp_path / "analysis" / "label_issues.csv", dtype={"stem": str})
+    top = issues["stem"].tolist()[: len(corrupted)]
+    assert sorted(top) == sorted(corrupted), issues[["stem", "label_quality"]].head(5)
+    # and the disagreement region of the erased person is where the person was
+    erased = issues[issues["stem"] == corrupted[0]].iloc[0]
+    region = read_labels(tmp_path / "analysis" / erased["region"])
+    person = read_labels(m["clean"] / "val" / f"{corrupted[0]}.png") == 1
+    assert (region[person] == 1).mean() > 0.3          # much of the person is found...
+    assert ((region == 1) & ~person).sum() < 0.5 * (region == 1).sum()   # ...and little else
+    assert erased["main_disagreement"] == "labelled background, model says person"
+    # the same images with clean labels score higher
+    analyze.run(m["params"], tmp_path / "pred", m["clean"], m["model"], m["raw"],
+                tmp_path / "clean_analysis")
+    clean = pd.read_csv(tmp_path / "clean_analysis" / "label_issues.csv",
+                        dtype={"stem": str}).set_index("stem")
+    for stem in corrupted:
+        assert clean.loc[stem, "label_quality"] > issues.set_index("stem").loc[
+            stem, "label_quality"]
+
+
+# ---------------------------------------------------------------- params
+
+@pytest.mark.parametrize("path, value, message", [
+    (("heatmaps", "layer"), "decoder9", "analyze.heatmaps.layer: 'decoder9' is not one of"),
+    (("buckets", "binning"), ["quantile"], "analyze.buckets.binning.0: 'quantile' is not one of"),
+    (("clustering", "method"), "dbscan", "analyze.clustering.method: 'dbscan' is not one of"),
+    (("similars", "image_ids"), [1, 1], "analyze.similars.image_ids: [1, 1] has non-unique"),
+])
+def test_analyze_params_are_checked(params, path, value, message):
+    from stages.lib.params import ParamsError, validate_params
+
+    params["analyze"][path[0]][path[1]] = value
+    with pytest.raises(ParamsError) as info:
+        validate_params(params)
+    assert message in str(info.value)
+
+
+def test_k_range_upside_down_is_a_stage_error(params, tmp_path):
+    params["analyze"]["clustering"].update(k_min=5, k_max=3)
+    with pytest.raises(analyze.StageError, match="k_min 5 is above k_max 3"):
+        analyze.run(params, tmp_path, tmp_path, tmp_path, tmp_path, tmp_path / "out")

@@ -1,0 +1,125 @@
+"""compare: two schemes' analyses (made by hand here) against each other: per-image deltas,
+clusters and buckets that change, label issues of one scheme only, and the stage's files."""
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from stages import compare
+from stages.lib.cli import StageError
+
+N = 12
+
+
+def scheme_folder(root, name: str, fraction_col: str, loss, clusters, flagged_ids,
+                  image_ids=None):
+    """analysis/<name>/ as analyze writes it, with only the columns compare reads."""
+    ids = list(range(100, 100 + N)) if image_ids is None else image_ids
+    folder = root / name
+    folder.mkdir(parents=True)
+    fraction = np.linspace(0, 1, len(ids))
+    samples = pd.DataFrame({
+        "image_id": ids, "file_name": [f"{i:012d}.jpg" for i in ids], "loss": loss,
+        "iou_background": 0.9, "iou_person": 0.5, "cluster": clusters,
+        "label_quality": np.linspace(0.1, 0.9, len(ids)),
+        "label_quality_rank": np.arange(1, len(ids) + 1), fraction_col: fraction,
+        "brightness": np.arange(len(ids), dtype=float)})
+    samples.to_csv(folder / "samples.csv", index=False)
+    bins = pd.DataFrame({"binning": "equal_width", "field": fraction_col, "bin": [0, 1],
+                         "low": [0.0, 0.5], "high": [0.5, 1.0]})
+    bins.to_csv(folder / "metadata_loss.csv", index=False)
+    pd.DataFrame({"image_id": ids, "flagged": [i in flagged_ids for i in ids]}).to_csv(
+        folder / "label_issues.csv", index=False)
+    return folder
+
+
+@pytest.fixture
+def two_schemes(tmp_path, params):
+    # person_vehicle is worse than person_car on the images with fraction >= .5 (the last 6)
+    base = np.full(N, 1.0) + np.tile([0.0, 0.02], N // 2)
+    worse = base + np.where(np.arange(N) >= 6, 0.5, 0.0) + np.tile([0.01, -0.01], N // 2)
+    scheme_folder(tmp_path / "analysis", "person_car", "car_fraction", base,
+                  [0] * 6 + [1] * 6, {100, 101})
+    scheme_folder(tmp_path / "analysis", "person_vehicle", "vehicle_fraction", worse,
+                  [0, 1] * 6, {101, 111}, image_ids=list(range(100, 100 + N)))
+    return tmp_path, params
+
+
+def test_deltas_clusters_buckets_and_issues(two_schemes):
+    root, params = two_schemes
+    doc = compare.run(params, root / "analysis", root / "compare")
+    out = root / "compare"
+    assert sorted(p.name for p in out.iterdir()) == ["buckets.csv", "clusters.csv",
+                                                    "label_issues.csv", "samples.csv",
+                                                    "summary.json"]
+    samples = pd.read_csv(out / "samples.csv")
+    delta = samples["delta_loss_person_vehicle_vs_person_car"]
+    np.testing.assert_allclose(delta, samples["loss_person_vehicle"] - samples["loss_person_car"])
+    assert "delta_iou_person_person_vehicle_vs_person_car" in samples.columns
+    assert "delta_iou_car_person_vehicle_vs_person_car" not in samples.columns  # not shared
+    assert (samples["delta_miou_person_vehicle_vs_person_car"] == 0).all()
+    clusters = pd.read_csv(out / "clusters.csv")
+    top = clusters.iloc[0]
+    # person_car's cluster 1 holds exactly the images that got worse: it changes most
+    assert (top["clusters_of"], top["cluster"], top["images"]) == ("person_car", 1, 6)
+    assert top["mean_delta_loss"] == pytest.approx(0.5, abs=0.02) and top["significant"]
+    other = clusters[(clusters["clusters_of"] == "person_car") & (clusters["cluster"] == 0)]
+    assert not other["significant"].iloc[0]
+    bucket_rows = pd.read_csv(out / "buckets.csv")
+    hot = bucket_rows.iloc[0]
+    assert (hot["field"], hot["bin"], hot["images"]) in {("car_fraction", 1, 6),
+                                                         ("vehicle_fraction", 1, 6)}
+    assert hot["significant"] and hot["mean_delta_loss"] == pytest.approx(0.5, abs=0.02)
+    issues = pd.read_csv(out / "label_issues.csv")
+    assert issues.set_index("image_id")["only_in"].fillna("").to_dict() == {
+        100: "person_car", 111: "person_vehicle", 101: ""}
+    [pair] = doc["pairs"]
+    assert (pair["a"], pair["b"], pair["images"]) == ("person_car", "person_vehicle", N)
+    assert pair["label_issues_only_in"] == {"person_car": 1, "person_vehicle": 1}
+    assert pair["loss"]["mean_delta_loss"] == pytest.approx(0.25, abs=0.01)
+    assert -1 <= pair["cluster_agreement_ari"] <= 1
+    json.loads((out / "summary.json").read_text(), parse_constant=lambda c: 1 / 0)
+
+
+def test_only_shared_images_are_compared(tmp_path, params):
+    scheme_folder(tmp_path / "analysis", "person_car", "car_fraction", np.ones(N),
+                  [0, 1] * 6, set())
+    scheme_folder(tmp_path / "analysis", "person_vehicle", "vehicle_fraction", np.ones(N),
+                  [0, 1] * 6, set(), image_ids=list(range(106, 106 + N)))
+    compare.run(params, tmp_path / "analysis", tmp_path / "compare")
+    samples = pd.read_csv(tmp_path / "compare" / "samples.csv")
+    assert samples["image_id"].tolist() == list(range(106, 100 + N))
+
+
+def test_one_scheme_writes_tables_without_pairs(tmp_path, params):
+    params = copy.deepcopy(params)
+    del params["schemes"]["person_vehicle"]
+    scheme_folder(tmp_path / "analysis", "person_car", "car_fraction", np.ones(N), [0] * N,
+                  {100})
+    doc = compare.run(params, tmp_path / "analysis", tmp_path / "compare")
+    assert doc["pairs"] == []
+
+
+def test_missing_analysis_is_named(tmp_path, params, caplog):
+    scheme_folder(tmp_path / "analysis", "person_car", "car_fraction", np.ones(N), [0] * N,
+                  set())
+    with pytest.raises(StageError, match=r"person_vehicle/samples\.csv: missing"):
+        compare.run(params, tmp_path / "analysis", tmp_path / "compare")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    code = compare.main(["--params", str(tmp_path / "params.yaml"), "--analysis",
+                         str(tmp_path / "analysis"), "--out", str(tmp_path / "compare")])
+    assert code == 2 and "run the analyze stage first" in caplog.text
+    assert not (tmp_path / "compare").exists()
+
+
+def test_old_analysis_without_label_quality_is_refused(two_schemes):
+    root, params = two_schemes
+    path = root / "analysis" / "person_car" / "samples.csv"
+    pd.read_csv(path).drop(columns="label_quality").to_csv(path, index=False)
+    with pytest.raises(StageError, match="missing columns label_quality; re-run analyze"):
+        compare.run(params, root / "analysis", root / "compare")
