@@ -243,19 +243,32 @@ def informative_fields(schemes: list[Scheme], k: int = N_METADATA_FIELDS) -> lis
 
 
 def flagged_bins(scheme: Scheme, fields: list[str]) -> list[dict]:
-    """Bins (2+ samples) whose mean loss is at least one standard deviation above the
-    scheme's mean sample loss: the kind of bucket the study found at ~80% car pixels."""
+    """The bins analyze flagged (its `flagged` column); for tables without it, bins (2+
+    samples) whose mean loss is at least one standard deviation above the scheme's mean
+    sample loss: the kind of bucket the study found at ~80% car pixels."""
     loss = scheme.samples["loss"].dropna()
     if len(loss) < 2:
         return []
-    threshold = loss.mean() + loss.std(ddof=0)
     frame = scheme.metadata_loss
-    hits = frame[frame["field"].isin(fields) & (frame["count"] >= 2)
-                 & (frame["mean_loss"] >= threshold)]
+    if "flagged" in frame.columns:  # analyze's own test (standard errors, params buckets.*)
+        hits = frame[frame["field"].isin(fields) & frame["flagged"].astype(bool)]
+    else:
+        threshold = loss.mean() + loss.std(ddof=0)
+        hits = frame[frame["field"].isin(fields) & (frame["count"] >= 2)
+                     & (frame["mean_loss"] >= threshold)]
     return [{"scheme": scheme.name, "field": r["field"], "bin": int(r["bin"]),
              "low": float(r["low"]), "high": float(r["high"]), "count": int(r["count"]),
              "mean_loss": float(r["mean_loss"]), "overall": float(loss.mean())}
             for _, r in hits.iterrows()]
+
+
+def flag_rule(params: dict, schemes: list[Scheme]) -> str:
+    """How the flagged buckets were chosen, in words."""
+    buckets = params.get("analyze", {}).get("buckets")
+    if buckets and all("flagged" in s.metadata_loss.columns for s in schemes):
+        return (f"at least {buckets['min_count']} samples, mean loss above the scheme's mean "
+                f"by more than {buckets['z']:g} standard errors of the bin")
+    return "2+ samples, mean loss at least one standard deviation above the scheme's mean"
 
 
 def example_candidates(schemes: list[Scheme]) -> pd.DataFrame:
@@ -477,7 +490,9 @@ def build_context(params: dict, schemes: list[Scheme], provenance: dict,
         "agreement": cluster_agreement(schemes), "projection": projection,
         "metadata": [{"field": f, "src": data_uri(metadata_figure(f, schemes, flagged))}
                      for f in fields],
-        "flagged": flagged,
+        "flagged": flagged, "flag_rule": flag_rule(params, schemes),
+        "binning": params.get("analyze", {}).get("buckets", {}).get(
+            "binning", ["equal_width"])[0].replace("_", "-"),
         "legends": [{"scheme": s.name, "swatches": legend_swatches(s.class_names)}
                     for s in schemes],
         "examples": examples, "thumbnail_px": params["report"]["thumbnail_px"],

@@ -123,7 +123,7 @@ def normalise(heat: np.ndarray) -> np.ndarray:
 
 
 def upsample(heat: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    return F.interpolate(heat[None, None].float(), size=size, mode="bilinear",
+    return F.interpolate(heat[None, None].float().cpu(), size=size, mode="bilinear",
                          align_corners=False)[0, 0].numpy()
 
 
