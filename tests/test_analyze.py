@@ -361,3 +361,18 @@ def test_k_range_upside_down_is_a_stage_error(params, tmp_path):
     params["analyze"]["clustering"].update(k_min=5, k_max=3)
     with pytest.raises(analyze.StageError, match="k_min 5 is above k_max 3"):
         analyze.run(params, tmp_path, tmp_path, tmp_path, tmp_path, tmp_path / "out")
+
+
+# ---------------------------------------------------------------- benchmark smoke run
+
+def test_benchmark_runs_at_a_tiny_scale():
+    """benchmarks/bench_analyze.py at 8 images (and 80 for its 10x), so it cannot rot; no
+    timing is asserted."""
+    from benchmarks import bench_analyze, harness
+
+    result = bench_analyze.run(0.1)
+    harness.check_result("analyze", result)
+    assert [row["val images"] for row in result["table"]] == [8, 80]
+    assert [row["size"] for row in result["table"]] == ["1x", "10x"]
+    for row in result["table"]:
+        assert row["wall s"] > 0 and row["peak RSS MiB"] >= row["of which imports MiB"] > 0
