@@ -8,6 +8,7 @@ import hashlib
 import http.server
 import json
 import random
+import re
 import shutil
 import threading
 import zipfile
@@ -371,8 +372,11 @@ def test_subset_download_survives_100_injected_faults(mirrors, no_proxy, tmp_pat
         assert {r.path for r in gets_of_images} == set(paths)     # nothing missing
         # every fault but an ignored Range (handled within its attempt) cost one retry
         retries = injected - sum(r.fault == "ignore_range" for r in server.served_faults())
-    assert f"fetched 161, extracted 0, skipped 0 (already complete), {retries} retries, 0 failed" \
-        in caplog.text
+    summary = re.search(r"fetched (\d+), extracted 0, skipped 0 \(already complete\), (\d+) "
+                        r"retries, 0 failed", caplog.text)
+    assert summary and int(summary[1]) == 161
+    # (a request slowed past the timeout by a busy machine may add a retry of its own)
+    assert retries <= int(summary[2]) <= retries + 5
     _check_mirror_copy(out, manifest, mirrors[year], year)
     assert sum(len(manifest["splits"][s]["images"]) for s in ("train", "val")) == 160
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
@@ -490,7 +494,8 @@ def test_killed_download_resumes_without_refetching_complete_files(mirrors, no_p
     assert "/annotations/annotations_trainval2017.zip" not in {r.path for r in rerun}
     for path, size in partial.items():
         (request,) = [r for r in rerun if r.path == path]
-        assert (request.range, request.status) == (f"bytes={size}-", 206)
+        # continued where it stopped (416 when every byte had arrived before the kill)
+        assert request.range == f"bytes={size}-" and request.status in (206, 416)
     _check_mirror_copy(out, manifest, mirrors[2017], 2017)
     clean = download.run(_mirror_params(params, str(root), 2017, max_images=limits),
                          tmp_path / "clean")

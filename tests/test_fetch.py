@@ -75,6 +75,15 @@ def test_server_ignoring_range_restarts_cleanly(server, tmp_path):
     assert request.range == "bytes=1000-" and request.status == 200
 
 
+def test_partial_file_already_complete_is_verified_not_fetched_again(server, tmp_path):
+    (tmp_path / "x.jpg.part").write_bytes(BODY)      # killed after the last byte, before rename
+    fetcher = _fetcher(server)
+    assert fetcher.fetch(NAME, tmp_path / "x.jpg") is True
+    assert (tmp_path / "x.jpg").read_bytes() == BODY
+    assert [(r.range, r.status) for r in server.gets(URL_PATH)] == [(f"bytes={len(BODY)}-", 416)]
+    assert fetcher.counters.retried == 0
+
+
 def test_partial_file_longer_than_the_source_restarts(server, tmp_path):
     (tmp_path / "x.jpg.part").write_bytes(BODY + b"extra")
     _fetcher(server).fetch(NAME, tmp_path / "x.jpg")

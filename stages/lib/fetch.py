@@ -201,6 +201,8 @@ class Fetcher:
         try:
             response = urllib.request.urlopen(request, timeout=self.timeout_s)
         except urllib.error.HTTPError as exc:
+            if exc.code == 416 and _complete_already(exc, offset):
+                return   # every byte arrived before an interruption: only verification left
             self._raise_for_status(exc, part)
         with response:
             offset, total = self._resume_point(response, offset)
@@ -259,6 +261,13 @@ class Fetcher:
             verify_checksum(part, expected)
         if check is not None:
             check(part)
+
+
+def _complete_already(exc: urllib.error.HTTPError, offset: int) -> bool:
+    """A 416 whose Content-Range (bytes */total) says our partial file is the whole file."""
+    value = exc.headers.get("Content-Range") or ""
+    total = value.rpartition("/")[2]
+    return value.startswith("bytes */") and total.isdigit() and int(total) == offset
 
 
 def _fsync(path: Path) -> None:
