@@ -133,35 +133,39 @@ def naive(raw: Path, out: Path, workers: int) -> tuple[int, int, tuple | None]:
     """The naive stage: COCO index, read each JPEG, naive_labels, the same PNG writer.
     Labels only, no metadata."""
     from stages import masks
+    from stages.lib.io import atomic_dir
     from stages.lib.labels import save_labels
 
     count = 0
-    for split in SPLITS:
-        ann_file = raw / "annotations" / f"instances_{split}.json"
-        coco, plan = coco_index(ann_file)
-        for image_id in sorted(coco.imgs):
-            name = coco.imgs[image_id]["file_name"]
-            masks.read_pixels(raw / "images" / split / name, ann_file)
-            labels = naive_labels(coco, image_id, plan.scheme.class_of_category)
-            save_labels(out / split / f"{Path(name).stem}.png", labels)
-            count += 1
+    with atomic_dir(out) as folder:   # the stage's own output discipline, for a fair race
+        for split in SPLITS:
+            ann_file = raw / "annotations" / f"instances_{split}.json"
+            coco, plan = coco_index(ann_file)
+            for image_id in sorted(coco.imgs):
+                name = coco.imgs[image_id]["file_name"]
+                masks.read_pixels(raw / "images" / split / name, ann_file)
+                labels = naive_labels(coco, image_id, plan.scheme.class_of_category)
+                save_labels(folder / split / f"{Path(name).stem}.png", labels)
+                count += 1
     return count, 1, None
 
 
 def limit(raw: Path, out: Path, workers: int) -> tuple[int, int, tuple | None]:
     """The floor of any masks stage in one process: decode every JPEG, write a palette PNG
-    of its size (the same atomic writer), nothing else."""
+    of its size (the same atomic writers), nothing else."""
     from stages import masks
+    from stages.lib.io import atomic_dir
     from stages.lib.labels import save_labels
 
     count = 0
-    for split in SPLITS:
-        ann_file = raw / "annotations" / f"instances_{split}.json"
-        for image in sorted(json.loads(ann_file.read_text())["images"], key=lambda im: im["id"]):
-            pixels = masks.read_pixels(raw / "images" / split / image["file_name"], ann_file)
-            save_labels(out / split / f"{Path(image['file_name']).stem}.png",
-                        np.zeros(pixels.shape[:2], np.uint8))
-            count += 1
+    with atomic_dir(out) as folder:
+        for split in SPLITS:
+            ann_file = raw / "annotations" / f"instances_{split}.json"
+            for image in sorted(json.loads(ann_file.read_text())["images"], key=lambda im: im["id"]):
+                pixels = masks.read_pixels(raw / "images" / split / image["file_name"], ann_file)
+                save_labels(folder / split / f"{Path(image['file_name']).stem}.png",
+                            np.zeros(pixels.shape[:2], np.uint8))
+                count += 1
     return count, 1, None
 
 
