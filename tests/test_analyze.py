@@ -85,9 +85,16 @@ def test_projection_methods_give_finite_2d_maps():
 def test_bin_edges_and_assignment():
     values = pd.Series([0.0, 0.0, 0.0, 0.0, 0.1, 0.5, 0.9, 1.0])
     assert buckets.bin_edges(values, 4, "equal_width").tolist() == [0, 0.25, 0.5, 0.75, 1.0]
-    edges = buckets.bin_edges(pd.Series([0.0, 0.0, 0.0, 0.0, 0.2, 0.4, 0.6, 0.8]), 4,
-                              "equal_count")
-    assert edges[0] == 0 and edges[-1] == 0.8 and len(edges) == 4   # tied zeros merge
+    zeros = pd.Series([0.0, 0.0, 0.0, 0.0, 0.2, 0.4, 0.6, 0.8])
+    edges = buckets.bin_edges(zeros, 4, "equal_count")
+    # the tied zeros get a bin of their own, the other values share three bins
+    assert edges.tolist() == pytest.approx([0, 0.2, 0.4, 0.6, 0.8])
+    assert np.bincount(buckets.assign(zeros, edges)).tolist() == [4, 1, 1, 2]
+    one = buckets.bin_edges(pd.Series([0.0] * 9 + [0.35]), 5, "equal_count")
+    assert one.tolist() == [0, 0.35, 0.35]
+    assert buckets.assign([0.0, 0.35], one).tolist() == [0, 1]
+    spread = buckets.bin_edges(pd.Series(np.arange(10.0)), 5, "equal_count")
+    assert np.bincount(buckets.assign(np.arange(10.0), spread)).tolist() == [2, 2, 2, 2, 2]
     assert buckets.bin_edges(pd.Series([True, False, True]), 5, "equal_count").tolist() == \
         [0, 0.5, 1]
     index = buckets.assign([0.0, 0.25, 0.99, 1.0, np.nan], np.array([0, 0.25, 0.5, 0.75, 1.0]))

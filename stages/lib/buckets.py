@@ -19,9 +19,9 @@ def is_two_valued(values: pd.Series) -> bool:
 
 
 def bin_edges(values: pd.Series, n_bins: int, binning: str) -> np.ndarray:
-    """Increasing edges; a boolean or 0/1 field always gets the two bins [0, .5), [.5, 1].
-    Equal-count edges are quantiles with repeats dropped, so a field with many equal values
-    (most images show no car) gets fewer, unequal bins rather than empty ones."""
+    """Non-decreasing edges; a boolean or 0/1 field always gets the two bins [0, .5), [.5, 1].
+    Equal-count edges are quantiles with repeats dropped; when a tie at the minimum swallows
+    bins, the minimum gets its own bin and the rest are equal-count over the other values."""
     v = values.astype(float).dropna().to_numpy()
     if is_two_valued(values):
         return np.array([0.0, 0.5, 1.0])
@@ -29,6 +29,13 @@ def bin_edges(values: pd.Series, n_bins: int, binning: str) -> np.ndarray:
         return np.histogram_bin_edges(v, bins=n_bins)
     if binning == "equal_count":
         edges = np.unique(np.quantile(v, np.linspace(0, 1, n_bins + 1)))
+        low, rest = v.min(), v[v > v.min()]
+        if len(edges) - 1 < n_bins and len(rest):
+            # A heavy tie at the minimum (most images show no car): that value gets a bin of
+            # its own and the other values share the remaining bins equally. A single
+            # remaining value gets the closed bin [x, x].
+            inner = np.unique(np.quantile(rest, np.linspace(0, 1, n_bins)))
+            edges = np.concatenate([[low], inner, inner[-1:] if len(inner) == 1 else []])
         return edges if len(edges) >= 2 else np.array([v.min(), v.max() + 1.0])
     raise ValueError(f"unknown binning {binning!r} (known: {', '.join(BINNINGS)})")
 
