@@ -508,7 +508,7 @@ def run(params: dict, predictions: Path, masks: Path, model_dir: Path, raw: Path
     clusters, cluster_info = cluster_samples(reduced, cfg["clustering"], seed)
     samples = pd.concat([samples, pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1],
                                                 "cluster": clusters}, index=samples.index)],
-                        axis=1)
+                        axis=1).copy()  # one block per dtype: later columns do not fragment it
     members: dict[int, list[int]] = {}
     for c in sorted(set(clusters) - {embeddings.NOISE}):
         rows = np.flatnonzero(clusters == c)
@@ -527,9 +527,10 @@ def run(params: dict, predictions: Path, masks: Path, model_dir: Path, raw: Path
         issues, issue_info = label_issues(view, samples, cfg["label_issues"]["top"],
                                           cfg["figure_px"], tmp / "label_issues")
         quality = issues.set_index("image_id")
-        samples = samples.assign(
-            label_quality=samples["image_id"].map(quality["label_quality"]),
-            label_quality_rank=samples["image_id"].map(quality["rank"])).copy()
+        samples = pd.concat([samples, pd.DataFrame({
+            "label_quality": samples["image_id"].map(quality["label_quality"]),
+            "label_quality_rank": samples["image_id"].map(quality["rank"])},
+            index=samples.index)], axis=1)
         index = heatmaps(view, samples, features, members, queries, cfg["heatmaps"],
                          cfg["figure_px"], tmp / "heatmaps")
         write_csv(tmp / "heatmaps" / "index.csv", index)
