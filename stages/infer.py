@@ -57,16 +57,21 @@ def full_size_log_probs(logits: torch.Tensor, size: tuple[int, int]) -> torch.Te
 
 
 def sample_scores(log_probs: torch.Tensor, pred: torch.Tensor, gt: torch.Tensor,
-                  class_names: list[str]) -> dict:
-    """Loss (mean CE over non-ignored pixels), pixel accuracy, confidence, per-class IoU."""
+                  class_names: list[str], confidence: float | None = None) -> dict:
+    """Loss (mean CE over non-ignored pixels), pixel accuracy, confidence (mean max-softmax;
+    pass it when already known), per-class IoU. log_probs may live on the GPU; pred and gt
+    are CPU tensors."""
     valid = gt != IGNORE_INDEX
     n_valid = int(valid.sum())
-    nll = F.nll_loss(log_probs[None], gt[None].long(), ignore_index=IGNORE_INDEX, reduction="sum")
+    target = gt.to(log_probs.device, non_blocking=True)[None].long()
+    nll = F.nll_loss(log_probs[None], target, ignore_index=IGNORE_INDEX, reduction="sum")
     cm = confusion_matrix(gt.numpy(), pred.numpy(), len(class_names))
+    if confidence is None:
+        confidence = float(log_probs.max(0).values.exp().mean())
     row = {
         "loss": float(nll) / n_valid if n_valid else float("nan"),
         "pixel_accuracy": float(np.trace(cm) / n_valid) if n_valid else float("nan"),
-        "confidence": float(log_probs.max(0).values.exp().mean()),
+        "confidence": confidence,
     }
     row.update({f"iou_{name}": float(v) for name, v in zip(class_names, per_class_iou(cm))})
     return row
@@ -104,8 +109,9 @@ def latent_layout(features: list[torch.Tensor]) -> tuple[list[str], np.ndarray]:
 @dataclass
 class Prediction:
     index: int                  # into the dataset
-    log_probs: torch.Tensor     # (K, H, W) at the image's own size
-    pred: torch.Tensor          # (H, W) uint8 class indices
+    log_probs: torch.Tensor     # (K, H, W) at the image's own size, on the model's device
+    pred: torch.Tensor          # (H, W) uint8 class indices, on the CPU
+    confidence: float           # mean max-softmax over the image
     gt: torch.Tensor            # (H, W) ground-truth labels, as the batch carried them
     latent: np.ndarray          # pooled latent vector
     latency_s: float
@@ -149,12 +155,17 @@ class TimedInference:
         share = forward_s / len(batch["index"])
         for j, index in enumerate(batch["index"]):
             post_start = self.clock()
-            log_probs = full_size_log_probs(logits[j].cpu(), batch["size"][j])
-            # max(0).indices, not argmax(0): the same first-maximum indices, but torch's CPU
-            # argmax over the leading (strided) dimension is ~9x slower at full image size.
-            pred = log_probs.max(0).indices.to(torch.uint8)
+            # Full-size maps are made where the logits are (on a GPU, the CPU would otherwise
+            # resize and normalise every image while the GPU idles); only labels come back.
+            log_probs = full_size_log_probs(logits[j], batch["size"][j])
+            # max(0), not argmax(0): the same first-maximum indices, but torch's CPU argmax
+            # over the leading (strided) dimension is ~9x slower at full image size.
+            best = log_probs.max(0)
+            pred = best.indices.to(torch.uint8).cpu()
+            confidence = float(best.values.exp().mean())
             latency = share + self.clock() - post_start
-            yield Prediction(index, log_probs, pred, batch["gt"][j], latents[j], latency)
+            yield Prediction(index, log_probs, pred, confidence, batch["gt"][j], latents[j],
+                             latency)
 
     def _timed_forward(self, images: torch.Tensor):
         _sync(self.device)
@@ -184,7 +195,7 @@ def run(params: dict, model_dir: Path, raw: Path, masks: Path, out: Path) -> dic
             sample = samples[p.index]
             save_labels(tmp / "val" / f"{sample.stem}.png", p.pred.numpy())
             rows.append({"image_id": sample.image_id, "stem": sample.stem,
-                         **sample_scores(p.log_probs, p.pred, p.gt, class_names)})
+                         **sample_scores(p.log_probs, p.pred, p.gt, class_names, p.confidence)})
             latents.append(p.latent)
         table = pd.DataFrame(rows)
         table["latency_ms"] = np.array(inference.latencies_s) * 1000

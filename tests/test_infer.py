@@ -148,6 +148,7 @@ def test_predictions_stream_one_sample_at_a_time():
     assert first.pred.dtype == torch.uint8 and first.gt.shape == (6, 5)
     assert torch.allclose(first.log_probs.exp().sum(0), torch.ones(6, 5))
     assert torch.equal(first.pred, first.log_probs.argmax(0).to(torch.uint8))
+    assert first.confidence == pytest.approx(float(first.log_probs.exp().max(0).values.mean()))
     gone = weakref.ref(first.log_probs)
     del first
     next(stream)
