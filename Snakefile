@@ -23,7 +23,25 @@ include: "workflow/rules/compare.smk"
 include: "workflow/rules/report.smk"
 
 
+# Outputs DVC wrote get times Snakemake can plan with (see common.smk).
+align_dvc_output_times()
+
+
 rule all:
     default_target: True
     input:
         "reports/index.html",
+
+
+# One engine at a time: claim the outputs in DVC's lock files for the whole run (real
+# runs only; hooks never run in dry runs or inside cluster jobs). See common.smk.
+onstart:
+    claim_outputs()
+
+
+onsuccess:
+    release_outputs()
+
+
+onerror:
+    release_outputs()

@@ -1,8 +1,11 @@
 # Helpers shared by the rules; no rules here.
 import yaml
 from snakemake.exceptions import WorkflowError
+from snakemake.io import apply_wildcards
 
 from stages.lib.codedeps import stage_code
+from stages.lib.engines import (EngineBusy, Job, SnakemakeClaim, align_restored_times,
+                                 output_roots)
 
 SCHEMES = list(config["schemes"])
 
@@ -32,3 +35,53 @@ def log_path(rule_name, per_scheme=True):
 def benchmark_path(rule_name, per_scheme=True):
     return (f"logs/benchmark/{rule_name}/{{scheme}}.tsv" if per_scheme
             else f"logs/benchmark/{rule_name}.tsv")
+
+
+# ---------------------------------------------------------------- file times of DVC's outputs
+# Snakemake reruns a job when an input is newer than its oldest output, and `dvc pull`,
+# `dvc checkout` and `dvc repro` write outputs at times that say nothing about the
+# pipeline's order. Before Snakemake plans anything, outputs it did not write itself and
+# that `dvc status` vouches for get the time of their newest input (stages/lib/engines.py
+# says why and when). Leaving `mtime` out of --rerun-triggers would not help: Snakemake
+# 9.x compares input times whatever the triggers say.
+def workflow_jobs():
+    jobs = []
+    for step in workflow.rules:
+        if step.name == "all":
+            continue
+        per_scheme = "scheme" in step.wildcard_names
+        for scheme in SCHEMES if per_scheme else [None]:
+            paths = lambda items: [apply_wildcards(str(i), {"scheme": scheme}) for i in items]
+            jobs.append(Job(f"{step.name}@{scheme}" if per_scheme else step.name,
+                            paths(step.input), paths(step.output)))
+    return jobs
+
+
+def align_dvc_output_times():
+    if workflow.is_main_process:
+        align_restored_times(workflow.basedir, workflow_jobs())
+
+
+# ---------------------------------------------------------------- one engine at a time
+# A Snakemake run claims every output folder in DVC's lock files, so DVC refuses to touch
+# them while it runs, and Snakemake refuses to start while DVC runs (stages/lib/engines.py).
+def workflow_outputs():
+    return output_roots([str(pattern) for r in workflow.rules for pattern in r.output])
+
+
+ENGINE_CLAIM = None
+
+
+def claim_outputs():
+    global ENGINE_CLAIM
+    ENGINE_CLAIM = SnakemakeClaim(workflow.basedir, workflow_outputs())
+    try:
+        ENGINE_CLAIM.acquire()
+    except EngineBusy as exc:
+        ENGINE_CLAIM = None
+        raise WorkflowError(str(exc)) from None
+
+
+def release_outputs():
+    if ENGINE_CLAIM is not None:
+        ENGINE_CLAIM.release()
