@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -109,10 +112,35 @@ def test_snakemake_refuses_config_overrides_the_stages_would_not_see():
 
 # ---------------------------------------------------------------- end to end
 
+# The report prints its date: one fixed date makes both engines' reports comparable.
+ENV["SOURCE_DATE_EPOCH"] = "1700000000"
+DEFAULT_PROFILE = ["--workflow-profile", "workflow/profiles/default"]
+# What the two engines write that is not a function of params, code and data alone:
+# wall-clock timings (infer's timing.json and the latency_ms column that infer's and
+# analyze's samples.csv carry), and Snakemake's own time stamps in its output folders.
+TIMING_COLUMN = "latency_ms"
+
+
 @pytest.fixture(scope="module")
 def tiny_params() -> dict:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     return small_params(params, train=8, val=6, size=64, epochs=1)
+
+
+@pytest.fixture(scope="module")
+def smk_run(tmp_path_factory, tiny_params) -> Path:
+    """One real Snakemake run (workstation profile), shared by the tests below."""
+    root = copy_repo(tmp_path_factory.mktemp("smk") / "repo", tiny_params)
+    run(["snakemake", *DEFAULT_PROFILE, "--cores", "2"], root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def dvc_run(tmp_path_factory, tiny_params) -> Path:
+    """One real `dvc repro`, shared by the tests below."""
+    root = copy_repo(tmp_path_factory.mktemp("dvc") / "repo", tiny_params)
+    run(["dvc", "repro"], root)
+    return root
 
 
 def _report_shows_both_schemes(root: Path, params: dict) -> str:
@@ -124,25 +152,148 @@ def _report_shows_both_schemes(root: Path, params: dict) -> str:
     return html
 
 
+def _planned(root: Path) -> set[tuple[str, str | None]]:
+    """(rule, scheme) of every job a Snakemake dry run would run."""
+    out = run(["snakemake", "-n", *DEFAULT_PROFILE], root).stdout
+    jobs, current = set(), None
+    for line in out.splitlines():
+        stripped = line.strip()
+        match = re.match(r"^(?:localrule|rule) (\w+):$", stripped)
+        if match:
+            if current:
+                jobs.add(current)
+            current = (match.group(1), None)
+        elif stripped.startswith("wildcards:") and current:
+            current = (current[0], dict(w.split("=") for w in
+                                        stripped.split(":", 1)[1].strip().split(", "))["scheme"])
+    if current:
+        jobs.add(current)
+    jobs.discard(("all", None))
+    return jobs
+
+
+def _dvc_changed(root: Path) -> set[str]:
+    return set(json.loads(run(["dvc", "status", "--json"], root).stdout))
+
+
+def _chain(stages: list[str], schemes: list[str]) -> set[tuple[str, str | None]]:
+    return {(stage, scheme) for stage in stages for scheme in schemes}
+
+
+class _Edited:
+    """Change files of a test repository for a dry run, and put them back."""
+
+    def __init__(self, root: Path):
+        self.root, self.saved = root, {}
+
+    def params(self, change) -> None:
+        params = yaml.safe_load((self.root / "params.yaml").read_text())
+        change(params)
+        self.write("params.yaml", yaml.safe_dump(params, sort_keys=False))
+
+    def write(self, rel: str, text: str) -> None:
+        path = self.root / rel
+        self.saved.setdefault(rel, path.read_bytes())
+        path.write_text(text)
+
+    def append(self, rel: str, text: str) -> None:
+        self.write(rel, (self.root / rel).read_text() + text)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for rel, data in self.saved.items():
+            (self.root / rel).write_bytes(data)
+
+
 @pytest.mark.e2e
-def test_snakemake_end_to_end_then_nothing_to_do(tmp_path, tiny_params):
-    root = copy_repo(tmp_path / "repo", tiny_params)
-    run(["snakemake", "--cores", "2"], root)
-    _report_shows_both_schemes(root, tiny_params)
-    dry = run(["snakemake", "-n", "--cores", "2"], root).stdout
+def test_snakemake_end_to_end_then_nothing_to_do(smk_run, tiny_params):
+    _report_shows_both_schemes(smk_run, tiny_params)
+    dry = run(["snakemake", "-n", "--cores", "2"], smk_run).stdout
     assert "Nothing to be done" in dry, dry[-2000:]
     # A report-only param change reruns the report and nothing else.
-    changed = {**tiny_params, "report": {**tiny_params["report"], "title": "Retitled"}}
-    (root / "params.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
-    dry = run(["snakemake", "-n", "--cores", "2", "--quiet", "rules"], root).stdout
+    with _Edited(smk_run) as edit:
+        edit.params(lambda p: p["report"].update(title="Retitled"))
+        dry = run(["snakemake", "-n", "--cores", "2", "--quiet", "rules"], smk_run).stdout
     planned = re.findall(r"^(\w+)\s+\d+$", dry, flags=re.M)
     assert sorted(set(planned) - {"total", "all"}) == ["report"], dry
 
 
+def _split(jobs: set[tuple[str, str | None]]) -> tuple[set, set]:
+    """Per-scheme jobs, and the names of the jobs over all schemes (report and the like)."""
+    return ({j for j in jobs if j[1] is not None}, {name for name, scheme in jobs if scheme is None})
+
+
+def _check_plan(planned: set, per_scheme: set) -> None:
+    """Exactly these per-scheme jobs; of the jobs over all schemes, the report and maybe
+    other aggregates, never download."""
+    mine, shared = _split(planned)
+    assert mine == per_scheme, planned
+    assert "report" in shared and "download" not in shared, planned
+
+
 @pytest.mark.e2e
-def test_dvc_repro_end_to_end_status_metrics_plots_and_rerun_rules(tmp_path, tiny_params):
-    root = copy_repo(tmp_path / "repo", tiny_params)
-    run(["dvc", "repro"], root)
+def test_snakemake_reruns_what_a_change_affects_and_nothing_else(smk_run, tiny_params):
+    schemes = list(tiny_params["schemes"])
+    assert _planned(smk_run) == set()
+    with _Edited(smk_run) as edit:  # one scheme's definition: that scheme's chain + report
+        edit.params(lambda p: p["schemes"][schemes[1]].update(crowd="background"))
+        _check_plan(_planned(smk_run),
+                    _chain(["masks", "train", "infer", "evaluate", "analyze"], schemes[1:]))
+    with _Edited(smk_run) as edit:  # training params: not download, not masks
+        edit.params(lambda p: p["train"].update(lr=0.002))
+        _check_plan(_planned(smk_run), _chain(["train", "infer", "evaluate", "analyze"], schemes))
+    # A stage's code (behind a shell: command, so Snakemake's own code trigger cannot see
+    # it; the rules list it as input, stage_code()): that stage and everything after it.
+    with _Edited(smk_run) as edit:
+        edit.append("stages/infer.py", "\n# edited\n")
+        _check_plan(_planned(smk_run), _chain(["infer", "evaluate", "analyze"], schemes))
+    with _Edited(smk_run) as edit:  # a library module every stage imports: everything
+        edit.append("stages/lib/params.py", "\n# edited\n")
+        assert {"download", "masks", "train", "infer", "evaluate", "analyze", "report"} <= {
+            rule for rule, _ in _planned(smk_run)}
+    # Code put back as it was (newer file, same content): Snakemake compares the checksum
+    # it recorded, so nothing reruns.
+    assert _planned(smk_run) == set()
+
+
+def _set_times_upstream_newest(root: Path) -> None:
+    """What `dvc checkout`/`dvc pull` may do to file times: every output (files, folders,
+    Snakemake's time stamps) rewritten, upstream ones last."""
+    order = ["reports", "compare", "analysis", "metrics", "predictions", "models", "data/masks",
+             "data/raw"]
+    now = time.time()
+    for step, rel in enumerate(order):
+        if not (root / rel).exists():
+            continue
+        for path in [root / rel, *(root / rel).rglob("*")]:
+            os.utime(path, (now + step, now + step), follow_symlinks=False)
+
+
+@pytest.mark.e2e
+def test_snakemake_plans_nothing_after_dvc_rewrote_its_outputs(smk_run, tiny_params):
+    """Snakemake's results committed to DVC, two folders deleted and restored with
+    `dvc checkout`, then every output's time scrambled (upstream newest): DVC vouches for
+    them all, so Snakemake plans nothing; after a code edit it plans that stage onwards."""
+    root = smk_run
+    run(["dvc", "commit", "-f"], root)
+    assert _dvc_changed(root) == set()
+    shutil.rmtree(root / "data" / "raw")
+    shutil.rmtree(root / "models")
+    run(["dvc", "checkout"], root)
+    assert _planned(root) == set()
+    _set_times_upstream_newest(root)
+    assert _planned(root) == set()
+    with _Edited(root) as edit:
+        edit.append("stages/evaluate.py", "\n# edited\n")
+        _check_plan(_planned(root), _chain(["evaluate"], list(tiny_params["schemes"])))
+    assert _planned(root) == set()
+
+
+@pytest.mark.e2e
+def test_dvc_repro_end_to_end_status_metrics_plots_and_rerun_rules(dvc_run, tiny_params):
+    root = dvc_run
     _report_shows_both_schemes(root, tiny_params)
     status = run(["dvc", "status"], root).stdout
     assert "up to date" in status, status
@@ -153,11 +304,287 @@ def test_dvc_repro_end_to_end_status_metrics_plots_and_rerun_rules(tmp_path, tin
     drawn = json.dumps(json.loads(plots))
     for scheme in tiny_params["schemes"]:
         assert f"metrics/train/{scheme}/plots/metrics/val/miou.tsv" in drawn
-    changed = {**tiny_params, "report": {**tiny_params["report"], "title": "Retitled"}}
-    (root / "params.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
-    rerun = run(["dvc", "repro"], root).stdout
-    assert re.findall(r"Running stage '([^']+)'", rerun) == ["report"], rerun
-    assert "Retitled" in (root / "reports" / "index.html").read_text()
+    with _Edited(root) as edit:
+        edit.params(lambda p: p["report"].update(title="Retitled"))
+        rerun = run(["dvc", "repro"], root).stdout
+        assert re.findall(r"Running stage '([^']+)'", rerun) == ["report"], rerun
+        assert "Retitled" in (root / "reports" / "index.html").read_text()
+    rerun = run(["dvc", "repro"], root).stdout  # back to the shared run's report
+    assert re.findall(r"Running stage '([^']+)'", rerun) in (["report"], []), rerun
+
+
+@pytest.mark.e2e
+def test_dvc_reruns_what_a_change_affects_and_nothing_else(dvc_run, tiny_params):
+    """`dvc status` names the stages whose own params or deps changed; DVC then reruns a
+    downstream stage only if an upstream output's content changed (content hashes)."""
+    root = dvc_run
+    first, second = list(tiny_params["schemes"])
+
+    def changed():
+        stages = _dvc_changed(root)
+        return _split({(s.split("@")[0], s.split("@")[1] if "@" in s else None) for s in stages})
+
+    assert _dvc_changed(root) == set()
+    with _Edited(root) as edit:
+        edit.params(lambda p: p["schemes"][second].update(crowd="background"))
+        mine, shared = changed()
+        assert mine == _chain(["masks", "train", "evaluate"], [second])
+        assert "report" in shared and "download" not in shared
+    with _Edited(root) as edit:
+        edit.params(lambda p: p["train"].update(lr=0.002))
+        mine, shared = changed()
+        assert mine == _chain(["train"], [first, second])
+        assert "report" in shared and "download" not in shared
+    with _Edited(root) as edit:
+        edit.append("stages/infer.py", "\n# edited\n")
+        assert _dvc_changed(root) == {f"infer@{first}", f"infer@{second}"}
+        dry = run(["dvc", "repro", "--dry"], root).stdout
+        assert set(re.findall(r"Running stage '([^']+)'", dry)) == {f"infer@{first}",
+                                                                    f"infer@{second}"}
+    assert _dvc_changed(root) == set()
+
+
+# ---------------------------------------------------------------- same artifacts
+
+OUTPUT_DIRS = ["data/raw", "data/masks", "models", "metrics", "predictions", "analysis",
+               "compare", "reports"]
+
+
+def _artifacts(root: Path) -> dict[str, str]:
+    """sha256 of every output file, Snakemake's .snakemake_timestamp files and DVC's
+    .gitignore files left out; timings blanked (see TIMING_COLUMN)."""
+    import hashlib
+
+    import pandas as pd
+
+    digests = {}
+    for rel in OUTPUT_DIRS:
+        for path in sorted((root / rel).rglob("*")):  # (nothing when a folder is absent)
+            if not path.is_file() or path.name in (".snakemake_timestamp", ".gitignore"):
+                continue
+            key = path.relative_to(root).as_posix()
+            data = path.read_bytes()
+            if path.name == "timing.json":
+                timing = json.loads(data)
+                data = json.dumps({k: timing[k] for k in ("images", "device", "batch_size")})
+                data = data.encode()
+            elif path.name == "samples.csv":
+                frame = pd.read_csv(path)
+                data = frame.drop(columns=[TIMING_COLUMN], errors="ignore").to_csv(index=False)
+                data = data.encode()
+            elif path.name == "index.html":
+                data = _deterministic_report(data.decode()).encode()
+            digests[key] = hashlib.sha256(data).hexdigest()
+    return digests
+
+
+def _deterministic_report(html: str) -> str:
+    """The report without what depends on the checkout and the clock: the git commit (each
+    test repository has its own) and the inference timing table."""
+    html = re.sub(r'<section id="timing">.*?</section>', "", html, flags=re.S)
+    html = re.sub(r"commit [0-9a-f]{7,40}", "commit <commit>", html)
+    return re.sub(r"<code>[0-9a-f]{7,40}</code>", "<code><commit></code>", html)
+
+
+@pytest.mark.e2e
+def test_both_engines_write_identical_artifacts(smk_run, dvc_run):
+    smk, dvc = _artifacts(smk_run), _artifacts(dvc_run)
+    assert sorted(smk) == sorted(dvc)
+    assert len(smk) > 50
+    differ = sorted(k for k in smk if smk[k] != dvc[k])
+    assert differ == [], differ
+
+
+# ---------------------------------------------------------------- DVC remote
+
+@pytest.mark.e2e
+def test_dvc_push_then_pull_in_a_fresh_clone_restores_every_output(dvc_run, tiny_params):
+    """The committed default remote is ../segflow-dvc-remote beside the checkout, so a
+    clone beside it pulls from the same folder."""
+    root = dvc_run
+    git = ["git", "-c", "user.email=test@segflow", "-c", "user.name=segflow-test"]
+    run(git + ["add", "-A"], root)
+    run(git + ["commit", "-q", "-m", "results"], root)
+    pushed = run(["dvc", "push"], root)
+    remote = root.parent / "segflow-dvc-remote"
+    assert remote.is_dir() and any(remote.rglob("*")), pushed.stdout
+    clone = root.parent / "clone"
+    run(["git", "clone", "-q", str(root), str(clone)], root.parent)
+    assert not (clone / "models").exists()
+    run(["dvc", "pull"], clone)
+    assert _raw_artifacts(clone) == _raw_artifacts(root)
+    status = run(["dvc", "status"], clone).stdout
+    assert "up to date" in status, status
+    repro = run(["dvc", "repro"], clone).stdout
+    assert "Running stage" not in repro, repro
+    _report_shows_both_schemes(clone, tiny_params)
+    # Pulled outputs with fresh file times: Snakemake has nothing to do either...
+    assert _planned(clone) == set()
+    # ...nor after `dvc checkout` rewrote upstream outputs after downstream ones.
+    shutil.rmtree(clone / "data" / "raw")
+    shutil.rmtree(clone / "data" / "masks")
+    run(["dvc", "checkout"], clone)
+    assert _raw_artifacts(clone) == _raw_artifacts(root)
+    assert _planned(clone) == set()
+    # DVC vouches only for what matches dvc.lock: after a code edit Snakemake reruns that
+    # stage and what follows, as usual; with the code put back, nothing again.
+    schemes = list(tiny_params["schemes"])
+    with _Edited(clone) as edit:
+        edit.append("stages/infer.py", "\n# edited\n")
+        _check_plan(_planned(clone), _chain(["infer", "evaluate", "analyze"], schemes))
+    assert _planned(clone) == set()
+
+
+def _raw_artifacts(root: Path) -> dict[str, str]:
+    import hashlib
+
+    return {path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+            for rel in OUTPUT_DIRS for path in sorted((root / rel).rglob("*"))
+            if path.is_file() and path.name not in (".gitignore", ".snakemake_timestamp")}
+
+
+# ---------------------------------------------------------------- failures and locks
+
+@pytest.mark.e2e
+def test_a_failing_job_is_reported_with_its_log(tmp_path, tiny_params):
+    root = copy_repo(tmp_path / "repo", tiny_params)
+    for image in (root / "data" / "sample" / "val2017").glob("*.jpg"):
+        image.write_bytes(b"not a JPEG " * 100)
+    result = run(["snakemake", *DEFAULT_PROFILE, "--cores", "2"], root, check=False)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "Error in rule download" in out, out[-3000:]
+    assert "logs/download.log" in out, out[-3000:]
+    # show-failed-logs (the profiles): the stage's own error is printed with it.
+    log = (root / "logs" / "download.log").read_text()
+    assert "ERROR" in log and log.strip().splitlines()[-1] in out
+
+
+class _HoldServer:
+    """An HTTP server on loopback that answers nothing until released (a download that
+    takes as long as the test needs), then 404 (the download fails quickly)."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        owner = self
+        self.held = threading.Event()
+        self.released = threading.Event()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                owner.held.set()
+                owner.released.wait(120)
+                self.send_error(404)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def hold(self):
+        self.held.clear()
+        self.released.clear()
+
+    def release(self):
+        self.released.set()
+
+    def close(self):
+        self.release()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _wait_for(check, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _claims(root: Path) -> dict:
+    path = root / ".dvc" / "tmp" / "rwlock"
+    try:
+        lock = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+    return {p: info for p, info in lock.get("write", {}).items()}
+
+
+def _start(cmd: list[str], root: Path) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=root, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen, seconds: float = 180) -> str:
+    try:
+        out, _ = proc.communicate(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        raise AssertionError(f"{proc.args} did not end:\n{out[-3000:]}")
+    return out
+
+
+@pytest.mark.e2e
+def test_one_engine_at_a_time_in_both_directions(tmp_path, tiny_params, monkeypatch):
+    monkeypatch.setitem(ENV, "NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setitem(ENV, "no_proxy", "127.0.0.1,localhost")
+    server = _HoldServer()
+    try:
+        params = {**tiny_params, "data": {**tiny_params["data"], "base_url": server.url,
+                                          "retries": 0, "timeout_s": 120}}
+        # Snakemake runs (its download is stuck on the server): DVC refuses to start.
+        root = copy_repo(tmp_path / "smk" / "repo", params)
+        snakemake = _start(["snakemake", *DEFAULT_PROFILE, "--cores", "1"], root)
+        _wait_for(lambda: server.held.is_set() and _claims(root), 60, "Snakemake's download")
+        assert {info["pid"] for info in _claims(root).values()} == {snakemake.pid}
+        for cmd in (["dvc", "repro"], ["dvc", "status"]):
+            refused = run(cmd, root, check=False)
+            out = refused.stdout + refused.stderr
+            assert refused.returncode != 0, (cmd, out)
+            assert "is busy, it is being blocked by" in out and "Snakemake run owns" in out, out
+        assert not (root / "dvc.lock").exists()
+        assert snakemake.poll() is None
+        server.release()
+        out = _finish(snakemake)
+        assert snakemake.returncode != 0 and "Error in rule download" in out, out[-3000:]
+        assert _claims(root) == {}  # onerror released the claim
+        run(["dvc", "status"], root)
+
+        # DVC runs (its download is stuck): Snakemake refuses before any job starts.
+        server.hold()
+        root = copy_repo(tmp_path / "dvc" / "repo", params)
+        dvc = _start(["dvc", "repro"], root)
+        _wait_for(lambda: server.held.is_set() and _claims(root), 60, "DVC's download")
+        refused = run(["snakemake", *DEFAULT_PROFILE, "--cores", "1"], root, check=False)
+        out = refused.stdout + refused.stderr
+        assert refused.returncode != 0, out
+        assert "DVC is running a stage" in out and "data/raw" in out, out[-3000:]
+        assert not (root / "logs" / "download.log").exists()  # no job started
+        assert dvc.poll() is None
+        server.release()
+        _finish(dvc)
+        # Between two stages DVC holds its repository lock instead: refused as well.
+        from dvc.lock import make_lock
+
+        tmp = root / ".dvc" / "tmp"
+        lock = make_lock(str(tmp / "lock"), tmp_dir=str(tmp))
+        lock.lock()
+        try:
+            refused = run(["snakemake", *DEFAULT_PROFILE, "--cores", "1"], root, check=False)
+        finally:
+            lock.unlock()
+        out = refused.stdout + refused.stderr
+        assert refused.returncode != 0 and "holds .dvc/tmp/lock" in out, out[-3000:]
+    finally:
+        server.close()
 
 
 def _revisions(node):
