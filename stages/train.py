@@ -307,7 +307,8 @@ def _finite_or_none(value: float) -> float | None:
 
 def _loader(raw, masks, split, cfg, train: bool, device, ranks: Ranks = Ranks()) -> DataLoader:
     transform = joint_transform(cfg["image_size"], IMAGENET_MEAN, IMAGENET_STD, train, cfg["hflip"])
-    dataset = SegmentationDataset(list_samples(raw, masks, split), transform, cfg["seed"])
+    dataset = SegmentationDataset(list_samples(raw, masks, split), transform, cfg["seed"],
+                                  decode_size=cfg["image_size"])
     sampler = EpochSampler(len(dataset), cfg["seed"], shuffle=train, rank=ranks.rank,
                            world=ranks.world)
     batch = per_rank_batch(cfg["batch_size"], ranks.world) if train else cfg["batch_size"]
