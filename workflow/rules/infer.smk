@@ -18,6 +18,9 @@ rule infer:
     resources:
         mem_mb=8000,
         runtime=240,
+        # GPUs per job: the SLURM plugin requests them with --gpus (workflow/profiles/slurm
+        # has the switch for CPU-only partitions); the workstation executor ignores it.
+        gpu=1,
     shell:
         "python -m stages.infer --params params.yaml --model {input.model} "
         "--raw {input.raw} --masks {input.masks} --out {output} > {log} 2>&1"

@@ -23,6 +23,9 @@ rule train:
     resources:
         mem_mb=8000,
         runtime=720,
+        # GPUs per job: the SLURM plugin requests them with --gpus (workflow/profiles/slurm
+        # has the switch for CPU-only partitions); the workstation executor ignores it.
+        gpu=1,
     shell:
         "python -m stages.train --params params.yaml --scheme {wildcards.scheme} "
         "--raw {input.raw} --masks {input.masks} --out {output.model} "
