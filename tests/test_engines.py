@@ -222,7 +222,8 @@ def test_snakemake_end_to_end_then_nothing_to_do(smk_run, tiny_params):
 
 def _split(jobs: set[tuple[str, str | None]]) -> tuple[set, set]:
     """Per-scheme jobs, and the names of the jobs over all schemes (report and the like)."""
-    return ({j for j in jobs if j[1] is not None}, {name for name, scheme in jobs if scheme is None})
+    return ({j for j in jobs if j[1] is not None},
+            {name for name, scheme in jobs if scheme is None})
 
 
 def _check_plan(planned: set, per_scheme: set) -> None:

@@ -38,10 +38,12 @@ than the one it recorded) and whose DVC stage `dvc status` calls up to date (its
 matches dvc.lock, which records the code, params and inputs it came from) gets the time
 of its newest input: "made right after its inputs". An output Snakemake had written
 before DVC rewrote it gets Snakemake's recorded time back instead (no older than its
-upstream outputs), since Snakemake judges its code files by recorded checksums. Outputs Snakemake wrote, and outputs
-of stages DVC does not vouch for (say, after editing their code), keep their times and
-Snakemake's usual rules. For a folder the time is set on its .snakemake_timestamp file,
-where Snakemake keeps a folder's time (DVC ignores it: .dvcignore).
+upstream outputs), since Snakemake judges its code files by recorded checksums. Outputs
+Snakemake wrote, and outputs of stages DVC does not vouch for (say, after editing their
+code), keep their times and Snakemake's usual rules. For a folder the time is set on its
+.snakemake_timestamp file, where Snakemake keeps a folder's time (DVC ignores it:
+.dvcignore). This costs one `dvc status` per Snakemake invocation while such outputs
+exist (none in a checkout only Snakemake writes to).
 """
 from __future__ import annotations
 
