@@ -135,3 +135,21 @@ def test_metrics_benchmark_smoke(tmp_path):
     assert names[0] == "segflow (numpy bincount)" and len(names) == 3
     assert [r["identical matrix"] for r in result["table"][1:]] == ["yes", "yes"]
     assert result["table"][1]["vs torchmetrics"] == 1.0
+
+
+def test_pipeline_benchmark_reads_snakemake_benchmark_files(tmp_path):
+    from benchmarks import bench_pipeline
+
+    header = "s\th:m:s\tmax_rss\n"
+    (tmp_path / "logs" / "benchmark" / "train").mkdir(parents=True)
+    (tmp_path / "logs" / "benchmark" / "download.tsv").write_text(header + "2.5\t0:00:02\t10\n")
+    for scheme, seconds in (("a", 10.0), ("b", 12.0)):
+        (tmp_path / "logs" / "benchmark" / "train" / f"{scheme}.tsv").write_text(
+            header + f"{seconds}\t0:00:10\t10\n")
+    assert bench_pipeline.stage_seconds(tmp_path) == {"download": 2.5, "train": 22.0}
+    used = {"train": 80, "val": 80}
+    # train scales with the train split only: 22 s for 80 images -> 82,783 images
+    assert bench_pipeline.projection_hours("train", 22.0, used) == pytest.approx(
+        22.0 * 82_783 / 80 / 3600)
+    assert bench_pipeline.projection_hours("download", 2.5, used) == pytest.approx(
+        2.5 * (82_783 + 40_504) / 160 / 3600)
