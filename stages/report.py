@@ -1,8 +1,12 @@
 """report: one self-contained HTML page comparing the label schemes side by side.
 Reads, for every scheme in params.yaml, the metrics and confusion matrix (evaluate), the
-training log (train), timing and predicted masks (infer), the sample, cluster and
-metadata-vs-loss tables (analyze), the ground truth (masks) and the val images (download),
-and writes --out: every figure and thumbnail is inlined, so the page needs no network.
+training log (train), timing, latent vectors and predicted masks (infer), the sample,
+cluster, heat-map, label-issue and metadata-vs-loss tables (analyze), the scheme
+differences (compare), the ground truth (masks), the val images and their manifest
+(download), and, for provenance, dvc.lock and the engines' logs and benchmark files when
+given. Writes --out: every figure and thumbnail is inlined and the interactive parts
+(population maps, similars, histograms, the samples table) run from one JSON blob with
+inlined vanilla JavaScript, so the page needs no network.
 """
 from __future__ import annotations
 
@@ -17,25 +21,29 @@ import logging
 import math
 import os
 import platform
+import re
 import subprocess
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import yaml
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from markupsafe import Markup
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 from sklearn.metrics import adjusted_rand_score
 
+from stages.lib import buckets, embeddings
 from stages.lib.cli import StageError, run_main, stage_parser
 from stages.lib.io import atomic_path
 from stages.lib.labels import IGNORE_INDEX, colourise, palette_colours, read_labels
 from stages.lib.params import load_params, scheme_class_names
-from stages.lib.plots import compact, confusion_figure, png_bytes  # noqa: F401 (re-exported)
+from stages.lib.plots import compact, confusion_figure, fit_width, png_bytes  # noqa: F401 (re-exported)
 
 log = logging.getLogger("report")
 
@@ -75,6 +83,13 @@ class Scheme:
     samples: pd.DataFrame
     clusters: pd.DataFrame
     metadata_loss: pd.DataFrame
+    # For the interactive map: each sample's k nearest neighbours (row indices into
+    # samples, -1 where fewer exist) and their cosine distances, as analyze's similars.
+    neighbours: np.ndarray | None = None
+    distances: np.ndarray | None = None
+    label_issues: pd.DataFrame | None = None      # analyze's label_issues.csv
+    heatmaps: pd.DataFrame | None = None          # analyze's heatmaps/index.csv
+    extra: dict = field(default_factory=dict)     # e.g. the training device from its log
 
 
 # ---------------------------------------------------------------- pure core: tables
@@ -161,6 +176,21 @@ def verdicts(schemes: list[Scheme]) -> list[str]:
         definitions = {class_definition(s.claims, name) for s in having}
         scored = [(s.name, finite(s.metrics["iou"].get(name))) for s in having]
         sentences.append(verdict(name, scored, len(definitions) == 1))
+    return sentences
+
+
+def unshared(schemes: list[Scheme]) -> list[str]:
+    """The classes only one scheme has (car in one, vehicle in the other): no verdict, but
+    side by side they are the comparison the study made."""
+    sentences = []
+    for name in class_union(schemes):
+        having = [s for s in schemes if name in s.class_names]
+        if len(having) == 1 and len(schemes) > 1:
+            value = finite(having[0].metrics["iou"].get(name))
+            claims = having[0].claims.get(name, {})
+            what = ", ".join(f"{k} {', '.join(v)}" for k, v in claims.items()) or "its claims"
+            sentences.append(f"{name}: only in {having[0].name} ({what}), IoU "
+                             f"{'undefined' if value is None else f'{value:.3f}'}.")
     return sentences
 
 
@@ -271,6 +301,359 @@ def flag_rule(params: dict, schemes: list[Scheme]) -> str:
     return "2+ samples, mean loss at least one standard deviation above the scheme's mean"
 
 
+# ---------------------------------------------------------------- pure core: interactive data
+
+# Metadata a tooltip shows first (when the scheme has it), after the scheme's class fractions.
+KEY_FIELDS = ["is_grayscale", "brightness", "n_annotations"]
+SIGNIFICANT = 4  # significant digits of the numbers in the JSON blob (the page shows 3)
+# Colour scales the page draws with: viridis (sequential) and PuOr (diverging) stay readable
+# under the common colour-vision deficiencies; Okabe-Ito for categories (clusters).
+OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442",
+             "#000000"]
+
+
+def colour_ramp(name: str, n: int = 64) -> list[str]:
+    return ["#%02x%02x%02x" % tuple(int(round(255 * c)) for c in rgba[:3])
+            for rgba in colormaps[name](np.linspace(0, 1, n))]
+
+
+def rounded(values, digits: int = SIGNIFICANT) -> list:
+    """JSON-ready numbers: ints stay ints, floats keep `digits` significant digits, NaN and
+    missing values become null (JSON has no NaN)."""
+    series = pd.Series(values)
+    if pd.api.types.is_bool_dtype(series):
+        return series.astype(int).tolist()
+    numeric = pd.to_numeric(series, errors="coerce").to_numpy(dtype=float)
+    if pd.api.types.is_integer_dtype(series):
+        return [int(v) for v in numeric]
+    out = []
+    for v in numeric:
+        if not math.isfinite(v):
+            out.append(None)
+        elif v == int(v) and abs(v) < 1e15:
+            out.append(int(v))
+        else:
+            out.append(float(f"{v:.{digits}g}"))
+    return out
+
+
+def json_script(document: object) -> Markup:
+    """JSON for a <script type="application/json"> element. Inside <script> the HTML parser
+    ends the element at the first "</script" and starts a comment state at "<!--", whatever
+    the JSON means; escaping every <, > and & as \\u003c... (still the same JSON) leaves no
+    such sequence, so a category called </script><script>... stays data."""
+    text = json.dumps(document, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    return Markup(text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
+
+
+def image_table(schemes: list[Scheme]) -> pd.DataFrame:
+    """Every val image of any scheme once, by stem: image id and file name."""
+    parts = [s.samples[["stem", "file_name"] + (["image_id"] if "image_id" in s.samples else [])]
+             for s in schemes]
+    images = pd.concat(parts, ignore_index=True).drop_duplicates("stem").sort_values(
+        "stem", kind="stable").reset_index(drop=True)
+    if "image_id" not in images:
+        images["image_id"] = pd.NA
+    return images
+
+
+def explorer_fields(schemes: list[Scheme]) -> list[str]:
+    """The metadata fields the page offers (colour by, tooltips, range filter): those analyze
+    binned (it drops constant columns and keeps only frequent category counts)."""
+    fields: dict[str, None] = {}
+    for s in schemes:
+        for name in s.metadata_loss["field"].drop_duplicates():
+            if name in s.samples.columns:
+                fields[name] = None
+    return list(fields)
+
+
+def field_kind(values: pd.Series) -> str:
+    if buckets.is_two_valued(values.dropna()) and values.dropna().nunique() <= 2:
+        return "bool"
+    numeric = pd.to_numeric(values, errors="coerce").dropna()
+    return "int" if len(numeric) and (numeric == numeric.round()).all() else "float"
+
+
+def split_fields(schemes: list[Scheme], images: pd.DataFrame,
+                 fields: list[str]) -> tuple[dict[str, pd.Series], dict[str, dict[str, pd.Series]]]:
+    """Fields with the same value for an image under every scheme (size, brightness,
+    category counts...) are stored once per image; the others (class fractions, background)
+    once per scheme and sample."""
+    shared, own = {}, {s.name: {} for s in schemes}
+    for name in fields:
+        columns = [s.samples.set_index("stem")[name] if name in s.samples else None
+                   for s in schemes]
+        if all(c is not None for c in columns):
+            aligned = [c.reindex(images["stem"]).reset_index(drop=True) for c in columns]
+            first = aligned[0]
+            if all(first.equals(other) for other in aligned[1:]):
+                shared[name] = first
+                continue
+        for s, column in zip(schemes, columns):
+            if column is not None:
+                own[s.name][name] = s.samples[name].reset_index(drop=True)
+    return shared, own
+
+
+def bin_members(samples: pd.DataFrame, bins: pd.DataFrame) -> dict[str, list[int]]:
+    """Per field of a (one-binning) metadata_loss table: each sample's bin, -1 for none.
+    The edges are read back from the table and assigned as analyze assigns them, so a
+    bucket's members are exactly the samples analyze counted in it."""
+    members = {}
+    for name, part in bins.groupby("field", sort=False):
+        if name not in samples:
+            continue
+        part = part.sort_values("bin")
+        edges = np.append(part["low"].to_numpy(float), part["high"].to_numpy(float)[-1])
+        index = buckets.assign(pd.to_numeric(samples[name], errors="coerce"), edges)
+        members[name] = [int(part["bin"].iloc[i]) if i >= 0 else -1 for i in index]
+    return members
+
+
+def thumbnail_stems(schemes: list[Scheme], first: list[str], limit: int) -> list[str]:
+    """Which images get an inlined thumbnail, at most `limit`, most useful first: those
+    the page shows anyway (`first`: label issues, cluster representatives), each scheme's
+    similars queries and their neighbours, the highest- and lowest-loss samples, then the
+    rest in a fixed pseudo-random order (by a hash of the stem), so a 40k-image val set
+    gives as many thumbnails as a small one and the choice never changes between runs."""
+    chosen: dict[str, None] = {}
+
+    def take(stems) -> bool:
+        for stem in stems:
+            if len(chosen) >= limit:
+                return False
+            chosen.setdefault(stem, None)
+        return len(chosen) < limit
+
+    if limit <= 0 or not take(first):
+        return list(chosen)
+    for s in schemes:
+        by_loss = s.samples.sort_values(["loss", "stem"], ascending=[False, True],
+                                        na_position="last")["stem"].tolist()
+        extremes = [stem for pair in itertools.zip_longest(by_loss[:10], by_loss[::-1][:5])
+                    for stem in pair if stem is not None]
+        if not take(extremes):
+            return list(chosen)
+    every = sorted(set(itertools.chain.from_iterable(s.samples["stem"] for s in schemes)),
+                   key=lambda stem: hashlib.md5(stem.encode()).hexdigest())
+    take(every)
+    return list(chosen)
+
+
+def explorer_data(schemes: list[Scheme], thumbs: dict[str, str], fields: list[str],
+                  charted: list[str], flagged: list[dict],
+                  only_in: dict[str, str] | None = None) -> dict:
+    """The per-sample data the page's JavaScript draws from, columnar (one list per column,
+    so 40k samples cost no repeated keys): images, thumbnails, metadata, and per scheme the
+    map, scores, clusters, neighbours and metadata buckets."""
+    images = image_table(schemes)
+    position = {stem: i for i, stem in enumerate(images["stem"])}
+    thumb_list = [thumbs[stem] for stem in images["stem"] if stem in thumbs]
+    thumb_index, n = {}, 0
+    for stem in images["stem"]:
+        if stem in thumbs:
+            thumb_index[stem] = n
+            n += 1
+    shared, own = split_fields(schemes, images, fields)
+    kinds = {}
+    for name in fields:
+        column = shared.get(name)
+        if column is None:
+            column = next(own[s.name][name] for s in schemes if name in own[s.name])
+        kinds[name] = field_kind(column)
+    per_scheme = []
+    for s in schemes:
+        samples = s.samples.reset_index(drop=True)
+        classes = [c for c in s.class_names if f"iou_{c}" in samples]
+        issue_stems = set()
+        if s.label_issues is not None and "flagged" in s.label_issues:
+            issue_stems = set(s.label_issues.loc[s.label_issues["flagged"].astype(bool), "stem"])
+        k = 0 if s.neighbours is None else int(s.neighbours.shape[1])
+        per_scheme.append({
+            "name": s.name, "classes": classes,
+            "img": [position[stem] for stem in samples["stem"]],
+            "x": rounded(samples["x"]), "y": rounded(samples["y"]),
+            "cluster": [int(c) for c in samples["cluster"]],
+            "loss": rounded(samples["loss"]),
+            "pa": rounded(samples["pixel_accuracy"]) if "pixel_accuracy" in samples else None,
+            "miou": rounded(samples[[f"iou_{c}" for c in classes]].mean(axis=1, skipna=True))
+            if classes else None,
+            "iou": {c: rounded(samples[f"iou_{c}"]) for c in classes},
+            "lq": rounded(samples["label_quality"]) if "label_quality" in samples else None,
+            "issue": [int(stem in issue_stems) for stem in samples["stem"]],
+            "only": only_in_scheme(samples, s.name, only_in),
+            "meta": {name: rounded(values) for name, values in own[s.name].items()},
+            "key": [f for f in [f"{c}_fraction" for c in s.class_names if c != "background"]
+                    + KEY_FIELDS if f in fields and f in samples],
+            "k": k,
+            "nn": [] if not k else [int(v) for v in s.neighbours.ravel()],
+            "nnd": [] if not k else rounded(s.distances.ravel(), 3),
+            "clusters": [{"id": int(r["cluster"]), "size": int(r["size"]),
+                          "loss": finite(r["mean_loss"]),
+                          "dominant": str(r["dominant_categories"])
+                          if isinstance(r.get("dominant_categories"), str) else ""}
+                         for _, r in s.clusters.iterrows()],
+            "mean_loss": finite(samples["loss"].mean()),
+            "buckets": scheme_buckets(s, charted, flagged),
+            "bucket_of": bin_members(samples, s.metadata_loss[
+                s.metadata_loss["field"].isin(charted)]),
+        })
+    return {
+        "schemes": [s.name for s in schemes],
+        "images": {"stem": images["stem"].tolist(),
+                   "id": [None if pd.isna(v) else int(v) for v in images["image_id"]],
+                   "file": images["file_name"].astype(str).tolist(),
+                   "thumb": [thumb_index.get(stem, -1) for stem in images["stem"]]},
+        "thumbs": thumb_list,
+        "fields": [{"key": name, "kind": kinds[name], "shared": name in shared}
+                   for name in fields],
+        "meta": {name: rounded(values) for name, values in shared.items()},
+        "charted": charted,
+        "per_scheme": per_scheme,
+        "viridis": colour_ramp("viridis"), "diverging": colour_ramp("PuOr_r"),
+        "categorical": OKABE_ITO,
+    }
+
+
+def only_in_scheme(samples: pd.DataFrame, name: str, only_in: dict[str, str] | None) -> list[int]:
+    """1 where compare found this sample a label issue under this scheme only."""
+    if not only_in:
+        return [0] * len(samples)
+    return [int(only_in.get(stem) == name) for stem in samples["stem"]]
+
+
+def scheme_buckets(scheme: Scheme, charted: list[str], flagged: list[dict]) -> list[dict]:
+    hot = {(f["field"], f["bin"]) for f in flagged if f["scheme"] == scheme.name}
+    frame = scheme.metadata_loss
+    rows = []
+    for name in charted:
+        for _, r in frame[frame["field"] == name].sort_values("bin").iterrows():
+            rows.append({"field": name, "bin": int(r["bin"]), "low": float(r["low"]),
+                         "high": float(r["high"]), "count": int(r["count"]),
+                         "loss": finite(r["mean_loss"]), "se": finite(r.get("se_loss")),
+                         "flagged": (name, int(r["bin"])) in hot})
+    return rows
+
+
+def charted_fields(schemes: list[Scheme], k: int = N_METADATA_FIELDS) -> list[str]:
+    """The informative fields, then every other field in which analyze flagged a bin."""
+    fields = informative_fields(schemes, k)
+    for s in schemes:
+        frame = s.metadata_loss
+        if "flagged" in frame:
+            for name in frame.loc[frame["flagged"].astype(bool), "field"]:
+                if name not in fields:
+                    fields.append(name)
+    return fields
+
+
+def cluster_cards(scheme: Scheme, changes: pd.DataFrame | None,
+                  heatmap_srcs: dict[str, str]) -> list[dict]:
+    """One card per cluster: its numbers, dominant categories, representatives (the medoid
+    first) with their shared-feature heat-maps, and how its images fare under the other
+    scheme (compare's clusters.csv)."""
+    stems = dict(zip(scheme.samples["image_id"], scheme.samples["stem"])) \
+        if "image_id" in scheme.samples else {}
+    overall = finite(scheme.samples["loss"].mean())
+    cards = []
+    for _, r in scheme.clusters.iterrows():
+        c = int(r["cluster"])
+        reps = []
+        for token in str(r.get("representative_image_ids", "") or "").split():
+            try:
+                image_id = int(float(token))
+            except ValueError:
+                continue
+            stem = stems.get(image_id)
+            if stem is None:
+                continue
+            key = f"{c}/{stem}"
+            loss = scheme.samples.loc[scheme.samples["stem"] == stem, "loss"]
+            reps.append({"stem": stem, "heatmap": heatmap_srcs.get(key),
+                         "loss": finite(loss.iloc[0]) if len(loss) else None})
+        change = []
+        if changes is not None and len(changes):
+            rows = changes[(changes["clusters_of"] == scheme.name) & (changes["cluster"] == c)]
+            for _, ch in rows.iterrows():
+                other = ch["b"] if ch["a"] == scheme.name else ch["a"]
+                here, there = ((ch["mean_loss_a"], ch["mean_loss_b"]) if ch["a"] == scheme.name
+                               else (ch["mean_loss_b"], ch["mean_loss_a"]))
+                change.append({"other": other, "here": finite(here), "there": finite(there),
+                               "z": finite(ch["z"]) if ch["a"] == scheme.name or
+                               finite(ch["z"]) is None else -finite(ch["z"]),
+                               "significant": bool(ch["significant"]),
+                               "images": int(ch["images"])})
+        cards.append({"cluster": c, "size": int(r["size"]), "mean_loss": finite(r["mean_loss"]),
+                      "overall": overall, "harder": (finite(r["mean_loss"]) or 0) > (overall or 0),
+                      "pixel_accuracy": finite(r.get("mean_pixel_accuracy")),
+                      "grayscale_share": finite(r.get("grayscale_share")),
+                      "dominant": str(r["dominant_categories"])
+                      if isinstance(r.get("dominant_categories"), str) else "",
+                      "representatives": reps, "change": change})
+    return cards
+
+
+# ---------------------------------------------------------------- pure core: provenance
+
+def flatten(document: object, prefix: str = "") -> dict[str, object]:
+    """{"a.b": value} for nested mappings; lists and scalars are leaves."""
+    if isinstance(document, dict) and document:
+        out = {}
+        for key, value in document.items():
+            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: document}
+
+
+def params_diff(base: dict | None, used: dict) -> list[dict]:
+    """Every key whose value differs between the reference params and those used:
+    changed, added (not in the reference) or removed (only in the reference)."""
+    if base is None:
+        return []
+    a, b = flatten(base), flatten(used)
+    rows = []
+    for key in list(dict.fromkeys([*b, *a])):
+        if key not in a:
+            rows.append({"key": key, "base": None, "used": b[key], "what": "added"})
+        elif key not in b:
+            rows.append({"key": key, "base": a[key], "used": None, "what": "removed"})
+        elif a[key] != b[key]:
+            rows.append({"key": key, "base": a[key], "used": b[key], "what": "changed"})
+    return [{**r, "base": _yaml_value(r["base"]), "used": _yaml_value(r["used"])} for r in rows]
+
+
+def _yaml_value(value) -> str:
+    return "—" if value is None else json.dumps(value, ensure_ascii=False)
+
+
+STAGE_ORDER = ["download", "masks", "train", "infer", "evaluate", "analyze", "compare"]
+
+
+def stage_times(benchmarks: dict[tuple[str, str], pd.DataFrame],
+                logs: dict[tuple[str, str], float]) -> list[dict]:
+    """One row per (stage, scheme) job: Snakemake's benchmark (wall s, CPU s, peak RSS)
+    where it exists, else the span of the job's log timestamps (a lower bound: start-up
+    before the first line is not in it)."""
+    rows = []
+    keys = set(benchmarks) | set(logs)
+    order = {name: i for i, name in enumerate(STAGE_ORDER)}
+    for stage, scheme in sorted(keys, key=lambda k: (order.get(k[0], len(order)), k)):
+        frame = benchmarks.get((stage, scheme))
+        if frame is not None and len(frame):
+            last = frame.iloc[-1]
+            rows.append({"stage": stage, "scheme": scheme, "wall_s": finite(last.get("s")),
+                         "cpu_s": finite(last.get("cpu_time")),
+                         "max_rss_mb": finite(last.get("max_rss")),
+                         "source": "Snakemake benchmark"})
+        elif (stage, scheme) in logs:
+            rows.append({"stage": stage, "scheme": scheme, "wall_s": logs[(stage, scheme)],
+                         "cpu_s": None, "max_rss_mb": None,
+                         "source": "log timestamps (lower bound)"})
+    return rows
+
+
 def example_candidates(schemes: list[Scheme]) -> pd.DataFrame:
     """Samples every scheme has, with foreground share and the loss gap between schemes."""
     merged = None
@@ -349,74 +732,6 @@ def curves_figure(schemes: list[Scheme]) -> bytes:
     return png_bytes(fig)
 
 
-def population_figure(samples: pd.DataFrame, title: str, projection: str) -> bytes:
-    """The latent map twice: coloured by cluster (marker shapes too, so colour is not the
-    only cue) and by sample loss."""
-    fig = Figure(figsize=(8.4, 3.6))
-    by_cluster, by_loss = fig.subplots(1, 2)
-    clusters = sorted(samples["cluster"].unique())
-    colours = colormaps["viridis"](np.linspace(0, 0.9, max(len(clusters), 1)))
-    for i, c in enumerate(clusters):
-        members = samples[samples["cluster"] == c]
-        by_cluster.scatter(members["x"], members["y"], s=22, color=colours[i],
-                           marker=MARKERS[i % len(MARKERS)], edgecolor="white", linewidth=0.4,
-                           label=f"cluster {c} (n={len(members)})")
-    by_cluster.legend(fontsize=7, loc="best")
-    points = by_loss.scatter(samples["x"], samples["y"], c=samples["loss"], s=22,
-                             cmap="viridis", edgecolor="white", linewidth=0.4)
-    fig.colorbar(points, ax=by_loss, label="sample loss")
-    for ax, what in ((by_cluster, "clusters"), (by_loss, "loss")):
-        ax.set_title(f"{title}: {what}", fontsize=10)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_xlabel(f"latent {projection} 1")
-        ax.set_ylabel(f"latent {projection} 2")
-    return png_bytes(fig)
-
-
-def bin_labels(bins: pd.DataFrame, boolean: bool) -> list[str]:
-    if boolean:
-        return ["no" if high <= 0.5 else "yes" for high in bins["high"]]
-    return [f"{low:.3g}–{high:.3g}" for low, high in zip(bins["low"], bins["high"])]
-
-
-def metadata_figure(field: str, schemes: list[Scheme], flagged: list[dict]) -> bytes:
-    """Mean loss per bin of one field, one panel per scheme with a shared loss axis."""
-    fig = Figure(figsize=(3.0 * len(schemes) + 0.4, 2.5))
-    axes = np.atleast_1d(fig.subplots(1, len(schemes), sharey=True))
-    for ax, s in zip(axes, schemes):
-        bins = s.metadata_loss[s.metadata_loss["field"] == field].sort_values("bin")
-        ax.set_title(s.name, fontsize=10)
-        if bins.empty:
-            ax.text(0.5, 0.5, "not a field\nof this scheme", ha="center", va="center",
-                    transform=ax.transAxes, fontsize=9, color="#555555")
-            ax.set_xticks([])
-            continue
-        hot = {f["bin"] for f in flagged if f["scheme"] == s.name and f["field"] == field}
-        _metadata_bars(ax, bins, hot, _is_boolean(s.samples, field))
-        ax.axhline(s.samples["loss"].mean(), color="#444444", linestyle="--", linewidth=1)
-    axes[0].set_ylabel("mean loss")
-    return png_bytes(fig)
-
-
-def _metadata_bars(ax, bins: pd.DataFrame, hot: set[int], boolean: bool) -> None:
-    positions = np.arange(len(bins))
-    heights = bins["mean_loss"].fillna(0).to_numpy()
-    colours = ["#fde725" if b in hot else "#21918c" for b in bins["bin"]]
-    bars = ax.bar(positions, heights, color=colours, edgecolor="#333333", linewidth=0.6)
-    for bar, b in zip(bars, bins["bin"]):
-        if b in hot:
-            bar.set_hatch("//")
-    for x, h, n in zip(positions, heights, bins["count"]):
-        ax.text(x, h, f"n={int(n)}", ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(positions, bin_labels(bins, boolean), rotation=30, ha="right", fontsize=8)
-    ax.margins(y=0.15)
-
-
-def _is_boolean(samples: pd.DataFrame, field: str) -> bool:
-    return field in samples.columns and pd.api.types.is_bool_dtype(samples[field])
-
-
 def legend_swatches(class_names: list[str]) -> list[dict]:
     palette = palette_colours()
     swatches = [{"name": c, "colour": "#%02x%02x%02x" % tuple(palette[i])}
@@ -466,17 +781,42 @@ def render(context: dict) -> str:
     return environment().get_template("report.html.j2").render(**context)
 
 
+APP_JS = TEMPLATES / "report.js"
+PROVENANCE_DEFAULTS = {"params_base": None, "params_diff": [], "stage_times": [], "host": {}}
+
+
+def app_script() -> tuple[Markup, str]:
+    """The page's JavaScript and its CSP hash: the page's Content-Security-Policy lets only
+    this exact script run, so even an injected <script> or onerror= would stay inert."""
+    code = APP_JS.read_text(encoding="utf-8")
+    if "</script" in code.lower() or "<!--" in code:
+        raise StageError(f"{APP_JS}: must not contain </script or <!--")
+    digest = base64.b64encode(hashlib.sha256(code.encode("utf-8")).digest()).decode("ascii")
+    return Markup(code), f"sha256-{digest}"
+
+
 def build_context(params: dict, schemes: list[Scheme], provenance: dict,
                   examples: list[dict], issues: list[dict] | None = None,
-                  differences: list[dict] | None = None) -> dict:
-    """Everything the template shows, figures already encoded."""
+                  differences: list[dict] | None = None, thumbs: dict[str, str] | None = None,
+                  cards: dict[str, list[dict]] | None = None,
+                  only_in: dict[str, str] | None = None) -> dict:
+    """Everything the template shows, figures already encoded; `thumbs` (stem -> data URI)
+    are the inlined sample thumbnails, `cards` the cluster cards per scheme (drawn without
+    heat-maps or compare's changes when not given)."""
     names = [s.name for s in schemes]
-    fields = informative_fields(schemes)
-    flagged = [f for s in schemes for f in flagged_bins(s, fields)]
+    charted = charted_fields(schemes)
+    flagged = [f for s in schemes for f in flagged_bins(s, charted)]
     projection = params["analyze"]["projection"]
+    code, script_hash = app_script()
+    cards = cards or {s.name: cluster_cards(s, None, {}) for s in schemes}
+    explorer = explorer_data(schemes, thumbs or {}, explorer_fields(schemes), charted, flagged,
+                             only_in)
     return {
-        "title": params["report"]["title"], "schemes": names, "provenance": provenance,
+        "title": params["report"]["title"], "schemes": names,
+        "provenance": {**PROVENANCE_DEFAULTS, **provenance,
+                       "models": [{"train_device": None, **m} for m in provenance["models"]]},
         "comparison": comparison_table(schemes), "verdicts": verdicts(schemes),
+        "unshared": unshared(schemes),
         # One scheme has nothing to subtract; with three or more, each delta names its pair.
         "delta_label": (f"Δ {names[1]} − {names[0]}" if len(names) == 2
                         else "Δ (the two schemes with the class)" if len(names) > 2 else ""),
@@ -484,20 +824,23 @@ def build_context(params: dict, schemes: list[Scheme], provenance: dict,
             s.confusion, s.class_names, s.name))} for s in schemes],
         "curves_src": data_uri(curves_figure(schemes)),
         "timing": timing_rows(schemes),
-        "population": [{"scheme": s.name, "clusters": cluster_rows(s),
-                        "src": data_uri(population_figure(s.samples, s.name, projection))}
-                       for s in schemes],
+        "population": [{"scheme": s.name, "index": i, "n": len(s.samples),
+                        "clusters": cluster_rows(s), "cards": cards[s.name]}
+                       for i, s in enumerate(schemes)],
         "agreement": cluster_agreement(schemes), "projection": projection,
-        "metadata": [{"field": f, "src": data_uri(metadata_figure(f, schemes, flagged))}
-                     for f in fields],
-        "flagged": flagged, "flag_rule": flag_rule(params, schemes),
+        "charted": charted, "flagged": flagged, "flag_rule": flag_rule(params, schemes),
         "binning": params.get("analyze", {}).get("buckets", {}).get(
             "binning", ["equal_width"])[0].replace("_", "-"),
         "legends": [{"scheme": s.name, "swatches": legend_swatches(s.class_names)}
                     for s in schemes],
         "examples": examples, "thumbnail_px": params["report"]["thumbnail_px"],
         "caveats": training_caveats(params, provenance["data"]["images"].get("train")),
-        "issues": issues or [], "differences": differences or [],
+        "issues": [{"scheme": s.name, "rows": [i for i in issues or [] if i["scheme"] == s.name]}
+                   for s in schemes],
+        "differences": differences or [],
+        "n_thumbs": len(explorer["thumbs"]), "n_images": len(explorer["images"]["stem"]),
+        "max_thumbnails": params["report"].get("max_thumbnails"),
+        "data_json": json_script(explorer), "app_js": code, "script_hash": script_hash,
     }
 
 
@@ -557,6 +900,9 @@ def read_samples(path: Path) -> pd.DataFrame:
     samples = read_table(path, SAMPLE_COLUMNS, dtype={"file_name": str})
     # The stem comes from file_name: a numeric-looking stem column loses its zeros in CSV.
     samples["stem"] = samples["file_name"].map(lambda name: Path(name).stem)
+    duplicated = samples["stem"][samples["stem"].duplicated()]
+    if len(duplicated):
+        raise StageError(f"{path}: file_name {duplicated.iloc[0]!r} listed twice")
     return samples
 
 
@@ -564,6 +910,7 @@ def load_scheme(params: dict, name: str, predictions: Path, metrics: Path,
                 analysis: Path) -> Scheme:
     class_names = scheme_class_names(params, name)
     plots = metrics / "train" / name / "plots" / "metrics"
+    folder = analysis / name
     return Scheme(
         name=name, class_names=class_names, claims=params["schemes"][name]["classes"],
         metrics=read_metrics(metrics / f"{name}.json", class_names),
@@ -571,12 +918,18 @@ def load_scheme(params: dict, name: str, predictions: Path, metrics: Path,
         curves={key: read_curve(plots / split / f"{column}.tsv", column)
                 for key, (split, column) in CURVES.items()},
         timing=read_timing(predictions / name / "timing.json"),
-        samples=read_samples(analysis / name / "samples.csv"),
-        clusters=read_table(analysis / name / "clusters.csv", ["cluster", "size", "mean_loss"]),
-        metadata_loss=one_binning(read_table(analysis / name / "metadata_loss.csv",
+        samples=read_samples(folder / "samples.csv"),
+        clusters=read_table(folder / "clusters.csv", ["cluster", "size", "mean_loss"]),
+        metadata_loss=one_binning(read_table(folder / "metadata_loss.csv",
                                              ["field", "bin", "low", "high", "count",
                                               "mean_loss"]),
                                   params["analyze"]["buckets"]["binning"][0]),
+        label_issues=read_table(folder / "label_issues.csv", ["rank", "label_quality", "flagged"],
+                                dtype={"stem": str}) if (folder / "label_issues.csv").is_file()
+        else None,
+        heatmaps=read_table(folder / "heatmaps" / "index.csv", ["file", "kind", "cluster", "stem"],
+                            dtype={"stem": str})
+        if (folder / "heatmaps" / "index.csv").is_file() else None,
     )
 
 
@@ -597,6 +950,36 @@ def read_timing(path: Path) -> dict:
     return timing
 
 
+def similars(path: Path, samples: pd.DataFrame, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every sample's k nearest neighbours (row indices into samples) and cosine distances,
+    computed as analyze computes its similars (standardised latent vectors), so the page can
+    fetch similars for any sample, not only analyze's queries."""
+    try:
+        with np.load(path) as npz:
+            ids, latents = npz["image_ids"], npz["latents"]
+    except FileNotFoundError:
+        raise StageError(f"{path}: missing") from None
+    except (OSError, ValueError, KeyError) as exc:
+        raise StageError(f"{path}: not a latents file ({exc})") from None
+    if "image_id" not in samples:
+        raise StageError(f"{path}: the analysis samples have no image_id column to match")
+    row_of = {int(v): i for i, v in enumerate(ids)}
+    wanted = [int(v) for v in samples["image_id"]]
+    absent = [v for v in wanted if v not in row_of]
+    if absent:
+        raise StageError(f"{path}: no latent vector for image {absent[0]}; re-run analyze")
+    scaled = embeddings.standardise(latents[[row_of[v] for v in wanted]])
+    n = len(wanted)
+    found = embeddings.nearest_neighbours(scaled, list(range(n)), k)
+    width = max((len(f) for f in found), default=0)
+    neighbours = np.full((n, width), -1, dtype=np.int64)
+    distances = np.full((n, width), np.nan)
+    for i, pairs in enumerate(found):
+        for j, (row, distance) in enumerate(pairs):
+            neighbours[i, j], distances[i, j] = row, distance
+    return neighbours, distances
+
+
 # ---------------------------------------------------------------- run: provenance
 
 def git_state(repo: Path) -> dict:
@@ -611,6 +994,14 @@ def git_state(repo: Path) -> dict:
 def _git(repo: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True,
                           check=True, timeout=30).stdout.strip()
+
+
+def committed_params(repo: Path) -> dict | None:
+    """params.yaml as committed at HEAD: the reference the used params are compared with."""
+    try:
+        return yaml.safe_load(_git(repo, "show", "HEAD:params.yaml"))
+    except (OSError, subprocess.SubprocessError, yaml.YAMLError):
+        return None
 
 
 def report_date() -> str:
@@ -631,32 +1022,167 @@ def library_versions() -> list[tuple[str, str]]:
     return versions
 
 
-def sha256_prefix(path: Path) -> str | None:
+def md5_file(path: Path) -> str | None:
+    """The md5 DVC records for a file (DVC 3: of its bytes)."""
     if not path.is_file():
         return None
-    digest = hashlib.sha256()
+    digest = hashlib.md5()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
-    return digest.hexdigest()[:12]
+    return digest.hexdigest()
 
 
-def data_source(manifest_path: Path) -> dict:
+def dvc_lock_outs(lock: Path | None) -> dict[Path, dict]:
+    """dvc.lock's outputs by absolute path: {md5, size, nfiles} as DVC recorded them."""
+    if lock is None or not lock.is_file():
+        return {}
+    try:
+        document = yaml.safe_load(lock.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise StageError(f"{lock}: not valid YAML ({exc})") from None
+    outs = {}
+    for stage in (document.get("stages") or {}).values():
+        for out in stage.get("outs") or []:
+            if isinstance(out, dict) and "path" in out and "md5" in out:
+                outs[(lock.parent / out["path"]).resolve()] = out
+    return outs
+
+
+def dvc_hash(path: Path, lock_outs: dict[Path, dict], check: str | None = None) -> dict:
+    """The md5 DVC records for an output (a folder's is the md5 of its file list, `.dir`),
+    computed with DVC's own code and .dvcignore rules, as `dvc commit` would record it.
+    A large folder may take dvc.lock's record instead, when it lists this path with the
+    folder's current size and file count and its file list (in DVC's cache) gives the
+    `check` file the md5 it has now (the download manifest holds every image's checksum).
+    A dvc.lock record that differs from what is on disk is reported as stale."""
+    if not path.exists():
+        return {"md5": None, "source": "missing", "stale": None}
+    from dvc.ignore import DvcIgnoreFilter
+    from dvc_data.hashfile.build import build
+    from dvc_data.hashfile.db.local import LocalHashFileDB
+    from dvc_objects.fs.local import LocalFileSystem
+
+    fs = LocalFileSystem()
+    root = dvc_root(path)
+    ignore = DvcIgnoreFilter(fs, str(root)) if root is not None else None
+    entry = lock_outs.get(path.resolve())
+    if entry is not None and check is not None and path.is_dir() and root is not None:
+        files = list(ignore.find(fs, str(path)))
+        listing = _dir_listing(root, str(entry["md5"]))
+        if (entry.get("size") == sum(os.path.getsize(f) for f in files)
+                and entry.get("nfiles") == len(files) and listing is not None
+                and listing.get(check) == md5_file(path / check)):
+            return {"md5": entry["md5"], "source": "dvc.lock", "stale": None}
+    with tempfile.TemporaryDirectory() as scratch:
+        _, _, obj = build(LocalHashFileDB(fs, scratch), str(path), fs, "md5", dry_run=True,
+                          ignore=ignore)
+    md5 = obj.hash_info.value
+    stale = entry["md5"] if entry is not None and entry["md5"] != md5 else None
+    return {"md5": md5, "source": "computed", "stale": stale}
+
+
+def dvc_root(path: Path) -> Path | None:
+    """The DVC project an output lives in (the nearest folder above it holding .dvc/):
+    its .dvcignore applies to the hash, its cache holds the folder listings."""
+    for folder in path.resolve().parents:
+        if (folder / ".dvc").is_dir():
+            return folder
+    return None
+
+
+def _dir_listing(repo: Path, md5: str) -> dict[str, str] | None:
+    """relpath -> md5 of a folder DVC cached (its .dir object), or None if not cached."""
+    if not md5.endswith(".dir"):
+        return None
+    path = repo / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
+    try:
+        return {e["relpath"]: e["md5"] for e in json.loads(path.read_text())}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def data_source(raw: Path, lock_outs: dict[Path, dict]) -> dict:
+    manifest_path = raw / "manifest.json"
     manifest = read_json(manifest_path)
     splits = manifest.get("splits", {})
     return {"base_url": manifest.get("base_url"), "year": manifest.get("year"),
-            "seed": manifest.get("seed"), "sha256": sha256_prefix(manifest_path),
+            "seed": manifest.get("seed"), "manifest_md5": md5_file(manifest_path),
+            "raw": dvc_hash(raw, lock_outs, check="manifest.json"),
             "images": {split: len(body.get("images", [])) for split, body in splits.items()}}
 
 
-def provenance(params: dict, raw: Path, models: Path, schemes: list[Scheme]) -> dict:
-    return {
-        "git": git_state(REPO), "date": report_date(), "versions": library_versions(),
+def train_device(logs: Path | None, scheme: str) -> str | None:
+    """train logs its device ("... device cpu"); only Snakemake keeps stage logs."""
+    path = None if logs is None else logs / "train" / f"{scheme}.log"
+    if path is None or not path.is_file():
+        return None
+    found = re.findall(r"\bdevice (\S+)", path.read_text(errors="replace"))
+    return found[-1] if found else None
+
+
+LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ", re.M)
+
+
+def log_span(path: Path) -> float | None:
+    stamps = [dt.datetime.strptime(t, "%Y-%m-%d %H:%M:%S") + dt.timedelta(milliseconds=int(ms))
+              for t, ms in LOG_TIME.findall(path.read_text(errors="replace"))]
+    return (stamps[-1] - stamps[0]).total_seconds() if len(stamps) >= 2 else None
+
+
+def read_stage_times(logs: Path | None) -> list[dict]:
+    """Wall time per stage and scheme from Snakemake's benchmark files
+    (benchmark/<stage>[/<scheme>].tsv under --logs) or the stage logs
+    (<stage>[/<scheme>].log); DVC keeps neither."""
+    if logs is None or not logs.is_dir():
+        return []
+    benchmarks, spans = {}, {}
+    bench = logs / "benchmark"
+    for path in sorted(bench.rglob("*.tsv")) if bench.is_dir() else []:
+        rel = path.relative_to(bench).with_suffix("")
+        key = (rel.parts[0], rel.parts[1] if len(rel.parts) > 1 else "")
+        try:
+            benchmarks[key] = pd.read_csv(path, sep="\t")
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+            log.warning("%s: not a benchmark table, left out", path)
+    for path in sorted(logs.rglob("*.log")):
+        rel = path.relative_to(logs).with_suffix("")
+        if rel.parts[0] == "benchmark":
+            continue
+        key = (rel.parts[0], rel.parts[1] if len(rel.parts) > 1 else "")
+        span = log_span(path)
+        if span is not None:
+            spans[key] = span
+    own = {k for k in [*benchmarks, *spans] if k[0] == "report"}  # this very run is not over
+    return stage_times({k: v for k, v in benchmarks.items() if k not in own},
+                       {k: v for k, v in spans.items() if k not in own})
+
+
+def provenance(params: dict, raw: Path, models: Path, schemes: list[Scheme],
+               logs: Path | None = None, lock: Path | None = None) -> dict:
+    lock_outs = dvc_lock_outs(lock)
+    git = git_state(REPO)
+    record = {
+        "git": git, "date": report_date(), "versions": library_versions(),
         "params_yaml": yaml.safe_dump(params, sort_keys=False, allow_unicode=True),
-        "data": data_source(raw / "manifest.json"),
+        "params_base": f"params.yaml at HEAD ({git['commit']})" if git["commit"] else None,
+        "params_diff": params_diff(committed_params(REPO), params) if git["commit"] else [],
+        "data": data_source(raw, lock_outs),
         "models": [{"scheme": s.name, "device": s.timing["device"],
-                    "sha256": sha256_prefix(models / s.name / "model.pt")} for s in schemes],
+                    "train_device": s.extra.get("train_device"),
+                    "dir": dvc_hash(models / s.name, lock_outs),
+                    "md5": md5_file(models / s.name / "model.pt")} for s in schemes],
+        "host": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                 "python": platform.python_version()},
+        "stage_times": read_stage_times(logs),
     }
+    # Where each hash came from goes to the log, not the page: both engines must render the
+    # same page for the same outputs (DVC has a dvc.lock when the report runs, Snakemake not).
+    for what, h in [("data/raw", record["data"]["raw"]),
+                    *((f"models/{m['scheme']}", m["dir"]) for m in record["models"])]:
+        log.info("%s md5 %s (%s%s)", what, h["md5"], h["source"],
+                 f"; dvc.lock records {h['stale']}" if h["stale"] else "")
+    return record
 
 
 # ---------------------------------------------------------------- run: examples
@@ -688,6 +1214,18 @@ def photo_thumbnail(path: Path, width: int) -> str:
         raise StageError(f"{path}: not a readable image ({exc})") from None
 
 
+def figure_src(path: Path, width: int) -> str:
+    """A pre-drawn figure (label issue, heat-map), scaled down to `width` and stored as JPEG:
+    a quarter of the PNG's bytes at no visible cost for photos with overlays."""
+    try:
+        with Image.open(path) as image:
+            return encode(fit_width(image.convert("RGB"), width), "JPEG")
+    except FileNotFoundError:
+        raise StageError(f"{path}: missing") from None
+    except OSError as exc:
+        raise StageError(f"{path}: not a readable image ({exc})") from None
+
+
 def label_thumbnail(path: Path, width: int) -> str:
     try:
         labels = read_labels(path)
@@ -700,25 +1238,66 @@ def label_thumbnail(path: Path, width: int) -> str:
 
 # ---------------------------------------------------------------- run: analyze and compare
 
-N_ISSUES = 3  # label-issue figures shown per scheme (analyze lists them all)
-
-
-def issue_gallery(folder: Path, scheme: str, n: int = N_ISSUES) -> list[dict]:
-    """The n worst-scored images analyze flagged, with its pre-drawn figure."""
-    path = folder / "label_issues.csv"
-    if not path.is_file():
+def issue_gallery(folder: Path, scheme: Scheme, flagged_in: dict[str, list[str]],
+                  width: int) -> list[dict]:
+    """Every image analyze flagged as a label issue, worst first, with its pre-drawn figure
+    (image | ground truth | prediction | disagreement) and in which schemes it is flagged."""
+    table = scheme.label_issues
+    if table is None:
         return []
-    table = read_table(path, ["rank", "label_quality", "flagged"], dtype={"stem": str})
+    path = folder / "label_issues.csv"
     rows = []
-    for r in table[table["flagged"].astype(bool)].head(n).itertuples():
+    for r in table[table["flagged"].astype(bool)].itertuples():
         figure = folder / str(r.figure)
         if not figure.is_file():
             raise StageError(f"{figure}: missing (listed in {path})")
-        rows.append({"scheme": scheme, "rank": int(r.rank), "stem": str(r.stem),
-                     "score": finite(r.label_quality), "what": str(r.main_disagreement)
-                     if isinstance(r.main_disagreement, str) else "",
-                     "src": data_uri(figure.read_bytes())})
+        stem = str(r.stem)
+        schemes_flagging = flagged_in.get(stem, [scheme.name])
+        rows.append({"scheme": scheme.name, "rank": int(r.rank), "stem": stem,
+                     "score": finite(r.label_quality), "loss": finite(getattr(r, "loss", None)),
+                     "what": str(r.main_disagreement)
+                     if isinstance(getattr(r, "main_disagreement", None), str) else "",
+                     "only": schemes_flagging == [scheme.name] and bool(flagged_in),
+                     "others": [s for s in schemes_flagging if s != scheme.name],
+                     "src": figure_src(figure, width)})
     return rows
+
+
+def heatmap_sources(folder: Path, scheme: Scheme, width: int) -> dict[str, str]:
+    """'cluster/stem' -> the shared-feature heat-map analyze drew over that representative."""
+    index = scheme.heatmaps
+    if index is None:
+        return {}
+    shared = index[index["kind"] == "shared_features"]
+    return {f"{int(r.cluster)}/{r.stem}": figure_src(folder / str(r.file), width)
+            for r in shared.itertuples()}
+
+
+def read_flagged_in(compare: Path | None, schemes: list[Scheme]) -> dict[str, list[str]]:
+    """stem -> the schemes in which compare found the image flagged as a label issue."""
+    if compare is None:
+        return {}
+    path = compare / "label_issues.csv"
+    table = read_table(path, ["image_id", "flagged_in"])
+    stems = {}
+    for s in schemes:
+        if "image_id" in s.samples:
+            stems.update(zip(s.samples["image_id"].astype(int), s.samples["stem"]))
+    return {stems[int(r.image_id)]: str(r.flagged_in).split()
+            for r in table.itertuples() if int(r.image_id) in stems}
+
+
+def read_cluster_changes(compare: Path | None) -> pd.DataFrame | None:
+    if compare is None:
+        return None
+    path = compare / "clusters.csv"
+    try:
+        return read_table(path, ["a", "b", "clusters_of", "cluster", "images", "mean_loss_a",
+                                 "mean_loss_b", "z", "significant"])
+    except StageError as exc:
+        if "not a readable table" in str(exc):  # one scheme: compare writes an empty table
+            return None
+        raise
 
 
 def _change_text(row: dict, kind: str) -> str:
@@ -751,18 +1330,39 @@ def scheme_differences(compare: Path | None) -> list[dict]:
 # ---------------------------------------------------------------- run
 
 def run(params: dict, raw: Path, masks: Path, models: Path, predictions: Path, metrics: Path,
-        analysis: Path, out: Path, compare: Path | None = None) -> Path:
+        analysis: Path, out: Path, compare: Path | None = None, logs: Path | None = None,
+        dvc_lock: Path | None = None) -> Path:
+    cfg = params["report"]
     schemes = [load_scheme(params, name, predictions, metrics, analysis)
                for name in params["schemes"]]
-    cfg = params["report"]
+    for s in schemes:
+        s.neighbours, s.distances = similars(predictions / s.name / "latents.npz", s.samples,
+                                             params["analyze"]["similars"]["k"])
+        s.extra["train_device"] = train_device(logs, s.name)
     rows = examples(schemes, raw, masks, predictions, cfg["n_examples"], cfg["thumbnail_px"])
-    issues = [row for s in schemes for row in issue_gallery(analysis / s.name, s.name)]
-    html = render(build_context(params, schemes, provenance(params, raw, models, schemes), rows,
-                                issues, scheme_differences(compare)))
+    flagged_in = read_flagged_in(compare, schemes)
+    issues = [row for s in schemes
+              for row in issue_gallery(analysis / s.name, s, flagged_in, 4 * cfg["thumbnail_px"])]
+    changes = read_cluster_changes(compare)
+    cards = {s.name: cluster_cards(s, changes, heatmap_sources(analysis / s.name, s,
+                                                               cfg["thumbnail_px"]))
+             for s in schemes}
+    shown = [i["stem"] for i in issues] + [r["stem"] for cs in cards.values() for c in cs
+                                           for r in c["representatives"]]
+    files = dict(zip(*(image_table(schemes)[c] for c in ("stem", "file_name"))))
+    thumbs = {stem: photo_thumbnail(raw / "images" / "val" / files[stem],
+                                    cfg["sample_thumbnail_px"])
+              for stem in thumbnail_stems(schemes, shown, cfg["max_thumbnails"])}
+    only_in = {stem: found[0] for stem, found in flagged_in.items() if len(found) == 1}
+    context = build_context(params, schemes, provenance(params, raw, models, schemes, logs,
+                                                        dvc_lock),
+                            rows, issues, scheme_differences(compare), thumbs, cards, only_in)
+    html = render(context)
     with atomic_path(out) as tmp:
         tmp.write_text(html, encoding="utf-8")
-    log.info("%s: %d schemes, %d examples, %.1f MB", out, len(schemes), len(rows),
-             len(html.encode()) / 1e6)
+    log.info("%s: %d schemes, %d val images, %d thumbnails inlined (report.max_thumbnails %d), "
+             "%d examples, %.1f MB", out, len(schemes), context["n_images"], len(thumbs),
+             cfg["max_thumbnails"], len(rows), len(html.encode()) / 1e6)
     return out
 
 
@@ -777,11 +1377,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder of {scheme}.json and {scheme}.confusion.csv")
     parser.add_argument("--analysis", required=True, type=Path, help="folder of analysis/{scheme}")
     parser.add_argument("--compare", type=Path, help="folder written by compare")
+    parser.add_argument("--logs", type=Path,
+                        help="the engines' log folder (stage logs, benchmark/ files): stage "
+                             "wall times and the training device, when present")
+    parser.add_argument("--dvc-lock", type=Path,
+                        help="dvc.lock: output hashes as DVC recorded them, when present")
     parser.add_argument("--out", required=True, type=Path, help="HTML file to write")
     args = parser.parse_args(argv)
     return run_main("report", lambda: run(load_params(args.params), args.raw, args.masks,
                                           args.models, args.predictions, args.metrics,
-                                          args.analysis, args.out, args.compare))
+                                          args.analysis, args.out, args.compare, args.logs,
+                                          args.dvc_lock))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-TEMPLATES = {"report": ["stages/templates/report.html.j2"]}
+TEMPLATES = {"report": ["stages/templates/report.html.j2", "stages/templates/report.js"]}
 
 
 def stage_code(stage: str, root: Path = ROOT) -> list[str]:

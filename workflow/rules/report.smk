@@ -29,4 +29,4 @@ rule report:
     shell:
         "python -m stages.report --params params.yaml --raw data/raw --masks data/masks "
         "--models models --predictions predictions --metrics metrics --analysis analysis "
-        "--compare compare --out {output} > {log} 2>&1"
+        "--compare compare --logs logs --dvc-lock dvc.lock --out {output} > {log} 2>&1"
