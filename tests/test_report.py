@@ -2,7 +2,9 @@
 outputs (the embedded COCO sample run through every stage at tiny size, once per session)."""
 from __future__ import annotations
 
+import base64
 import copy
+import hashlib
 import importlib.metadata
 import json
 import re
@@ -110,8 +112,10 @@ class Page(HTMLParser):
         self.tags: list[tuple[str, dict]] = []
         self.text: list[str] = []
         self.tables: dict[str, list[list[str]]] = {}
+        self.scripts: list[tuple[dict, str]] = []  # (attributes, text) of every <script>
         self._table: str | None = None
         self._cell: list[str] | None = None
+        self._raw: str | None = None  # inside <script> or <style>: not visible text
 
     @classmethod
     def parse(cls, html: str) -> "Page":
@@ -123,6 +127,11 @@ class Page(HTMLParser):
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
         self.tags.append((tag, attrs))
+        if tag in ("script", "style"):
+            self._raw = tag
+            if tag == "script":
+                self.scripts.append((attrs, ""))
+            return
         if tag == "table" and attrs.get("id"):
             self._table = attrs["id"]
             self.tables[self._table] = []
@@ -132,6 +141,9 @@ class Page(HTMLParser):
             self._cell = []
 
     def handle_endtag(self, tag):
+        if tag == self._raw:
+            self._raw = None
+            return
         if tag in ("td", "th") and self._table and self._cell is not None:
             self.tables[self._table][-1].append(" ".join("".join(self._cell).split()))
             self._cell = None
@@ -139,12 +151,22 @@ class Page(HTMLParser):
             self._table = None
 
     def handle_data(self, data):
+        if self._raw == "script":
+            attrs, text = self.scripts[-1]
+            self.scripts[-1] = (attrs, text + data)
+        if self._raw:
+            return
         self.text.append(data)
         if self._cell is not None:
             self._cell.append(data)
 
     def all_text(self) -> str:
         return " ".join("".join(self.text).split())
+
+    def data(self) -> dict:
+        """The page's JSON blob, parsed."""
+        [text] = [t for a, t in self.scripts if a.get("type") == "application/json"]
+        return json.loads(text)
 
 
 def rows_by_label(table: list[list[str]]) -> dict[str, list[str]]:
@@ -276,22 +298,29 @@ def test_render_escapes_scheme_and_class_names():
                                                 "sha256": None, "images": {"val": 8}},
                   "models": [{"scheme": EVIL, "device": "cpu", "sha256": None}]}
     html = report.render(report.build_context(params, [evil, plain], provenance, []))
-    assert "<script" not in html
+    assert EVIL not in html and "<script>alert" not in html
     assert html.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 8
     page = Page.parse(html)
+    # Exactly the page's own two scripts: the JSON blob and the inlined code.
+    assert [a for a, _ in page.scripts] == [{"type": "application/json", "id": "segflow-data"}, {}]
     table = page.tables["comparison-table"]
     assert table[0][:3] == ["class / score", EVIL, "plain"]
     assert EVIL in rows_by_label(table)
+    data = page.data()
+    assert data["schemes"][0] == EVIL and data["per_scheme"][0]["classes"][1] == EVIL
+
+
+SYNTHETIC_PROVENANCE = {"git": {"commit": "abc1234", "dirty": False}, "date": "d",
+                        "versions": [], "params_yaml": "",
+                        "data": {"base_url": "x", "year": 2017, "seed": 0, "images": {}},
+                        "models": []}
 
 
 def synthetic_page(schemes: list[report.Scheme]) -> Page:
     params = {"report": {"title": "t", "thumbnail_px": 64}, "analyze": {"projection": "pca"},
               **TRAINING}
-    provenance = {"git": {"commit": "abc1234", "dirty": False}, "date": "d", "versions": [],
-                  "params_yaml": "", "data": {"base_url": "x", "year": 2017, "seed": 0,
-                                              "sha256": None, "images": {}},
-                  "models": []}
-    return Page.parse(report.render(report.build_context(params, schemes, provenance, [])))
+    return Page.parse(report.render(report.build_context(params, schemes,
+                                                         SYNTHETIC_PROVENANCE, [])))
 
 
 def test_one_scheme_has_no_delta_column_and_three_schemes_label_it():
@@ -337,37 +366,48 @@ def test_comparison_table_has_a_row_per_class_with_the_metrics_values(rendered):
 
 def test_escapes_the_title_everywhere(rendered):
     html = rendered["html"]
-    assert "<script" not in html.lower()
+    assert EVIL not in html and html.lower().count("<script") == 2  # the page's own two
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert rendered["page"].all_text().startswith(TITLE)
     assert f"<title>{TITLE}" not in html
 
 
+DATA_URI = r"data:image/(png|jpeg);base64,[A-Za-z0-9+/=]+"
+
+
 def test_page_is_self_contained(rendered):
-    tags = rendered["page"].tags
-    images = [attrs for tag, attrs in tags if tag == "img"]
+    page = rendered["page"]
+    tags = page.tags
+    images = [attrs for tag, attrs in tags if tag == "img" and "src" in attrs]
     examples = rendered["params"]["report"]["n_examples"]
     n_schemes = len(rendered["params"]["schemes"])
-    # confusion x2, curves, population x2, metadata charts, example image + GT + prediction
+    # confusion x2, curves, example image + GT + prediction, label issues, heat-maps
     assert len(images) >= 2 * n_schemes + 1 + examples * (1 + 2 * n_schemes)
-    assert all(re.fullmatch(r"data:image/(png|jpeg);base64,[A-Za-z0-9+/=]+", a["src"])
-               for a in images)
+    assert all(re.fullmatch(DATA_URI, a["src"]) for a in images)
+    # cluster representatives take their thumbnail from the JSON blob (no second copy)
+    assert [a for tag, a in tags if tag == "img" and "src" not in a
+            and "js-thumb" not in a.get("class", "")] == []
+    assert all(re.fullmatch(DATA_URI, t) for t in page.data()["thumbs"])
     links = [v for _, attrs in tags for k, v in attrs.items() if k in ("src", "href", "srcset")]
     assert all(v.startswith(("data:", "#")) for v in links), links
-    assert not [tag for tag, _ in tags if tag in ("script", "link", "iframe", "object")]
-    assert "url(" not in rendered["html"] and "@import" not in rendered["html"]
+    assert not [tag for tag, _ in tags if tag in ("link", "iframe", "object", "embed")]
+    assert [a for a, _ in page.scripts] == [{"type": "application/json", "id": "segflow-data"}, {}]
+    # no CSS or SVG reference outside the page (url(#id) points inside it)
+    assert not re.search(r"url\((?!#)", rendered["html"]) and "@import" not in rendered["html"]
+    code = page.scripts[1][1].replace("http://www.w3.org/2000/svg", "")  # SVG's namespace
+    assert not re.search(r"https?://|fetch\(|XMLHttpRequest|import\(", code)  # fetches nothing
 
 
 def test_sections_toc_timing_and_examples(rendered):
     page, params, root = rendered["page"], rendered["params"], rendered["root"]
     headings = [t for t in re.findall(r"<h2>(.*?)</h2>", rendered["html"])]
-    assert headings == ["1. Provenance", "2. Scheme comparison", "3. Inference timing",
-                        "4. Population map", "5. Metadata vs loss", "6. Examples",
-                        "7. Label issues", "8. Scheme differences"]
+    assert headings == ["1. Scheme comparison", "2. Timing", "3. Population map",
+                        "4. Clusters", "5. Metadata vs loss", "6. Label issues", "7. Samples",
+                        "8. Examples", "9. Provenance"]
     ids = {attrs["id"] for _, attrs in page.tags if "id" in attrs}
     anchors = [attrs["href"][1:] for tag, attrs in page.tags
                if tag == "a" and attrs.get("href", "").startswith("#")]
-    assert len(anchors) >= 6 and set(anchors) <= ids
+    assert len(anchors) >= 9 and set(anchors) <= ids
     timing = rows_by_label(page.tables["timing-table"])
     for s in params["schemes"]:
         t = json.loads((root / "predictions" / s / "timing.json").read_text())
@@ -403,6 +443,56 @@ def test_provenance_lists_commit_params_versions_and_data(rendered):
     assert "Each model saw 8 training images" in text and "from scratch" in text
     yaml_block = re.search(r"<pre>(.*?)</pre>", rendered["html"], re.S).group(1)
     assert "n_examples: 2" in yaml_block and "&lt;script&gt;" in yaml_block
+    # the params against params.yaml at HEAD: what small_params and the fixture changed
+    committed = yaml.safe_load(subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=ROOT,
+                                              capture_output=True, text=True).stdout)
+    diff = rows_by_label(rendered["page"].tables["params-diff-table"])
+    expected = report.params_diff(committed, rendered["params"])
+    assert "train.image_size" in diff and "report.title" in diff
+    assert set(diff) == {"key", *(r["key"] for r in expected)}
+    assert diff["train.image_size"] == [str(committed["train"]["image_size"]), "64"]
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in rendered["html"].split(
+        'id="params-diff-table"')[1].split("</table>")[0]
+    # hashes as DVC records them: the manifest file's md5 and the folders' .dir md5s
+    raw = rendered["args"]["raw"]
+    manifest_md5 = hashlib.md5((raw / "manifest.json").read_bytes()).hexdigest()
+    assert f"manifest.json md5 {manifest_md5}" in text
+    assert re.search(r"data folder ?md5 [0-9a-f]{32}\.dir", text)
+    for s in rendered["params"]["schemes"]:
+        model_md5 = hashlib.md5((rendered["args"]["models"] / s / "model.pt").read_bytes())
+        assert re.search(rf"model {s} inference device cpu; folder md5 [0-9a-f]{{32}}\.dir; "
+                         rf"model.pt md5 {model_md5.hexdigest()}", text)
+
+
+def test_page_data_matches_the_analysis(rendered):
+    """The JSON blob: every sample of every scheme, neighbours as analyze's similars,
+    bucket members as analyze's bins, thumbnails for every image (6 < max_thumbnails)."""
+    data, params, root = rendered["page"].data(), rendered["params"], rendered["root"]
+    stems = data["images"]["stem"]
+    assert len(data["thumbs"]) == len(stems) == 6
+    for k, s in enumerate(params["schemes"]):
+        scheme = data["per_scheme"][k]
+        samples = pd.read_csv(root / "analysis" / s / "samples.csv", dtype={"file_name": str})
+        assert [stems[i] for i in scheme["img"]] == [Path(f).stem for f in samples["file_name"]]
+        assert scheme["loss"] == pytest.approx(samples["loss"].tolist(), rel=1e-3)
+        ids = samples["image_id"].tolist()
+        similars = pd.read_csv(root / "analysis" / s / "similars.csv")
+        assert len(similars)
+        width = scheme["k"]
+        for query, group in similars.groupby("query_image_id"):
+            row = ids.index(query)
+            found = [ids[r] for r in scheme["nn"][row * width:(row + 1) * width] if r >= 0]
+            assert found == group.sort_values("rank")["image_id"].tolist()
+        bins = pd.read_csv(root / "analysis" / s / "metadata_loss.csv")
+        bins = bins[bins["binning"] == params["analyze"]["buckets"]["binning"][0]]
+        assert data["charted"]
+        for field in data["charted"]:
+            expected = bins[bins["field"] == field].sort_values("bin")["count"].tolist()
+            members = scheme["bucket_of"].get(field)
+            if members is None:
+                assert expected == []
+                continue
+            assert [members.count(b) for b in range(len(expected))] == expected, (s, field)
 
 
 def test_missing_metrics_file_is_one_clear_error(pipeline, tmp_path, caplog):
@@ -434,8 +524,256 @@ def test_missing_prediction_mask_is_named(pipeline, tmp_path):
     for s in pipeline["params"]["schemes"]:
         src = pipeline["root"] / "predictions" / s
         (predictions / s / "val").mkdir(parents=True)
-        (predictions / s / "timing.json").write_bytes((src / "timing.json").read_bytes())
+        for name in ("timing.json", "latents.npz"):
+            (predictions / s / name).write_bytes((src / name).read_bytes())
     params = copy.deepcopy(pipeline["params"])
     with pytest.raises(StageError, match=r"predictions/person_car/val/\d{12}\.png: missing"):
         report.run(params, **stage_args(pipeline["root"], predictions=predictions,
                                         out=tmp_path / "index.html"))
+
+
+# ---------------------------------------------------------------- interactive data, provenance
+
+PAYLOAD = "</script><script>alert(1)</script><!--"
+
+
+def test_json_script_keeps_the_data_and_cannot_close_its_element():
+    text = str(report.json_script({"category": PAYLOAD, "n": [1, 0.25, None], "amp": "a & b"}))
+    assert "<" not in text and ">" not in text and "&" not in text
+    assert json.loads(text) == {"category": PAYLOAD, "n": [1, 0.25, None], "amp": "a & b"}
+
+
+def test_a_category_that_closes_the_script_stays_data_and_shows_as_text():
+    a = synthetic_scheme("a", ["person"], [0.5, 0.2])
+    a.clusters["dominant_categories"] = [PAYLOAD, "bus 60% (3.1x)"]
+    page = synthetic_page([a])
+    html = report.render(report.build_context(
+        {"report": {"title": "t", "thumbnail_px": 64}, "analyze": {"projection": "pca"},
+         **TRAINING}, [a], SYNTHETIC_PROVENANCE, []))
+    assert PAYLOAD not in html and "</script><script>" not in html
+    assert page.data()["per_scheme"][0]["clusters"][0]["dominant"] == PAYLOAD
+    assert PAYLOAD in page.all_text()  # the cluster card, escaped by Jinja
+    assert [a for a, _ in page.scripts] == [{"type": "application/json", "id": "segflow-data"}, {}]
+
+
+def test_page_allows_only_its_own_script_by_hash():
+    html = report.render(report.build_context(
+        {"report": {"title": "t", "thumbnail_px": 64}, "analyze": {"projection": "pca"},
+         **TRAINING}, [synthetic_scheme("a", ["person"], [0.5, 0.2])], SYNTHETIC_PROVENANCE, []))
+    page = Page.parse(html)
+    [csp] = [a["content"] for t, a in page.tags
+             if t == "meta" and a.get("http-equiv") == "Content-Security-Policy"]
+    code = page.scripts[1][1]
+    digest = base64.b64encode(hashlib.sha256(code.encode()).digest()).decode()
+    directives = dict(d.strip().split(" ", 1) for d in csp.split(";"))
+    # Scripts run only by this hash (no 'unsafe-inline'), nothing loads from anywhere.
+    assert directives["script-src"] == f"'sha256-{digest}'"
+    assert directives["default-src"] == "'none'" and directives["img-src"] == "data:"
+
+
+def test_params_diff_lists_changed_added_and_removed_keys():
+    base = {"train": {"epochs": 15, "lr": 0.001}, "report": {"title": "t"},
+            "schemes": {"a": {"classes": {"person": {"categories": ["person"]}}}}}
+    used = copy.deepcopy(base)
+    used["train"]["epochs"] = 1
+    used["report"]["max_thumbnails"] = 5
+    del used["report"]["title"]
+    used["schemes"]["a"]["classes"]["person"]["categories"] = ["person", "car"]
+    rows = {r["key"]: (r["base"], r["used"], r["what"]) for r in report.params_diff(base, used)}
+    assert rows == {"train.epochs": ("15", "1", "changed"),
+                    "report.max_thumbnails": ("—", "5", "added"),
+                    "report.title": ('"t"', "—", "removed"),
+                    "schemes.a.classes.person.categories": ('["person"]', '["person", "car"]',
+                                                            "changed")}
+    assert report.params_diff(base, copy.deepcopy(base)) == []
+    assert report.params_diff(None, used) == []
+
+
+def big_scheme(name: str, n: int, seed: int) -> report.Scheme:
+    """A scheme with n synthetic samples (the shape of analyze's tables), for bounds."""
+    rng = np.random.default_rng(seed)
+    s = synthetic_scheme(name, ["person", "car"], [0.9, 0.3, 0.2], seed=seed)
+    stems = [f"{i:012d}" for i in range(n)]
+    s.samples = pd.DataFrame({
+        "image_id": np.arange(n), "stem": stems, "file_name": [f"{t}.jpg" for t in stems],
+        "loss": rng.gamma(2.0, 0.3, n), "pixel_accuracy": rng.uniform(0.5, 1, n),
+        "x": rng.normal(size=n), "y": rng.normal(size=n), "cluster": rng.integers(0, 8, n),
+        "label_quality": rng.uniform(0, 1, n), "brightness": rng.uniform(0, 255, n),
+        "is_grayscale": rng.uniform(size=n) < 0.05, "person_fraction": rng.uniform(0, 1, n),
+        "car_fraction": rng.uniform(0, 1, n) ** 4, "n_annotations": rng.integers(0, 30, n),
+        **{f"iou_{c}": rng.uniform(0, 1, n) for c in ["background", "person", "car"]}})
+    s.metadata_loss = pd.DataFrame([
+        {"field": f, "bin": b, "low": lo, "high": lo + step, "count": n // 5, "mean_loss": 0.6,
+         "se_loss": 0.01, "flagged": f == "car_fraction" and b == 4}
+        for f, lo0, step in [("brightness", 0, 51), ("person_fraction", 0, 0.2),
+                             ("car_fraction", 0, 0.2), ("is_grayscale", 0, 0.5),
+                             ("n_annotations", 0, 6)]
+        for b, lo in enumerate(lo0 + step * np.arange(5 if f != "is_grayscale" else 2))])
+    s.neighbours = rng.integers(0, n, (n, 5))
+    s.distances = rng.uniform(0, 1, (n, 5))
+    return s
+
+
+def test_thumbnails_are_bounded_first_come_the_shown_samples_and_the_choice_is_stable():
+    n, limit = 40_000, 300
+    a, b = big_scheme("a", n, 1), big_scheme("b", n, 2)
+    first = ["000000000007", "000000012345", "000000000007"]
+    chosen = report.thumbnail_stems([a, b], first, limit)
+    assert len(chosen) == len(set(chosen)) == limit
+    assert chosen[:2] == first[:2]
+    worst = a.samples.loc[a.samples["loss"].idxmax(), "stem"]
+    assert worst in chosen
+    shuffled = big_scheme("a", n, 1)
+    shuffled.samples = shuffled.samples.sample(frac=1, random_state=0)
+    assert report.thumbnail_stems([shuffled, b], first, limit) == chosen
+    assert report.thumbnail_stems([a, b], first, 0) == []
+    small = big_scheme("s", 20, 3)
+    assert sorted(report.thumbnail_stems([small], [], limit)) == sorted(small.samples["stem"])
+
+
+def test_explorer_data_for_40k_images_holds_at_most_max_thumbnails():
+    n, limit = 40_000, 300
+    schemes = [big_scheme("a", n, 1), big_scheme("b", n, 2)]
+    schemes[1].samples["brightness"] = schemes[0].samples["brightness"]
+    thumbs = {stem: f"data:image/jpeg;base64,{i}"
+              for i, stem in enumerate(report.thumbnail_stems(schemes, [], limit))}
+    fields = report.explorer_fields(schemes)
+    data = report.explorer_data(schemes, thumbs, fields, ["car_fraction"], [])
+    assert len(data["thumbs"]) == limit and len(data["images"]["stem"]) == n
+    assert sum(t >= 0 for t in data["images"]["thumb"]) == limit
+    for column in ("img", "x", "y", "cluster", "loss", "lq", "issue"):
+        assert len(data["per_scheme"][0][column]) == n
+    assert len(data["per_scheme"][1]["nn"]) == 5 * n
+    # identical in both schemes: stored once per image; different: once per scheme
+    kinds = {f["key"]: f for f in data["fields"]}
+    assert kinds["brightness"]["shared"] and not kinds["person_fraction"]["shared"]
+    assert kinds["is_grayscale"]["kind"] == "bool" and kinds["n_annotations"]["kind"] == "int"
+    text = str(report.json_script(data))
+    assert len(text) < 25_000_000  # about 18 MB: columnar, 4 significant digits
+
+
+def test_bucket_members_reproduce_the_bins_counts():
+    samples = pd.DataFrame({"v": [0.0, 0.0, 0.1, 0.5, 0.5, 1.0, np.nan]})
+    from stages.lib import buckets
+    edges = buckets.bin_edges(samples["v"], 3, "equal_width")
+    table, index = buckets.bucket_table(samples.assign(loss=1.0), "v", 3, "equal_width", 2, 2)
+    members = report.bin_members(samples, table)["v"]
+    assert members == [int(i) for i in index]
+    assert [members.count(b) for b in range(len(edges) - 1)] == table["count"].tolist()
+
+
+def write_tsv(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_stage_times_from_benchmarks_else_log_timestamps(tmp_path):
+    header = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+    write_tsv(tmp_path / "benchmark" / "train" / "a.tsv", header + "61.5\t0:01:01\t900.2\t1\t1\t1\t1\t1\t1\t110.0\n")
+    write_tsv(tmp_path / "benchmark" / "download.tsv", header + "2.0\t0:00:02\t80\t1\t1\t1\t1\t1\t1\t1.5\n")
+    write_tsv(tmp_path / "benchmark" / "report.tsv", header + "9\t0:00:09\t80\t1\t1\t1\t1\t1\t1\t9\n")
+    write_tsv(tmp_path / "masks" / "a.log", "2026-01-01 10:00:00,000 masks INFO start\n"
+                                            "2026-01-01 10:00:03,250 masks INFO done\n")
+    write_tsv(tmp_path / "infer" / "a.log", "2026-01-01 10:00:00,000 infer INFO one line\n")
+    rows = report.read_stage_times(tmp_path)
+    assert [(r["stage"], r["scheme"]) for r in rows] == [("download", ""), ("masks", "a"),
+                                                          ("train", "a")]
+    assert rows[2]["wall_s"] == 61.5 and rows[2]["cpu_s"] == 110.0 and rows[2]["max_rss_mb"] == 900.2
+    assert rows[1]["wall_s"] == 3.25 and rows[1]["source"].startswith("log timestamps")
+    assert report.read_stage_times(None) == [] == report.read_stage_times(tmp_path / "absent")
+
+
+def test_dvc_hashes_are_those_dvc_records(tmp_path):
+    """The folder hash equals what `dvc add` writes (same .dvcignore), and dvc.lock's record
+    is taken only while the folder still matches it."""
+    repo = tmp_path / "repo"
+    data = repo / "d"
+    (data / "sub").mkdir(parents=True)
+    (data / "manifest.json").write_text('{"images": ["a"]}')
+    (data / "sub" / "x.bin").write_bytes(bytes(range(256)) * 3)
+    (data / ".snakemake_timestamp").write_text("")
+    shutil.copy(ROOT / ".dvcignore", repo / ".dvcignore")
+    dvc = [str(Path(sys.executable).with_name("dvc"))]
+    subprocess.run(dvc + ["init", "--no-scm", "-q"], cwd=repo, check=True)
+    subprocess.run(dvc + ["add", "-q", "d"], cwd=repo, check=True)
+    recorded = yaml.safe_load((repo / "d.dvc").read_text())["outs"][0]
+    computed = report.dvc_hash(data, {}, "manifest.json")
+    assert computed == {"md5": recorded["md5"], "source": "computed", "stale": None}
+    lock = repo / "dvc.lock"
+    lock.write_text(yaml.safe_dump({"schema": "2.0", "stages": {"download": {"outs": [
+        {"path": "d", "md5": recorded["md5"], "size": recorded["size"],
+         "nfiles": recorded["nfiles"]}]}}}))
+    outs = report.dvc_lock_outs(lock)
+    assert report.dvc_hash(data, outs, "manifest.json")["source"] == "dvc.lock"
+    (data / "manifest.json").write_text('{"images": ["b"]}')  # same size, other content
+    changed = report.dvc_hash(data, outs, "manifest.json")
+    assert changed["source"] == "computed" and changed["stale"] == recorded["md5"]
+    assert changed["md5"] != recorded["md5"]
+    assert report.md5_file(data / "manifest.json") == hashlib.md5(b'{"images": ["b"]}').hexdigest()
+
+
+# ---------------------------------------------------------------- a large val set
+
+def inflate(pipeline: dict, dest: Path, n_extra: int) -> dict:
+    """The pipeline's outputs with n_extra more val images: the real samples repeated under
+    new ids and file names (symlinks to the real files, latent vectors with a little noise).
+    What the report reads of a val set of any size, without running the pipeline on it."""
+    src, rng = pipeline["root"], np.random.default_rng(0)
+    for sub in ("metrics", "compare", "models"):
+        shutil.copytree(src / sub, dest / sub, symlinks=True)
+    raw = dest / "data" / "raw"
+    shutil.copytree(src / "data" / "raw", raw, symlinks=True)
+    first = {}
+    for s in pipeline["params"]["schemes"]:
+        shutil.copytree(src / "analysis" / s, dest / "analysis" / s)
+        shutil.copytree(src / "predictions" / s, dest / "predictions" / s)
+        shutil.copytree(src / "data" / "masks" / s, dest / "data" / "masks" / s)
+        path = dest / "analysis" / s / "samples.csv"
+        samples = pd.read_csv(path, dtype={"file_name": str})
+        picks = np.arange(n_extra) % len(samples)
+        extra = samples.iloc[picks].copy()
+        extra["image_id"] = 10**9 + np.arange(n_extra)
+        extra["file_name"] = [f"synthetic{i:06d}.jpg" for i in range(n_extra)]
+        extra["loss"] = extra["loss"] * rng.uniform(0.5, 1.5, n_extra)
+        pd.concat([samples, extra]).to_csv(path, index=False)
+        npz = dest / "predictions" / s / "latents.npz"
+        with np.load(npz) as f:
+            arrays = dict(f)
+        row = {int(v): i for i, v in enumerate(arrays["image_ids"])}
+        base = arrays["latents"][[row[int(v)] for v in samples["image_id"].iloc[picks]]]
+        arrays["image_ids"] = np.concatenate([arrays["image_ids"], extra["image_id"]])
+        arrays["latents"] = np.concatenate(
+            [arrays["latents"], base + rng.normal(0, 0.01, base.shape).astype(base.dtype)])
+        np.savez(npz, **arrays)
+        for i, original in enumerate(samples["file_name"].iloc[picks]):
+            stem, new = Path(original).stem, f"synthetic{i:06d}"
+            for folder in (dest / "data" / "masks" / s / "val", dest / "predictions" / s / "val"):
+                (folder / f"{new}.png").symlink_to(folder / f"{stem}.png")
+            first.setdefault(new, original)
+    images = raw / "images" / "val"
+    for new, original in first.items():
+        (images / f"{new}.jpg").symlink_to(images / original)
+    return stage_args(dest, out=dest / "reports" / "index.html")
+
+
+def test_a_large_val_set_inlines_at_most_max_thumbnails(pipeline, rendered, tmp_path):
+    params = copy.deepcopy(pipeline["params"])
+    params["report"]["max_thumbnails"] = 25
+    args = inflate(pipeline, tmp_path, 1200)
+    report.run(params, **args)
+    html = args["out"].read_text(encoding="utf-8")
+    page = Page.parse(html)
+    data = page.data()
+    assert len(data["images"]["stem"]) == 1206 and len(data["per_scheme"][0]["img"]) == 1206
+    assert len(data["thumbs"]) == 25
+    # every other inlined image (figures, examples, label issues, heat-maps) is the same as
+    # in the small report: the page grows by its 25 thumbnails and the per-sample data only
+    small = rendered["html"]
+    small_thumbs = len(rendered["page"].data()["thumbs"])
+    assert html.count("data:image/") == small.count("data:image/") - small_thumbs + 25
+    # the samples the page shows as images come first: the label issues have a thumbnail
+    with_thumb = {s for s, t in zip(data["images"]["stem"], data["images"]["thumb"]) if t >= 0}
+    for s in params["schemes"]:
+        issues = pd.read_csv(tmp_path / "analysis" / s / "label_issues.csv", dtype={"stem": str})
+        assert set(issues.loc[issues["flagged"], "stem"]) <= with_thumb
+    assert len(html.encode()) < len(small.encode()) + 1_500_000
