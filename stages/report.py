@@ -408,7 +408,8 @@ def bin_members(samples: pd.DataFrame, bins: pd.DataFrame) -> dict[str, list[int
         part = part.sort_values("bin")
         edges = np.append(part["low"].to_numpy(float), part["high"].to_numpy(float)[-1])
         index = buckets.assign(pd.to_numeric(samples[name], errors="coerce"), edges)
-        members[name] = [int(part["bin"].iloc[i]) if i >= 0 else -1 for i in index]
+        labels = part["bin"].to_numpy(dtype=np.int64)
+        members[name] = np.where(index >= 0, labels[np.clip(index, 0, None)], -1).tolist()
     return members
 
 
@@ -1165,7 +1166,7 @@ def provenance(params: dict, raw: Path, models: Path, schemes: list[Scheme],
     record = {
         "git": git, "date": report_date(), "versions": library_versions(),
         "params_yaml": yaml.safe_dump(params, sort_keys=False, allow_unicode=True),
-        "params_base": f"params.yaml at HEAD ({git['commit']})" if git["commit"] else None,
+        "params_base": f"params.yaml at HEAD (commit {git['commit']})" if git["commit"] else None,
         "params_diff": params_diff(committed_params(REPO), params) if git["commit"] else [],
         "data": data_source(raw, lock_outs),
         "models": [{"scheme": s.name, "device": s.timing["device"],
