@@ -777,3 +777,26 @@ def test_a_large_val_set_inlines_at_most_max_thumbnails(pipeline, rendered, tmp_
         issues = pd.read_csv(tmp_path / "analysis" / s / "label_issues.csv", dtype={"stem": str})
         assert set(issues.loc[issues["flagged"], "stem"]) <= with_thumb
     assert len(html.encode()) < len(small.encode()) + 1_500_000
+
+
+def test_engine_specific_facts_stay_in_the_timing_section(pipeline, tmp_path, monkeypatch):
+    """Snakemake keeps logs and benchmarks, DVC a dvc.lock: what the report takes from them
+    (stage times, training device) lives in the timing section, which the engines' parity
+    test leaves out; the rest of the page is the same bytes under both engines."""
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    logs = tmp_path / "logs"
+    write_tsv(logs / "benchmark" / "train" / "person_car.tsv",
+              "s\th:m:s\tmax_rss\tcpu_time\n12.5\t0:00:12\t300\t20\n")
+    write_tsv(logs / "train" / "person_car.log",
+              "2026-01-01 10:00:00,000 train INFO person_car: 8 train, device cpu\n")
+    lock = tmp_path / "dvc.lock"
+    lock.write_text(yaml.safe_dump({"schema": "2.0", "stages": {}}))
+    smk = stage_args(pipeline["root"], out=tmp_path / "smk.html")
+    report.run(pipeline["params"], **smk, logs=logs)
+    dvc = stage_args(pipeline["root"], out=tmp_path / "dvc.html")
+    report.run(pipeline["params"], **dvc, dvc_lock=lock)
+    a, b = (p.read_text(encoding="utf-8") for p in (smk["out"], dvc["out"]))
+    assert '<span class="scheme-name">person_car</span> <code>cpu</code>' in a
+    assert '<td class="num">12.5</td>' in a and "Not recorded" in b and a != b
+    timing = re.compile(r'<section id="timing">.*?</section>', re.S)
+    assert timing.sub("", a) == timing.sub("", b)
