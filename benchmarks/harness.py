@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import fcntl
 import importlib
 import importlib.metadata
 import json
@@ -120,8 +121,11 @@ def update_markdown(text: str, name: str, body: str) -> str:
 def write_outputs(result: dict, out: Path, markdown: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{result['name']}.json").write_text(json.dumps(result, indent=2) + "\n")
-    text = markdown.read_text() if markdown.exists() else "# Benchmarks\n"
-    markdown.write_text(update_markdown(text, result["name"], section(result)))
+    # Two benchmarks run side by side (one per terminal) must not lose each other's section.
+    with open(out / ".markdown.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        text = markdown.read_text() if markdown.exists() else "# Benchmarks\n"
+        markdown.write_text(update_markdown(text, result["name"], section(result)))
 
 
 def main(argv: list[str] | None = None) -> int:
