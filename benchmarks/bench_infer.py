@@ -73,20 +73,59 @@ def compiled_rate(batch: int, size: int, repeats: int) -> tuple[float | None, fl
         return None, None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
 
 
-def stage_rate(params: dict, raw: Path, masks: Path, work: Path) -> tuple[float, dict]:
-    """Images/s of stages.infer.run over the whole val split, model loading excluded."""
-    from stages import infer
+def save_untrained(params: dict, model_dir: Path) -> None:
     from stages.lib.io import atomic_dir
     from stages.lib.model import checkpoint_payload
 
-    model_dir = work / "model"
     with atomic_dir(model_dir) as tmp:
         torch.save(checkpoint_payload(segflow_model(), ["background", "person", "car"],
                                       params["train"]["image_size"], params["model"]), tmp / "model.pt")
+
+
+def stage_rate(params: dict, raw: Path, masks: Path, work: Path, model_dir: Path,
+               num_workers: int) -> tuple[float, dict]:
+    """Images/s of stages.infer.run over the whole val split, end to end: model loading,
+    warm-up, data-loader start-up and the final writes included."""
+    from stages import infer
+
+    params = {**params, "infer": {**params["infer"], "num_workers": num_workers}}
     started = time.perf_counter()
-    timing = infer.run(params, model_dir, raw, masks, work / "pred")
+    timing = infer.run(params, model_dir, raw, masks, work)
     seconds = time.perf_counter() - started
     return timing["images"] / seconds, timing
+
+
+def part_costs(params: dict, raw: Path, masks: Path, work: Path) -> dict[str, float]:
+    """Milliseconds per val image of each piece of work the stage adds to the forward,
+    run one after the other in this process: where the overhead comes from."""
+    from stages import infer
+    from stages.lib.data import InferenceDataset, list_samples
+    from stages.lib.labels import save_labels
+
+    samples = list_samples(raw, masks, "val")
+    dataset = InferenceDataset(samples, params["train"]["image_size"], (0.5,) * 3, (0.25,) * 3)
+    logits = torch.randn(3, params["train"]["image_size"], params["train"]["image_size"])
+    names = ["background", "person", "car"]
+    spent = dict.fromkeys(["decode + resize (loader)", "resize logits + log-softmax + max",
+                           "score (loss, confusion matrix)", "write PNG"], 0.0)
+    work.mkdir(parents=True, exist_ok=True)
+    with torch.inference_mode():
+        for i in range(len(dataset)):
+            t0 = time.perf_counter()
+            item = dataset[i]
+            t1 = time.perf_counter()
+            log_probs = infer.full_size_log_probs(logits, item["size"])
+            best = log_probs.max(0)
+            pred = best.indices.to(torch.uint8)
+            confidence = float(best.values.exp().mean())
+            t2 = time.perf_counter()
+            infer.sample_scores(log_probs, pred, item["gt"], names, confidence)
+            t3 = time.perf_counter()
+            save_labels(work / f"{i}.png", pred.numpy())
+            t4 = time.perf_counter()
+            for key, dt in zip(spent, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                spent[key] += dt
+    return {key: 1000 * total / len(dataset) for key, total in spent.items()}
 
 
 def trained_miou(make_model, params: dict, raw: Path, masks: Path, epochs: int) -> tuple[float, float]:
@@ -115,13 +154,18 @@ def trained_miou(make_model, params: dict, raw: Path, masks: Path, epochs: int) 
 def run(scale: float) -> dict:
     params = default_params()
     size, batch = params["train"]["image_size"], params["infer"]["batch_size"]
+    workers = params["infer"]["num_workers"]
     repeats = max(2, round(10 * scale))
     epochs = max(1, round(params["train"]["epochs"] * scale))
     with tempfile.TemporaryDirectory(prefix="bench_infer.") as tmp:
         tmp = Path(tmp)
         raw, masks, params = prepare_sample(tmp, params, images_per_split(scale))
-        stage, timing = stage_rate(params, raw, masks, tmp)
+        save_untrained(params, tmp / "model")
         eager = forward_rate(segflow_model(), batch, size, repeats)
+        stage0, _ = stage_rate(params, raw, masks, tmp / "pred0", tmp / "model", 0)
+        stage, timing = stage_rate(params, raw, masks, tmp / "pred", tmp / "model", workers)
+        eager_after = forward_rate(segflow_model(), batch, size, repeats)
+        parts = part_costs(params, raw, masks, tmp / "parts")
         channels_last = forward_rate(segflow_model(), batch, size, repeats, torch.channels_last)
         compiled, compile_s, why = compiled_rate(batch, size, repeats) if scale >= SMOKE else \
             (None, None, f"skipped below scale {SMOKE} (a smoke run; compiling takes a minute)")
@@ -129,27 +173,46 @@ def run(scale: float) -> dict:
         ours_miou, ours_s = trained_miou(segflow_model, params, raw, masks, epochs)
         peer_miou, peer_s = trained_miou(lraspp_model, params, raw, masks, epochs)
         n_train = len(list((raw / "images" / "train").iterdir()))
-    row = lambda what, rate, miou=None, train_s=None: {  # noqa: E731
+    # The forward is timed right before and right after the stages: their mean is the
+    # reference, so a load change on a shared machine shows as the spread between the two.
+    eager_ref = (eager + eager_after) / 2
+    row = lambda what, rate, miou=None, train_s=None, goal="": {  # noqa: E731
         "measurement": what, "images/s": rate if rate is not None else "n/a",
-        "vs raw forward (eager)": round(rate / eager, 2) if rate is not None else "n/a",
+        "vs raw forward (eager)": round(rate / eager_ref, 2) if rate is not None else "n/a",
         f"val mIoU after {epochs} epoch(s)": round(miou, 3) if miou is not None else "",
-        "training s": round(train_s, 1) if train_s is not None else ""}
+        "training s": round(train_s, 1) if train_s is not None else "", "goal": goal}
+    overhead, overhead0 = eager_ref / stage - 1, eager_ref / stage0 - 1
+    verdict = lambda o: f"overhead {o:+.0%}: goal <= +15% " + ("met" if o <= 0.15 else "missed")  # noqa: E731
     rows = [
-        row("infer stage, end to end (val split)", stage),
-        row("segflow model forward, eager", eager, ours_miou, ours_s),
+        row(f"infer stage, end to end, num_workers={workers} (params.yaml)", stage,
+            goal=verdict(overhead)),
+        row("infer stage, end to end, num_workers=0", stage0, goal=verdict(overhead0)),
+        row("segflow model forward, eager", eager_ref, ours_miou, ours_s),
         row("segflow model forward, channels_last", channels_last),
         row("segflow model forward, torch.compile", compiled),
         row("peer: lraspp_mobilenet_v3_large forward, eager", peer, peer_miou, peer_s),
     ]
-    overhead = eager / stage - 1
+    forward_ms = 1000 / eager_ref
+    extra_ms = sum(parts.values())
     notes = [
         f"Batch {batch} (infer.batch_size) at {size}x{size} px, {torch.get_num_threads()} torch "
         f"threads, {timing['images']} val images; forwards timed over {repeats} batches after "
-        "warm-up, on random inputs of the same shape.",
-        f"Infer stage overhead over the raw forward: {overhead:+.0%} (goal <= 15%). The stage "
-        "also decodes and resizes each JPEG, resizes the logits to the image's own size, takes "
-        "log-softmax and argmax there, scores against the ground truth, pools latents and "
-        "writes a PNG per image.",
+        f"warm-up, on random inputs of the same shape, before and after the stage runs "
+        f"({eager:.1f} and {eager_after:.1f} images/s; the table shows their mean).",
+        f"Infer stage overhead over the raw forward: {overhead:+.0%} with {workers} loader "
+        f"worker(s) and a writer thread, {overhead0:+.0%} with the loader in the main process "
+        "(goal <= +15%). The stage's end-to-end time includes loading the model, one warm-up "
+        "forward and starting the loader workers.",
+        "Where the overhead comes from, in ms per val image, each part alone in one process: "
+        + ", ".join(f"{k} {v:.1f}" for k, v in parts.items())
+        + f"; {extra_ms:.1f} ms in all against {forward_ms:.1f} ms of forward per image. "
+        "Every part but the forward works at the image's own size (about 640x480), the forward "
+        f"at {size}x{size}, so on a CPU the parts cost about "
+        f"{extra_ms / forward_ms:.0%} of the forward, and with both cores already busy in "
+        "the forward's own threads, overlapping them (loader workers, the writer thread) can "
+        "hide only part of it. On a GPU the forward and the full-size resize/log-softmax/max run "
+        "on the device while decoding and writing overlap on host cores, which is where the "
+        "15% goal is reachable.",
         (f"torch.compile took {compile_s:.0f} s to compile on first call." if compile_s is not None
          else f"torch.compile could not run here: {why}"),
         f"Peer trained from scratch like segflow's model (no pretrained weights offline): "

@@ -127,6 +127,10 @@ def test_infer_benchmark_smoke(tmp_path, one_torch_thread):
     mious = [r for r in result["table"] if r["val mIoU after 1 epoch(s)"] != ""]
     assert len(mious) == 2 and all(0 <= r["val mIoU after 1 epoch(s)"] <= 1 for r in mious)
     assert any("overhead over the raw forward" in n for n in result["notes"])
+    stages = [r for r in result["table"] if r["measurement"].startswith("infer stage")]
+    assert len(stages) == 2 and all(r["goal"].startswith("overhead ") for r in stages)
+    parts = next(n for n in result["notes"] if n.startswith("Where the overhead comes from"))
+    assert "write PNG" in parts and "decode + resize" in parts
 
 
 def test_metrics_benchmark_smoke(tmp_path):

@@ -157,11 +157,49 @@ def test_predictions_stream_one_sample_at_a_time():
     assert len(list(stream)) == 2
 
 
-def test_one_shot_iterators_are_refused():
+def test_warm_up_reads_each_batch_once_so_one_shot_iterators_work():
+    """Warm-up repeats the forward only: a DataLoader is iterated once (no second decode)."""
     clock = FakeClock()
-    inference = infer.TimedInference(FakeModel(clock), torch.device("cpu"), clock=clock)
-    with pytest.raises(TypeError, match="re-iterable"):
-        next(inference(iter(_batches([2]))))
+    model = FakeModel(clock)
+    reads = []
+
+    def one_shot():
+        for batch in _batches([2, 2, 1]):
+            reads.append(batch["index"])
+            yield batch
+
+    predictions = list(infer.TimedInference(model, torch.device("cpu"), clock=clock)(one_shot()))
+    assert reads == [[0, 1], [2, 3], [4]]
+    assert model.calls == [[0, 1], [0, 1], [2, 3], [4]]
+    assert [p.index for p in predictions] == [0, 1, 2, 3, 4]
+
+
+def test_overlapped_keeps_order_and_bounds_work_in_flight():
+    consumed, gaps = [], []
+
+    def work(item):
+        time.sleep(0.05 if item % 3 == 0 else 0)  # uneven work must not reorder results
+        return item * 10
+
+    def items():
+        for i in range(12):
+            gaps.append(i - len(consumed))  # handed out but not yet returned to the caller
+            yield i
+
+    for result in infer.overlapped(work, items()):
+        consumed.append(result)
+    assert consumed == [10 * i for i in range(12)]
+    assert max(gaps) == infer.IN_FLIGHT  # never more than IN_FLIGHT maps waiting
+
+
+def test_overlapped_raises_the_work_error():
+    def work(item):
+        if item == 2:
+            raise ValueError("bad sample 2")
+        return item
+
+    with pytest.raises(ValueError, match="bad sample 2"):
+        list(infer.overlapped(work, iter(range(5))))
 
 
 def test_fake_latents_and_layout():
