@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import math
 
 import numpy as np
@@ -80,6 +81,28 @@ def test_out_of_range_labels_raise(gt, pred, value):
         confusion_matrix(np.array(gt), np.array(pred), 4)
     listed = json.loads(str(info.value).split("label values ")[1].split(" outside")[0])
     assert value in listed
+
+
+@pytest.mark.parametrize("gt, pred, values", [
+    ([0, 4, I], [0, 1, 7], [4]),     # gt class 4; the 7 under ignore is not checked
+    ([0, 1], [0, 255], [255]),       # prediction 255 on a labelled pixel
+    ([5, 1, 0], [0, 6, 0], [5, 6]),  # both sides bad
+])
+def test_out_of_range_uint8_maps_raise_with_the_values(gt, pred, values):
+    with pytest.raises(ValueError, match=re.escape(f"label values {values} outside 0..3")):
+        confusion_matrix(np.array(gt, np.uint8), np.array(pred, np.uint8), 4)
+
+
+@pytest.mark.parametrize("num_classes", [2, 3, 21])
+def test_uint8_fast_path_equals_the_general_one(num_classes):
+    rng = np.random.default_rng(num_classes)
+    gt = rng.integers(0, num_classes, (97, 131)).astype(np.uint8)
+    gt[rng.random(gt.shape) < 0.2] = I
+    pred = rng.integers(0, num_classes, gt.shape).astype(np.uint8)
+    fast = confusion_matrix(gt, pred, num_classes)
+    general = confusion_matrix(gt.astype(np.int32), pred.astype(np.int32), num_classes)
+    assert fast.dtype == general.dtype == np.int64
+    assert np.array_equal(fast, general) and fast.sum() == int((gt != I).sum())
 
 
 def test_out_of_range_message_lists_only_bad_values():

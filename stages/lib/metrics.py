@@ -17,6 +17,8 @@ def confusion_matrix(gt: np.ndarray, pred: np.ndarray, num_classes: int) -> np.n
     pred = np.asarray(pred).ravel()
     if gt.shape != pred.shape:
         raise ValueError(f"ground truth has {gt.size} pixels, prediction {pred.size}")
+    if gt.dtype == np.uint8 and pred.dtype == np.uint8:
+        return _confusion_uint8(gt, pred, num_classes)
     keep = gt != IGNORE_INDEX
     gt, pred = gt[keep].astype(np.int64), pred[keep].astype(np.int64)
     gt_bad = (gt < 0) | (gt >= num_classes)
@@ -26,6 +28,20 @@ def confusion_matrix(gt: np.ndarray, pred: np.ndarray, num_classes: int) -> np.n
         raise ValueError(f"label values {values.tolist()} outside 0..{num_classes - 1}")
     return np.bincount(num_classes * gt + pred, minlength=num_classes ** 2).reshape(
         num_classes, num_classes)
+
+
+def _confusion_uint8(gt: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """The same counts for label maps as stored (uint8), in one pass: every (gt, pred) byte
+    pair is counted in a 256 x 256 table, with no masking or int64 copies of the inputs
+    (about 3x faster at full image size; inference scores every image with it)."""
+    table = np.bincount((gt.astype(np.uint16) << 8) | pred, minlength=256 * 256).reshape(256, 256)
+    table[IGNORE_INDEX] = 0
+    inside = table[:num_classes, :num_classes]
+    if table.sum() != inside.sum():
+        rows, cols = np.nonzero(table)
+        values = np.unique(np.concatenate([rows[rows >= num_classes], cols[cols >= num_classes]]))
+        raise ValueError(f"label values {values.tolist()} outside 0..{num_classes - 1}")
+    return inside.astype(np.int64)
 
 
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
