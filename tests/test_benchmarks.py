@@ -144,13 +144,14 @@ def test_metrics_benchmark_smoke(tmp_path):
 def test_pipeline_benchmark_reads_snakemake_benchmark_files(tmp_path):
     from benchmarks import bench_pipeline
 
-    header = "s\th:m:s\tmax_rss\n"
+    header = "s\th:m:s\tmax_rss\tcpu_time\n"
     (tmp_path / "logs" / "benchmark" / "train").mkdir(parents=True)
-    (tmp_path / "logs" / "benchmark" / "download.tsv").write_text(header + "2.5\t0:00:02\t10\n")
+    (tmp_path / "logs" / "benchmark" / "download.tsv").write_text(header + "2.5\t0:00:02\t10\t1.5\n")
     for scheme, seconds in (("a", 10.0), ("b", 12.0)):
         (tmp_path / "logs" / "benchmark" / "train" / f"{scheme}.tsv").write_text(
-            header + f"{seconds}\t0:00:10\t10\n")
+            header + f"{seconds}\t0:00:10\t10\t{seconds / 2}\n")
     assert bench_pipeline.stage_seconds(tmp_path) == {"download": 2.5, "train": 22.0}
+    assert bench_pipeline.stage_seconds(tmp_path, "cpu_time") == {"download": 1.5, "train": 11.0}
     used = {"train": 80, "val": 80}
     # train scales with the train split only: 22 s for 80 images -> 82,783 images
     assert bench_pipeline.projection_hours("train", 22.0, used) == pytest.approx(
