@@ -7,6 +7,7 @@ Layout read (as on http://images.cocodataset.org, years 2014 and 2017):
   {base}/zips/{split}{year}.zip                      ->  every image of a split (mode: archives)
 Layout written under --out:
   annotations/instances_{split}.json   exactly the selected images and their annotations
+                                       (images by id, annotations by image id then id)
   images/{split}/{file_name}
   manifest.json                        source, selection, bytes and sha256 of every file
 Work in progress lives in --checkpoints (default: a hidden folder beside --out): complete
@@ -73,11 +74,14 @@ def images_showing(annotations: list[dict], category_ids: set[int]) -> set[int]:
 
 
 def subset_instances(data: dict, images: list[dict]) -> dict:
-    """The annotation file restricted to `images` (all categories kept)."""
+    """The annotation file restricted to `images` (all categories kept), in merge order:
+    the small keys (categories among them) first, then images by id, then annotations by
+    image id and id, so masks can join them in one streamed pass."""
     ids = {im["id"] for im in images}
     subset = {k: v for k, v in data.items() if k not in ("images", "annotations")}
-    subset["images"] = images
-    subset["annotations"] = [a for a in data["annotations"] if a["image_id"] in ids]
+    subset["images"] = sorted(images, key=lambda im: im["id"])
+    subset["annotations"] = sorted((a for a in data["annotations"] if a["image_id"] in ids),
+                                   key=lambda a: (a["image_id"], a["id"]))
     return subset
 
 

@@ -97,8 +97,10 @@ def _check_output(out: Path, manifest: dict, base_url: str, max_images=MAX, seed
         by_id = {im["id"]: im for im in source["images"]}
         assert written["images"] == [by_id[i] for i in ids]
         chosen = set(ids)
-        assert written["annotations"] == [a for a in source["annotations"]
-                                          if a["image_id"] in chosen]
+        # merge order, which masks streams: by image id, then id
+        assert written["annotations"] == sorted(
+            (a for a in source["annotations"] if a["image_id"] in chosen),
+            key=lambda a: (a["image_id"], a["id"]))
         assert written["categories"] == source["categories"]
         assert set(written) == set(source)
         record = manifest["splits"][split]
@@ -261,13 +263,17 @@ def test_select_images_all_when_limit_is_none_or_large():
     assert [im["id"] for im in download.select_images(images, 500, 0)] == ids
 
 
-def test_subset_instances_keeps_other_keys():
-    data = {"info": {"year": 2017}, "images": [{"id": 1}, {"id": 2}], "categories": [1],
-            "annotations": [{"id": 10, "image_id": 1}, {"id": 11, "image_id": 2},
-                            {"id": 12, "image_id": 1}]}
-    subset = download.subset_instances(data, [{"id": 1}])
-    assert subset == {"info": {"year": 2017}, "images": [{"id": 1}], "categories": [1],
-                      "annotations": [{"id": 10, "image_id": 1}, {"id": 12, "image_id": 1}]}
+def test_subset_instances_keeps_other_keys_and_writes_merge_order():
+    data = {"info": {"year": 2017}, "images": [{"id": 3}, {"id": 1}, {"id": 2}],
+            "annotations": [{"id": 12, "image_id": 3}, {"id": 10, "image_id": 1},
+                            {"id": 11, "image_id": 2}, {"id": 9, "image_id": 3},
+                            {"id": 13, "image_id": 1}], "categories": [1]}
+    subset = download.subset_instances(data, [{"id": 3}, {"id": 1}])
+    assert subset == {"info": {"year": 2017}, "images": [{"id": 1}, {"id": 3}], "categories": [1],
+                      "annotations": [{"id": 10, "image_id": 1}, {"id": 13, "image_id": 1},
+                                      {"id": 9, "image_id": 3}, {"id": 12, "image_id": 3}]}
+    # the small keys first, so a streaming reader has the categories before the images
+    assert list(subset) == ["info", "categories", "images", "annotations"]
 
 
 def test_image_relpath():
@@ -321,8 +327,9 @@ def _check_mirror_copy(out: Path, manifest: dict, mirror: tuple[Path, dict], yea
     for split in ("train", "val"):
         written = json.loads((out / "annotations" / f"instances_{split}.json").read_text())
         chosen = {im["id"] for im in written["images"]}
-        assert written["annotations"] == [a for a in instances[split]["annotations"]
-                                          if a["image_id"] in chosen]
+        assert written["annotations"] == sorted(
+            (a for a in instances[split]["annotations"] if a["image_id"] in chosen),
+            key=lambda a: (a["image_id"], a["id"]))
         on_disk = sorted(p.name for p in (out / "images" / split).iterdir())
         assert on_disk == sorted(im["file_name"] for im in written["images"])
         records = manifest["splits"][split]["images"]
