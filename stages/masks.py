@@ -7,7 +7,15 @@ of a claimed category becomes (ignore: 255; class: its class, like an instance;
 background: dropped, so its pixels keep whatever else claims them) and `overlap` what a
 pixel claimed by two different classes becomes (ignore: 255; or a priority list of the
 classes, first wins). Images are read on their stored pixel grid, never EXIF-rotated:
-COCO annotations and the JSON width/height refer to that grid.
+COCO annotations and the JSON width/height refer to that grid. The colour statistics come
+from the JPEG decoded at 1/masks.colour_stats_scale of its size (DCT scaling: the entropy
+decoding is the same, the inverse transforms and the statistics are a fraction), so no
+image is decoded at full resolution unless that scale is 1.
+
+An annotation file in merge order (images ascending by id, annotations by image_id, as
+download writes them) is streamed: checked in one pass before any image work, then each
+image joined with its annotations as they come, so memory does not grow with the number
+of images. Any other file is grouped in memory, with a log line saying why.
 
 Layout written under --out:
   {split}/{file stem}.png   for split in train, val
@@ -32,7 +40,9 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from stages.lib.cli import StageError, run_main, stage_parser
-from stages.lib.coco import SPLITS, AnnotationError, SchemeMap, read_instances, resolve_scheme
+from stages.lib.coco import (NOT_AN_OBJECT, SPLITS, AnnotationError, ArrayUntilEnd, SchemeMap,
+                              StreamError, array_items, is_object, missing_lists,
+                              read_instances, resolve_scheme, top_level_value)
 from stages.lib.io import atomic_dir
 from stages.lib.labels import IGNORE_INDEX, save_labels
 from stages.lib.params import load_params, scheme_class_names
@@ -51,6 +61,7 @@ IMAGE_COLUMNS = ("width", "height", "is_grayscale", "grayscale_score", "colourfu
                  *(f"n_{flaw}_annotations" for flaw in FLAWS),
                  "crowd_fraction", "ignore_fraction", "n_unclaimed_objects")
 # Only what rasterising and the metadata read travels to the workers.
+IMAGE_KEYS = ("id", "file_name", "width", "height")
 ANNOTATION_KEYS = ("category_id", "iscrowd", "segmentation", "area")
 
 
@@ -87,6 +98,7 @@ class Plan:
     scheme: SchemeMap
     rules: LabelRules = LabelRules()
     tolerance: float = 6.0
+    colour_scale: int = 1     # colour statistics from the image decoded at 1/colour_scale
     # (category id, column) of every category the scheme does not claim, by id: the same
     # columns for every image, whatever it shows.
     counted: tuple[tuple[int, str], ...] = field(default=())
@@ -100,13 +112,13 @@ class Plan:
 
 
 def make_plan(scheme_name: str, scheme_params: dict, categories: list[dict],
-              tolerance: float) -> Plan:
+              tolerance: float, colour_scale: int = 1) -> Plan:
     """Raises AnnotationError (a scheme naming categories the file lacks) or ValueError."""
     scheme = resolve_scheme(scheme_name, scheme_params, categories)
     counted = tuple((c["id"], count_column(c["name"]))
                     for c in sorted(categories, key=lambda c: c["id"])
                     if c["id"] not in scheme.class_of_category)
-    return Plan(scheme, label_rules(scheme_params, scheme), tolerance, counted)
+    return Plan(scheme, label_rules(scheme_params, scheme), tolerance, colour_scale, counted)
 
 
 # ---------------------------------------------------------------- pure core: decoding
@@ -150,10 +162,12 @@ def _polygons_rle(parts: list, height: int, width: int) -> tuple[dict | None, st
     flaw = None if len(polygons) == len(parts) else "degenerate"
     if not polygons:
         return None, flaw
-    return mask_utils.merge(mask_utils.frPyObjects(polygons, height, width)), flaw
+    rles = mask_utils.frPyObjects(polygons, height, width)
+    # merge() of one RLE is a copy of it: skipped for the usual single polygon.
+    return (rles[0] if len(rles) == 1 else mask_utils.merge(rles)), flaw
 
 
-def _polygon(part: object) -> list[float] | None:
+def _polygon(part: object) -> np.ndarray | None:
     # pycocotools takes a first part of 4 numbers for a box and silently drops an odd last
     # coordinate, so both are refused here rather than drawn wrong.
     if not isinstance(part, list) or len(part) < 6 or len(part) % 2:
@@ -164,7 +178,7 @@ def _polygon(part: object) -> list[float] | None:
         return None
     if coords.ndim != 1 or not np.isfinite(coords).all():
         return None
-    return coords.tolist()
+    return coords
 
 
 def _dict_rle(segm: dict, height: int, width: int) -> tuple[dict | None, str | None]:
@@ -235,23 +249,25 @@ def label_map(height: int, width: int, decoded: list[Decoded], scheme: SchemeMap
             crowds.append(ann.rle)
         elif not ann.crowd or rules.crowd == "class":
             by_class.setdefault(cls, []).append(ann.rle)
-    labels = np.zeros((height, width), np.uint8)
+    # Built transposed: RLEs decode column-major, so every region is then a contiguous
+    # array and no step below walks memory across the grain.
+    labels = np.zeros((width, height), np.uint8)
     if rules.priority is None:
-        claims = np.zeros((height, width), np.uint8)
+        claims = np.zeros((width, height), np.uint8)
         # One merged RLE per class: instances of one class never conflict with each other.
         for cls, rles in sorted(by_class.items()):
-            region = _decode(rles)
+            region = _region(rles)
             claims += region
-            labels[region] = cls
-        labels[claims > 1] = IGNORE_INDEX
+            np.copyto(labels, cls, where=region)
+        np.copyto(labels, IGNORE_INDEX, where=claims > 1)
     else:
         # Lowest priority first, so each class overwrites those it takes precedence over.
         for cls in reversed(rules.priority):
             if cls in by_class:
-                labels[_decode(by_class[cls])] = cls
+                np.copyto(labels, cls, where=_region(by_class[cls]))
     if crowds:
-        labels[_decode(crowds)] = IGNORE_INDEX
-    return labels
+        np.copyto(labels, IGNORE_INDEX, where=_region(crowds))
+    return np.ascontiguousarray(labels.T)
 
 
 def rasterize(height: int, width: int, anns: list[dict], scheme: SchemeMap,
@@ -261,9 +277,16 @@ def rasterize(height: int, width: int, anns: list[dict], scheme: SchemeMap,
                      scheme, rules)
 
 
-def _decode(rles: list[dict]) -> np.ndarray:
+def _region(rles: list[dict]) -> np.ndarray:
+    """The union of RLEs as a bool array, transposed (width x height, C order): decode's
+    own column-major buffer, viewed, not copied."""
     merged = rles[0] if len(rles) == 1 else mask_utils.merge(rles)
-    return mask_utils.decode(merged).astype(bool)
+    return mask_utils.decode(merged).T.view(bool)
+
+
+def _union_pixels(rles: list[dict]) -> int:
+    merged = rles[0] if len(rles) == 1 else mask_utils.merge(rles)
+    return int(mask_utils.area(merged))
 
 
 # ---------------------------------------------------------------- pure core: metadata
@@ -325,7 +348,8 @@ def pixel_stats(pixels: np.ndarray, tolerance: float) -> dict:
 
 def image_metadata(pixels: np.ndarray, labels: np.ndarray, decoded: list[Decoded],
                    plan: Plan) -> dict:
-    """Per-image facts the analysis plots against loss, in plan.columns() order."""
+    """Per-image facts the analysis plots against loss, in plan.columns() order. `pixels`
+    only feed the colour statistics: any decoded size will do."""
     total = labels.size
     class_of = plan.scheme.class_of_category
     crowds = [d.rle for d in decoded if d.crowd and d.rle is not None]
@@ -333,12 +357,14 @@ def image_metadata(pixels: np.ndarray, labels: np.ndarray, decoded: list[Decoded
            **pixel_stats(pixels, plan.tolerance), "n_annotations": len(decoded)}
     for flaw in FLAWS:
         row[f"n_{flaw}_annotations"] = sum(d.flaw == flaw for d in decoded)
-    # Decoded, not the `area` field: a crowd RLE's area is not its pixel count, and
-    # overlapping crowds must not count twice.
-    row["crowd_fraction"] = float(_decode(crowds).sum() / total) if crowds else 0.0
-    # One comparison per class: ten times faster than a bincount for a few classes.
+    # The union's pixel count, not the `area` fields: a crowd RLE's area is not its pixel
+    # count, and overlapping crowds must not count twice. Counted on the RLE, not decoded.
+    row["crowd_fraction"] = float(_union_pixels(crowds) / total) if crowds else 0.0
+    # One comparison per class: ten times faster than a bincount for a few classes; the
+    # background is what is left.
     counts = {k: int(np.count_nonzero(labels == k))
-              for k in (*range(plan.scheme.num_classes), IGNORE_INDEX)}
+              for k in (*range(1, plan.scheme.num_classes), IGNORE_INDEX)}
+    counts[0] = total - sum(counts.values())
     row["ignore_fraction"] = float(counts[IGNORE_INDEX] / total)
     row["n_unclaimed_objects"] = sum(d.category_id not in class_of for d in decoded)
     row["background_fraction"] = float(counts[0] / total)
@@ -348,7 +374,8 @@ def image_metadata(pixels: np.ndarray, labels: np.ndarray, decoded: list[Decoded
                  if class_of.get(d.category_id) == index and not d.crowd and d.pixels]
         row[f"{name}_fraction"] = float(counts[index] / total)
         row[f"{name}_instances"] = len(areas)
-        row[f"{name}_mean_area"] = float(np.mean(areas) / total) if areas else 0.0
+        # fsum: exactly rounded, so the annotations' order in the file does not matter.
+        row[f"{name}_mean_area"] = math.fsum(areas) / len(areas) / total if areas else 0.0
     per_category = collections.Counter(d.category_id for d in decoded)
     for category_id, column in plan.counted:
         row[column] = per_category[category_id]  # a crowd region counts once
@@ -368,14 +395,20 @@ class SplitJob:
     ann_file: Path     # named in errors about listed images
 
 
-def read_pixels(path: Path, ann_file: Path) -> np.ndarray:
-    """uint8 HxW (grayscale) or HxWx3 on the stored grid; CMYK and palette become RGB."""
+def read_pixels(path: Path, ann_file: Path, scale: int = 1) -> tuple[np.ndarray, tuple[int, int]]:
+    """uint8 HxW (grayscale) or HxWx3, CMYK and palette made RGB, and the stored (height,
+    width). A JPEG is decoded at 1/scale of its stored size (Pillow's draft: the DCT
+    scaling of libjpeg, about a block average; the whole stream is still decoded, so a
+    damaged file fails as in full); other formats, and scale 1, at full size."""
     if not path.is_file():
         raise StageError(f"{path}: missing (listed in {ann_file})")
     try:
         with Image.open(path) as handle:
+            stored = (handle.height, handle.width)
+            if scale > 1:
+                handle.draft(None, (max(1, handle.width // scale), max(1, handle.height // scale)))
             mode = "L" if handle.mode in ("L", "I;16") else "RGB"
-            return np.asarray(handle if handle.mode == mode else handle.convert(mode))
+            return np.asarray(handle if handle.mode == mode else handle.convert(mode)), stored
     except (OSError, ValueError) as exc:
         raise StageError(f"{path}: cannot read image: {exc}") from None
 
@@ -383,10 +416,10 @@ def read_pixels(path: Path, ann_file: Path) -> np.ndarray:
 def process_image(job: SplitJob, image: dict, anns: list[dict]) -> dict:
     """Read, rasterise, write the PNG (atomically), return the metadata row."""
     path = job.images / image["file_name"]
-    pixels = read_pixels(path, job.ann_file)
+    pixels, stored = read_pixels(path, job.ann_file, job.plan.colour_scale)
     height, width = image["height"], image["width"]
-    if pixels.shape[:2] != (height, width):
-        raise StageError(f"{path}: decoded size {pixels.shape[1]}x{pixels.shape[0]} differs from "
+    if stored != (height, width):
+        raise StageError(f"{path}: stored size {stored[1]}x{stored[0]} differs from "
                          f"the annotation's {width}x{height}")
     decoded = [decode_annotation(a, height, width) for a in anns]
     labels = label_map(height, width, decoded, job.plan.scheme, job.plan.rules)
@@ -480,7 +513,7 @@ def run(params: dict, scheme_name: str, raw: Path, out: Path) -> Summary:
                                  f"{work[0][0].ann_file}'s, so metadata columns would not line up")
         for job, _ in work:
             job.out.mkdir()
-        total = sum(len(tasks) for _, tasks in work)
+        total = sum(tasks.count for _, tasks in work)
         # The table is atomic with its folder: only ever seen inside the finished one.
         with open(tmp / "metadata.csv", "w", newline="") as handle:
             writer = csv.DictWriter(handle, columns, lineterminator="\n")
@@ -500,51 +533,187 @@ def run(params: dict, scheme_name: str, raw: Path, out: Path) -> Summary:
     return summary
 
 
-def _drain(work: list[tuple[SplitJob, list]]) -> Iterator[Task]:
-    """Tasks in order, each released once handed out, so the parent's share of the
-    annotations shrinks as the run goes."""
+def _drain(work: list[tuple[SplitJob, "SplitTasks"]]) -> Iterator[Task]:
     for job, tasks in work:
-        tasks.reverse()
-        while tasks:
-            image, anns = tasks.pop()
+        for image, anns in tasks.pairs:
             yield job.split, image, anns
 
 
 def split_job(params: dict, scheme_name: str, raw: Path, split: str,
-               out: Path) -> tuple[SplitJob, list[tuple[dict, list[dict]]]]:
+              out: Path) -> tuple[SplitJob, "SplitTasks"]:
     ann_file = raw / "annotations" / f"instances_{split}.json"
     try:
-        data = read_instances(ann_file)
-        plan = make_plan(scheme_name, params["schemes"][scheme_name], data["categories"],
-                         params["masks"]["grayscale_tolerance"])
+        categories, tasks = split_tasks(ann_file)
+        plan = make_plan(scheme_name, params["schemes"][scheme_name], categories,
+                         params["masks"]["grayscale_tolerance"],
+                         params["masks"]["colour_stats_scale"])
     except (AnnotationError, ValueError) as exc:
         raise StageError(str(exc)) from None
     job = SplitJob(split, plan, raw / "images" / split, out, ann_file)
-    return job, image_tasks(data, ann_file)
+    return job, tasks
+
+
+# ---------------------------------------------------------------- reading annotations
+
+@dataclass
+class SplitTasks:
+    """A split's (image, its annotations) pairs in image id order, and how many."""
+
+    count: int
+    pairs: Iterator[tuple[dict, list[dict]]]
+
+
+def split_tasks(ann_file: Path) -> tuple[list, SplitTasks]:
+    """The categories and tasks of one annotation file: streamed when the file is in merge
+    order, else grouped in memory (with a log line saying why)."""
+    try:
+        scan = scan_instances(ann_file)
+    except StreamError as exc:
+        reason = f"not JSON the streaming parser accepts ({exc})"
+    else:
+        if scan.unordered is None:
+            log.info("%s: %d images, annotations streamed", ann_file, scan.n_images)
+            return scan.categories, SplitTasks(scan.n_images, streamed_tasks(ann_file))
+        reason = scan.unordered
+    log.info("%s: %s; grouping the annotations in memory", ann_file, reason)
+    data = read_instances(ann_file)
+    tasks = image_tasks(data, ann_file)
+    return data["categories"], SplitTasks(len(tasks), _released(tasks))
+
+
+@dataclass(frozen=True)
+class Scan:
+    categories: list
+    n_images: int
+    unordered: str | None    # why the file is not in merge order, or None
+
+
+def scan_instances(path: Path) -> Scan:
+    """One streamed read of an annotation file, before any image work: the checks
+    image_tasks makes, the image count, and whether images ascend by id and annotations by
+    image_id. Memory stays flat. Raises AnnotationError or StageError for bad content,
+    StreamError for what only the json module reads (NaN, integers beyond 64 bits) or
+    malformed JSON (which read_instances then reports)."""
+    try:
+        with open(path, "rb") as handle:
+            if not is_object(handle):
+                raise AnnotationError(f"{path}: {NOT_AN_OBJECT}")
+            handle.seek(0)
+            categories = top_level_value(handle, "categories")
+            handle.seek(0)
+            images = ArrayUntilEnd(handle, "images")
+            n_images, unordered = _scan_images(images, path)
+            handle.seek(0)
+            n_annotations, unordered_anns = _scan_annotations(array_items(handle, "annotations"),
+                                                              path)
+            if n_annotations == 0:   # no items: an empty list, or no list at all?
+                handle.seek(0)
+                annotations_listed = isinstance(top_level_value(handle, "annotations"), list)
+            else:
+                annotations_listed = True
+    except OSError as exc:
+        raise AnnotationError(f"{path}: cannot read COCO annotations: {exc}") from None
+    missing_lists(str(path), {"images": images.is_list, "annotations": annotations_listed,
+                              "categories": isinstance(categories, list)})
+    return Scan(categories, n_images, unordered or unordered_anns)
+
+
+def _scan_images(images: Iterable, source: Path) -> tuple[int, str | None]:
+    count, previous, unordered = 0, None, None
+    for count, image in enumerate(images, start=1):
+        problem = _image_entry_problem(image)
+        if problem:
+            raise StageError(f"{source}: images[{count - 1}]: {problem}")
+        if unordered is None and previous is not None and image["id"] <= previous:
+            unordered = f"images[{count - 1}] (id {image['id']}) does not follow id {previous}"
+        previous = image["id"]
+    return count, unordered
+
+
+def _scan_annotations(annotations: Iterable, source: Path) -> tuple[int, str | None]:
+    count, previous, unordered = 0, None, None
+    for count, ann in enumerate(annotations, start=1):
+        _check_annotation(ann, count - 1, source)
+        if unordered is not None:
+            continue
+        image_id = ann["image_id"]
+        if not isinstance(image_id, int):
+            unordered = f"annotations[{count - 1}]: image_id {image_id!r} is not an integer"
+        elif previous is not None and image_id < previous:
+            unordered = (f"annotations[{count - 1}] (image_id {image_id}) comes after "
+                         f"image_id {previous}")
+        previous = image_id
+    return count, unordered
+
+
+def streamed_tasks(path: Path) -> Iterator[tuple[dict, list[dict]]]:
+    """Tasks of a file scan_instances found in merge order: two readers of the file, one
+    over its images and one over its annotations, joined as they go."""
+    try:
+        with open(path, "rb") as images, open(path, "rb") as annotations:
+            pairs = merge_join(ArrayUntilEnd(images, "images"), array_items(annotations,
+                                                                             "annotations"))
+            for image, anns in pairs:
+                yield _task(image, anns)
+    except (OSError, StreamError) as exc:   # changed since the scan
+        raise StageError(f"{path}: cannot read COCO annotations: {exc}") from None
+
+
+def merge_join(images: Iterable[dict],
+               annotations: Iterable[dict]) -> Iterator[tuple[dict, list[dict]]]:
+    """Each image with its annotations, for images ascending by id and annotations by
+    image_id; an image's annotations keep their file order, and annotations of no listed
+    image are skipped: exactly what grouping in memory gives."""
+    annotations = iter(annotations)
+    pending = next(annotations, None)
+    for image in images:
+        while pending is not None and pending["image_id"] < image["id"]:
+            pending = next(annotations, None)
+        own = []
+        while pending is not None and pending["image_id"] == image["id"]:
+            own.append(pending)
+            pending = next(annotations, None)
+        yield image, own
 
 
 def image_tasks(data: dict, source: Path) -> list[tuple[dict, list[dict]]]:
-    """(image, its annotations) by image id, keeping only the keys the workers read."""
+    """(image, its annotations) by image id, grouped in memory."""
     anns_of: dict[object, list[dict]] = {}
     for index, ann in enumerate(data["annotations"]):
-        if not isinstance(ann, dict) or "image_id" not in ann or "category_id" not in ann:
-            raise StageError(f"{source}: annotations[{index}] lacks image_id or category_id")
-        anns_of.setdefault(ann["image_id"], []).append(
-            {k: ann[k] for k in ANNOTATION_KEYS if k in ann})
+        _check_annotation(ann, index, source)
+        anns_of.setdefault(ann["image_id"], []).append(ann)
     tasks = []
     for index, image in enumerate(data["images"]):
         problem = _image_entry_problem(image)
         if problem:
             raise StageError(f"{source}: images[{index}]: {problem}")
-        tasks.append(({k: image[k] for k in ("id", "file_name", "width", "height")},
-                      anns_of.get(image["id"], [])))
+        tasks.append(_task(image, anns_of.get(image["id"], [])))
     return sorted(tasks, key=lambda task: task[0]["id"])
+
+
+def _task(image: dict, anns: list[dict]) -> tuple[dict, list[dict]]:
+    """Only the keys the workers read."""
+    return ({k: image[k] for k in IMAGE_KEYS},
+            [{k: ann[k] for k in ANNOTATION_KEYS if k in ann} for ann in anns])
+
+
+def _released(tasks: list) -> Iterator:
+    """The tasks in order, each dropped once handed out, so the parent's share of the
+    annotations shrinks as the run goes."""
+    tasks.reverse()
+    while tasks:
+        yield tasks.pop()
+
+
+def _check_annotation(ann: object, index: int, source: Path) -> None:
+    if not isinstance(ann, dict) or "image_id" not in ann or "category_id" not in ann:
+        raise StageError(f"{source}: annotations[{index}] lacks image_id or category_id")
 
 
 def _image_entry_problem(image: object) -> str | None:
     if not isinstance(image, dict):
         return "not an object"
-    missing = [k for k in ("id", "file_name", "width", "height") if k not in image]
+    missing = [k for k in IMAGE_KEYS if k not in image]
     if missing:
         return f"lacks {', '.join(missing)}"
     if not isinstance(image["id"], int) or not isinstance(image["file_name"], str):

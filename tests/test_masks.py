@@ -22,6 +22,7 @@ from pycocotools.coco import COCO
 
 from conftest import SAMPLE
 from stages import masks
+from stages.download import subset_instances
 from stages.lib.cli import StageError
 from stages.lib.coco import COCO_CATEGORIES, resolve_scheme
 from stages.lib.labels import IGNORE_INDEX, label_image, palette_colours, read_labels, save_labels
@@ -500,6 +501,64 @@ def test_colour_statistics_on_images_with_known_values():
                                             "contrast": 0.0}
 
 
+def reference_colour_stats(pixels: np.ndarray) -> dict:
+    """The four colour statistics in float64, straight from their definitions."""
+    pixels = pixels.astype(np.float64)
+    if pixels.ndim == 2:
+        return {"grayscale_score": 0.0, "colourfulness": 0.0, "brightness": pixels.mean(),
+                "contrast": pixels.std()}
+    r, g, b = pixels[..., 0], pixels[..., 1], pixels[..., 2]
+    rg, yb = r - g, (r + g) / 2 - b
+    luma = 0.299 * r + 0.587 * g + 0.114 * b
+    return {"grayscale_score": (np.abs(r - g) + np.abs(g - b)).mean() / 2,
+            "colourfulness": (np.sqrt(rg.var() + yb.var())
+                              + 0.3 * np.sqrt(rg.mean() ** 2 + yb.mean() ** 2)),
+            "brightness": luma.mean(), "contrast": luma.std()}
+
+
+def decoded(path: Path, scale: int) -> np.ndarray:
+    """A JPEG as libjpeg decodes it at 1/scale of its size (DCT scaling), in its own mode."""
+    with Image.open(path) as image:
+        if scale > 1:
+            image.draft(image.mode, (image.width // scale, image.height // scale))
+        return np.asarray(image)
+
+
+# What docs/outputs.md states for colour_stats_scale 4 against full resolution, on the
+# 160 sample photographs: largest absolute differences (0-255 scale) and rank agreement.
+REDUCED_TOLERANCE = {"brightness": 1.5, "grayscale_score": 4.0, "colourfulness": 8.0,
+                     "contrast": 12.0}
+
+
+def test_reduced_colour_statistics_stay_close_to_full_resolution():
+    paths = sorted(SAMPLE.glob("*2017/*.jpg"))
+    assert len(paths) == 160
+    full, reduced = [], []
+    for path in paths:
+        full.append(reference_colour_stats(decoded(path, 1)))
+        pixels, stored = masks.read_pixels(path, path, 4)
+        assert pixels.shape[:2] == (-(-stored[0] // 4), -(-stored[1] // 4))
+        reduced.append(masks.pixel_stats(pixels, 6.0))
+    for key, tolerance in REDUCED_TOLERANCE.items():
+        a = np.array([f[key] for f in full])
+        b = np.array([r[key] for r in reduced])
+        assert np.abs(a - b).max() <= tolerance, key
+        ranks = np.corrcoef(a.argsort().argsort(), b.argsort().argsort())[0, 1]
+        assert ranks >= 0.97, key
+    contrast = (sum(r["contrast"] for r in reduced) / sum(f["contrast"] for f in full))
+    assert 0.9 <= contrast < 1.0   # fine texture is lost, never gained
+
+
+def test_colour_stats_scale_one_is_full_resolution(tmp_path, params, raw):
+    params["masks"]["colour_stats_scale"] = 1
+    job, tasks = masks.split_job(params, "person_car", raw, "val", tmp_path / "val")
+    job.out.mkdir()
+    for image, anns in tasks.pairs:
+        row = masks.process_image(job, image, anns)
+        expected = reference_colour_stats(decoded(raw / "images" / "val" / image["file_name"], 1))
+        assert {k: row[k] for k in expected} == pytest.approx(expected, abs=1e-3)
+
+
 # ---------------------------------------------------------------- palette PNGs
 
 def test_palette_png_round_trip(tmp_path):
@@ -539,13 +598,11 @@ def test_label_image_refuses_non_uint8_and_read_labels_refuses_rgb(tmp_path):
 
 @pytest.fixture(scope="module")
 def raw(tmp_path_factory, cocos) -> Path:
-    """A raw folder as download writes it, holding only the chosen images."""
+    """A raw folder as download writes it (merge order), holding only the chosen images."""
     root = tmp_path_factory.mktemp("raw")
     for split, ids in CHOSEN.items():
         coco = cocos[split]
-        data = {k: v for k, v in coco.dataset.items() if k not in ("images", "annotations")}
-        data["images"] = coco.loadImgs(ids)
-        data["annotations"] = coco.loadAnns(coco.getAnnIds(imgIds=ids, iscrowd=None))
+        data = subset_instances(coco.dataset, coco.loadImgs(ids))
         (root / "annotations").mkdir(exist_ok=True)
         (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))
         folder = root / "images" / split
@@ -654,44 +711,36 @@ def test_metadata_table(mask_runs, cocos, params, raw, scheme_name, cls):
                 crowd |= coco.annToMask(ann).astype(bool)
         assert (row.crowd_fraction > 0) == crowd.any()
         assert crowd.sum() / n - 1e-9 <= row.crowd_fraction <= 1.0
-        with Image.open(raw / "images" / row.split / row.file_name) as image:
-            pixels = np.asarray(image).astype(np.float64)
-        if pixels.ndim == 2:
-            score = colourful = 0.0
-            luma = pixels
-        else:
-            r, g, b = pixels[..., 0], pixels[..., 1], pixels[..., 2]
-            score = (np.abs(r - g) + np.abs(g - b)).mean() / 2
-            rg, yb = r - g, (r + g) / 2 - b
-            colourful = (np.sqrt(rg.var() + yb.var())
-                         + 0.3 * np.sqrt(rg.mean() ** 2 + yb.mean() ** 2))
-            luma = 0.299 * r + 0.587 * g + 0.114 * b
-        assert row.brightness == pytest.approx(luma.mean(), abs=1e-3)
-        assert row.contrast == pytest.approx(luma.std(), abs=1e-3)
-        assert row.colourfulness == pytest.approx(colourful, abs=1e-3)
-        assert row.grayscale_score == pytest.approx(score, abs=1e-3)
-        assert row.is_grayscale == (score <= params["masks"]["grayscale_tolerance"])
+        scale = params["masks"]["colour_stats_scale"]
+        pixels = decoded(raw / "images" / row.split / row.file_name, scale)
+        assert pixels.shape[:2] == (-(-row.height // scale), -(-row.width // scale))
+        expected = reference_colour_stats(pixels)
+        assert {k: getattr(row, k) for k in expected} == pytest.approx(expected, abs=1e-3)
+        assert row.is_grayscale == (expected["grayscale_score"]
+                                    <= params["masks"]["grayscale_tolerance"])
     colourful = table.set_index("image_id")["colourfulness"]
     assert colourful[204805] == 0.0 and colourful[360452] > 20 * colourful[114692]
 
 
-def test_metadata_grayscale_detection(mask_runs, raw):
+def test_metadata_grayscale_detection(mask_runs, raw, params):
     table = pd.read_csv(mask_runs["person_car"][0] / "metadata.csv").set_index("image_id")
-    with Image.open(raw / "images" / "train" / "000000204805.jpg") as image:
+    path = raw / "images" / "train" / "000000204805.jpg"
+    with Image.open(path) as image:
         assert image.mode == "L"  # really single-channel
-        brightness = np.asarray(image).mean()
+    brightness = decoded(path, params["masks"]["colour_stats_scale"]).mean()
     row = table.loc[204805]
     assert bool(row.is_grayscale) and row.grayscale_score == 0.0
     assert row.brightness == pytest.approx(brightness, abs=1e-3)
     # RGB files whose three channels are equal are grayscale too
     assert table.loc[114692].is_grayscale and table.loc[114692].grayscale_score == 0.0
     assert table.loc[566282].is_grayscale and table.loc[566282].grayscale_score == 0.0
-    # colour photographs are not; 184324 is close (6.54 > tolerance 6.0)
-    assert table.loc[184324].grayscale_score == pytest.approx(6.539, abs=1e-3)
+    # colour photographs are not; 184324 is close (6.054 > tolerance 6.0; 6.539 at full
+    # resolution: colour_stats_scale 4 averages some chroma noise away)
+    assert table.loc[184324].grayscale_score == pytest.approx(6.054, abs=1e-3)
     assert not table.loc[184324].is_grayscale
     assert not table.loc[360452].is_grayscale
-    assert table.loc[360452].grayscale_score == pytest.approx(9.314, abs=1e-3)
-    # 221184 (airplanes in a grey sky) looks grayscale too: score 3.913 <= 6.0
+    assert table.loc[360452].grayscale_score == pytest.approx(8.677, abs=1e-3)
+    # 221184 (airplanes in a grey sky) looks grayscale too: score 0.682 <= 6.0
     assert set(table.index[table["is_grayscale"]]) == {114692, 204805, 221184, 566282}
 
 
@@ -756,7 +805,7 @@ def test_image_size_disagreeing_with_annotation_is_an_error(tmp_path, params, ra
     target = bad / "images" / "val" / "000000005001.jpg"
     with Image.open(target) as image:
         image.resize((64, 48)).save(target)
-    with pytest.raises(StageError, match=r"000000005001\.jpg: decoded size 64x48 differs from "
+    with pytest.raises(StageError, match=r"000000005001\.jpg: stored size 64x48 differs from "
                                          r"the annotation's 640x480"):
         masks.run(params, "person_car", bad, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -775,40 +824,53 @@ def assert_no_output(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
 
 
-def test_malformed_annotation_json_is_one_clear_error(tmp_path, params, raw):
+def _without(doc: dict, key: str, index: int, field: str) -> dict:
+    doc[key][index].pop(field)
+    return doc
+
+
+def _strict_json_breaker(doc: dict) -> dict:
+    """NaN is JSON to the json module only: the file is then grouped in memory."""
+    doc["info"] = {"score": float("nan")}
+    return doc
+
+
+# split, damage (the parsed file -> new document or text), message after the file name;
+# "+ nan" cases take the in-memory path (json module), the others the streamed scan.
+BAD_FILES = {
+    "truncated": ("val", lambda doc: '{"images": [{"id": 1,',
+                  r"cannot read COCO annotations: .*line 1"),
+    "other categories": ("val", lambda doc: {**doc, "categories": [
+        c for c in doc["categories"] if c["name"] != "toothbrush"]}, r"categories differ"),
+    "annotation without image_id": ("train", lambda doc: _without(doc, "annotations", 3, "image_id"),
+                                    r"annotations\[3\] lacks image_id or category_id"),
+    "image without height": ("train", lambda doc: _without(doc, "images", 0, "height"),
+                             r"images\[0\]: lacks height"),
+    "no annotations": ("train", lambda doc: {k: v for k, v in doc.items() if k != "annotations"},
+                       r"missing or non-list key\(s\): annotations$"),
+    "images not a list": ("train", lambda doc: {**doc, "images": {"item": doc["images"][0]}},
+                          r"missing or non-list key\(s\): images$"),
+    "not an object": ("train", lambda doc: [doc], r"expected a JSON object"),
+    "annotation without image_id + nan": (
+        "train", lambda doc: _strict_json_breaker(_without(doc, "annotations", 3, "image_id")),
+        r"annotations\[3\] lacks image_id or category_id"),
+    "no annotations + nan": (
+        "train", lambda doc: _strict_json_breaker({k: v for k, v in doc.items()
+                                                   if k != "annotations"}),
+        r"missing or non-list key\(s\): annotations$"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_bad_annotation_file_is_one_clear_error(tmp_path, params, raw, case):
+    split, damage, message = BAD_FILES[case]
     bad = broken_copy(raw, tmp_path)
-    ann_file = bad / "annotations" / "instances_val.json"
-    ann_file.write_text('{"images": [{"id": 1,')
-    with pytest.raises(StageError, match=rf"^{re.escape(str(ann_file))}: cannot read COCO "
-                                         r"annotations: .*line 1") as info:
+    ann_file = bad / "annotations" / f"instances_{split}.json"
+    damaged = damage(json.loads(ann_file.read_text()))
+    ann_file.write_text(damaged if isinstance(damaged, str) else json.dumps(damaged))
+    with pytest.raises(StageError, match=rf"^{re.escape(str(ann_file))}: {message}") as info:
         masks.run(params, "person_car", bad, tmp_path / "out")
     assert "\n" not in str(info.value)
-    assert_no_output(tmp_path)
-
-
-def test_splits_with_different_categories_are_refused(tmp_path, params, raw):
-    bad = broken_copy(raw, tmp_path)
-    ann_file = bad / "annotations" / "instances_val.json"
-    doc = json.loads(ann_file.read_text())
-    doc["categories"] = [c for c in doc["categories"] if c["name"] != "toothbrush"]
-    ann_file.write_text(json.dumps(doc))
-    with pytest.raises(StageError, match=rf"^{re.escape(str(ann_file))}: categories differ"):
-        masks.run(params, "person_car", bad, tmp_path / "out")
-    assert_no_output(tmp_path)
-
-
-@pytest.mark.parametrize("key, entry, message", [
-    ("annotations", 3, r"annotations\[3\] lacks image_id or category_id"),
-    ("images", 0, r"images\[0\]: lacks height"),
-])
-def test_annotation_entries_missing_keys_are_named(tmp_path, params, raw, key, entry, message):
-    bad = broken_copy(raw, tmp_path)
-    ann_file = bad / "annotations" / "instances_train.json"
-    doc = json.loads(ann_file.read_text())
-    doc[key][entry].pop("image_id" if key == "annotations" else "height")
-    ann_file.write_text(json.dumps(doc))
-    with pytest.raises(StageError, match=rf"^{re.escape(str(ann_file))}: {message}"):
-        masks.run(params, "person_car", bad, tmp_path / "out")
     assert_no_output(tmp_path)
 
 
@@ -876,7 +938,8 @@ def test_one_and_two_workers_write_identical_files(tmp_path, params, raw, monkey
 
 
 def test_tasks_in_flight_are_bounded_and_rows_keep_task_order(tmp_path, params, raw):
-    job, tasks = masks.split_job(params, "person_car", raw, "val", tmp_path / "val")
+    job, split_tasks = masks.split_job(params, "person_car", raw, "val", tmp_path / "val")
+    tasks = list(split_tasks.pairs)
     job.out.mkdir()
     pulled = 0
 
@@ -892,3 +955,98 @@ def test_tasks_in_flight_are_bounded_and_rows_keep_task_order(tmp_path, params, 
         ids.append(row["image_id"])
     assert ids == [task[0]["id"] for task in tasks] * 4 and pulled == 20
     assert [task[0]["id"] for task in tasks] == sorted(CHOSEN["val"])
+
+
+# ---------------------------------------------------------------- streaming the annotations
+
+def test_merge_join_keeps_file_order_and_skips_annotations_of_unlisted_images():
+    images = [{"id": 2}, {"id": 5}, {"id": 9}]
+    anns = [{"image_id": 1, "id": 1}, {"image_id": 2, "id": 7}, {"image_id": 2, "id": 3},
+            {"image_id": 4, "id": 4}, {"image_id": 9, "id": 5}, {"image_id": 12, "id": 6}]
+    got = [(im["id"], [a["id"] for a in own]) for im, own in masks.merge_join(images, anns)]
+    assert got == [(2, [7, 3]), (5, []), (9, [5])]
+    assert list(masks.merge_join(images, [])) == [(im, []) for im in images]
+
+
+def test_what_download_writes_is_streamed_and_joins_as_in_memory(raw, caplog):
+    for split, ids in CHOSEN.items():
+        ann_file = raw / "annotations" / f"instances_{split}.json"
+        with caplog.at_level("INFO", logger="masks"):
+            categories, tasks = masks.split_tasks(ann_file)
+        assert f"{ann_file}: {len(ids)} images, annotations streamed" in caplog.text
+        data = json.loads(ann_file.read_text())
+        assert categories == data["categories"] and tasks.count == len(ids)
+        assert list(tasks.pairs) == masks.image_tasks(data, ann_file)
+
+
+def _reverse(doc: dict, key: str) -> dict:
+    doc[key].reverse()
+    return doc
+
+
+def _float_image_id(doc: dict) -> dict:
+    doc["annotations"][0]["image_id"] = float(doc["annotations"][0]["image_id"])
+    return doc
+
+
+# How a file can fail merge order, and the start of the reason logged.
+UNORDERED = {
+    "annotations reversed": (lambda doc: _reverse(doc, "annotations"),
+                             r"annotations\[\d+\] \(image_id \d+\) comes after image_id \d+"),
+    "images reversed": (lambda doc: _reverse(doc, "images"),
+                        r"images\[1\] \(id \d+\) does not follow id \d+"),
+    "float image_id": (_float_image_id, r"annotations\[0\]: image_id \d+\.0 is not an integer"),
+    "NaN": (_strict_json_breaker, r"not JSON the streaming parser accepts \(lexical error"),
+}
+
+
+@pytest.mark.parametrize("case", list(UNORDERED))
+def test_other_orders_are_grouped_in_memory_with_identical_output(tmp_path, params, raw,
+                                                                   mask_runs, case, caplog):
+    damage, reason = UNORDERED[case]
+    bad = broken_copy(raw, tmp_path)
+    for split in CHOSEN:
+        ann_file = bad / "annotations" / f"instances_{split}.json"
+        ann_file.write_text(json.dumps(damage(json.loads(ann_file.read_text()))))
+    with caplog.at_level("INFO", logger="masks"):
+        masks.run(params, "person_car", bad, tmp_path / "out")
+    for split in CHOSEN:
+        ann_file = bad / "annotations" / f"instances_{split}.json"
+        assert re.search(rf"{re.escape(str(ann_file))}: {reason}.*; grouping the annotations "
+                         r"in memory\n", caplog.text), split
+    streamed = mask_runs["person_car"][0]
+    files = sorted(p.relative_to(streamed) for p in streamed.rglob("*") if p.is_file())
+    assert len(files) == 12
+    assert sorted(p.relative_to(tmp_path / "out") for p in (tmp_path / "out").rglob("*")
+                  if p.is_file()) == files
+    for rel in files:
+        assert (tmp_path / "out" / rel).read_bytes() == (streamed / rel).read_bytes(), rel
+
+
+def test_streaming_memory_does_not_grow_with_the_file(tmp_path, raw):
+    """Python's peak allocation while reading every task of the fixture's val split
+    repeated 4 and 40 times (new ids): the same for both, while parsing the file whole
+    grows with it."""
+    import tracemalloc
+
+    from benchmarks.bench_masks import replicate
+
+    doc = json.loads((raw / "annotations" / "instances_val.json").read_text())
+    peaks = {}
+    for factor in (4, 40):
+        path = tmp_path / f"instances_val_{factor}.json"
+        copies = replicate(doc, doc["images"], factor)
+        path.write_text(json.dumps(subset_instances(copies, copies["images"])))
+        tracemalloc.start()
+        try:
+            _, tasks = masks.split_tasks(path)
+            assert sum(1 for _ in tasks.pairs) == tasks.count == 5 * factor
+            streamed = tracemalloc.get_traced_memory()[1]
+            tracemalloc.reset_peak()
+            masks.read_instances(path)
+            peaks[factor] = streamed, tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    (streamed_4, whole_4), (streamed_40, whole_40) = peaks[4], peaks[40]
+    assert whole_40 > 8 * whole_4
+    assert streamed_40 < 1.1 * streamed_4, peaks

@@ -73,6 +73,7 @@ def test_all_problems_reported_at_once(params):
     ("data", "year", 2015),
     ("model", "dropout", 1.0),
     ("masks", "grayscale_tolerance", -1),
+    ("masks", "colour_stats_scale", 3),    # libjpeg scales by 1/2, 1/4, 1/8 only
 ])
 def test_out_of_range_values_fail(params, section, key, value):
     params[section][key] = value

@@ -1,9 +1,13 @@
-"""COCO annotation files: loading, the category table, and scheme resolution."""
+"""COCO annotation files: loading (whole or streamed), the category table, and scheme
+resolution."""
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, Iterator
+
+import ijson
 
 SPLITS = ("train", "val")
 
@@ -36,18 +40,89 @@ def read_instances(path: str | Path) -> dict:
     path = Path(path)
     try:
         data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AnnotationError(f"{path}: cannot read COCO annotations: {exc}") from None
     return check_instances(data, str(path))
 
 
 def check_instances(data: object, source: str) -> dict:
     if not isinstance(data, dict):
-        raise AnnotationError(f"{source}: expected a JSON object with images/annotations/categories")
-    missing = [k for k in ("images", "annotations", "categories") if not isinstance(data.get(k), list)]
+        raise AnnotationError(f"{source}: {NOT_AN_OBJECT}")
+    missing_lists(source, {k: isinstance(data.get(k), list) for k in INSTANCE_LISTS})
+    return data
+
+
+INSTANCE_LISTS = ("images", "annotations", "categories")
+NOT_AN_OBJECT = "expected a JSON object with images/annotations/categories"
+
+
+def missing_lists(source: str, is_list: dict[str, bool]) -> None:
+    """Raises AnnotationError naming the keys of INSTANCE_LISTS that are not lists."""
+    missing = [k for k in INSTANCE_LISTS if not is_list[k]]
     if missing:
         raise AnnotationError(f"{source}: missing or non-list key(s): {', '.join(missing)}")
-    return data
+
+
+# ---------------------------------------------------------------- streaming
+# ijson's C parser (yajl) is stricter than the json module: NaN, Infinity and integers
+# beyond 64 bits are errors. Callers fall back to read_instances on StreamError.
+
+class StreamError(ValueError):
+    """The file is not JSON a streaming parser accepts; the message is one line."""
+
+
+def stream_error(exc: Exception) -> StreamError:
+    return StreamError(" ".join(str(exc).split()))   # yajl points at the byte over 3 lines
+
+
+def is_object(handle: BinaryIO) -> bool:
+    """Whether the document is a JSON object (reads its first token only)."""
+    try:
+        return next(ijson.parse(handle), ("", None, None))[1] == "start_map"
+    except ijson.JSONError as exc:
+        raise stream_error(exc) from None
+
+
+def top_level_value(handle: BinaryIO, key: str, missing: object = None) -> object:
+    """The whole value of one top-level key, read up to its end (for small values)."""
+    try:
+        return next(ijson.items(handle, key, use_float=True), missing)
+    except ijson.JSONError as exc:
+        raise stream_error(exc) from None
+
+
+def array_items(handle: BinaryIO, key: str) -> Iterator[object]:
+    """The items of the top-level array `key`, one at a time. The C parser reads on to the
+    end of the file (so the whole file is checked), fast; for the big array."""
+    try:
+        yield from ijson.items(handle, f"{key}.item", use_float=True)
+    except ijson.JSONError as exc:
+        raise stream_error(exc) from None
+
+
+class ArrayUntilEnd:
+    """The items of the top-level array `key`, reading the file only up to that array's
+    end. Every token up to there passes through Python: for a small array that comes
+    before the big one (images before annotations). `is_list` says, once iterated,
+    whether `key` was present as an array."""
+
+    def __init__(self, handle: BinaryIO, key: str):
+        self.handle, self.key, self.is_list = handle, key, False
+
+    def __iter__(self) -> Iterator[object]:
+        try:
+            yield from ijson.items(self._events(), f"{self.key}.item", use_float=True)
+        except ijson.JSONError as exc:
+            raise stream_error(exc) from None
+
+    def _events(self) -> Iterator[tuple]:
+        for event in ijson.parse(self.handle, use_float=True):
+            yield event
+            if event[0] == self.key:
+                if event[1] == "start_array":
+                    self.is_list = True
+                elif event[1] == "end_array":
+                    return
 
 
 @dataclass(frozen=True)
