@@ -249,6 +249,8 @@ def label_map(height: int, width: int, decoded: list[Decoded], scheme: SchemeMap
             crowds.append(ann.rle)
         elif not ann.crowd or rules.crowd == "class":
             by_class.setdefault(cls, []).append(ann.rle)
+    if not by_class and not crowds:   # nothing claimed (many images): all background
+        return np.zeros((height, width), np.uint8)
     # Built transposed: RLEs decode column-major, so every region is then a contiguous
     # array and no step below walks memory across the grain.
     labels = np.zeros((width, height), np.uint8)
