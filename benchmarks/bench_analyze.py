@@ -13,20 +13,20 @@ from __future__ import annotations
 
 import copy
 import json
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import yaml
+
+from benchmarks.common import (memory_goal_cells, memory_goal_column, memory_goal_note, peak_mib,
+                               replicate_masks, replicate_predictions, replicate_raw, resident_mib,
+                               run_child)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEME = "person_car"
 FACTORS = (1, 10)
-ID_STRIDE = 1_000_000
 SAMPLE_VAL = 80
 
 
@@ -65,60 +65,18 @@ def prepare(dest: Path, per_split: int) -> dict:
 
 def replicate(base: dict, dest: Path, factor: int) -> dict:
     """raw/masks/predictions with every val item repeated `factor` times under new ids."""
-    import pandas as pd
-
-    raw, masks, pred = dest / "raw", dest / "masks", dest / "pred"
-    doc = json.loads((base["raw"] / "annotations" / "instances_val.json").read_text())
-    images, anns = [], []
-    (raw / "images" / "val").mkdir(parents=True)
-    (masks / "val").mkdir(parents=True)
-    (raw / "annotations").mkdir(parents=True)
-    (pred).mkdir(parents=True)
-    for k in range(factor):
-        for image in doc["images"]:
-            new_id = image["id"] + k * ID_STRIDE
-            name = f"{new_id:012d}.jpg"
-            images.append({**image, "id": new_id, "file_name": name})
-            (raw / "images" / "val" / name).symlink_to(
-                base["raw"] / "images" / "val" / image["file_name"])
-            (masks / "val" / f"{new_id:012d}.png").symlink_to(
-                base["masks"] / "val" / f"{Path(image['file_name']).stem}.png")
-        anns += [{**a, "id": a["id"] + k * ID_STRIDE * 1000,
-                  "image_id": a["image_id"] + k * ID_STRIDE} for a in doc["annotations"]]
-    (raw / "annotations" / "instances_val.json").write_text(
-        json.dumps({**doc, "images": images, "annotations": anns}))
-    meta = pd.read_csv(base["masks"] / "metadata.csv")
-    meta = meta[meta["split"] == "val"]
-    pd.concat([meta.assign(image_id=meta["image_id"] + k * ID_STRIDE,
-                           file_name=[f"{i + k * ID_STRIDE:012d}.jpg" for i in meta["image_id"]])
-               for k in range(factor)]).to_csv(masks / "metadata.csv", index=False)
-    samples = pd.read_csv(base["pred"] / "samples.csv", dtype={"stem": str})
-    pd.concat([samples.assign(image_id=samples["image_id"] + k * ID_STRIDE,
-                              stem=[f"{i + k * ID_STRIDE:012d}" for i in samples["image_id"]])
-               for k in range(factor)]).to_csv(pred / "samples.csv", index=False)
-    with np.load(base["pred"] / "latents.npz") as npz:
-        latents, ids = npz["latents"], npz["image_ids"]
-        names, slices = npz["layer_names"], npz["layer_slices"]
-    rng = np.random.default_rng(0)
-    scale = latents.std(0, keepdims=True) * 0.1
-    stacked = np.concatenate([latents + (rng.normal(size=latents.shape) * scale if k else 0)
-                              for k in range(factor)]).astype(np.float32)
-    np.savez(pred / "latents.npz", image_ids=np.concatenate([ids + k * ID_STRIDE
-                                                             for k in range(factor)]),
-             latents=stacked, layer_names=names, layer_slices=slices)
-    return {"raw": raw, "masks": masks, "pred": pred, "model": base["model"]}
+    replicate_raw(base["raw"], dest / "raw", factor)
+    replicate_masks(base["masks"], dest / "masks", factor)
+    replicate_predictions(base["pred"], dest / "pred", factor)
+    return {"raw": dest / "raw", "masks": dest / "masks", "pred": dest / "pred",
+            "model": base["model"]}
 
 
 def measure(params: dict, data: dict, out: Path) -> dict:
     params_file = out.parent / f"{out.name}.params.yaml"
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-    done = subprocess.run([sys.executable, "-m", "benchmarks.bench_analyze", "child",
-                           str(params_file), str(data["pred"]), str(data["masks"]),
-                           str(data["model"]), str(data["raw"]), str(out)],
-                          cwd=ROOT, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"analyze child failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_child("benchmarks.bench_analyze", [params_file, data["pred"], data["masks"],
+                                                  data["model"], data["raw"], out])
 
 
 def child(argv: list[str]) -> None:
@@ -133,17 +91,10 @@ def child(argv: list[str]) -> None:
     started, cpu = time.perf_counter(), time.process_time()
     samples = analyze.run(params, Path(pred), Path(masks), Path(model), Path(raw), Path(out))
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
+    peak = peak_mib()
     summary = json.loads((Path(out) / "summary.json").read_text())
     print(json.dumps({"images": len(samples), "wall_s": wall, "cpu_s": cpu, "peak_mib": peak,
                       "baseline_mib": baseline, "k": summary["clustering"]["k"]}))
-
-
-def resident_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def run(scale: float) -> dict:
@@ -163,8 +114,12 @@ def run(scale: float) -> dict:
                          "peak RSS MiB": round(result["peak_mib"]),
                          "of which imports MiB": round(result["baseline_mib"]),
                          "clusters": result["k"]})
+    goals = memory_goal_cells([r["peak RSS MiB"] for r in rows], list(FACTORS))
+    for row, goal in zip(rows, goals):
+        row[memory_goal_column()] = goal
     a, b = rows[0], rows[-1]
     notes = [
+        memory_goal_note(a["peak RSS MiB"], b["peak RSS MiB"]),
         f"Default params.yaml analyze section (k 2-8 by silhouette, {', '.join(params['analyze']['buckets']['binning'])} bins, "
         f"label_issues.top {params['analyze']['label_issues']['top']}, figure_px "
         f"{params['analyze']['figure_px']}), CPU, model input {params['train']['image_size']} px.",
