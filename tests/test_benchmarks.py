@@ -158,3 +158,27 @@ def test_pipeline_benchmark_reads_snakemake_benchmark_files(tmp_path):
         22.0 * 82_783 / 80 / 3600)
     assert bench_pipeline.projection_hours("download", 2.5, used) == pytest.approx(
         2.5 * (82_783 + 40_504) / 160 / 3600)
+
+
+def test_report_benchmark_smoke(tmp_path, monkeypatch):
+    from benchmarks.common import memory_goal_column
+
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    result = _smoke("report", tmp_path, 0.05)
+    table = result["table"]
+    assert [(r["size"], r["val images"]) for r in table] == [("1x", 4), ("10x", 40)]
+    for row in table:
+        assert row["wall s"] > 0 and row["peak RSS MiB"] >= row["of which imports MiB"] > 0
+        assert row["page MB"] > 0
+    assert table[0][memory_goal_column()] == "1.00x"
+    assert table[1][memory_goal_column()].endswith((": met", ": missed"))
+    assert result["notes"][0].startswith("Goal: peak memory at 10x the images <= 1.2x")
+
+
+def test_memory_goal_cells_say_met_or_missed_on_the_10x_row():
+    from benchmarks.common import memory_goal_cells, memory_goal_note
+
+    assert memory_goal_cells([100.0, 119.0], [1, 10]) == ["1.00x", "1.19x: met"]
+    assert memory_goal_cells([100.0, 121.0], [1, 10]) == ["1.00x", "1.21x: missed"]
+    assert "missed (1.50x, 100 -> 150 MiB)" in memory_goal_note(100, 150)
+
