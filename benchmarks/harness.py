@@ -23,6 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 VERSIONS = ("torch", "numpy", "pillow", "pycocotools")
+PROJECTION = "projection"   # not a benchmark: benchmarks/projection.py, from the JSON results
 
 
 def available() -> list[str]:
@@ -121,31 +122,47 @@ def update_markdown(text: str, name: str, body: str) -> str:
 def write_outputs(result: dict, out: Path, markdown: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{result['name']}.json").write_text(json.dumps(result, indent=2) + "\n")
-    # Two benchmarks run side by side (one per terminal) must not lose each other's section.
+    write_section(out, markdown, result["name"], section(result))
+
+
+def write_section(out: Path, markdown: Path, name: str, body: str) -> None:
+    """Rewrite one section of the markdown file under a lock in the out folder: two
+    benchmarks run side by side (one per terminal) must not lose each other's section."""
+    out.mkdir(parents=True, exist_ok=True)
     with open(out / ".markdown.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         text = markdown.read_text() if markdown.exists() else "# Benchmarks\n"
-        markdown.write_text(update_markdown(text, result["name"], section(result)))
+        markdown.write_text(update_markdown(text, name, body))
 
 
 def main(argv: list[str] | None = None) -> int:
     names = available()
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
-    parser.add_argument("names", nargs="*", help=f"benchmarks to run (default all: {', '.join(names)})")
+    parser.add_argument("names", nargs="*",
+                        help=f"benchmarks to run (default all: {', '.join(names)}, then "
+                             f"{PROJECTION}); '{PROJECTION}' rewrites the full-COCO projection "
+                             "from the JSON results")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="problem size relative to the default (e.g. 0.05 for a smoke run)")
     parser.add_argument("--out", type=Path, default=HERE / "out", help="folder of the JSON results")
     parser.add_argument("--markdown", type=Path, default=ROOT / "BENCHMARKS.md",
                         help="markdown file whose sections are rewritten")
     args = parser.parse_args(argv)
-    unknown = sorted(set(args.names) - set(names))
+    unknown = sorted(set(args.names) - set(names) - {PROJECTION})
     if unknown:
-        parser.error(f"unknown benchmark(s) {', '.join(unknown)} (available: {', '.join(names)})")
+        parser.error(f"unknown benchmark(s) {', '.join(unknown)} (available: {', '.join(names)}, "
+                     f"and {PROJECTION})")
     if args.scale <= 0:
         parser.error("--scale must be positive")
-    for name in args.names or names:
+    for name in [n for n in args.names if n != PROJECTION] or ([] if args.names else names):
         print(f"benchmark {name} (scale {args.scale:g}) ...", file=sys.stderr, flush=True)
         result = run_one(name, args.scale)
         write_outputs(result, args.out, args.markdown)
         print(markdown_table(result["table"]), file=sys.stderr, flush=True)
+    # The projection reads every result in --out: after all benchmarks, or when asked for.
+    if not args.names or PROJECTION in args.names:
+        from benchmarks import projection
+
+        print(f"{PROJECTION} from {args.out}/*.json ...", file=sys.stderr, flush=True)
+        print(projection.write(args.out, args.markdown), file=sys.stderr, flush=True)
     return 0

@@ -182,3 +182,116 @@ def test_memory_goal_cells_say_met_or_missed_on_the_10x_row():
     assert memory_goal_cells([100.0, 121.0], [1, 10]) == ["1.00x", "1.21x: missed"]
     assert "missed (1.50x, 100 -> 150 MiB)" in memory_goal_note(100, 150)
 
+
+# ---------------------------------------------------------------- the full-COCO projection
+
+def _machine(date: str) -> dict:
+    return {"cpu": "test CPU", "cores_usable": 2, "date": date}
+
+
+def _hand_made_results() -> dict:
+    """Small round numbers, one result per benchmark the projection reads."""
+    return {
+        "download": {"machine": _machine("D-download"), "notes": [], "table": [
+            {"mode": "subset", "client": "curl", "images/s": 900.0},
+            {"mode": "subset", "client": "download stage", "images/s": 100.0}]},
+        "masks": {"machine": _machine("D-masks"), "notes": [], "table": [
+            {"method": "masks stage (run)", "workers": 1, "data": "1x", "images/s": 999.0,
+             "CPU ms/image": 1.0},
+            {"method": "masks stage (run)", "workers": 1, "data": "10x", "images/s": 50.0,
+             "CPU ms/image": 10.0},
+            {"method": "masks stage (run)", "workers": 2, "data": "10x", "images/s": 80.0,
+             "CPU ms/image": 12.0}]},
+        "train": {"machine": _machine("D-train"), "table": [
+            {"measurement": "data loader alone, num_workers=0", "images/s": 50.0},
+            {"measurement": "train epoch (loader num_workers=0 + step)", "images/s": 2.0}],
+            "notes": ["Forward: 1.00 GFLOP per image at 128 px (FlopCounterMode); ..."]},
+        "infer": {"machine": _machine("D-infer"), "notes": [], "table": [
+            {"measurement": "infer stage, end to end (val split)", "images/s": 20.0}]},
+        "analyze": {"machine": _machine("D-analyze"), "notes": [], "table": [
+            {"val images": 10, "size": "1x", "wall s": 12.0},
+            {"val images": 100, "size": "10x", "wall s": 21.0}]},
+        "report": {"machine": _machine("D-report"), "notes": [], "table": [
+            {"val images": 80, "size": "1x", "wall s": 5.0},
+            {"val images": 800, "size": "10x", "wall s": 12.2}]},
+        "pipeline": {"machine": _machine("D-pipeline"), "table": [
+            {"what": "stage evaluate (all schemes)", "seconds": 8.0},
+            {"what": "stage compare (all schemes)", "seconds": 4.0},
+            {"what": "whole run, snakemake --cores all", "seconds": 300.0}],
+            "notes": ["80 train and 80 val images, 128 px, 15 epoch(s), 2 schemes; ..."]},
+    }
+
+
+PROJECTION_PARAMS = {"schemes": {"a": {}, "b": {}}, "train": {"epochs": 3, "image_size": 128}}
+
+
+def test_projection_arithmetic_on_hand_made_results():
+    from benchmarks import projection
+
+    rows = {r["stage"]: r for r in projection.project(_hand_made_results(), PROJECTION_PARAMS,
+                                                      gpu_tflops=30, host_cores=16)}
+    train, val = 82_783, 40_504
+    every = train + val
+    expected = {   # (this machine, GPU machine) in seconds, by hand
+        "download": (every / 100, every / (100 / 2 * 16)),
+        "masks": (2 * every / 80, 2 * every / (1000 / 10 * 16)),
+        # 2 schemes x 3 epochs; GPU: loader-bound (50/s per core x 16) beats 3 GFLOP / 30 TFLOP/s
+        "train": (6 * train / 2, max(6 * train * 3e9 / 30e12, 6 * train / (50 * 16))),
+        "infer": (2 * val / 20, max(2 * val * 1e9 / 30e12, 2 * val / (50 * 16))),
+        # 1x -> 10x: 0.1 s per image over a fixed 11 s, per scheme
+        "analyze": (2 * (11 + 0.1 * val), 2 * (11 + max(val * 1e9 / 30e12, val / 800))),
+        "evaluate": (8 * val / 80, 8 * val / 80 / 2),     # one process per scheme, 2 at once
+        "compare": (4 * val / 80, 4 * val / 80),
+        "report": (4.2 + 0.01 * val, 4.2 + 0.01 * val),   # 0.01 s per image over 4.2 s
+    }
+    assert list(rows) == list(projection.STAGES)
+    for stage, (here, gpu) in expected.items():
+        assert rows[stage]["missing"] is None, stage
+        assert rows[stage]["here_s"] == pytest.approx(here), stage
+        assert rows[stage]["gpu_s"] == pytest.approx(gpu), stage
+    assert rows["train"]["gpu_s"] == pytest.approx(6 * train / 800)   # loader-bound here
+    assert rows["infer"]["from"] == [("infer", "D-infer"), ("train", "D-train")]
+    assert (rows["train"]["images"], rows["train"]["runs"]) == (train, 6)
+    total = projection.table_rows(list(rows.values()))[-1]
+    assert total["this machine"] == projection.duration(sum(h for h, _ in expected.values()))
+
+
+def test_projection_names_the_benchmark_to_run_instead_of_a_figure(tmp_path):
+    from benchmarks import projection
+
+    results = _hand_made_results()
+    del results["train"], results["report"]
+    rows = {r["stage"]: r for r in projection.project(results, PROJECTION_PARAMS)}
+    # infer and analyze need train's FLOPs and loader rate: they wait for it too
+    assert {s for s, r in rows.items() if r["missing"]} == {"train", "infer", "analyze", "report"}
+    assert rows["infer"]["missing"] == "train" and rows["report"]["missing"] == "report"
+    assert rows["masks"]["here_s"] == pytest.approx(2 * 123_287 / 80)
+    shown = {r["stage"]: r for r in projection.table_rows(list(rows.values()))}
+    assert shown["report"]["this machine"] == "run `python -m benchmarks report`"
+    assert "incomplete: without report, train" in shown["**total**"]["how"]
+
+    # through the harness: its own section, from the JSON files in --out
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, result in results.items():
+        (out / f"{name}.json").write_text(json.dumps(result))
+    markdown = tmp_path / "BENCHMARKS.md"
+    markdown.write_text("# Benchmarks\n\n<!-- bench:masks:start -->\nkept\n<!-- bench:masks:end -->\n")
+    assert harness.main(["projection", "--out", str(out), "--markdown", str(markdown)]) == 0
+    text = markdown.read_text()
+    start, end = harness.markers("projection")
+    assert "kept" in text and text.count(start) == 1 and text.count(end) == 1
+    section = text.split(start)[1].split(end)[0]
+    import yaml
+
+    used = yaml.safe_load((ROOT / "params.yaml").read_text())   # schemes and epochs from it
+    runs = len(used["schemes"]) * used["train"]["epochs"]
+    assert f"| train | 82,783 x {runs} | run `python -m benchmarks train` |" in section
+    assert "masks.json (D-masks)" in section and "(D-train)" not in section
+
+
+def test_projection_durations():
+    from benchmarks.projection import duration
+
+    assert [duration(s) for s in (42, 600, 2 * 3600, 3 * 86400)] == [
+        "42 s", "10 min", "2.0 h", "3.0 d"]

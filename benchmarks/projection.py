@@ -1,0 +1,307 @@
+"""projection: how long each stage would take on full COCO 2014 (82,783 train + 40,504 val
+images), on this machine and on one modern GPU with a multi-core host, computed only from
+the benchmarks' JSON results in benchmarks/out/ (no measurement of its own).
+
+`python -m benchmarks projection` rewrites the `projection` section of BENCHMARKS.md;
+`python -m benchmarks` (all benchmarks) and any list of names ending in `projection` do it
+after the runs. A stage whose input JSON is missing says which benchmark to run instead of
+a figure. Schemes and epochs come from params.yaml as it is now.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+NAME = "projection"
+COCO2014 = {"train": 82_783, "val": 40_504}
+GPU_SUSTAINED_TFLOPS = 30.0   # one modern GPU on MobileNetV2 (memory-bound: ~10% of peak)
+HOST_CORES = 16               # CPU cores of the GPU machine's host
+TRAIN_FLOPS_PER_FORWARD = 3   # a train step: forward + backward (about twice the forward)
+STAGES = ("download", "masks", "train", "infer", "evaluate", "analyze", "compare", "report")
+COLUMNS = ("stage", "images x runs", "this machine", "GPU machine", "how", "from")
+
+
+class Missing(Exception):
+    """An input the projection needs is absent: the message names the benchmark to run."""
+
+    def __init__(self, name: str, why: str = ""):
+        super().__init__(name)
+        self.name, self.why = name, why
+
+
+def load_results(out: Path) -> dict[str, dict]:
+    results = {}
+    for path in sorted(out.glob("*.json")):
+        try:
+            results[path.stem] = json.loads(path.read_text())
+        except ValueError:
+            continue
+    return results
+
+
+# ---------------------------------------------------------------- reading the results
+
+def _need(results: dict, name: str) -> dict:
+    if name not in results:
+        raise Missing(name)
+    return results[name]
+
+
+def _row(results: dict, name: str, **match) -> dict:
+    for row in _need(results, name)["table"]:
+        if all(str(row.get(k)) == str(v) for k, v in match.items()):
+            return row
+    raise Missing(name, f"no row {match}")
+
+
+def _rows(results: dict, name: str, **match) -> list[dict]:
+    rows = [row for row in _need(results, name)["table"]
+            if all(str(row.get(k)) == str(v) for k, v in match.items())]
+    if not rows:
+        raise Missing(name, f"no row {match}")
+    return rows
+
+
+def _rate(row: dict, column: str, name: str) -> float:
+    value = row.get(column)
+    if not isinstance(value, (int, float)) or value <= 0:
+        raise Missing(name, f"no {column} figure")
+    return float(value)
+
+
+def _note(results: dict, name: str, pattern: str) -> re.Match:
+    for note in _need(results, name).get("notes", []):
+        found = re.search(pattern, note)
+        if found:
+            return found
+    raise Missing(name, f"no note matching {pattern!r}")
+
+
+def _cores(results: dict, name: str) -> int:
+    return int(_need(results, name)["machine"]["cores_usable"])
+
+
+def forward_flops(results: dict) -> float:
+    """Forward FLOPs per image at the training size, from bench_train's note."""
+    return float(_note(results, "train", r"Forward: ([\d.]+) GFLOP per image").group(1)) * 1e9
+
+
+def pipeline_run(results: dict) -> tuple[dict[str, int], dict[str, float]]:
+    """Images per split of the pipeline run and its seconds per stage (all schemes)."""
+    found = _note(results, "pipeline", r"(\d+) train and (\d+) val images")
+    used = {"train": int(found.group(1)), "val": int(found.group(2))}
+    seconds = {}
+    for row in _need(results, "pipeline")["table"]:
+        stage = re.fullmatch(r"stage (\w+) \(all schemes\)", str(row.get("what", "")))
+        if stage:
+            seconds[stage.group(1)] = float(row["seconds"])
+    return used, seconds
+
+
+def fixed_and_per_image(results: dict, name: str) -> tuple[float, float]:
+    """(fixed s, s per val image) of one stage run from its 1x and 10x rows: the slope
+    between them and what is left at 0 images (never below 0)."""
+    a, b = _row(results, name, size="1x"), _row(results, name, size="10x")
+    n_a, n_b = a["val images"], b["val images"]
+    if n_b <= n_a:
+        raise Missing(name, "its 1x and 10x rows have the same image count")
+    slope = max(0.0, (b["wall s"] - a["wall s"]) / (n_b - n_a))
+    return max(0.0, a["wall s"] - slope * n_a), slope
+
+
+# ---------------------------------------------------------------- the projection
+
+def project(results: dict, params: dict, gpu_tflops: float = GPU_SUSTAINED_TFLOPS,
+            host_cores: int = HOST_CORES) -> list[dict]:
+    """One row per stage: seconds on this machine and on the GPU machine (None when an input
+    is missing, with `missing` naming the benchmark), how, and from which results."""
+    schemes = len(params["schemes"])
+    epochs = int(params["train"]["epochs"])
+    n_train, n_val = COCO2014["train"], COCO2014["val"]
+    n_all = n_train + n_val
+    gpu_flops = gpu_tflops * 1e12
+
+    def download():
+        row = _row(results, "download", mode="subset", client="download stage")
+        rate, cores = _rate(row, "images/s", "download"), _cores(results, "download")
+        return (n_all / rate, n_all / (rate / cores * host_cores),
+                f"download stage's images/s on loopback ({rate:.0f} on {cores} cores), "
+                f"per core x {host_cores}; the network is not counted", ["download"])
+
+    def masks():
+        stage = _rows(results, "masks", method="masks stage (run)", data="10x")
+        best = max(_rate(r, "images/s", "masks") for r in stage)
+        one = [r for r in stage if r["workers"] == 1]
+        if not one:
+            raise Missing("masks", "no 1-worker row")
+        per_core = 1000 / _rate(one[0], "CPU ms/image", "masks")
+        runs = schemes * n_all
+        return (runs / best, runs / (per_core * host_cores),
+                f"stage's best images/s at 10x ({best:.0f}); host: {per_core:.0f} images/s "
+                f"per core (its CPU ms/image) x {host_cores} workers", ["masks"])
+
+    def train():
+        epoch = _rate(_row(results, "train", measurement="train epoch (loader num_workers=0 "
+                                                          "+ step)"), "images/s", "train")
+        loader = _rate(_row(results, "train", measurement="data loader alone, num_workers=0"),
+                       "images/s", "train")
+        flops = TRAIN_FLOPS_PER_FORWARD * forward_flops(results)
+        runs = schemes * epochs * n_train
+        compute, decode = runs * flops / gpu_flops, runs / (loader * host_cores)
+        return (runs / epoch, max(compute, decode),
+                f"CPU epoch rate {epoch:.2f} images/s; GPU: {flops / 1e9:.2f} GFLOP per image "
+                f"({compute / 3600:.2g} h of compute) or JPEG loading at {loader:.0f} "
+                f"images/s per core x {host_cores} ({decode / 3600:.2g} h), whichever is "
+                "longer", ["train"])
+
+    def infer():
+        rate = _rate(_row(results, "infer", measurement="infer stage, end to end (val split)"),
+                     "images/s", "infer")
+        loader = _rate(_row(results, "train", measurement="data loader alone, num_workers=0"),
+                       "images/s", "train")
+        flops = forward_flops(results)
+        runs = schemes * n_val
+        compute, decode = runs * flops / gpu_flops, runs / (loader * host_cores)
+        return (runs / rate, max(compute, decode),
+                f"stage's images/s ({rate:.1f}); GPU: {flops / 1e9:.2f} GFLOP per image or "
+                f"JPEG loading at train's {loader:.0f} images/s per core x {host_cores}, "
+                "whichever is longer", ["infer", "train"])
+
+    def analyze():
+        fixed, per_image = fixed_and_per_image(results, "analyze")
+        loader = _rate(_row(results, "train", measurement="data loader alone, num_workers=0"),
+                       "images/s", "train")
+        flops = forward_flops(results)
+        compute, decode = n_val * flops / gpu_flops, n_val / (loader * host_cores)
+        return (schemes * (fixed + per_image * n_val),
+                schemes * (fixed + max(compute, decode)),
+                f"per scheme {fixed:.0f} s fixed + {1000 * per_image:.0f} ms per val image "
+                "(slope from 1x to 10x); GPU: the fixed part plus the model pass as for "
+                "infer (a lower bound: clustering and scoring stay on the CPU)",
+                ["analyze", "train"])
+
+    def from_pipeline(stage: str, parallel: int, what: str):
+        def projected():
+            used, seconds = pipeline_run(results)
+            if stage not in seconds:
+                raise Missing("pipeline", f"no {stage} row")
+            here = seconds[stage] * n_val / max(used["val"], 1)
+            return (here, here / parallel,
+                    f"pipeline's {seconds[stage]:.1f} s for {used['val']} val images, linear; "
+                    f"{what}", ["pipeline"])
+        return projected
+
+    def report():
+        fixed, per_image = fixed_and_per_image(results, "report")
+        here = fixed + per_image * n_val
+        return (here, here, f"{fixed:.1f} s fixed + {1000 * per_image:.1f} ms per val image "
+                f"(slope from 1x to 10x, all schemes); one process: the host's cores do not "
+                "help", ["report"])
+
+    how = {"download": download, "masks": masks, "train": train, "infer": infer,
+           "evaluate": from_pipeline("evaluate", min(schemes, host_cores),
+                                     f"host: one process per scheme, {min(schemes, host_cores)} "
+                                     "at once"),
+           "analyze": analyze,
+           "compare": from_pipeline("compare", 1, "one process: the host's cores do not help"),
+           "report": report}
+    runs = {"download": (n_all, 1), "masks": (n_all, schemes), "train": (n_train, schemes * epochs),
+            "infer": (n_val, schemes), "evaluate": (n_val, schemes), "analyze": (n_val, schemes),
+            "compare": (n_val, 1), "report": (n_val, 1)}
+    rows = []
+    for stage in STAGES:
+        images, times = runs[stage]
+        try:
+            here, gpu, basis, sources = how[stage]()
+            rows.append({"stage": stage, "images": images, "runs": times, "here_s": here,
+                         "gpu_s": gpu, "how": basis,
+                         "from": [(name, results[name]["machine"]["date"]) for name in sources],
+                         "missing": None})
+        except Missing as missing:
+            rows.append({"stage": stage, "images": images, "runs": times, "here_s": None,
+                         "gpu_s": None, "how": missing.why, "from": [],
+                         "missing": missing.name})
+    return rows
+
+
+# ---------------------------------------------------------------- rendering
+
+def duration(seconds: float) -> str:
+    if seconds >= 36 * 3600:
+        return f"{seconds / 86400:.1f} d"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    if seconds >= 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds:.0f} s"
+
+
+def table_rows(rows: list[dict]) -> list[dict]:
+    shown = []
+    for r in rows:
+        todo = f"run `python -m benchmarks {r['missing']}`" if r["missing"] else None
+        shown.append({
+            "stage": r["stage"],
+            "images x runs": f"{r['images']:,} x {r['runs']}",
+            "this machine": todo or duration(r["here_s"]),
+            "GPU machine": todo or duration(r["gpu_s"]),
+            "how": r["how"] if not todo else (r["how"] or "its result is missing"),
+            "from": ", ".join(f"{name}.json ({date})" for name, date in r["from"]) or "-"})
+    missing = sorted({r["missing"] for r in rows if r["missing"]})
+    total = {"stage": "**total**", "images x runs": "",
+             "this machine": duration(sum(r["here_s"] for r in rows if r["here_s"] is not None)),
+             "GPU machine": duration(sum(r["gpu_s"] for r in rows if r["gpu_s"] is not None)),
+             "how": "stages one after another" + (
+                 f"; incomplete: without {', '.join(missing)}" if missing else ""),
+             "from": ""}
+    return shown + [total]
+
+
+def section_body(rows: list[dict], results: dict, params: dict, date: str,
+                 gpu_tflops: float = GPU_SUSTAINED_TFLOPS, host_cores: int = HOST_CORES) -> str:
+    from benchmarks.harness import markdown_table
+
+    cores = sorted({r["machine"]["cores_usable"] for r in results.values() if "machine" in r})
+    cpus = sorted({r["machine"]["cpu"] for r in results.values() if "machine" in r})
+    lines = [
+        "## projection: full COCO 2014 on this machine and on one GPU", "",
+        f"Computed {date} by `python -m benchmarks projection` from the JSON results in "
+        "benchmarks/out/ (each row names the results and the date they were measured); no "
+        f"measurement of its own. COCO 2014: {COCO2014['train']:,} train + "
+        f"{COCO2014['val']:,} val images; {len(params['schemes'])} schemes and "
+        f"{params['train']['epochs']} epochs as in params.yaml, at "
+        f"{params['train']['image_size']} px.", "",
+        markdown_table(table_rows(rows)), "",
+        f"- This machine: {', '.join(cpus) or 'unknown CPU'}, "
+        f"{'/'.join(map(str, cores)) or '?'} usable cores, rates as measured (one run each on "
+        "a shared machine: see each benchmark's load average).",
+        f"- GPU machine (assumed, not measured): one modern GPU sustaining {gpu_tflops:g} "
+        f"TFLOP/s on this model (~10% of an A100's dense bf16 peak; MobileNetV2 is "
+        f"memory-bound) for the model stages (train, infer, analyze: measured FLOPs per image "
+        f"from bench_train), and a {host_cores}-core host of this machine's per-core speed for "
+        "the CPU work (download, masks, evaluate, compare, report, JPEG loading): per-core "
+        f"rates x {host_cores} where the stage spreads over cores, one core where it is one "
+        "process.",
+        "- Linear in the images: fixed costs are separated only where a benchmark measured "
+        "1x and 10x (analyze, report); superlinear parts (clustering and silhouette on 40k "
+        "points, nearest neighbours in the report) are not extrapolated beyond 10x the sample.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write(out: Path, markdown: Path, params_path: Path = ROOT / "params.yaml") -> str:
+    import datetime
+
+    from benchmarks.harness import write_section
+
+    results = {k: v for k, v in load_results(out).items() if k != NAME}
+    params = yaml.safe_load(params_path.read_text())
+    rows = project(results, params)
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    body = section_body(rows, results, params, date)
+    write_section(out, markdown, NAME, body)
+    return body
