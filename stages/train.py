@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -51,16 +52,27 @@ def needs_grad_scaler(device: torch.device) -> bool:
     return device.type == "cuda" and not torch.cuda.is_bf16_supported()
 
 
+class EpochResult(NamedTuple):
+    loss: float       # mean CE over the epoch's batches (every rank's samples)
+    cm: np.ndarray    # confusion matrix of the training batches' predictions, as trained
+
+
 def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
-                scaler: torch.amp.GradScaler, device: torch.device) -> float:
+                scaler: torch.amp.GradScaler, device: torch.device,
+                num_classes: int | None = None) -> EpochResult:
+    """One pass over the loader. With num_classes, the predictions made for the loss are also
+    counted into a confusion matrix: a running train mIoU (augmented inputs, weights changing
+    within the epoch) at the cost of an argmax per batch, not a second pass."""
     model.train()
     criterion = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
     total, count = 0.0, 0
+    cm = np.zeros((num_classes or 0,) * 2, np.int64)
     for images, masks in loader:
         images = images.to(device, non_blocking=True, memory_format=_memory_format(device))
         masks = masks.to(device, non_blocking=True)
         with autocast_for(device):
-            loss = criterion(model(images), masks)
+            logits = model(images)
+            loss = criterion(logits, masks)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -68,11 +80,19 @@ def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Opt
         if torch.isfinite(loss):
             total += loss.item() * len(images)
             count += len(images)
-    if dist.is_initialized():  # the epoch's loss over every rank's samples
+        if num_classes:
+            cm += confusion_matrix(masks.to(torch.uint8).cpu().numpy(),
+                                   logits.detach().argmax(1).to(torch.uint8).cpu().numpy(),
+                                   num_classes)
+    if dist.is_initialized():  # the epoch's loss and matrix over every rank's samples
         sums = torch.tensor([total, float(count)], dtype=torch.float64)
         dist.all_reduce(sums)
         total, count = sums.tolist()
-    return total / max(count, 1)
+        if num_classes:
+            summed = torch.from_numpy(cm)
+            dist.all_reduce(summed)
+            cm = summed.numpy()
+    return EpochResult(total / max(count, 1), cm)
 
 
 @torch.no_grad()
@@ -273,16 +293,19 @@ def _fit(trained, model, train_loader, val_loader, optimizer, scheduler, scaler,
     for epoch in range(len(history), epochs):
         start = time.perf_counter()
         train_loader.sampler.set_epoch(epoch)
-        train_loss = train_epoch(trained, train_loader, optimizer, scaler, device)
+        train_loss, train_cm = train_epoch(trained, train_loader, optimizer, scaler, device,
+                                           len(class_names))
         val_loss, cm = validate(model, val_loader, device, len(class_names))
         scheduler.step()
         val = scores(cm)
         history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
+                        "train_miou": _finite_or_none(scores(train_cm)["miou"]),
                         "val_miou": _finite_or_none(val["miou"]),
                         "val_iou": {n: _finite_or_none(v) for n, v in zip(class_names, val["iou"])}})
         after_epoch(history)
-        log.info("epoch %d/%d train_loss %.4f val_loss %.4f val_mIoU %.3f (%.1fs)", epoch + 1,
-                 epochs, train_loss, val_loss, val["miou"], time.perf_counter() - start)
+        log.info("epoch %d/%d train_loss %.4f train_mIoU %.3f val_loss %.4f val_mIoU %.3f "
+                 "(%.1fs)", epoch + 1, epochs, train_loss, scores(train_cm)["miou"], val_loss,
+                 val["miou"], time.perf_counter() - start)
     return history
 
 
@@ -292,6 +315,8 @@ def _write_dvclive(live_dir: Path, history: list[dict], class_names: list[str]) 
     with Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None) as live:
         for record in history:
             live.log_metric("train/loss", record["train_loss"])
+            if record.get("train_miou") is not None:
+                live.log_metric("train/miou", record["train_miou"])
             live.log_metric("val/loss", record["val_loss"])
             if record["val_miou"] is not None:
                 live.log_metric("val/miou", record["val_miou"])

@@ -138,6 +138,7 @@ def test_dvclive_log(chain):
     summary = json.loads((live / "metrics.json").read_text())
     assert summary["step"] == 0  # one epoch
     assert math.isfinite(summary["train"]["loss"]) and summary["train"]["loss"] > 0
+    assert 0 <= summary["train"]["miou"] <= 1  # running mIoU of the training batches
     assert set(summary["val"]) >= {"loss", "miou", "iou"}
     assert set(summary["val"]["iou"]) == set(CLASSES)
     loss_tsv = pd.read_csv(live / "plots" / "metrics" / "train" / "loss.tsv", sep="\t")
