@@ -207,7 +207,10 @@ def _hand_made_results() -> dict:
             {"measurement": "train epoch (loader num_workers=0 + step)", "images/s": 2.0}],
             "notes": ["Forward: 1.00 GFLOP per image at 128 px (FlopCounterMode); ..."]},
         "infer": {"machine": _machine("D-infer"), "notes": [], "table": [
-            {"measurement": "infer stage, end to end (val split)", "images/s": 20.0}]},
+            {"measurement": "infer stage, end to end, num_workers=0", "images/s": 10.0},
+            {"measurement": "infer stage, end to end, num_workers=1 (params.yaml)",
+             "images/s": 20.0},
+            {"measurement": "segflow model forward, eager", "images/s": 90.0}]},
         "analyze": {"machine": _machine("D-analyze"), "notes": [], "table": [
             {"val images": 10, "size": "1x", "wall s": 12.0},
             {"val images": 100, "size": "10x", "wall s": 21.0}]},
