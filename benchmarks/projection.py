@@ -149,14 +149,21 @@ def project(results: dict, params: dict, gpu_tflops: float = GPU_SUSTAINED_TFLOP
                                                           "+ step)"), "images/s", "train")
         loader = _rate(_row(results, "train", measurement="data loader alone, num_workers=0"),
                        "images/s", "train")
+        forward = _rate(_row(results, "infer", measurement="segflow model forward, eager"),
+                        "images/s", "infer")
         flops = TRAIN_FLOPS_PER_FORWARD * forward_flops(results)
-        runs = schemes * epochs * n_train
-        compute, decode = runs * flops / gpu_flops, runs / (loader * host_cores)
-        return (runs / epoch, max(compute, decode),
-                f"CPU epoch rate {epoch:.2f} images/s; GPU: {flops / 1e9:.2f} GFLOP per image "
-                f"({compute / 3600:.2g} h of compute) or JPEG loading at {loader:.0f} "
+        runs, val_runs = schemes * epochs * n_train, schemes * epochs * n_val
+        # Every epoch also validates on the whole val split: a forward per val image.
+        here = runs / epoch + val_runs * (1 / loader + 1 / forward)
+        compute = (runs * flops + val_runs * forward_flops(results)) / gpu_flops
+        decode = (runs + val_runs) / (loader * host_cores)
+        return (here, max(compute, decode),
+                f"CPU epoch rate {epoch:.2f} images/s, plus each epoch's validation on the val "
+                f"split (loader {loader:.0f} and forward {forward:.0f} images/s, one after the "
+                f"other); GPU: {flops / 1e9:.2f} GFLOP per train image and a forward per val "
+                f"image ({compute / 3600:.2g} h of compute) or JPEG loading at {loader:.0f} "
                 f"images/s per core x {host_cores} ({decode / 3600:.2g} h), whichever is "
-                "longer", ["train"])
+                "longer", ["train", "infer"])
 
     def infer():
         stage = [r for r in _need(results, "infer")["table"]
