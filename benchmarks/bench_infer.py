@@ -73,12 +73,13 @@ def compiled_rate(batch: int, size: int, repeats: int) -> tuple[float | None, fl
         return None, None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
 
 
-def save_untrained(params: dict, model_dir: Path) -> None:
+def save_model(model: nn.Module, params: dict, model_dir: Path) -> None:
+    """As the train stage saves it, so that the infer stage loads it its own way."""
     from stages.lib.io import atomic_dir
     from stages.lib.model import checkpoint_payload
 
     with atomic_dir(model_dir) as tmp:
-        torch.save(checkpoint_payload(segflow_model(), ["background", "person", "car"],
+        torch.save(checkpoint_payload(model, ["background", "person", "car"],
                                       params["train"]["image_size"], params["model"]), tmp / "model.pt")
 
 
@@ -95,41 +96,49 @@ def stage_rate(params: dict, raw: Path, masks: Path, work: Path, model_dir: Path
     return timing["images"] / seconds, timing
 
 
-def part_costs(params: dict, raw: Path, masks: Path, work: Path) -> dict[str, float]:
-    """Milliseconds per val image of each piece of work the stage adds to the forward,
-    run one after the other in this process: where the overhead comes from."""
+def part_costs(model: nn.Module, params: dict, raw: Path, masks: Path,
+               work: Path) -> dict[str, float]:
+    """Milliseconds per val image of each piece of work the stage adds to the forward, run
+    one after the other in this process, on the trained model's own predictions (how fast
+    a PNG compresses depends on what it shows): where the overhead comes from."""
     from stages import infer
     from stages.lib.data import InferenceDataset, list_samples
+    from stages.lib.io import atomic_dir
     from stages.lib.labels import save_labels
+    from stages.lib.model import IMAGENET_MEAN, IMAGENET_STD
 
     samples = list_samples(raw, masks, "val")
-    dataset = InferenceDataset(samples, params["train"]["image_size"], (0.5,) * 3, (0.25,) * 3)
-    logits = torch.randn(3, params["train"]["image_size"], params["train"]["image_size"])
+    dataset = InferenceDataset(samples, params["train"]["image_size"], IMAGENET_MEAN, IMAGENET_STD)
     names = ["background", "person", "car"]
     spent = dict.fromkeys(["decode + resize (loader)", "resize logits + log-softmax + max",
                            "score (loss, confusion matrix)", "write PNG"], 0.0)
-    work.mkdir(parents=True, exist_ok=True)
-    with torch.inference_mode():
+    model = model.eval()
+    # Inside an atomic_dir, as the stage writes: no fsync per file there.
+    with atomic_dir(work) as folder, torch.inference_mode():
         for i in range(len(dataset)):
             t0 = time.perf_counter()
             item = dataset[i]
             t1 = time.perf_counter()
+            logits = model(item["image"][None])[0]
+            t2 = time.perf_counter()
             log_probs = infer.full_size_log_probs(logits, item["size"])
             best = log_probs.max(0)
             pred = best.indices.to(torch.uint8)
             confidence = float(best.values.exp().mean())
-            t2 = time.perf_counter()
-            infer.sample_scores(log_probs, pred, item["gt"], names, confidence)
             t3 = time.perf_counter()
-            save_labels(work / f"{i}.png", pred.numpy())
+            infer.sample_scores(log_probs, pred, item["gt"], names, confidence)
             t4 = time.perf_counter()
-            for key, dt in zip(spent, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            save_labels(folder / f"{i}.png", pred.numpy(), infer.PNG_LEVEL)
+            t5 = time.perf_counter()
+            for key, dt in zip(spent, (t1 - t0, t3 - t2, t4 - t3, t5 - t4)):
                 spent[key] += dt
     return {key: 1000 * total / len(dataset) for key, total in spent.items()}
 
 
-def trained_miou(make_model, params: dict, raw: Path, masks: Path, epochs: int) -> tuple[float, float]:
-    """Val mIoU (train-size confusion matrix, as the train stage validates) after `epochs`."""
+def trained_miou(make_model, params: dict, raw: Path, masks: Path,
+                 epochs: int) -> tuple[float, float, nn.Module]:
+    """Val mIoU (train-size confusion matrix, as the train stage validates) after `epochs`,
+    the training seconds and the trained model."""
     from stages import train
     from stages.lib.metrics import scores
 
@@ -148,7 +157,7 @@ def trained_miou(make_model, params: dict, raw: Path, masks: Path, epochs: int) 
         scheduler.step()
     seconds = time.perf_counter() - started
     _, cm = train.validate(model, val_loader, cpu, 3)
-    return float(scores(cm)["miou"]), seconds
+    return float(scores(cm)["miou"]), seconds, model
 
 
 def run(scale: float) -> dict:
@@ -160,18 +169,18 @@ def run(scale: float) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_infer.") as tmp:
         tmp = Path(tmp)
         raw, masks, params = prepare_sample(tmp, params, images_per_split(scale))
-        save_untrained(params, tmp / "model")
+        ours_miou, ours_s, trained = trained_miou(segflow_model, params, raw, masks, epochs)
+        save_model(trained, params, tmp / "model")
         eager = forward_rate(segflow_model(), batch, size, repeats)
-        stage0, _ = stage_rate(params, raw, masks, tmp / "pred0", tmp / "model", 0)
-        stage, timing = stage_rate(params, raw, masks, tmp / "pred", tmp / "model", workers)
+        stage0, timing0 = stage_rate(params, raw, masks, tmp / "pred0", tmp / "model", 0)
+        stage, timing = stage_rate(params, raw, masks, tmp / "pred", tmp / "model", 2)
         eager_after = forward_rate(segflow_model(), batch, size, repeats)
-        parts = part_costs(params, raw, masks, tmp / "parts")
+        parts = part_costs(trained, params, raw, masks, tmp / "parts")
         channels_last = forward_rate(segflow_model(), batch, size, repeats, torch.channels_last)
         compiled, compile_s, why = compiled_rate(batch, size, repeats) if scale >= SMOKE else \
             (None, None, f"skipped below scale {SMOKE} (a smoke run; compiling takes a minute)")
         peer = forward_rate(lraspp_model(), batch, size, repeats)
-        ours_miou, ours_s = trained_miou(segflow_model, params, raw, masks, epochs)
-        peer_miou, peer_s = trained_miou(lraspp_model, params, raw, masks, epochs)
+        peer_miou, peer_s, _ = trained_miou(lraspp_model, params, raw, masks, epochs)
         n_train = len(list((raw / "images" / "train").iterdir()))
     # The forward is timed right before and right after the stages: their mean is the
     # reference, so a load change on a shared machine shows as the spread between the two.
@@ -182,11 +191,16 @@ def run(scale: float) -> dict:
         f"val mIoU after {epochs} epoch(s)": round(miou, 3) if miou is not None else "",
         "training s": round(train_s, 1) if train_s is not None else "", "goal": goal}
     overhead, overhead0 = eager_ref / stage - 1, eager_ref / stage0 - 1
+    steady, steady0 = timing["throughput_img_s"], timing0["throughput_img_s"]
     verdict = lambda o: f"overhead {o:+.0%}: goal <= +15% " + ("met" if o <= 0.15 else "missed")  # noqa: E731
+    chosen = " (params.yaml)"
     rows = [
-        row(f"infer stage, end to end, num_workers={workers} (params.yaml)", stage,
-            goal=verdict(overhead)),
-        row("infer stage, end to end, num_workers=0", stage0, goal=verdict(overhead0)),
+        row(f"infer stage, end to end, num_workers=0{chosen if workers == 0 else ''}", stage0,
+            goal=verdict(overhead0)),
+        row(f"infer stage, end to end, num_workers=2 + 2 writer threads"
+            f"{chosen if workers == 2 else ''}", stage, goal=verdict(overhead)),
+        row("infer stage, timed pass only (no model load, warm-up), num_workers=0", steady0,
+            goal=verdict(eager_ref / steady0 - 1)),
         row("segflow model forward, eager", eager_ref, ours_miou, ours_s),
         row("segflow model forward, channels_last", channels_last),
         row("segflow model forward, torch.compile", compiled),
@@ -194,25 +208,34 @@ def run(scale: float) -> dict:
     ]
     forward_ms = 1000 / eager_ref
     extra_ms = sum(parts.values())
+    host_ms = extra_ms - parts["resize logits + log-softmax + max"]
     notes = [
         f"Batch {batch} (infer.batch_size) at {size}x{size} px, {torch.get_num_threads()} torch "
         f"threads, {timing['images']} val images; forwards timed over {repeats} batches after "
         f"warm-up, on random inputs of the same shape, before and after the stage runs "
         f"({eager:.1f} and {eager_after:.1f} images/s; the table shows their mean).",
-        f"Infer stage overhead over the raw forward: {overhead:+.0%} with {workers} loader "
-        f"worker(s) and a writer thread, {overhead0:+.0%} with the loader in the main process "
-        "(goal <= +15%). The stage's end-to-end time includes loading the model, one warm-up "
-        "forward and starting the loader workers.",
+        f"Infer stage overhead over the raw forward: {overhead0:+.0%} with the loader in the "
+        f"main process, {overhead:+.0%} with 2 loader workers (goal <= +15%); writer threads "
+        f"(one per loader worker, at least one) score and write. params.yaml has infer.num_workers: {workers}. The "
+        "end-to-end time includes loading the model, one warm-up forward and starting the "
+        "loader workers; the 'timed pass only' row is the stage's own throughput_img_s "
+        f"(timing.json) over the same run, {timing0['images']} images. The stage runs the "
+        f"model trained for the mIoU column (the PNGs' content sets their write time).",
         "Where the overhead comes from, in ms per val image, each part alone in one process: "
         + ", ".join(f"{k} {v:.1f}" for k, v in parts.items())
         + f"; {extra_ms:.1f} ms in all against {forward_ms:.1f} ms of forward per image. "
         "Every part but the forward works at the image's own size (about 640x480), the forward "
-        f"at {size}x{size}, so on a CPU the parts cost about "
-        f"{extra_ms / forward_ms:.0%} of the forward, and with both cores already busy in "
-        "the forward's own threads, overlapping them (loader workers, the writer thread) can "
-        "hide only part of it. On a GPU the forward and the full-size resize/log-softmax/max run "
-        "on the device while decoding and writing overlap on host cores, which is where the "
-        "15% goal is reachable.",
+        f"at {size}x{size}, so on this CPU they cost about {extra_ms / forward_ms:.0%} of the "
+        "forward, and with both cores already busy in the forward's own threads, overlapping "
+        "them (loader workers, writer threads) cannot hide them: the goal is out of reach here "
+        "without dropping work the issue asks for (full-size maps, per-sample scores, PNGs).",
+        f"On a GPU the forward and the full-size resize/log-softmax/max move to the device, "
+        f"leaving {host_ms:.1f} ms of host work per image (decode, score, PNG) spread over "
+        "infer.num_workers loader processes and as many writer threads. The stage then keeps "
+        f"pace with a forward of R images/s only with about R x {host_ms / 1000:.4f} host cores "
+        f"(50 cores at R = {50 / (host_ms / 1000):,.0f}): the 15% goal holds where the forward "
+        "is the slow part (larger models or inputs, or a host with the cores), not for this "
+        "small model at 128 px.",
         (f"torch.compile took {compile_s:.0f} s to compile on first call." if compile_s is not None
          else f"torch.compile could not run here: {why}"),
         f"Peer trained from scratch like segflow's model (no pretrained weights offline): "
@@ -222,4 +245,4 @@ def run(scale: float) -> dict:
         "not architectures at their best.",
     ]
     return {"title": "infer: stage vs raw forward, compile modes, LRASPP peer", "table": rows,
-            "notes": notes}
+            "notes": notes, "parts_ms_per_image": parts, "host_ms_per_image": host_ms}

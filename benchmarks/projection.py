@@ -173,15 +173,19 @@ def project(results: dict, params: dict, gpu_tflops: float = GPU_SUSTAINED_TFLOP
         # the stage as params.yaml runs it, when bench_infer times several settings
         chosen = next((r for r in stage if "(params.yaml)" in r["measurement"]), stage[0])
         rate = _rate(chosen, "images/s", "infer")
-        loader = _rate(_row(results, "train", measurement="data loader alone, num_workers=0"),
-                       "images/s", "train")
+        # Host work per image besides the forward (decode, score, PNG) where bench_infer
+        # measured it; else JPEG loading alone, at train's loader rate.
+        host_ms = _need(results, "infer").get("host_ms_per_image")
+        if host_ms is None:
+            host_ms = 1000 / _rate(_row(results, "train", measurement="data loader alone, "
+                                        "num_workers=0"), "images/s", "train")
         flops = forward_flops(results)
         runs = schemes * n_val
-        compute, decode = runs * flops / gpu_flops, runs / (loader * host_cores)
-        return (runs / rate, max(compute, decode),
+        compute, host = runs * flops / gpu_flops, runs * host_ms / 1000 / host_cores
+        return (runs / rate, max(compute, host),
                 f"stage's images/s ({rate:.1f}); GPU: {flops / 1e9:.2f} GFLOP per image or "
-                f"JPEG loading at train's {loader:.0f} images/s per core x {host_cores}, "
-                "whichever is longer", ["infer", "train"])
+                f"{host_ms:.1f} ms of host work per image (decode, score, PNG) over "
+                f"{host_cores} cores, whichever is longer", ["infer", "train"])
 
     def analyze():
         fixed, per_image = fixed_and_per_image(results, "analyze")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import threading
 import time
 import weakref
 
@@ -190,6 +191,18 @@ def test_overlapped_keeps_order_and_bounds_work_in_flight():
         consumed.append(result)
     assert consumed == [10 * i for i in range(12)]
     assert max(gaps) == infer.IN_FLIGHT  # never more than IN_FLIGHT maps waiting
+
+
+def test_overlapped_with_several_writer_threads_keeps_order():
+    seen_threads = set()
+
+    def work(item):
+        seen_threads.add(threading.get_ident())
+        time.sleep(0.02 * (item % 4 == 0))  # slow items finish after later fast ones
+        return item
+
+    assert list(infer.overlapped(work, iter(range(40)), threads=3, in_flight=9)) == list(range(40))
+    assert len(seen_threads) > 1
 
 
 def test_overlapped_raises_the_work_error():

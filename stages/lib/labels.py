@@ -37,9 +37,11 @@ def label_image(labels: np.ndarray) -> Image.Image:
     return image
 
 
-def save_labels(path: str | Path, labels: np.ndarray) -> None:
+def save_labels(path: str | Path, labels: np.ndarray, compress_level: int = 6) -> None:
+    """compress_level is zlib's (Pillow's default 6). A noisy map, such as an undertrained
+    model's prediction, takes ~9x longer to write at 6 than at 1 (30 vs 3.4 ms at 640x480)."""
     with atomic_path(path) as tmp:
-        label_image(labels).save(tmp, format="PNG", optimize=False)
+        label_image(labels).save(tmp, format="PNG", optimize=False, compress_level=compress_level)
 
 
 def read_labels(path: str | Path) -> np.ndarray:
