@@ -383,3 +383,18 @@ def test_benchmark_runs_at_a_tiny_scale():
     assert [row["size"] for row in result["table"]] == ["1x", "10x"]
     for row in result["table"]:
         assert row["wall s"] > 0 and row["peak RSS MiB"] >= row["of which imports MiB"] > 0
+
+
+def test_heat_overlay_lightness_rises_with_heat():
+    """Heat-maps must read without hue (grey print, colour-vision deficiencies): with the
+    overlay alone (alpha 1), luminance increases strictly from low to high heat, and alpha
+    blends over the image."""
+    from stages.lib.plots import heat_overlay
+
+    heat = np.linspace(0, 1, 64)[None, :]
+    rgb = np.zeros((1, 64, 3), np.uint8)
+    coloured = heat_overlay(rgb, heat, alpha=1.0).astype(float)[0]
+    luminance = coloured @ np.array([0.2126, 0.7152, 0.0722])
+    assert np.all(np.diff(luminance) > 0)
+    half = heat_overlay(np.full((1, 64, 3), 200, np.uint8), heat, alpha=0.5).astype(float)[0]
+    assert np.allclose(half, (200 + coloured) / 2, atol=1)

@@ -71,9 +71,11 @@ def fit_width(image: Image.Image, width: int, nearest: bool = False) -> Image.Im
 
 
 def heat_overlay(rgb: np.ndarray, heat: np.ndarray, alpha: float = 0.5,
-                 cmap: str = "turbo") -> np.ndarray:
-    """uint8 RGB: `heat` (H, W, values in [0, 1]) coloured (blue low, red high) and blended
-    over `rgb` (H, W, 3) with weight `alpha`, as Grad-CAM figures usually are."""
+                 cmap: str = "viridis") -> np.ndarray:
+    """uint8 RGB: `heat` (H, W, values in [0, 1]) coloured (dark violet low, yellow high) and
+    blended over `rgb` (H, W, 3) with weight `alpha`, as Grad-CAM figures usually are.
+    viridis rather than the usual jet/turbo: its lightness rises monotonically, so high and
+    low stay apart in grey print and under the common colour-vision deficiencies."""
     heat = np.clip(np.nan_to_num(heat), 0, 1)
     colour = colormaps[cmap](heat)[..., :3] * 255
     return (rgb * (1 - alpha) + colour * alpha).round().clip(0, 255).astype(np.uint8)
