@@ -323,7 +323,8 @@ def table_row(result: dict, factor: int) -> dict:
     worker = result["worker_mib"]
     return {"method": METHODS[result["method"]], "workers": result["workers"],
             "data": f"{factor}x", "images": result["images"],
-            "seconds": round(result["seconds"], 2),
+            # 3 significant digits: a smoke run's rows take milliseconds, never "0.00"
+            "seconds": float(f"{result['seconds']:.3g}"),
             "images/s": round(result["images"] / result["seconds"], 1),
             "CPU ms/image": round(1000 * result["cpu"] / result["images"], 1),
             "peak RSS main (MiB)": round(result["main_mib"], 1),
