@@ -6,8 +6,8 @@ model with seeded random weights (its speed is a trained model's; its answers do
 matter here) and its infer outputs. The 10x set repeats every val image, mask, metadata
 row and infer row under new ids, with a little seeded noise on the latent vectors so the
 clustering sees 10x distinct points. Each measurement runs `analyze.run` in a fresh
-process (`python -m benchmarks.bench_analyze child ...`), so its peak RSS (getrusage) is
-that run's alone.
+process (`python -m benchmarks.bench_analyze child ...`), so its peak RSS (the kernel's
+VmHWM, which exec resets, unlike getrusage's ru_maxrss) is that run's alone.
 """
 from __future__ import annotations
 

@@ -8,8 +8,8 @@ masks and metadata under new ids (benchmarks/common.py, as bench_analyze does), 
 runs evaluate, analyze and compare on it, so the report reads what those stages write for
 10x the images. Building happens in child processes (train's process-wide torch settings
 stay out of the harness); each report runs in a fresh process
-(`python -m benchmarks.bench_report child report ...`), so its peak RSS (getrusage, the
-kernel's VmHWM) is that run's alone.
+(`python -m benchmarks.bench_report child report ...`), so its peak RSS (the kernel's
+VmHWM, which exec resets, unlike getrusage's ru_maxrss) is that run's alone.
 """
 from __future__ import annotations
 

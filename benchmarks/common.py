@@ -157,10 +157,15 @@ def resident_mib() -> float:
 
 
 def peak_mib() -> float:
-    """This process's peak resident memory (getrusage's ru_maxrss, the kernel's VmHWM), MiB."""
-    import resource
+    """This process's peak resident memory (the kernel's VmHWM), MiB. Not getrusage's
+    ru_maxrss: Linux carries that over fork and exec, so a child started by a harness that
+    holds 1 GB would report at least 1 GB whatever it does itself."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource  # not Linux: the best there is
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_child(module: str, args: list[str]) -> dict:

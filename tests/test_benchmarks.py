@@ -304,3 +304,18 @@ def test_projection_durations():
 
     assert [duration(s) for s in (42, 600, 2 * 3600, 3 * 86400)] == [
         "42 s", "10 min", "2.0 h", "3.0 d"]
+
+
+def test_peak_memory_of_a_child_is_its_own_not_its_parents():
+    """Linux carries ru_maxrss over fork and exec: a child started while this process holds
+    300 MB would report at least that. peak_mib reads the child's own high-water mark."""
+    import subprocess
+    import sys
+
+    held = bytearray(300 * 2**20)
+    held[::4096] = b"x" * len(held[::4096])  # touch every page: resident, not just mapped
+    code = "from benchmarks.common import peak_mib; print(peak_mib())"
+    own = float(subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                               text=True, check=True).stdout)
+    assert 0 < own < 150            # ru_maxrss here would say more than 300
+    del held
