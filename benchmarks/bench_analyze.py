@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.common import (memory_goal_cells, memory_goal_column, memory_goal_note, peak_mib,
+from benchmarks.common import (add_memory_goal, child_row, memory_goal_note, peak_mib,
                                replicate_masks, replicate_predictions, replicate_raw, resident_mib,
                                run_child)
 
@@ -107,16 +107,8 @@ def run(scale: float) -> dict:
         for factor in FACTORS:
             data = base if factor == 1 else replicate(base, tmp / f"x{factor}", factor)
             result = measure(params, data, tmp / f"out{factor}")
-            rows.append({"val images": result["images"], "size": f"{factor}x",
-                         "wall s": round(result["wall_s"], 1),
-                         "CPU s": round(result["cpu_s"], 1),
-                         "ms / image (wall)": round(1000 * result["wall_s"] / result["images"], 1),
-                         "peak RSS MiB": round(result["peak_mib"]),
-                         "of which imports MiB": round(result["baseline_mib"]),
-                         "clusters": result["k"]})
-    goals = memory_goal_cells([r["peak RSS MiB"] for r in rows], list(FACTORS))
-    for row, goal in zip(rows, goals):
-        row[memory_goal_column()] = goal
+            rows.append({**child_row(result, factor, 1), "clusters": result["k"]})
+    add_memory_goal(rows, list(FACTORS))
     a, b = rows[0], rows[-1]
     notes = [
         memory_goal_note(a["peak RSS MiB"], b["peak RSS MiB"]),

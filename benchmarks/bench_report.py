@@ -22,9 +22,9 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.common import (default_params, memory_goal_cells, memory_goal_column,
-                               memory_goal_note, peak_mib, replicate_masks,
-                               replicate_predictions, replicate_raw, resident_mib, run_child)
+from benchmarks.common import (add_memory_goal, child_row, default_params, memory_goal_note,
+                               peak_mib, replicate_masks, replicate_predictions, replicate_raw,
+                               resident_mib, run_child)
 
 FACTORS = (1, 10)
 SAMPLE_VAL = 80
@@ -131,16 +131,8 @@ def run(scale: float) -> dict:
                                       ["build", params_file, root, base, factor])
             result = run_child("benchmarks.bench_report",
                                ["report", params_file, root, tmp / f"report{factor}.html"])
-            rows.append({"val images": result["images"], "size": f"{factor}x",
-                         "wall s": round(result["wall_s"], 2),
-                         "CPU s": round(result["cpu_s"], 2),
-                         "ms / image (wall)": round(1000 * result["wall_s"] / result["images"], 1),
-                         "peak RSS MiB": round(result["peak_mib"]),
-                         "of which imports MiB": round(result["baseline_mib"]),
-                         "page MB": round(result["page_mb"], 2)})
-    goals = memory_goal_cells([r["peak RSS MiB"] for r in rows], list(FACTORS))
-    for row, goal in zip(rows, goals):
-        row[memory_goal_column()] = goal
+            rows.append({**child_row(result, factor, 2), "page MB": round(result["page_mb"], 2)})
+    add_memory_goal(rows, list(FACTORS))
     return {"title": "report: time, peak memory and page size at 1x and 10x the sample",
             "table": rows, "notes": notes(params, rows, built)}
 

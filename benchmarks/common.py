@@ -191,6 +191,22 @@ def memory_goal_column() -> str:
     return f"peak RSS vs 1x (goal <= {MEMORY_GOAL:g}x at 10x)"
 
 
+def child_row(result: dict, factor: int, digits: int) -> dict:
+    """The columns bench_analyze and bench_report share, from a measuring child's result."""
+    return {"val images": result["images"], "size": f"{factor}x",
+            "wall s": round(result["wall_s"], digits), "CPU s": round(result["cpu_s"], digits),
+            "ms / image (wall)": round(1000 * result["wall_s"] / result["images"], 1),
+            "peak RSS MiB": round(result["peak_mib"]),
+            "of which imports MiB": round(result["baseline_mib"])}
+
+
+def add_memory_goal(rows: list[dict], factors: list[int]) -> None:
+    """The memory-goal column, last, on rows measured at `factors` (1x first)."""
+    goals = memory_goal_cells([r["peak RSS MiB"] for r in rows], factors)
+    for row, goal in zip(rows, goals):
+        row[memory_goal_column()] = goal
+
+
 def memory_goal_cells(peaks: list[float], factors: list[int]) -> list[str]:
     """Each row's peak RSS over the 1x row's, with met/missed on the 10x row."""
     cells = []
