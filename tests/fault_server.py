@@ -7,7 +7,9 @@ Length, single byte ranges) and injects faults on command, one per request, per 
   500, 503      an error status with Retry-After: 0 ("503:2" waits 2 s; "503:date" sends
                 an HTTP-date one second ahead)
   429           too many requests, no Retry-After (the client must back off on its own)
-  ignore_range  a full 200 response even when the request asked for a Range
+  ignore_range  a full 200 response even when the request asked for a Range (on a request
+                without one it is moot: served as a plain 200 and counted as served, so
+                a client that had no bytes to resume from does not leave it queued)
   corrupt       a 200 response of the right length whose bytes are garbage
   404           not found
 
@@ -55,7 +57,7 @@ class FaultServer:
         class Handler(_Handler):
             server_owner = owner
 
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _Server(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return f"http://127.0.0.1:{self._server.server_address[1]}"
@@ -92,19 +94,22 @@ class FaultServer:
         with self._lock:
             return [r for r in self.requests if r.path == path]
 
-    def _next_fault(self, path: str, has_range: bool) -> str | None:
+    def _next_fault(self, path: str) -> str | None:
         with self._lock:
             queue = self._faults.get(path)
             if not queue:
-                return None
-            # ignore_range only means something for a ranged request: keep it queued
-            if queue[0] == "ignore_range" and not has_range:
                 return None
             return queue.popleft()
 
     def _log(self, request: Request) -> None:
         with self._lock:
             self.requests.append(request)
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    # socketserver's default backlog of 5 drops the SYNs of a client opening 8 connections
+    # at once on a busy machine; the client's retransmit comes after its own timeout
+    request_queue_size = 128
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -118,7 +123,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         owner = self.server_owner
         path = unquote(urlsplit(self.path).path)
         range_header = self.headers.get("Range")
-        fault = owner._next_fault(path, range_header is not None)
+        fault = owner._next_fault(path)
         file = (owner.root / path.lstrip("/")).resolve()
         if fault == "404" or not file.is_file() or owner.root.resolve() not in file.parents:
             return self._status(404, path, range_header, fault)
