@@ -123,4 +123,4 @@ def run(scale: float) -> dict:
         "machine the wall time also waits for other jobs, the CPU time hardly.",
     ]
     return {"title": "pipeline: stages, no-op engines, full-COCO projection", "table": rows,
-            "notes": notes}
+            "notes": notes, "images": used}

@@ -121,7 +121,8 @@ def run(scale: float) -> dict:
          "images/s": together, "ratio to train step (eager)": round(together / eager, 2)},
     ]
     return {"title": "train: loader vs step, eager vs channels_last (CPU)", "table": rows,
-            "notes": notes(cfg, n_train, epochs, repeats, fwd, eager, load)}
+            "notes": notes(cfg, n_train, epochs, repeats, fwd, eager, load),
+            "forward_gflop_per_image": fwd / 1e9, "image_size": cfg["image_size"]}
 
 
 def notes(cfg: dict, n_train: int, epochs: int, repeats: int, fwd: float, eager: float,

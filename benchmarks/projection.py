@@ -73,12 +73,11 @@ def _rate(row: dict, column: str, name: str) -> float:
     return float(value)
 
 
-def _note(results: dict, name: str, pattern: str) -> re.Match:
-    for note in _need(results, name).get("notes", []):
-        found = re.search(pattern, note)
-        if found:
-            return found
-    raise Missing(name, f"no note matching {pattern!r}")
+def _field(results: dict, name: str, key: str):
+    value = _need(results, name).get(key)
+    if value is None:
+        raise Missing(name, f"no {key!r} in its result (from before the field existed)")
+    return value
 
 
 def _cores(results: dict, name: str) -> int:
@@ -86,14 +85,13 @@ def _cores(results: dict, name: str) -> int:
 
 
 def forward_flops(results: dict) -> float:
-    """Forward FLOPs per image at the training size, from bench_train's note."""
-    return float(_note(results, "train", r"Forward: ([\d.]+) GFLOP per image").group(1)) * 1e9
+    """Forward FLOPs per image at the training size, as bench_train counted them."""
+    return float(_field(results, "train", "forward_gflop_per_image")) * 1e9
 
 
 def pipeline_run(results: dict) -> tuple[dict[str, int], dict[str, float]]:
     """Images per split of the pipeline run and its seconds per stage (all schemes)."""
-    found = _note(results, "pipeline", r"(\d+) train and (\d+) val images")
-    used = {"train": int(found.group(1)), "val": int(found.group(2))}
+    used = {split: int(n) for split, n in _field(results, "pipeline", "images").items()}
     seconds = {}
     for row in _need(results, "pipeline")["table"]:
         stage = re.fullmatch(r"stage (\w+) \(all schemes\)", str(row.get("what", "")))

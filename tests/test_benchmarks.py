@@ -117,6 +117,8 @@ def test_train_benchmark_smoke(tmp_path, one_torch_thread):
                              "train epoch (loader num_workers=0 + step)"]
     assert all(r["images/s"] > 0 for r in result["table"])
     assert any("GFLOP per image at 128 px" in n for n in result["notes"])
+    # the projection reads the count from this field (MobileNetV2 + pix2pix decoder, 128 px)
+    assert result["forward_gflop_per_image"] == pytest.approx(1.17, abs=0.01)
 
 
 def test_infer_benchmark_smoke(tmp_path, one_torch_thread):
@@ -206,7 +208,7 @@ def _hand_made_results() -> dict:
         "train": {"machine": _machine("D-train"), "table": [
             {"measurement": "data loader alone, num_workers=0", "images/s": 50.0},
             {"measurement": "train epoch (loader num_workers=0 + step)", "images/s": 2.0}],
-            "notes": ["Forward: 1.00 GFLOP per image at 128 px (FlopCounterMode); ..."]},
+            "notes": [], "forward_gflop_per_image": 1.0},
         "infer": {"machine": _machine("D-infer"), "notes": [], "table": [
             {"measurement": "infer stage, end to end, num_workers=0", "images/s": 10.0},
             {"measurement": "infer stage, end to end, num_workers=1 (params.yaml)",
@@ -223,7 +225,7 @@ def _hand_made_results() -> dict:
             {"what": "stage evaluate (all schemes)", "seconds": 8.0},
             {"what": "stage compare (all schemes)", "seconds": 4.0},
             {"what": "whole run, snakemake --cores all", "seconds": 300.0}],
-            "notes": ["80 train and 80 val images, 128 px, 15 epoch(s), 2 schemes; ..."]},
+            "notes": [], "images": {"train": 80, "val": 80}},
     }
 
 
@@ -278,6 +280,12 @@ def test_projection_names_the_benchmark_to_run_instead_of_a_figure(tmp_path):
     shown = {r["stage"]: r for r in projection.table_rows(list(rows.values()))}
     assert shown["report"]["this machine"] == "run `python -m benchmarks report`"
     assert "incomplete: without report, train" in shown["**total**"]["how"]
+
+    # a result written before a field the projection reads existed
+    older = _hand_made_results()
+    del older["pipeline"]["images"]
+    rows = {r["stage"]: r for r in projection.project(older, PROJECTION_PARAMS)}
+    assert rows["evaluate"]["missing"] == "pipeline" and rows["masks"]["missing"] is None
 
     # through the harness: its own section, from the JSON files in --out
     out = tmp_path / "out"
