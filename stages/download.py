@@ -24,18 +24,27 @@ import threading
 import urllib.parse
 import zipfile
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO, Callable, Iterable, Iterator
 
 from PIL import Image
 from tqdm import tqdm
 
 from stages.lib.cli import StageError, run_main, stage_parser
-from stages.lib.coco import SPLITS, AnnotationError, check_instances, resolve_scheme
+from stages.lib.coco import (NOT_AN_OBJECT, SPLITS, AnnotationError, ArrayUntilEnd, StreamError,
+                             array_items, check_instances, is_object, missing_lists,
+                             resolve_scheme, top_level_value)
 from stages.lib.fetch import CorruptFile, FetchError, Fetcher, file_digest, verify_checksum
 from stages.lib.io import atomic_path, publish_dir, write_json
 from stages.lib.params import load_params
 
 log = logging.getLogger("download")
+IMAGE_KEYS = frozenset({"id", "file_name"})
+ANNOTATION_KEYS = frozenset({"id", "image_id", "category_id"})
+SMALL_KEYS = ("info", "licenses", "categories")   # what the subsets keep besides their lists
+_ABSENT = object()
 
 
 # ---------------------------------------------------------------- pure core
@@ -69,20 +78,49 @@ def _split_counts(available_pos: int, available_neg: int, total: int | None,
     return min(available_pos, total - round(total * share)), n_neg
 
 
-def images_showing(annotations: list[dict], category_ids: set[int]) -> set[int]:
-    return {a["image_id"] for a in annotations if a["category_id"] in category_ids}
+def categories_by_image(annotations: Iterable[object], source: str) -> dict[object, set]:
+    """The category ids each image shows, checking every annotation has what the subset
+    needs (image_id, category_id, id for merge order)."""
+    shown: dict[object, set] = {}
+    for index, ann in enumerate(annotations):
+        if not isinstance(ann, dict) or not ANNOTATION_KEYS <= ann.keys():
+            raise StageError(f"{source}: annotations[{index}] is not an object with "
+                             f"{', '.join(sorted(ANNOTATION_KEYS))}")
+        shown.setdefault(ann["image_id"], set()).add(ann["category_id"])
+    return shown
+
+
+def check_images(images: list[object], source: str) -> None:
+    for index, image in enumerate(images):
+        if not isinstance(image, dict) or not IMAGE_KEYS <= image.keys():
+            raise StageError(f"{source}: images[{index}] is not an object with "
+                             f"{', '.join(sorted(IMAGE_KEYS))}")
+
+
+def images_showing(shown: dict[object, set], category_ids: set[int]) -> set:
+    return {image_id for image_id, cats in shown.items() if cats & category_ids}
+
+
+def subset_json(small: dict, images: list[dict], annotations: Iterable[dict]) -> Iterator[str]:
+    """The text of the annotation file restricted to `images` (the small keys kept), in
+    merge order: the small keys (categories among them) first, then images by id, then
+    annotations by image id and id, so masks can join them in one streamed pass. The
+    chosen annotations wait for the sort as JSON text, about a fifth of their size as
+    Python objects (the whole of COCO 2014 train is 0.4 GB of text)."""
+    ids = {im["id"] for im in images}
+    chosen = sorted(((a["image_id"], a["id"], json.dumps(a)) for a in annotations
+                     if a["image_id"] in ids), key=lambda t: (t[0], t[1]))
+    head = json.dumps({**small, "images": sorted(images, key=lambda im: im["id"])})
+    yield head[:-1] + ', "annotations": ['
+    for index, (_, _, text) in enumerate(chosen):
+        yield ", " + text if index else text
+    yield "]}"
 
 
 def subset_instances(data: dict, images: list[dict]) -> dict:
-    """The annotation file restricted to `images` (all categories kept), in merge order:
-    the small keys (categories among them) first, then images by id, then annotations by
-    image id and id, so masks can join them in one streamed pass."""
-    ids = {im["id"] for im in images}
-    subset = {k: v for k, v in data.items() if k not in ("images", "annotations")}
-    subset["images"] = sorted(images, key=lambda im: im["id"])
-    subset["annotations"] = sorted((a for a in data["annotations"] if a["image_id"] in ids),
-                                   key=lambda a: (a["image_id"], a["id"]))
-    return subset
+    """subset_json of an annotation file held in memory, as a dict (tests, benchmarks)."""
+    small = {k: v for k, v in data.items() if k not in ("images", "annotations")}
+    return json.loads("".join(subset_json(small, images, data["annotations"])))
 
 
 def image_relpath(split: str, year: int, file_name: str) -> str:
@@ -181,7 +219,19 @@ def _prepare_staging(staging: Path, data: dict) -> None:
     write_json(marker, source)
 
 
-def _load_annotations(fetcher: Fetcher, year: int, staging: Path) -> dict[str, dict]:
+@dataclass
+class SplitIndex:
+    """What selection needs of one split's annotation file: its small top-level values,
+    every image, the category ids each image shows, and how to read its annotations again
+    (to write the subset) without holding them."""
+
+    small: dict
+    images: list[dict]
+    shown: dict[object, set]
+    annotations: Callable[[], Iterator[dict]]
+
+
+def _load_annotations(fetcher: Fetcher, year: int, staging: Path) -> dict[str, SplitIndex]:
     relpath = annotations_relpath(year)
     archive = fetcher.local_path(relpath)
     if archive is None:
@@ -189,15 +239,87 @@ def _load_annotations(fetcher: Fetcher, year: int, staging: Path) -> dict[str, d
         _fetch_or_fail(fetcher, relpath, archive, _check_zip)
     else:
         _verify_local(fetcher, relpath, archive)
-    instances = {}
+    return {split: _index_member(_Member(archive, f"annotations/instances_{split}{year}.json",
+                                         fetcher.url(relpath)))
+            for split in SPLITS}
+
+
+class _Member:
+    """One JSON file inside the annotation archive, opened afresh for each streamed pass."""
+
+    def __init__(self, archive: Path, name: str, origin: str):
+        self.archive, self.name, self.origin = archive, name, origin
+        self.source = f"{origin}:{name}"
+
+    @contextmanager
+    def open(self) -> Iterator[BinaryIO]:
+        try:
+            with zipfile.ZipFile(self.archive) as zf:
+                try:
+                    info = zf.getinfo(self.name)
+                except KeyError:
+                    raise StageError(f"{self.origin}: no member {self.name}") from None
+                with zf.open(info) as handle:
+                    yield handle
+        except zipfile.BadZipFile as exc:
+            raise StageError(f"{self.origin}: not a zip file: {exc}") from None
+
+    def annotations(self) -> Iterator[dict]:
+        with self.open() as handle:
+            try:
+                yield from array_items(handle, "annotations")
+            except StreamError as exc:   # it was read once already: changed since?
+                raise StageError(f"{self.source}: cannot read the annotations: {exc}") from None
+
+
+def _index_member(member: _Member) -> SplitIndex:
+    """Streamed passes over the file (a few hundred MB at full COCO, several GB as Python
+    objects), the annotations never held; JSON only the json module reads (NaN, integers
+    beyond 64 bits) is read whole instead, with a log line."""
     try:
-        with zipfile.ZipFile(archive) as zf:
-            for split in SPLITS:
-                instances[split] = _read_member_json(zf, f"annotations/instances_{split}{year}.json",
-                                                     fetcher.url(relpath))
-    except zipfile.BadZipFile as exc:
-        raise StageError(f"{fetcher.url(relpath)}: not a zip file: {exc}") from None
-    return instances
+        return _streamed_index(member)
+    except StreamError as exc:
+        log.info("%s: not JSON the streaming parser accepts (%s); reading it whole",
+                 member.source, exc)
+    except AnnotationError as exc:
+        raise StageError(f"not COCO instances JSON: {exc}") from None
+    with member.open() as handle:
+        try:
+            data = check_instances(json.load(handle), member.source)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise StageError(f"{member.source}: not valid JSON: {exc}") from None
+        except AnnotationError as exc:
+            raise StageError(f"not COCO instances JSON: {exc}") from None
+    check_images(data["images"], member.source)
+    small = {k: v for k, v in data.items() if k not in ("images", "annotations")}
+    return SplitIndex(small, data["images"], categories_by_image(data["annotations"],
+                                                                 member.source),
+                      lambda: iter(data["annotations"]))
+
+
+def _streamed_index(member: _Member) -> SplitIndex:
+    with member.open() as handle:
+        if not is_object(handle):
+            raise AnnotationError(f"{member.source}: {NOT_AN_OBJECT}")
+    small = {}
+    for key in SMALL_KEYS:
+        with member.open() as handle:
+            value = top_level_value(handle, key, missing=_ABSENT)
+        if value is not _ABSENT:
+            small[key] = value
+    with member.open() as handle:
+        listed = ArrayUntilEnd(handle, "images")
+        images = list(listed)
+    shown = categories_by_image(member.annotations(), member.source)
+    if not shown:   # no annotations: an empty list, or no list at all?
+        with member.open() as handle:
+            annotations_listed = isinstance(top_level_value(handle, "annotations"), list)
+    else:
+        annotations_listed = True
+    missing_lists(member.source, {"images": listed.is_list, "annotations": annotations_listed,
+                                  "categories": isinstance(small.get("categories"), list)})
+    check_images(images, member.source)
+    return SplitIndex(small, images, shown, member.annotations)
 
 
 def _verify_local(fetcher: Fetcher, relpath: str, path: Path) -> None:
@@ -212,18 +334,6 @@ def _verify_local(fetcher: Fetcher, relpath: str, path: Path) -> None:
             raise StageError(f"{path}: {exc}") from None
 
 
-def _read_member_json(zf: zipfile.ZipFile, member: str, origin: str) -> dict:
-    try:
-        with zf.open(member) as handle:
-            return check_instances(json.load(handle), f"{origin}:{member}")
-    except KeyError:
-        raise StageError(f"{origin}: no member {member}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise StageError(f"{origin}:{member}: not valid JSON: {exc}") from None
-    except AnnotationError as exc:
-        raise StageError(f"not COCO instances JSON: {exc}") from None
-
-
 def _fetch_or_fail(fetcher: Fetcher, relpath: str, dest: Path, check=None) -> None:
     try:
         fetcher.fetch(relpath, dest, check)
@@ -231,15 +341,15 @@ def _fetch_or_fail(fetcher: Fetcher, relpath: str, dest: Path, check=None) -> No
         raise StageError(f"cannot fetch {exc}") from None
 
 
-def _select(params: dict, instances: dict[str, dict]) -> tuple[dict, dict]:
+def _select(params: dict, instances: dict[str, SplitIndex]) -> tuple[dict, dict]:
     data = params["data"]
     selected, counts = {}, {}
     for split in SPLITS:
-        images = instances[split]["images"]
+        images = instances[split].images
         positives = None
         if data["filter"]["scheme_categories_only"]:
-            wanted = scheme_category_ids(params, instances[split]["categories"])
-            positives = images_showing(instances[split]["annotations"], wanted)
+            wanted = scheme_category_ids(params, instances[split].small["categories"])
+            positives = images_showing(instances[split].shown, wanted)
         selected[split] = select_images(images, data["max_images"][split], data["seed"],
                                         positives, data["filter"]["background_share"])
         counts[split] = {"available": len(images),
@@ -362,15 +472,17 @@ def _check_zip(path: Path) -> None:
         raise CorruptFile("not a zip file")
 
 
-def _write_outputs(staging: Path, data: dict, instances: dict, selected: dict, counts: dict) -> dict:
+def _write_outputs(staging: Path, data: dict, instances: dict[str, SplitIndex], selected: dict,
+                   counts: dict) -> dict:
     """Annotation subsets and the manifest into staging, then everything else out of it."""
     manifest = {"base_url": data["base_url"], "year": data["year"], "mode": data["mode"],
                 "seed": data["seed"], "filter": data["filter"], "splits": {}}
     with ThreadPoolExecutor(max_workers=data["workers"]) as pool:
         for split in SPLITS:
             ann_path = staging / "annotations" / f"instances_{split}.json"
-            with atomic_path(ann_path) as tmp:
-                tmp.write_text(json.dumps(subset_instances(instances[split], selected[split])))
+            index = instances[split]
+            with atomic_path(ann_path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+                handle.writelines(subset_json(index.small, selected[split], index.annotations()))
             paths = [staging / "images" / split / im["file_name"] for im in selected[split]]
             records = list(pool.map(lambda p: _file_record(p, staging), paths))
             manifest["splits"][split] = {

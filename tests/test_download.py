@@ -510,12 +510,17 @@ def test_killed_download_resumes_without_refetching_complete_files(mirrors, no_p
     assert not staging.exists()
 
 
+def _showing(instances: dict, category_ids: set[int]) -> set[int]:
+    return download.images_showing(download.categories_by_image(instances["annotations"], "t"),
+                                   category_ids)
+
+
 def test_filter_keeps_scheme_images_plus_a_background_share(tmp_path, params):
     claimed = download.scheme_category_ids(params, SOURCE["val"]["categories"])
     names = {c["id"]: c["name"] for c in SOURCE["val"]["categories"]}
     assert {names[i] for i in claimed} == {"person", "car", "bicycle", "motorcycle", "airplane",
                                            "bus", "train", "truck", "boat"}
-    positives = download.images_showing(SOURCE["val"]["annotations"], claimed)
+    positives = _showing(SOURCE["val"], claimed)
     supers = {c["id"]: c["supercategory"] for c in SOURCE["val"]["categories"]}
     assert positives == {a["image_id"] for a in SOURCE["val"]["annotations"]
                          if supers[a["category_id"]] in ("person", "vehicle")}
@@ -525,7 +530,7 @@ def test_filter_keeps_scheme_images_plus_a_background_share(tmp_path, params):
                             tmp_path / "raw")
     for split, n in (("train", 12), ("val", 20)):
         ids = [r["id"] for r in manifest["splits"][split]["images"]]
-        shown = download.images_showing(SOURCE[split]["annotations"], claimed)
+        shown = _showing(SOURCE[split], claimed)
         assert len(ids) == n
         assert sum(i not in shown for i in ids) == round(n * 0.25)
         assert manifest["splits"][split]["with_scheme_categories"] == len(shown)
@@ -561,6 +566,69 @@ def test_malformed_annotation_json_names_the_member(tmp_path, params):
         zf.writestr("annotations/instances_train2017.json", '{"images": [')
     with pytest.raises(StageError, match=r"annotations_trainval2017.zip:annotations/"
                                          r"instances_train2017.json: not valid JSON"):
+        download.run(_params(params, str(served)), tmp_path / "out" / "raw")
+    assert not (tmp_path / "out" / "raw").exists()
+
+
+def _served_with(tmp_path: Path, train_text: str) -> Path:
+    """A copy of the sample whose train annotation file is `train_text`."""
+    served = tmp_path / "served"
+    shutil.copytree(SAMPLE, served)
+    archive = served / "annotations" / "annotations_trainval2017.zip"
+    with zipfile.ZipFile(SAMPLE / "annotations" / "annotations_trainval2017.zip") as src, \
+            zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            train = info.filename.endswith("instances_train2017.json")
+            dst.writestr(info.filename, train_text if train else src.read(info))
+    return served
+
+
+TOO_BIG_FOR_YAJL = 2 ** 70    # an integer beyond 64 bits: only the json module reads it
+
+
+def test_annotations_the_streaming_parser_refuses_are_read_whole_alike(tmp_path, params, caplog):
+    caplog.set_level("INFO")
+    doc = {"info": {"note": TOO_BIG_FOR_YAJL}, "licenses": [{"id": 1}], **SOURCE["train"]}
+    served = _served_with(tmp_path, json.dumps(doc))
+    manifest = download.run(_params(params, str(served)), tmp_path / "raw")
+    assert "instances_train2017.json: not JSON the streaming parser accepts" in caplog.text
+    assert "instances_val2017.json: not JSON" not in caplog.text      # val was streamed
+    whole = json.loads((tmp_path / "raw" / "annotations" / "instances_train.json").read_text())
+    assert whole["info"] == {"note": TOO_BIG_FOR_YAJL} and whole["licenses"] == [{"id": 1}]
+    streamed = download.run(_params(params, str(SAMPLE)), tmp_path / "streamed")
+    assert manifest["splits"]["val"] == streamed["splits"]["val"]
+    streamed_train = json.loads(
+        (tmp_path / "streamed" / "annotations" / "instances_train.json").read_text())
+    assert {k: whole[k] for k in streamed_train} == streamed_train
+
+
+def _drop(key: str, at: int | None = None):
+    def change(doc: dict) -> object:
+        if at is None:
+            del doc[key]
+        else:
+            del doc[key.split(".")[0]][at][key.split(".")[1]]
+        return doc
+    return change
+
+
+@pytest.mark.parametrize("whole", [False, True], ids=["streamed", "read whole"])
+@pytest.mark.parametrize("change, message", [
+    (_drop("annotations.category_id", 5),
+     r"instances_train2017.json: annotations\[5\] is not an object with category_id, id, image_id"),
+    (_drop("images.file_name", 2), r"instances_train2017.json: images\[2\] is not an object with "
+                                    r"file_name, id"),
+    (_drop("annotations"), r"instances_train2017.json: missing or non-list key\(s\): annotations"),
+    (lambda doc: {**doc, "categories": {}}, r"missing or non-list key\(s\): categories"),
+    (lambda doc: [doc], r"instances_train2017.json: expected a JSON object"),
+], ids=["annotation without category", "image without file_name", "no annotations",
+        "categories not a list", "a list"])
+def test_bad_annotation_content_is_named_on_either_path(tmp_path, params, change, message, whole):
+    doc = copy.deepcopy(SOURCE["train"])
+    if whole:
+        doc["info"] = {"note": TOO_BIG_FOR_YAJL}
+    served = _served_with(tmp_path, json.dumps(change(doc)))
+    with pytest.raises(StageError, match=message):
         download.run(_params(params, str(served)), tmp_path / "out" / "raw")
     assert not (tmp_path / "out" / "raw").exists()
 
