@@ -109,6 +109,20 @@ def test_download_benchmark_smoke(tmp_path, monkeypatch):
     assert [r["files fetched"] for r in result["table"]] == [161, 161, 3, 3]
 
 
+def test_annotations_benchmark_smoke(tmp_path):
+    result = _smoke("annotations", tmp_path, 0.01)
+    rows = result["table"]
+    readers = ["json.load (read whole)", "download stage (streamed)",
+               "download stage (streamed), 80 images chosen"]
+    assert [(r["reader"], r["train file"]) for r in rows] == [
+        *((reader, "sample x 1") for reader in readers),
+        *((reader, "sample x 8") for reader in readers)]
+    assert [r["annotations"] for r in rows] == [705] * 3 + [5640] * 3
+    assert all(r["peak RSS MiB"] >= r["of which imports MiB"] > 0 and r["wall s"] > 0
+               for r in rows)
+    assert rows[0]["peak RSS vs json.load"] == rows[3]["peak RSS vs json.load"] == "1.00x"
+
+
 def test_train_benchmark_smoke(tmp_path, one_torch_thread):
     result = _smoke("train", tmp_path, 0.05)
     measured = [r["measurement"] for r in result["table"]]
