@@ -3,8 +3,8 @@ it whole with json.load (what the stage did before), side by side on the same fi
 time, CPU time and peak memory.
 
 The file is the sample's train annotations repeated under new image and annotation ids, at
-scale 1 to the size of COCO 2014's instances_train2014.json (82,783 images, 604,907
-annotations): the sample's 80 images and 705 annotations x 850. Both readers do what the
+scale 1 to about as many annotations as COCO 2014's instances_train2014.json (604,907 for
+82,783 images): the sample's 80 images and 705 annotations x 850. Both readers do what the
 stage must: read the file, then write the subset of every image in merge order (the worst
 case: at the default max_images only the chosen images' annotations are kept). Each runs in
 a fresh process (`python -m benchmarks.bench_annotations child ...`), so its peak RSS (the
@@ -135,7 +135,8 @@ def notes(rows: list[dict]) -> list[str]:
     whole, streamed, chosen = rows[-3:]
     return [
         f"The larger file ({whole['MB of JSON']:.0f} MB, {whole['annotations']:,} "
-        "annotations) is the size of COCO 2014's instances_train2014.json at scale 1. Both "
+        "annotations) has about as many annotations as COCO 2014's instances_train2014.json "
+        "(604,907) at scale 1. Both "
         "readers write the subset of every image (all annotations kept, in merge order), the "
         "stage's worst case; the two subsets are asserted equal. The third reader writes the "
         f"subset of {CHOSEN} images, as params.yaml's max_images does: {chosen['peak RSS MiB']} "

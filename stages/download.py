@@ -106,7 +106,7 @@ def subset_json(small: dict, images: list[dict], annotations: Iterable[dict]) ->
     merge order: the small keys (categories among them) first, then images by id, then
     annotations by image id and id, so masks can join them in one streamed pass. The
     chosen annotations wait for the sort as JSON text, about a fifth of their size as
-    Python objects (the whole of COCO 2014 train is 0.4 GB of text)."""
+    Python objects (a few hundred MB of text at COCO 2014 train's size)."""
     ids = {im["id"] for im in images}
     chosen = sorted(((a["image_id"], a["id"], json.dumps(a)) for a in annotations
                      if a["image_id"] in ids), key=lambda t: (t[0], t[1]))
@@ -273,8 +273,8 @@ class _Member:
 
 
 def _index_member(member: _Member) -> SplitIndex:
-    """Streamed passes over the file (a few hundred MB at full COCO, several GB as Python
-    objects), the annotations never held; JSON only the json module reads (NaN, integers
+    """Streamed passes over the file (a few hundred MB at full COCO, over 2 GB as Python
+    objects: BENCHMARKS.md, annotations), the annotations never held; JSON only the json module reads (NaN, integers
     beyond 64 bits) is read whole instead, with a log line."""
     try:
         return _streamed_index(member)
