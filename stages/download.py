@@ -33,9 +33,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from stages.lib.cli import StageError, run_main, stage_parser
-from stages.lib.coco import (NOT_AN_OBJECT, SPLITS, AnnotationError, ArrayUntilEnd, StreamError,
-                             array_items, check_instances, is_object, missing_lists,
-                             resolve_scheme, top_level_value)
+from stages.lib.coco import (SPLITS, AnnotationError, StreamError, array_items, check_instances,
+                             resolve_scheme, stream_instances)
 from stages.lib.fetch import CorruptFile, FetchError, Fetcher, file_digest, verify_checksum
 from stages.lib.io import atomic_path, publish_dir, write_json
 from stages.lib.params import load_params
@@ -44,7 +43,6 @@ log = logging.getLogger("download")
 IMAGE_KEYS = frozenset({"id", "file_name"})
 ANNOTATION_KEYS = frozenset({"id", "image_id", "category_id"})
 SMALL_KEYS = ("info", "licenses", "categories")   # what the subsets keep besides their lists
-_ABSENT = object()
 
 
 # ---------------------------------------------------------------- pure core
@@ -298,28 +296,13 @@ def _index_member(member: _Member) -> SplitIndex:
 
 
 def _streamed_index(member: _Member) -> SplitIndex:
-    with member.open() as handle:
-        if not is_object(handle):
-            raise AnnotationError(f"{member.source}: {NOT_AN_OBJECT}")
-    small = {}
-    for key in SMALL_KEYS:
-        with member.open() as handle:
-            value = top_level_value(handle, key, missing=_ABSENT)
-        if value is not _ABSENT:
-            small[key] = value
-    with member.open() as handle:
-        listed = ArrayUntilEnd(handle, "images")
-        images = list(listed)
-    shown = categories_by_image(member.annotations(), member.source)
-    if not shown:   # no annotations: an empty list, or no list at all?
-        with member.open() as handle:
-            annotations_listed = isinstance(top_level_value(handle, "annotations"), list)
-    else:
-        annotations_listed = True
-    missing_lists(member.source, {"images": listed.is_list, "annotations": annotations_listed,
-                                  "categories": isinstance(small.get("categories"), list)})
-    check_images(images, member.source)
-    return SplitIndex(small, images, shown, member.annotations)
+    found = {}
+    small = stream_instances(
+        member.open, member.source, lambda images: found.update(images=list(images)),
+        lambda annotations: found.update(shown=categories_by_image(annotations, member.source)),
+        SMALL_KEYS)
+    check_images(found["images"], member.source)
+    return SplitIndex(small, found["images"], found["shown"], member.annotations)
 
 
 def _verify_local(fetcher: Fetcher, relpath: str, path: Path) -> None:

@@ -40,9 +40,8 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from stages.lib.cli import StageError, run_main, stage_parser
-from stages.lib.coco import (NOT_AN_OBJECT, SPLITS, AnnotationError, ArrayUntilEnd, SchemeMap,
-                              StreamError, array_items, is_object, missing_lists,
-                              read_instances, resolve_scheme, top_level_value)
+from stages.lib.coco import (SPLITS, AnnotationError, ArrayUntilEnd, SchemeMap, StreamError,
+                              array_items, read_instances, resolve_scheme, stream_instances)
 from stages.lib.io import atomic_dir
 from stages.lib.labels import IGNORE_INDEX, save_labels
 from stages.lib.params import load_params, scheme_class_names
@@ -596,28 +595,16 @@ def scan_instances(path: Path) -> Scan:
     image_id. Memory stays flat. Raises AnnotationError or StageError for bad content,
     StreamError for what only the json module reads (NaN, integers beyond 64 bits) or
     malformed JSON (which read_instances then reports)."""
+    scanned = {}
     try:
-        with open(path, "rb") as handle:
-            if not is_object(handle):
-                raise AnnotationError(f"{path}: {NOT_AN_OBJECT}")
-            handle.seek(0)
-            categories = top_level_value(handle, "categories")
-            handle.seek(0)
-            images = ArrayUntilEnd(handle, "images")
-            n_images, unordered = _scan_images(images, path)
-            handle.seek(0)
-            n_annotations, unordered_anns = _scan_annotations(array_items(handle, "annotations"),
-                                                              path)
-            if n_annotations == 0:   # no items: an empty list, or no list at all?
-                handle.seek(0)
-                annotations_listed = isinstance(top_level_value(handle, "annotations"), list)
-            else:
-                annotations_listed = True
+        small = stream_instances(
+            lambda: open(path, "rb"), str(path),
+            lambda images: scanned.update(images=_scan_images(images, path)),
+            lambda annotations: scanned.update(annotations=_scan_annotations(annotations, path)))
     except OSError as exc:
         raise AnnotationError(f"{path}: cannot read COCO annotations: {exc}") from None
-    missing_lists(str(path), {"images": images.is_list, "annotations": annotations_listed,
-                              "categories": isinstance(categories, list)})
-    return Scan(categories, n_images, unordered or unordered_anns)
+    (n_images, unordered), (_, unordered_anns) = scanned["images"], scanned["annotations"]
+    return Scan(small["categories"], n_images, unordered or unordered_anns)
 
 
 def _scan_images(images: Iterable, source: Path) -> tuple[int, str | None]:

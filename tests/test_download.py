@@ -602,6 +602,24 @@ def test_annotations_the_streaming_parser_refuses_are_read_whole_alike(tmp_path,
     assert {k: whole[k] for k in streamed_train} == streamed_train
 
 
+def test_json_the_streaming_parser_refuses_after_the_small_keys_is_read_whole(tmp_path, params,
+                                                                                caplog):
+    """In download's own order (the small keys first, all present) the passes over them stop
+    before the annotations: a value yajl refuses there must still lead to reading the file whole."""
+    caplog.set_level("INFO")
+    doc = {"info": {"year": 2017}, "licenses": [], "categories": SOURCE["train"]["categories"],
+           "images": SOURCE["train"]["images"],
+           "annotations": copy.deepcopy(SOURCE["train"]["annotations"])}
+    doc["annotations"][-1]["note"] = TOO_BIG_FOR_YAJL
+    served = _served_with(tmp_path, json.dumps(doc))
+    download.run(_params(params, str(served), max_images={"train": None, "val": 4}),
+                 tmp_path / "raw")
+    assert "instances_train2017.json: not JSON the streaming parser accepts" in caplog.text
+    written = json.loads((tmp_path / "raw" / "annotations" / "instances_train.json").read_text())
+    assert written["annotations"] == sorted(doc["annotations"],
+                                            key=lambda a: (a["image_id"], a["id"]))
+
+
 def _drop(key: str, at: int | None = None):
     def change(doc: dict) -> object:
         if at is None:

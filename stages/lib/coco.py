@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, ContextManager, Iterable, Iterator
 
 import ijson
 
@@ -123,6 +123,53 @@ class ArrayUntilEnd:
                     self.is_list = True
                 elif event[1] == "end_array":
                     return
+
+
+_ABSENT = object()
+
+
+def stream_instances(open_file: Callable[[], ContextManager[BinaryIO]], source: str,
+                     consume_images: Callable[[Iterable], None],
+                     consume_annotations: Callable[[Iterable], None],
+                     small_keys: tuple[str, ...] = ("categories",)) -> dict:
+    """Streamed passes over a COCO instances file, one per call of open_file, with the
+    checks check_instances makes, never holding its big arrays: each consumer is handed
+    its array's items to iterate through (images read only up to their array's end).
+    Returns the small top-level values of small_keys that are present. Raises
+    AnnotationError for a file that is not instances JSON, StreamError for JSON only the
+    json module reads (the caller then reads it whole), and whatever the consumers raise."""
+    with open_file() as handle:
+        if not is_object(handle):
+            raise AnnotationError(f"{source}: {NOT_AN_OBJECT}")
+    small = {}
+    for key in small_keys:
+        with open_file() as handle:
+            value = top_level_value(handle, key, missing=_ABSENT)
+        if value is not _ABSENT:
+            small[key] = value
+    with open_file() as handle:
+        images = ArrayUntilEnd(handle, "images")
+        consume_images(images)
+    with open_file() as handle:
+        annotations = _Counted(array_items(handle, "annotations"))
+        consume_annotations(annotations)
+    annotations_listed = annotations.n > 0
+    if not annotations_listed:   # no items: an empty list, or no list at all?
+        with open_file() as handle:
+            annotations_listed = isinstance(top_level_value(handle, "annotations"), list)
+    missing_lists(source, {"images": images.is_list, "annotations": annotations_listed,
+                           "categories": isinstance(small.get("categories"), list)})
+    return small
+
+
+class _Counted:
+    def __init__(self, items: Iterable):
+        self.items, self.n = items, 0
+
+    def __iter__(self) -> Iterator:
+        for item in self.items:
+            self.n += 1
+            yield item
 
 
 @dataclass(frozen=True)
