@@ -181,7 +181,8 @@ def run(params: dict, out: Path, checkpoints: Path | None = None) -> dict:
     with _Progress() as progress:
         fetcher = Fetcher(data["base_url"], timeout_s=data["timeout_s"], retries=data["retries"],
                           backoff_s=data["backoff_s"], checksums=data["checksums"],
-                          on_bytes=progress.add_bytes)
+                          on_bytes=progress.add_bytes, limits=data["limits"],
+                          allow_redirect_hosts=data["allow_redirect_hosts"])
         instances = _load_annotations(fetcher, data["year"], staging)
         selected, counts = _select(params, instances)
         job = _Job(fetcher, data, staging, progress)
@@ -234,7 +235,7 @@ def _load_annotations(fetcher: Fetcher, year: int, staging: Path) -> dict[str, S
     archive = fetcher.local_path(relpath)
     if archive is None:
         archive = staging / Path(relpath).name
-        _fetch_or_fail(fetcher, relpath, archive, _check_zip)
+        _fetch_or_fail(fetcher, relpath, archive, _check_zip, cap="annotations_bytes")
     else:
         _verify_local(fetcher, relpath, archive)
     return {split: _index_member(_Member(archive, f"annotations/instances_{split}{year}.json",
@@ -317,9 +318,9 @@ def _verify_local(fetcher: Fetcher, relpath: str, path: Path) -> None:
             raise StageError(f"{path}: {exc}") from None
 
 
-def _fetch_or_fail(fetcher: Fetcher, relpath: str, dest: Path, check=None) -> None:
+def _fetch_or_fail(fetcher: Fetcher, relpath: str, dest: Path, check=None, cap=None) -> None:
     try:
-        fetcher.fetch(relpath, dest, check)
+        fetcher.fetch(relpath, dest, check, cap)
     except FetchError as exc:
         raise StageError(f"cannot fetch {exc}") from None
 
@@ -359,7 +360,7 @@ class _Job:
 
     def _fetch_image(self, split: str, image: dict) -> None:
         self.fetcher.fetch(image_source_path(image, split, self.year), self.dest(split, image),
-                           check_jpeg)
+                           check_jpeg, cap="image_bytes")
 
     def from_archives(self, selected: dict[str, list[dict]]) -> list[str]:
         self.progress.expect_files(sum(map(len, selected.values())))
@@ -378,7 +379,7 @@ class _Job:
         if archive is None:
             archive = self.staging / relpath
             try:
-                self.fetcher.fetch(relpath, archive, _check_zip)
+                self.fetcher.fetch(relpath, archive, _check_zip, cap="archive_bytes")
             except FetchError as exc:
                 return [str(exc)]
         else:

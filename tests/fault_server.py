@@ -13,6 +13,10 @@ Length, single byte ranges) and injects faults on command, one per request, per 
   corrupt       a 200 response of the right length whose bytes are garbage
   404           not found
 
+Besides faults, redirect(path, location) answers every request of a path with a 302 to
+`location` (the redirect tests), and `host` picks the loopback address to listen on
+(127.0.0.2 is another host than 127.0.0.1 to a client).
+
 Every request is logged (path, Range header, status) so tests can check what was fetched.
 """
 from __future__ import annotations
@@ -40,12 +44,15 @@ class Request:
 
 
 class FaultServer:
-    def __init__(self, root: Path, *, stall_s: float = 3.0, bytes_per_s: float | None = None):
+    def __init__(self, root: Path, *, stall_s: float = 3.0, bytes_per_s: float | None = None,
+                 host: str = "127.0.0.1"):
         self.root = Path(root)
+        self.host = host
         self.stall_s = stall_s
         self.bytes_per_s = bytes_per_s
         self.requests: list[Request] = []
         self._faults: dict[str, deque] = defaultdict(deque)
+        self._redirects: dict[str, str] = {}
         self._lock = threading.Lock()
         self._server: http.server.ThreadingHTTPServer | None = None
 
@@ -57,10 +64,10 @@ class FaultServer:
         class Handler(_Handler):
             server_owner = owner
 
-        self._server = _Server(("127.0.0.1", 0), Handler)
+        self._server = _Server((self.host, 0), Handler)
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        return f"http://{self.host}:{self._server.server_address[1]}"
 
     def stop(self) -> None:
         if self._server is not None:
@@ -81,6 +88,11 @@ class FaultServer:
                 raise ValueError(f"unknown fault {fault!r}")
         with self._lock:
             self._faults[path].extend(faults)
+
+    def redirect(self, path: str, location: str) -> None:
+        """Answer every request of `path` with a 302 to `location`."""
+        with self._lock:
+            self._redirects[path] = location
 
     def pending(self) -> int:
         with self._lock:
@@ -123,6 +135,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         owner = self.server_owner
         path = unquote(urlsplit(self.path).path)
         range_header = self.headers.get("Range")
+        with owner._lock:
+            location = owner._redirects.get(path)
+        if location is not None:
+            return self._status(302, path, range_header, None, {"Location": location})
         fault = owner._next_fault(path)
         file = (owner.root / path.lstrip("/")).resolve()
         if fault == "404" or not file.is_file() or owner.root.resolve() not in file.parents:

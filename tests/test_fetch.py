@@ -1,14 +1,24 @@
 """stages/lib/fetch.py against a real loopback HTTP server that injects faults: Range resume,
-servers that ignore Range, Retry-After, truncation, resets, stalls, corrupt content."""
+servers that ignore Range, Retry-After, truncation, resets, stalls, corrupt content; and
+against a hostile one (endless bodies, lying sizes, trickles, redirects to other hosts)."""
 from __future__ import annotations
 
+import copy
 import hashlib
+import re
+import subprocess
+import sys
+import threading
+import time
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
+import yaml
 
-from conftest import SAMPLE
+from conftest import ROOT, SAMPLE
 from fault_server import FaultServer
+from hostile_server import HostileServer
 from stages.lib import fetch
 from stages.lib.fetch import CorruptFile, FetchError, Fetcher
 
@@ -190,3 +200,211 @@ def test_parse_content_range():
     assert fetch.parse_content_range("bytes 100-199/*") == (100, None)
     assert fetch.parse_content_range("items 1-2/3") is None
     assert fetch.parse_content_range(None) is None
+
+
+# ------------------------------------------------ bounds: size, rate, redirects (issue 13)
+
+CAP = 1 << 20
+IMAGE = "val2017/x.jpg"
+
+
+@pytest.fixture
+def hostile(monkeypatch):
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,127.0.0.2,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,127.0.0.2,localhost")
+    with HostileServer() as srv:
+        yield srv
+
+
+def _capped(server, **kw) -> Fetcher:
+    return _fetcher(server, limits={"image_bytes": CAP, "min_rate_bytes_s": 0}, **kw)
+
+
+def test_endless_body_is_cut_off_at_the_cap_and_refused(hostile, tmp_path, sleeps):
+    hostile.endless("/" + IMAGE)                       # no Content-Length: ends at close
+    fetcher = _capped(hostile)
+    with pytest.raises(FetchError, match=re.escape(
+            f"{hostile.base}/{IMAGE}: body runs past the {CAP} bytes of "
+            "data.limits.image_bytes: cut off")):
+        fetcher.fetch(IMAGE, tmp_path / "x.jpg", cap="image_bytes")
+    assert fetcher.counters.received_bytes == CAP      # written, and not one byte more
+    assert list(tmp_path.iterdir()) == []              # no final file, no .part
+    assert sleeps == [] and len(hostile.gets("/" + IMAGE)) == 1   # permanent: not retried
+
+
+def test_huge_content_length_is_refused_before_writing(hostile, tmp_path, sleeps):
+    hostile.endless("/" + IMAGE, content_length=10 ** 15)
+    (tmp_path / "x.jpg.part").write_bytes(b"an earlier attempt")
+    fetcher = _capped(hostile)
+    with pytest.raises(FetchError, match=re.escape(
+            f"{hostile.base}/{IMAGE}: announces {10 ** 15} bytes, over the {CAP} bytes of "
+            "data.limits.image_bytes")):
+        fetcher.fetch(IMAGE, tmp_path / "x.jpg", cap="image_bytes")
+    assert fetcher.counters.received_bytes == 0
+    assert list(tmp_path.iterdir()) == []
+    assert sleeps == [] and len(hostile.gets("/" + IMAGE)) == 1
+
+
+def test_body_longer_than_its_content_length_is_cut_off(hostile, tmp_path, sleeps):
+    # chunked: http.client then ignores the Content-Length and reads on
+    hostile.endless("/" + IMAGE, content_length=1000, chunked=True)
+    fetcher = _capped(hostile)
+    with pytest.raises(FetchError, match=re.escape(
+            f"{hostile.base}/{IMAGE}: body runs past its announced 1000 bytes: cut off")):
+        fetcher.fetch(IMAGE, tmp_path / "x.jpg", cap="image_bytes")
+    assert fetcher.counters.received_bytes == 1000
+    assert list(tmp_path.iterdir()) == []
+    assert sleeps == []
+
+
+def test_official_archives_are_capped_at_their_known_size():
+    official = Fetcher("http://images.cocodataset.org", limits={"archive_bytes": 1 << 40})
+    assert official.bound("zips/val2017.zip", "archive_bytes") == fetch.Bound(
+        815585330, "the official size of zips/val2017.zip")
+    assert official.bound("zips/train2014.zip", "archive_bytes").bytes == 13510573713
+    mirror = Fetcher("http://mirror.example/coco", limits={"archive_bytes": 1 << 40})
+    assert mirror.bound("zips/val2017.zip", "archive_bytes") == fetch.Bound(
+        1 << 40, "data.limits.archive_bytes")
+    assert mirror.bound("zips/val2017.zip", None) is None
+
+
+def test_local_sources_are_bounded_too(tmp_path):
+    mirror = tmp_path / "mirror"
+    (mirror / "val2017").mkdir(parents=True)
+    (mirror / "val2017" / "big.jpg").write_bytes(bytes(CAP + 1))
+    (mirror / IMAGE).symlink_to("/dev/zero")        # stat says 0 bytes; it never ends
+    fetcher = Fetcher(str(mirror), limits={"image_bytes": CAP})
+    with pytest.raises(FetchError, match=re.escape(
+            f"{mirror}/val2017/big.jpg: {mirror}/val2017/big.jpg has {CAP + 1} bytes, over the "
+            f"{CAP} bytes of data.limits.image_bytes")):
+        fetcher.fetch("val2017/big.jpg", tmp_path / "out" / "big.jpg", cap="image_bytes")
+    with pytest.raises(FetchError, match=re.escape(f"{mirror / IMAGE} is not a regular file")):
+        fetcher.fetch(IMAGE, tmp_path / "out" / "x.jpg", cap="image_bytes")
+    assert list((tmp_path / "out").iterdir()) == [] and fetcher.counters.received_bytes == 0
+
+
+def test_trickle_is_aborted_per_window_resumed_then_reported(hostile, tmp_path):
+    body = bytes(range(256)) * 4
+    hostile.trickle("/" + IMAGE, body, interval_s=0.1)        # 10 B/s, never a 0.5 s silence
+    fetcher = _fetcher(hostile, timeout_s=0.5, retries=2,
+                       limits={"image_bytes": CAP, "min_rate_bytes_s": 1024})
+    started = time.monotonic()
+    with pytest.raises(FetchError, match=re.escape(f"{hostile.base}/{IMAGE}: ") +
+                       r"\d+ bytes in 0\.5\d s, slower than 1024 B/s "
+                       r"\(data\.limits\.min_rate_bytes_s\) \(gave up after 3 attempts\)$"):
+        fetcher.fetch(IMAGE, tmp_path / "x.jpg", cap="image_bytes")
+    elapsed = time.monotonic() - started
+    assert elapsed < 3 * 0.5 + 2.0          # (retries + 1) windows, plus slack for a busy machine
+    starts = [int(r.range[6:-1]) if r.range else 0 for r in hostile.gets("/" + IMAGE)]
+    assert len(starts) == 3 and 0 == starts[0] < starts[1] < starts[2]   # each retry resumed
+    part = tmp_path / "x.jpg.part"
+    assert body.startswith(part.read_bytes()) and part.stat().st_size > starts[2]
+    assert not (tmp_path / "x.jpg").exists()
+
+
+def test_trickled_headers_are_aborted_too(hostile, tmp_path):
+    hostile.trickle("/" + IMAGE, b"x" * 100, interval_s=0.05, headers_too=True)
+    fetcher = _fetcher(hostile, timeout_s=0.5, retries=1,
+                       limits={"image_bytes": CAP, "min_rate_bytes_s": 1024})
+    started = time.monotonic()
+    with pytest.raises(FetchError, match=r"slower than 1024 B/s .*\(gave up after 2 attempts\)$"):
+        fetcher.fetch(IMAGE, tmp_path / "x.jpg", cap="image_bytes")
+    assert time.monotonic() - started < 2 * 0.5 + 2.0
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_redirects_stay_on_the_base_origin_unless_a_host_is_allowed(server, tmp_path,
+                                                                     monkeypatch):
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,127.0.0.2,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,127.0.0.2,localhost")
+    # same origin: followed, and the Range of a resume goes along
+    server.redirect("/moved/x.jpg", URL_PATH)
+    (tmp_path / "same.jpg.part").write_bytes(BODY[:1000])
+    _fetcher(server).fetch("moved/x.jpg", tmp_path / "same.jpg")
+    assert (tmp_path / "same.jpg").read_bytes() == BODY
+    assert [(r.range, r.status) for r in server.gets(URL_PATH)] == [("bytes=1000-", 206)]
+    with FaultServer(SAMPLE, host="127.0.0.2") as other:
+        server.redirect("/away/x.jpg", other.base + URL_PATH)
+        with pytest.raises(FetchError, match=re.escape(
+                f"{server.base}/away/x.jpg: redirected from {server.base}/away/x.jpg to "
+                f"{other.base}{URL_PATH}, away from {server.base}: refused (list 127.0.0.2 in "
+                "data.allow_redirect_hosts to allow it)")):
+            _fetcher(server).fetch("away/x.jpg", tmp_path / "away.jpg")
+        assert other.requests == [] and len(server.gets("/away/x.jpg")) == 1
+        assert not list(tmp_path.glob("away.jpg*"))
+        _fetcher(server, allow_redirect_hosts=["127.0.0.2"]).fetch("away/x.jpg",
+                                                                   tmp_path / "away.jpg")
+        assert (tmp_path / "away.jpg").read_bytes() == BODY
+        assert [r.status for r in other.gets(URL_PATH)] == [200]
+
+
+def test_redirect_allowed():
+    base = "http://127.0.0.1:8000/coco"
+    assert fetch.redirect_allowed(base, "http://127.0.0.1:8000/other/x.jpg", [])
+    assert not fetch.redirect_allowed(base, "http://127.0.0.1:8001/x.jpg", [])    # port
+    assert not fetch.redirect_allowed(base, "https://127.0.0.1:8000/x.jpg", [])   # scheme
+    assert not fetch.redirect_allowed(base, "http://localhost:8000/x.jpg", [])    # host
+    assert fetch.redirect_allowed(base, "https://cdn.example/x.jpg", ["CDN.example"])
+    assert fetch.redirect_allowed(base, "http://cdn.example:81/x.jpg", ["cdn.example:81"])
+    assert not fetch.redirect_allowed(base, "http://cdn.example:82/x.jpg", ["cdn.example:81"])
+    assert fetch.redirect_allowed(base, "http://[::1]:9/x.jpg", ["[::1]"])
+    assert not fetch.redirect_allowed(base, "ftp://cdn.example/x.jpg", ["cdn.example"])
+    assert fetch.redirect_allowed("http://images.cocodataset.org",
+                                  "http://images.cocodataset.org:80/zips/x.zip", [])
+
+
+def test_a_redirect_body_is_not_read(hostile, tmp_path):
+    hostile.serve("/" + IMAGE, BODY)
+    hostile.endless("/moved.jpg", status=302, headers={"Location": f"/{IMAGE}"})
+    _capped(hostile).fetch("moved.jpg", tmp_path / "x.jpg", cap="image_bytes")
+    assert (tmp_path / "x.jpg").read_bytes() == BODY
+    (redirect,) = hostile.gets("/moved.jpg")
+    deadline = time.monotonic() + 10
+    while not redirect.done and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert redirect.done and redirect.sent < hostile.max_bytes   # we hung up, not its bound
+
+
+def test_download_stage_reports_an_endless_annotations_zip_in_one_line(hostile, tmp_path,
+                                                                      default_params):
+    relpath = "annotations/annotations_trainval2017.zip"
+    hostile.endless("/" + relpath)
+    params = copy.deepcopy(default_params)
+    params["data"].update(base_url=hostile.base, retries=0, timeout_s=5)
+    params["data"]["limits"]["annotations_bytes"] = CAP
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    checkpoints = tmp_path / "checkpoints"
+    part = checkpoints / (Path(relpath).name + ".part")
+    largest = _SizeWatcher(part)
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.download", "--params", str(tmp_path / "params.yaml"),
+         "--out", str(tmp_path / "raw"), "--checkpoints", str(checkpoints)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    largest.stop()
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.splitlines()                  # one line, no traceback
+    assert line.endswith(f" download ERROR cannot fetch {hostile.base}/{relpath}: body runs "
+                         f"past the {CAP} bytes of data.limits.annotations_bytes: cut off")
+    assert largest.bytes <= CAP
+    assert not (tmp_path / "raw").exists()
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["source.json"]
+
+
+class _SizeWatcher(threading.Thread):
+    """The largest size a file reaches on disk, sampled every few milliseconds."""
+
+    def __init__(self, path: Path):
+        super().__init__(daemon=True)
+        self.path, self.bytes, self._stop_event = path, 0, threading.Event()
+        self.start()
+
+    def run(self):
+        while not self._stop_event.wait(0.002):
+            try:
+                self.bytes = max(self.bytes, self.path.stat().st_size)
+            except FileNotFoundError:
+                pass
+
+    def stop(self):
+        self._stop_event.set()
+        self.join()
