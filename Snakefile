@@ -1,15 +1,27 @@
 # segflow: COCO -> masks per label scheme -> train -> infer -> evaluate -> analyze -> report.
 # Thin on purpose: the stages live in stages/, the rules in workflow/rules/, every value in
 # params.yaml (validated by the same JSON Schema the stages use), every path in the rules.
-from snakemake.utils import min_version, validate
+import sys
+
+from snakemake.utils import min_version
+
+from stages.lib.params import ParamsError, load_params
 
 min_version("9.0")
 
+# The stages' own checked loader and validator, before Snakemake reads the file: its YAML
+# loader takes duplicate keys and expands alias bombs, its validator takes 1.0 for an
+# integer. Refused like a stage refuses: one line, exit code 2 (a WorkflowError would add
+# Snakemake's location and traceback lines).
+try:
+    PARAMS = load_params("params.yaml")
+except ParamsError as exc:
+    print(exc, file=sys.stderr)
+    sys.exit(2)
 
+
+# Still read by Snakemake, for its params bookkeeping (common.smk refuses overrides).
 configfile: "params.yaml"
-
-
-validate(config, "workflow/schemas/params.schema.yaml")
 
 
 include: "workflow/rules/common.smk"

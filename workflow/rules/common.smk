@@ -1,5 +1,4 @@
 # Helpers shared by the rules; no rules here.
-import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.io import apply_wildcards
 
@@ -13,9 +12,8 @@ SCHEMES = list(config["schemes"])
 def _refuse_config_overrides():
     # Every stage reads params.yaml itself (as under DVC), so a --config/--configfile value
     # would reach Snakemake's bookkeeping but not the stages. Refuse it instead of lying.
-    with open("params.yaml") as handle:
-        on_disk = yaml.safe_load(handle)
-    if on_disk != config:
+    # PARAMS: params.yaml as the stages read it, checked in the Snakefile.
+    if PARAMS != config:
         raise WorkflowError(
             "the Snakemake config differs from params.yaml: segflow's stages read params.yaml, "
             "so edit params.yaml instead of passing --config or --configfile")
