@@ -3,8 +3,16 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
 import zipfile
+from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
 
@@ -54,8 +62,7 @@ def test_unknown_key_anywhere_is_named_with_its_path(params, path, key):
 def test_wrong_type_names_the_key(params):
     params["train"]["epochs"] = "ten"
     message = _error(params)
-    assert "train.epochs: 'ten' is not of type 'integer'" in message
-    assert message.count("\n") == 1  # exactly one problem reported
+    assert message == "params.yaml: train.epochs: 'ten' is not of type 'integer'"
 
 
 def test_all_problems_reported_at_once(params):
@@ -260,3 +267,327 @@ def test_overlap_priority_must_list_every_class_once(params):
     assert "schemes.person_car.overlap" in _error(params)
     params["schemes"]["person_car"]["overlap"] = "first"
     assert "schemes.person_car.overlap: 'first' is not valid" in _error(params)
+
+
+# ---------------------------------------------------------------- issue 13: hostile params
+# Each input below passed validation (or crashed the loader) before: the file is built
+# here, from params.yaml's own text with one edit.
+
+PARAMS_TEXT = (ROOT / "params.yaml").read_text()
+TITLE_LINE = 'title: "segflow: label-scheme comparison on COCO"'
+
+
+def _params_file(tmp_path, old: str, new: str, prefix: str = "") -> Path:
+    assert PARAMS_TEXT.count(old) == 1, old
+    path = tmp_path / "params.yaml"
+    path.write_text(prefix + PARAMS_TEXT.replace(old, new))
+    return path
+
+
+def _load_error(path) -> str:
+    with pytest.raises(ParamsError) as info:
+        load_params(path)
+    return str(info.value)
+
+
+def _line_of(path, fragment: str) -> int:
+    text = path.read_text()
+    return text.count("\n", 0, text.index(fragment)) + 1
+
+
+def _alias_bomb(levels: int, width: int = 10, mapping: bool = False) -> str:
+    """A top-level `bomb:` list of anchors, each level `width` aliases of the one before: a
+    few hundred bytes standing for width**levels values once expanded (billion laughs)."""
+    def collection(items):
+        if mapping:
+            return "{" + ", ".join(f"k{i}: {item}" for i, item in enumerate(items)) + "}"
+        return "[" + ", ".join(items) + "]"
+    lines = ["bomb:", f"  - &l0 {collection(['lol'] * width)}"]
+    lines += [f"  - &l{n} {collection([f'*l{n - 1}'] * width)}" for n in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("section, key, value", [
+    ("train", "epochs", 1.0),
+    ("train", "batch_size", 4.0),
+    ("infer", "num_workers", 0.0),
+    ("masks", "colour_stats_scale", 4.0),   # an enum of integers: 4.0 == 4 for enum alone
+    ("data", "year", 2017.0),
+])
+def test_a_float_is_not_an_integer(params, section, key, value):
+    params[section][key] = value
+    assert _error(params) == f"params.yaml: {section}.{key}: {value} is not of type 'integer'"
+
+
+@pytest.mark.parametrize("old, new, key, shown", [
+    ("  lr: 0.001\n", "  lr: .nan\n", "train.lr", "nan"),
+    ("  lr: 0.001\n", "  lr: .NaN\n", "train.lr", "nan"),
+    ("  weight_decay: 0.0001\n", "  weight_decay: .inf\n", "train.weight_decay", "inf"),
+    ("  backoff_s: 0.5 ", "  backoff_s: .nan ", "data.backoff_s", "nan"),
+    ("  timeout_s: 60 ", "  timeout_s: .inf ", "data.timeout_s", "inf"),
+    ("  z: 2.0\n\nreport:", "  z: .inf\n\nreport:", "compare.z", "inf"),
+    ("  z: 2.0\n\nreport:", "  z: -.inf\n\nreport:", "compare.z", "-inf"),  # refused before too, as below 0
+])
+def test_numbers_are_finite(tmp_path, old, new, key, shown):
+    path = _params_file(tmp_path, old, new)
+    assert _load_error(path) == f"{path}: {key}: {shown} is not of type 'number'"
+
+
+def _numeric_schemas(node, where=()):
+    """(path, schema) of every integer or number in the schema, $defs included."""
+    if isinstance(node, dict):
+        if node.get("type") in ("integer", "number") or str(node.get("$ref", "")).endswith(
+                "/positive_int"):
+            yield ".".join(where), node
+        for key, child in node.items():
+            yield from _numeric_schemas(child, (*where, key))
+    elif isinstance(node, list):
+        for index, child in enumerate(node):
+            yield from _numeric_schemas(child, (*where, str(index)))
+
+
+def test_every_integer_and_number_in_the_schema_has_a_maximum():
+    schema = load_schema()
+    unbounded = []
+    for where, node in _numeric_schemas(schema):
+        if where == "$defs.positive_int":
+            continue  # a building block: every use adds its own maximum (checked below)
+        ref = node.get("$ref", "").rsplit("/", 1)[-1]
+        bounds = {**schema["$defs"].get(ref, {}), **node}
+        if not {"maximum", "exclusiveMaximum", "enum"} & set(bounds):
+            unbounded.append(where)
+    assert unbounded == []
+
+
+@pytest.mark.parametrize("path, value, maximum", [
+    (("train", "num_workers"), 100000, 64),
+    (("infer", "num_workers"), 100000, 64),
+    (("train", "epochs"), 10 ** 9, 10000),
+    (("analyze", "batch_size"), 10 ** 6, 4096),
+    (("analyze", "seed"), 2 ** 32, 4294967295),          # scikit-learn refuses larger seeds
+    (("analyze", "clustering", "k_max"), 10 ** 6, 100),
+    (("data", "max_images", "train"), 10 ** 12, None),   # oneOf with null
+])
+def test_integers_have_sensible_maxima(params, path, value, maximum):
+    node = params
+    for part in path[:-1]:
+        node = node[part]
+    node[path[-1]] = value
+    where = ".".join(path)
+    expected = (f"{value} is greater than the maximum of {maximum}" if maximum
+                else f"{value} is not valid under any of the given schemas")
+    assert _error(params) == f"params.yaml: {where}: {expected}"
+
+
+@pytest.mark.parametrize("old, new, key, first, second", [
+    ("  epochs: 15\n", "  epochs: 1\n  epochs: 500\n", "train.epochs",
+     "  epochs: 1\n", "  epochs: 500"),
+    ("  epochs: 15\n", '  epochs: 1\n  "epochs": 500\n', "train.epochs",
+     "  epochs: 1\n", '  "epochs": 500'),
+    ("      car: {categories: [car]}\n",
+     "      car: {categories: [car]}\n      car: {categories: [bus]}\n",
+     "schemes.person_car.classes.car", "      car: {categories: [car]}", "      car: {categories: [bus]}"),
+    ("  n_examples: 6 ", "  n_examples: 6\n  n_examples: 7 ", "report.n_examples",
+     "  n_examples: 6\n", "  n_examples: 7"),
+    ("\ncompare:\n", "\ncompare: {min_count: 3, z: 2.0}\ncompare:\n", "compare",
+     "\ncompare: {", "\ncompare:\n"),
+    ("  buckets:\n", "  buckets:\n    z: 1.0\n", "analyze.buckets.z", "    z: 1.0", "    z: 2.0"),
+])
+def test_duplicate_key_is_refused_with_both_line_numbers(tmp_path, old, new, key, first, second):
+    path = _params_file(tmp_path, old, new)
+    lines = _line_of(path, first.lstrip("\n")), _line_of(path, second.lstrip("\n"))
+    assert lines[0] < lines[1]
+    assert _load_error(path) == f"{path}: {key}: duplicate key at lines {lines[0]} and {lines[1]}"
+
+
+def test_merge_keys_may_be_overridden_but_not_repeated(tmp_path):
+    # A merge (<<) is YAML's way to say "these, except": an explicit key beside it is not
+    # a duplicate. Repeating the explicit key is.
+    merged = ("  person_vehicle:\n    <<: *base\n    overlap: [vehicle, person]\n"
+              "    classes:\n      person: {categories: [person]}\n"
+              "      vehicle: {supercategories: [vehicle]}\n")
+    old = PARAMS_TEXT[PARAMS_TEXT.index("  person_vehicle:\n"):PARAMS_TEXT.index("\nmasks:")]
+    text = PARAMS_TEXT.replace("  person_car:\n", "  person_car: &base\n").replace(old, merged)
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    loaded = load_params(path)["schemes"]["person_vehicle"]
+    assert loaded == {"classes": {"person": {"categories": ["person"]},
+                                  "vehicle": {"supercategories": ["vehicle"]}},
+                      "crowd": "ignore", "overlap": ["vehicle", "person"]}
+    path.write_text(text.replace("    overlap: [vehicle, person]\n",
+                                 "    overlap: [vehicle, person]\n    overlap: ignore\n"))
+    first = _line_of(path, "    overlap: [vehicle, person]")
+    assert _load_error(path) == (f"{path}: schemes.person_vehicle.overlap: duplicate key at "
+                                 f"lines {first} and {first + 1}")
+
+
+@pytest.mark.parametrize("mapping", [False, True], ids=["lists", "mappings"])
+def test_alias_bomb_is_refused_before_validation(tmp_path, mapping):
+    # 10^6 values here, so that the old loader's answer (the expanded value quoted in the
+    # message) stays a few MB; the stage and Snakemake tests below use 10^9.
+    path = _params_file(tmp_path, TITLE_LINE, "title: *l5",
+                        prefix=_alias_bomb(levels=6, mapping=mapping))
+    message = _load_error(path)
+    assert message == (f"{path}: bomb.3: line 5: more than 10000 values with aliases "
+                       "expanded (an alias bomb?); params.yaml has about 200")
+
+
+def test_alias_cycle_is_refused(tmp_path):
+    path = _params_file(tmp_path, "  image_ids: []", "  image_ids: &ids [1, *ids]")
+    line = _line_of(path, "&ids")
+    assert _load_error(path) == (f"{path}: analyze.similars.image_ids: line {line}: alias "
+                                 "*ids refers to a node that contains it (a cycle)")
+
+
+def test_unreadable_values_are_one_error_line(tmp_path):
+    # Each of these raised from inside PyYAML (RecursionError, ValueError) with a traceback.
+    path = _params_file(tmp_path, "  image_ids: []", "  image_ids: " + "[" * 1000 + "]" * 1000)
+    line = _line_of(path, "image_ids")
+    assert _load_error(path) == (f"{path}: analyze.similars.image_ids{'.0' * 14}: "
+                                 f"line {line}: nested deeper than 16 levels")
+    path = _params_file(tmp_path, "  epochs: 15\n", "  epochs: 1" + "0" * 5000 + "\n")
+    line = _line_of(path, "  epochs:")
+    assert _load_error(path).startswith(f"{path}: line {line}: unreadable value: Exceeds the "
+                                        "limit (4300 digits) for integer string conversion")
+    path = _params_file(tmp_path, "  seed: 0\n  filter:", "  seed: 2024-13-45\n  filter:")
+    line = _line_of(path, "2024-13-45")
+    assert _load_error(path) == f"{path}: line {line}: unreadable value: month must be in 1..12"
+
+
+def test_params_file_size_is_bounded(tmp_path):
+    path = _params_file(tmp_path, "\nmasks:", "\n" + ("# padding\n" * 200_000) + "masks:")
+    assert _load_error(path) == (f"{path}: larger than 1048576 bytes; a params file is a few KB")
+
+
+LONG = "x" * 100_000
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda p: p["train"].update(epochs=LONG),
+     f"params.yaml: train.epochs: '{'x' * 79}... (100002 chars) is not of type 'integer'"),
+    (lambda p: p["train"].update({LONG: 1}),
+     f"params.yaml: train.{'x' * 80}... (100000 chars): unknown key (allowed here: device, "
+     "nproc, image_size, epochs, batch_size, lr, weight_decay, seed, num_workers, hflip)"),
+    (lambda p: p["report"].update(title=list(range(20_000))),
+     f"params.yaml: report.title: {repr(list(range(20_000)))[:80]}... "
+     f"({len(repr(list(range(20_000))))} chars) is not of type 'string'"),
+    (lambda p: p["schemes"].update({LONG: p["schemes"]["person_car"]}),
+     f"params.yaml: schemes: '{'x' * 79}... (100002 chars) is not a valid name (letters, "
+     "digits and _, starting with a letter; 'background' is reserved for class 0)"),
+], ids=["value", "unknown_key", "list", "scheme_name"])
+def test_error_messages_cut_long_values(params, edit, expected):
+    edit(params)
+    message = _error(params)
+    assert message == expected
+    assert len(message) < 300
+
+
+def test_many_problems_are_counted_not_listed(params):
+    params["analyze"]["similars"]["image_ids"] = [f"id{i}" for i in range(1000)]
+    message = _error(params)
+    problems = message.split("; ")
+    assert problems[0] == "params.yaml: analyze.similars.image_ids.0: 'id0' is not of type 'integer'"
+    assert problems[-1] == "... and 995 more problems"
+    assert len(problems) == 6 and "\n" not in message
+
+
+def test_unique_items_check_is_linear(tmp_path, monkeypatch, params):
+    # jsonschema checks uniqueItems on a list it cannot sort (objects, mixed types) by
+    # comparing every pair: 3000 objects, within the node bound, cost 4.5 million
+    # comparisons. Counted here through jsonschema's own equality, which that path calls.
+    calls = []
+    real_equal = jsonschema._utils.equal
+    monkeypatch.setattr(jsonschema._utils, "equal", lambda a, b: calls.append(1) or real_equal(a, b))
+    ids = "[" + ", ".join(f"{{n: {i}}}" for i in range(3000)) + "]"
+    path = _params_file(tmp_path, "  image_ids: []", f"  image_ids: {ids}")
+    message = _load_error(path)
+    assert message.startswith(f"{path}: analyze.similars.image_ids: [{{'n': 0}}, {{'n': 1}}, ")
+    assert "is too long" in message and "non-unique" not in message
+    assert len(calls) < 3000
+    # Still JSON Schema's equality: 1 == 1.0 at any depth, but a boolean is never a number.
+    for ids, unique in [([1, 1.0], False), ([True, 1], True), ([[1], [1], "x"], False),
+                        ([{"a": [1, 2]}, {"a": [1, 2.0]}], False), ([{"a": 1}, {"a": True}], True)]:
+        params["analyze"]["similars"]["image_ids"] = ids
+        duplicate = f"analyze.similars.image_ids: {ids!r} has non-unique elements"
+        assert (duplicate in _error(params)) is not unique, ids
+
+
+def test_k_min_above_k_max_is_a_params_error(params):
+    params["analyze"]["clustering"].update(k_min=5, k_max=3)
+    assert _error(params) == "params.yaml: analyze.clustering: k_min 5 is above k_max 3"
+
+
+# ---------------------------------------------------------------- the same, as a user sees it
+
+HOSTILE = {
+    # a few hundred bytes standing for 10^9 values: the old code quoted it in full
+    "alias_bomb": (TITLE_LINE, "title: *l8", _alias_bomb(levels=9),
+                   "bomb.3: line 5: more than 10000 values with aliases expanded (an alias "
+                   "bomb?); params.yaml has about 200"),
+    "duplicate_key": ("  epochs: 15\n", "  epochs: 1\n  epochs: 500\n", "",
+                      "train.epochs: duplicate key at lines {line} and {next}"),
+    "float_epochs": ("  epochs: 15\n", "  epochs: 1.0\n", "",
+                     "train.epochs: 1.0 is not of type 'integer'"),
+    "deep_nesting": ("  image_ids: []", "  image_ids: " + "[" * 1000 + "]" * 1000, "",
+                     "analyze.similars.image_ids" + ".0" * 14 + ": line {line}: nested "
+                     "deeper than 16 levels"),
+}
+
+
+def _hostile_file(tmp_path, name: str) -> tuple[Path, str]:
+    old, new, prefix, expected = HOSTILE[name]
+    path = _params_file(tmp_path, old, new, prefix)
+    line = _line_of(path, new.strip().split("\n")[0])
+    return path, expected.format(line=line, next=line + 1)
+
+
+def _bounded(memory_bytes: int = 4 << 30):
+    # The old code expands a 10^9-value bomb: the child gets this much address space
+    # and no more, so that it fails with MemoryError instead of taking the machine's.
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    return limit
+
+
+def _run(cmd, cwd, env=None) -> subprocess.CompletedProcess:
+    # timeout: a hang guard only (the old code walks 10^9 values); a refusal takes ~1 s.
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120,
+                          preexec_fn=_bounded())
+
+
+@pytest.mark.parametrize("name", ["alias_bomb", "duplicate_key", "deep_nesting"])
+def test_stage_main_refuses_hostile_params_in_one_line(tmp_path, name):
+    work = tmp_path / "work"
+    work.mkdir()
+    path, expected = _hostile_file(work, name)
+    before = sorted(p.name for p in work.iterdir())
+    result = _run([sys.executable, "-m", "stages.compare", "--params", str(path),
+                   "--analysis", str(work / "analysis"), "--out", str(work / "comparison")],
+                  cwd=ROOT)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr[-2000:]
+    assert lines[0].endswith(f" compare ERROR {path}: {expected}")
+    assert len(lines[0]) < 300
+    assert sorted(p.name for p in work.iterdir()) == before   # nothing written
+
+
+@pytest.mark.parametrize("name", ["alias_bomb", "duplicate_key", "float_epochs"])
+def test_snakemake_refuses_what_the_stages_refuse(tmp_path, name):
+    # A copy of the workflow (and of the stages it imports) with the hostile params.yaml.
+    for part in ("Snakefile", "workflow", "stages"):
+        copy = shutil.copytree if (ROOT / part).is_dir() else shutil.copy2
+        copy(ROOT / part, tmp_path / part)
+    _, expected = _hostile_file(tmp_path, name)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    env = {**os.environ, "PYTHONPATH": str(tmp_path),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = _run([str(Path(sys.executable).parent / "snakemake"), "-n", "--cores", "1"],
+                  cwd=tmp_path, env=env)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == f"params.yaml: {expected}", output[-2000:]
+    assert "Traceback" not in output and 'File "' not in output
+    assert len(output) < 1000
+    assert sorted(p.name for p in tmp_path.iterdir()) == before   # not even .snakemake/
