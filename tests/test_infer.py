@@ -3,10 +3,16 @@ stage run on the real sample (download -> masks -> train 1 epoch -> infer at 64 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import re
 import statistics
+import subprocess
+import sys
 import threading
 import time
 import weakref
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -14,7 +20,8 @@ import pytest
 import torch
 import yaml
 
-from conftest import SAMPLE, small_params
+from conftest import ROOT, SAMPLE, small_params
+from damaged_files import DAMAGE, MODEL_REASONS, NOT_A_MODEL, damaged_model
 from stages import download, infer, masks, train
 from stages.lib.data import collate_inference
 from stages.lib.io import json_safe
@@ -353,3 +360,72 @@ def test_stage_latents_match_a_fresh_forward_pass(chain):
     bottleneck = slices[0]
     assert np.allclose(latents[:, bottleneck[0]:bottleneck[1]],
                        features[0].mean(dim=(2, 3)).numpy(), atol=1e-4)
+
+
+# ---------------------------------------------------------------- damaged model.pt
+
+def _infer_dirs(tmp_path, bad: bytes, default_params) -> tuple[list[str], Path]:
+    """A model folder holding `bad` as model.pt, empty raw and masks folders, params."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model.pt").write_bytes(bad)
+    for folder in ("raw", "masks"):
+        (tmp_path / folder).mkdir()
+    params = json.loads(json.dumps(default_params))
+    params["infer"]["device"] = "cpu"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    argv = ["--params", str(tmp_path / "params.yaml"), "--model", str(tmp_path / "model"),
+            "--raw", str(tmp_path / "raw"), "--masks", str(tmp_path / "masks"),
+            "--out", str(tmp_path / "pred")]
+    return argv, tmp_path / "model" / "model.pt"
+
+
+def _tree(root: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None
+            for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("kind", DAMAGE + NOT_A_MODEL)
+def test_damaged_model_exits_2_with_one_line_naming_it(tmp_path, caplog, default_params, kind):
+    argv, model_pt = _infer_dirs(tmp_path, damaged_model(kind, tmp_path / "pwned"), default_params)
+    before = _tree(tmp_path)
+    assert infer.main(argv) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "\n" not in errors[0]
+    assert re.fullmatch(rf"{re.escape(str(model_pt))}: not a PyTorch state dict saved by "
+                        rf"segflow's train stage \({MODEL_REASONS[kind]}\)", errors[0])
+    assert _tree(tmp_path) == before  # nothing written, model.pt as it was
+
+
+def test_hostile_pickle_as_model_is_one_stderr_line_from_the_command(tmp_path, default_params):
+    """The whole command, as the engines run it: exit code 2, one line, no traceback."""
+    argv, model_pt = _infer_dirs(tmp_path, damaged_model("os_system_pickle", tmp_path / "pwned"),
+                                 default_params)
+    result = subprocess.run([sys.executable, "-m", "stages.infer", *argv], cwd=ROOT,
+                            capture_output=True, text=True, env={**os.environ,
+                                                                 "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2, result.stderr[-3000:]
+    line, = result.stderr.splitlines()
+    assert line.endswith(f" infer ERROR {model_pt}: not a PyTorch state dict saved by segflow's "
+                         "train stage (UnpicklingError: Trying to load unsupported GLOBAL "
+                         "posix.system whose module posix is blocked)")
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "pred").exists()
+
+
+def test_analyze_with_a_damaged_model_exits_2_naming_it(chain, tmp_path, caplog):
+    """analyze loads model.pt through the same function: the same one line."""
+    from stages import analyze
+
+    model_pt = tmp_path / "model" / "model.pt"
+    model_pt.parent.mkdir()
+    model_pt.write_bytes(damaged_model("truncated", tmp_path / "pwned"))
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(chain["params"], sort_keys=False))
+    code = analyze.main(["--params", str(params), "--predictions", str(chain["pred"]),
+                         "--masks", str(chain["masks"]), "--model", str(model_pt.parent),
+                         "--raw", str(chain["raw"]), "--out", str(tmp_path / "analysis")])
+    assert code == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [f"{model_pt}: not a PyTorch state dict saved by segflow's train stage "
+                      "(RuntimeError: PytorchStreamReader failed reading zip archive: failed "
+                      "finding central directory)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "params.yaml"]

@@ -1,12 +1,15 @@
 """MobileNetV2 + pix2pix model: encoder taps, output size, weights, freezing, checkpoints."""
 from __future__ import annotations
 
+import re
 import urllib.error
 
 import pytest
 import torch
 from torchvision.models import MobileNet_V2_Weights, mobilenet_v2, resnet18
 
+from damaged_files import (DAMAGE, LOAD_REASONS, MODEL_REASONS, NOT_A_MODEL, damaged,
+                           damaged_model)
 from stages.lib.cli import StageError
 from stages.lib.model import (SegNet, WeightsError, build_model, checkpoint_payload, load_trained,
                               pooled_latent, resolve_device)
@@ -222,3 +225,46 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(StageError, match="cuda requested"):
             resolve_device("cuda")
+
+
+# ---------------------------------------------------------------- damaged files
+
+@pytest.mark.parametrize("kind", DAMAGE + NOT_A_MODEL)
+def test_damaged_or_foreign_model_file_is_one_weights_error_naming_it(tmp_path, kind):
+    path = tmp_path / "model.pt"
+    bad = damaged_model(kind, tmp_path / "pwned")
+    path.write_bytes(bad)
+    with pytest.raises(WeightsError) as caught:
+        load_trained(path, torch.device("cpu"))
+    assert re.fullmatch(rf"{re.escape(str(path))}: not a PyTorch state dict saved by segflow's "
+                        rf"train stage \({MODEL_REASONS[kind]}\)", str(caught.value))
+    assert path.read_bytes() == bad and not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("kind", ["random_bytes", "os_system_pickle"])
+def test_encoder_weights_the_safe_loader_refuses_are_one_line_naming_the_file(tmp_path, kind):
+    """torch's own message is several lines long and advises weights_only=False."""
+    path = tmp_path / "weights.pth"
+    path.write_bytes(damaged(kind, b"", tmp_path / "pwned"))
+    with pytest.raises(WeightsError) as caught:
+        build_model(3, str(path), False, 0.0)
+    assert re.fullmatch(rf"{re.escape(str(path))}: not a torch state dict of MobileNetV2 weights "
+                        rf"\(model\.encoder_weights\) \({LOAD_REASONS[kind]}\)", str(caught.value))
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("kind, wrong", [
+    ("half_width", r"'0\.0\.weight float32 \(16, 3, 3, 3\) instead of float32 \(32, 3, 3, 3\)'"),
+    ("complex", r"'0\.0\.weight complex64 \(32, 3, 3, 3\) instead of float32 \(32, 3, 3, 3\)'"),
+])
+def test_encoder_weights_of_other_shapes_or_dtypes_are_weights_error(tmp_path, kind, wrong):
+    """Same keys as MobileNetV2: load_state_dict raised a bare size-mismatch RuntimeError for
+    a narrower network, and silently dropped the imaginary part of complex weights."""
+    state = mobilenet_v2(weights=None, width_mult=0.5 if kind == "half_width" else 1.0).state_dict()
+    if kind == "complex":
+        state = {k: v.to(torch.complex64) if v.is_floating_point() else v for k, v in state.items()}
+    torch.save(state, tmp_path / "weights.pth")
+    with pytest.raises(WeightsError, match=rf"^model\.encoder_weights '{re.escape(str(tmp_path))}/"
+                                           rf"weights\.pth': not a MobileNetV2 state dict \(wrong "
+                                           rf"e\.g\. \[{wrong}, "):
+        build_model(3, str(tmp_path / "weights.pth"), False, 0.0)

@@ -10,6 +10,8 @@ Encoder taps (Keras layer name -> torchvision module, channels, stride):
 """
 from __future__ import annotations
 
+import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -26,8 +28,13 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+TRAINED_ARCH = "mobilenet_v2-pix2pix"
+TRAINED_FILE = "a PyTorch state dict saved by segflow's train stage"
+
+
 class WeightsError(StageError):
-    """Encoder weights that cannot be obtained or do not fit MobileNetV2."""
+    """Weights (encoder weights, a trained model.pt) that cannot be obtained or read, or
+    that do not fit the model."""
 
 
 class UpBlock(nn.Module):
@@ -111,7 +118,11 @@ def build_model(num_classes: int, encoder_weights: str, freeze_encoder: bool,
     model = SegNet(num_classes, dropout)
     state = _encoder_state(encoder_weights, base_dir)
     if state is not None:
-        model.encoder.load_state_dict(state)
+        try:
+            model.encoder.load_state_dict(state)
+        except RuntimeError as exc:  # right keys and shapes, but e.g. a dtype it cannot take
+            raise WeightsError(f"model.encoder_weights {encoder_weights!r}: not MobileNetV2 "
+                               f"weights ({load_failure(exc)})") from None
     if freeze_encoder:
         model.freeze_encoder()
     return model
@@ -132,11 +143,8 @@ def _encoder_state(spec: str, base_dir: Path) -> dict | None:
         if not path.is_file():
             raise WeightsError(f"model.encoder_weights: {spec!r} is neither imagenet, none, "
                                "nor an existing file")
-        try:
-            full = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # unpickling, zip and format errors all mean "not weights"
-            raise WeightsError(f"model.encoder_weights: {spec!r} is not a torch state dict "
-                               f"file: {exc}") from None
+        full = load_weights_file(path, "a torch state dict of MobileNetV2 weights "
+                                       "(model.encoder_weights)")
     if not isinstance(full, dict):
         raise WeightsError(f"model.encoder_weights: {spec!r} holds a {type(full).__name__}, "
                            "not a state dict")
@@ -146,14 +154,71 @@ def _encoder_state(spec: str, base_dir: Path) -> dict | None:
 def _features_only(state: dict, spec: str) -> dict:
     """Accept a whole torchvision MobileNetV2 state dict or just its `features` part."""
     prefix = "features."
-    picked = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)} or dict(state)
-    expected = set(SegNet(2).encoder.state_dict())
+    picked = {k[len(prefix):]: v for k, v in state.items()
+              if isinstance(k, str) and k.startswith(prefix)} or dict(state)
+    expected = SegNet(2).encoder.state_dict()
     keep = {k: v for k, v in picked.items() if k in expected}
-    if set(keep) != expected:
-        missing = sorted(expected - set(keep))[:3]
+    problem = state_dict_mismatch(expected, keep)
+    if problem:
         raise WeightsError(f"model.encoder_weights {spec!r}: not a MobileNetV2 state dict "
-                           f"(missing e.g. {missing})")
+                           f"({problem})")
     return keep
+
+
+def load_weights_file(path: Path, expected: str, map_location: str | torch.device = "cpu",
+                      error: type[StageError] = WeightsError) -> object:
+    """torch.load(weights_only=True) of a file that may hold anything: every way it can fail
+    (empty, cut short, random bytes, a pickle the weights-only unpickler refuses, unreadable)
+    becomes one `error` line naming the file and what it should have been."""
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise error(f"{path}: not {expected} (empty file)")
+        with warnings.catch_warnings():  # e.g. pickle-protocol notes: the error says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except StageError:
+        raise
+    except Exception as exc:  # zip, unpickling, EOF, index errors... all mean "not weights"
+        raise error(f"{path}: not {expected} ({load_failure(exc)})") from None
+
+
+def load_failure(exc: Exception) -> str:
+    """The informative line of a torch.load error, without torch's advice to retry with
+    weights_only=False (never right for a file that failed the safe load)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if isinstance(exc, pickle.UnpicklingError) and lines and "Weights only" in lines[0]:
+        lines = [line for line in lines[1:]
+                 if not line.startswith(("Please file an issue", "Check the documentation"))]
+        lines = lines or ["refused by the weights-only unpickler"]
+    first = lines[0].split(". ")[0].rstrip(".") if lines else "file ends early"
+    first = first if len(first) <= 200 else first[:197] + "..."
+    return f"{type(exc).__name__}: {first}"
+
+
+def state_dict_mismatch(expected: dict, given: dict) -> str | None:
+    """None when `given` has exactly `expected`'s keys with tensors of the same shapes and
+    kinds of dtype, else what differs (a few examples of each kind). load_state_dict would
+    raise on some of these and silently cast others (complex to real, say)."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    wrong = [f"{k} {_tensor_kind(given[k])} instead of {_tensor_kind(v)}"
+             for k, v in expected.items() if k in given and not _fits(given[k], v)]
+    parts = [f"{label} e.g. {items[:3]}" for label, items in
+             (("missing", missing), ("unexpected", unexpected), ("wrong", wrong)) if items]
+    return "; ".join(parts) or None
+
+
+def _fits(given: object, expected: torch.Tensor) -> bool:
+    return (isinstance(given, torch.Tensor) and given.shape == expected.shape
+            and (given.dtype == expected.dtype
+                 or given.is_floating_point() and expected.is_floating_point()))
+
+
+def _tensor_kind(value: object) -> str:
+    if not isinstance(value, torch.Tensor):
+        return type(value).__name__
+    return f"{str(value.dtype).removeprefix('torch.')} {tuple(value.shape)}"
 
 
 def checkpoint_payload(model: SegNet, class_names: list[str], image_size: int,
@@ -171,13 +236,52 @@ def checkpoint_payload(model: SegNet, class_names: list[str], image_size: int,
 
 
 def load_trained(path: str | Path, device: torch.device) -> tuple[SegNet, dict]:
+    """The model train wrote to `path` and its payload; anything else (a damaged file, a
+    pickle, another model's weights) is one WeightsError naming the path."""
     path = Path(path)
     if not path.is_file():
         raise StageError(f"{path}: no trained model (run the train stage first)")
-    payload = torch.load(path, map_location=device, weights_only=True)
-    model = SegNet(len(payload["class_names"]), payload["dropout"])
-    model.load_state_dict(payload["state_dict"])
+    payload = load_weights_file(path, TRAINED_FILE, map_location=device)
+    problem = trained_payload_problem(payload)
+    if problem is None:
+        model = SegNet(len(payload["class_names"]), payload["dropout"])
+        problem = state_dict_mismatch(model.state_dict(), payload["state_dict"])
+    if problem is not None:
+        raise WeightsError(f"{path}: not {TRAINED_FILE} ({problem})")
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:  # e.g. a dtype torch cannot copy into the parameters
+        raise WeightsError(f"{path}: not {TRAINED_FILE} ({load_failure(exc)})") from None
     return model.to(device).eval(), payload
+
+
+def trained_payload_problem(payload: object) -> str | None:
+    """What makes `payload` not what checkpoint_payload() writes, or None."""
+    if not isinstance(payload, dict):
+        return f"holds a {type(payload).__name__}, not a dict"
+    missing = [k for k in ("arch", "state_dict", "class_names", "image_size", "dropout", "mean",
+                           "std") if k not in payload]
+    if missing:
+        return f"missing keys {missing}"
+    names, size, dropout = payload["class_names"], payload["image_size"], payload["dropout"]
+    checks = [
+        (payload["arch"] == TRAINED_ARCH, f"arch {payload['arch']!r} is not {TRAINED_ARCH!r}"),
+        (isinstance(payload["state_dict"], dict), "state_dict is not a dict"),
+        (isinstance(names, list) and len(names) >= 2 and all(isinstance(n, str) for n in names),
+         "class_names is not a list of at least 2 names"),
+        (isinstance(size, int) and not isinstance(size, bool) and size > 0,
+         f"image_size {size!r} is not a positive integer"),
+        (isinstance(dropout, (int, float)) and 0 <= dropout < 1,
+         f"dropout {dropout!r} is not in [0, 1)"),
+        (all(_three_numbers(payload[k]) for k in ("mean", "std")),
+         "mean and std are not 3 numbers each"),
+    ]
+    return next((message for ok, message in checks if not ok), None)
+
+
+def _three_numbers(value: object) -> bool:
+    return (isinstance(value, (list, tuple)) and len(value) == 3
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
 
 
 def resolve_device(spec: str) -> torch.device:
