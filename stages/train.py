@@ -1,11 +1,14 @@
 """train: fit the MobileNetV2 + pix2pix model on one scheme's train masks; validate on
 val each epoch. Writes --out/model.pt (state dict + what rebuilds the model, loadable with
 torch.load(weights_only=True)) and --live (DVCLive: loss and IoU per epoch). With
---checkpoints, saves the whole training state after every epoch; a run killed at any
-point resumes from it and ends with the same weights as an uninterrupted run."""
+--checkpoints, saves the whole training state after every epoch (last.pt, the one before
+kept as prev.pt); a run killed at any point resumes from it and ends with the same weights
+as an uninterrupted run. A damaged checkpoint is named in a warning, renamed aside
+(last.pt.corrupt-<UTC time>, never deleted) and the previous one, else a fresh start, used."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import io
 import json
@@ -15,6 +18,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import NamedTuple
 
@@ -32,7 +36,8 @@ from stages.lib.io import atomic_dir, atomic_path
 from stages.lib.labels import IGNORE_INDEX
 from stages.lib.metrics import confusion_matrix, scores
 from stages.lib.model import (IMAGENET_MEAN, IMAGENET_STD, build_model, checkpoint_payload,
-                              resolve_device)
+                              load_failure, load_weights_file, resolve_device,
+                              state_dict_mismatch)
 from stages.lib.params import load_params, scheme_class_names
 
 log = logging.getLogger("train")
@@ -134,33 +139,159 @@ def run_fingerprint(params: dict, scheme: str, raw: Path, masks: Path) -> str:
     return digest.hexdigest()
 
 
+CHECKPOINT_FILE = "a training checkpoint saved by segflow's train stage"
+PREVIOUS = "prev.pt"  # beside last.pt: the checkpoint last.pt replaced, one epoch older
+HISTORY_KEYS = ("epoch", "train_loss", "val_loss", "val_miou", "val_iou")
+
+
+class CheckpointError(StageError):
+    """A checkpoint that cannot be read, or is not one train wrote: set aside, never fatal."""
+
+
+def previous_checkpoint(last: Path) -> Path:
+    return last.with_name(PREVIOUS)
+
+
 def save_checkpoint(path: Path, fingerprint: str, history: list[dict], model, optimizer,
                     scheduler, scaler) -> None:
+    """The training state as `path` (last.pt). The checkpoint it replaces is kept as prev.pt
+    by a rename (no second write): a last.pt damaged later costs one epoch, not the run, and
+    at every moment one of the two names holds a complete checkpoint."""
     state = {"fingerprint": fingerprint, "epoch": len(history), "history": history,
              "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
              "torch_rng": torch.get_rng_state()}
-    _save_torch(state, path)
+    _save_torch(state, path, keep_old_as=previous_checkpoint(path))
 
 
-def resume(path: Path, fingerprint: str, model, optimizer, scheduler, scaler) -> list[dict]:
-    """Restore the last checkpoint of this very run; return the epochs it had finished."""
-    if not path.is_file():
-        return []
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("fingerprint") != fingerprint:
-        log.warning("%s: made with other params or data, starting afresh", path)
-        return []
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["torch_rng"])
-    log.info("resuming from %s after epoch %d", path, state["epoch"])
+def resume(path: Path, fingerprint: str, model, optimizer, scheduler, scaler,
+           set_aside: bool = True) -> list[dict]:
+    """Restore the newest usable checkpoint of this very run, `path` (last.pt) else prev.pt;
+    return the epochs it had finished ([]: train from scratch). A damaged one is logged and
+    renamed aside (by the main rank only, `set_aside`: every rank reads the same files and
+    so decides alike), and the next one tried."""
+    candidates = [c for c in (path, previous_checkpoint(path)) if c.is_file()]
+    for candidate in candidates:
+        try:
+            history = restore_checkpoint(candidate, fingerprint, model, optimizer, scheduler,
+                                         scaler)
+        except CheckpointError as exc:
+            if set_aside:
+                log.warning("%s; moved aside to %s", exc, set_aside_file(candidate).name)
+            continue
+        if history is not None:
+            log.info("resuming from %s after epoch %d", candidate, len(history))
+            return history
+    if candidates:
+        log.info("%s: no usable checkpoint of this run, training from epoch 1", path.parent)
+    return []
+
+
+def restore_checkpoint(path: Path, fingerprint: str, model, optimizer, scheduler,
+                       scaler) -> list[dict] | None:
+    """Load `path` into the training objects and return its history; None, changing
+    nothing, for a checkpoint of other params or data. Any load or structure failure is one
+    CheckpointError naming the file, with every object (and torch's RNG) as it was."""
+    state = load_weights_file(path, CHECKPOINT_FILE, error=CheckpointError)
+    if not isinstance(state, dict) or not isinstance(state.get("fingerprint"), str):
+        raise CheckpointError(f"{path}: not {CHECKPOINT_FILE} (no fingerprint)")
+    if state["fingerprint"] != fingerprint:
+        log.warning("%s: made with other params or data, not resumed", path)
+        return None
+    problem = checkpoint_problem(state, model, optimizer)
+    if problem:
+        raise CheckpointError(f"{path}: not {CHECKPOINT_FILE} ({problem})")
+    objects = (model, optimizer, scheduler, scaler)
+    with _undone_on_error(objects):
+        try:
+            for obj, key in zip(objects, ("model", "optimizer", "scheduler", "scaler")):
+                obj.load_state_dict(state[key])
+            torch.set_rng_state(state["torch_rng"])
+        except Exception as exc:  # what the structure checks cannot foresee
+            raise CheckpointError(f"{path}: not {CHECKPOINT_FILE} "
+                                  f"({load_failure(exc)})") from None
     return state["history"]
 
 
-def _save_torch(obj: object, path: Path) -> None:
+def checkpoint_problem(state: dict, model: nn.Module,
+                       optimizer: torch.optim.Optimizer) -> str | None:
+    """What keeps `state` from being restored into this model and optimizer, or None.
+    The history must be whole: the DVCLive curves are written from it at the end."""
+    missing = [k for k in ("epoch", "history", "model", "optimizer", "scheduler", "scaler",
+                           "torch_rng") if k not in state]
+    if missing:
+        return f"missing keys {missing}"
+    epoch, history = state["epoch"], state["history"]
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
+        return f"epoch {epoch!r} is not a positive integer"
+    if not isinstance(history, list) or len(history) != epoch or not all(
+            isinstance(r, dict) and all(k in r for k in HISTORY_KEYS) and r["epoch"] == i + 1
+            for i, r in enumerate(history)):
+        return f"history is not the {epoch} epoch records its epoch says"
+    if not all(isinstance(state[k], dict) for k in ("model", "optimizer", "scheduler", "scaler")):
+        return "model, optimizer, scheduler and scaler are not all state dicts"
+    if state["scheduler"].get("last_epoch") != epoch:
+        return f"scheduler at epoch {state['scheduler'].get('last_epoch')!r}, not {epoch}"
+    rng = state["torch_rng"]
+    if not (isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8
+            and rng.shape == torch.get_rng_state().shape):
+        return "torch_rng is not a torch RNG state"
+    mismatch = state_dict_mismatch(model.state_dict(), state["model"])
+    return f"model: {mismatch}" if mismatch else _optimizer_problem(state["optimizer"], optimizer)
+
+
+def _optimizer_problem(saved: dict, optimizer: torch.optim.Optimizer) -> str | None:
+    """load_state_dict checks the group sizes; per-parameter moments of the wrong shape would
+    only fail at the first step, mid-epoch."""
+    groups, per_param = saved.get("param_groups"), saved.get("state")
+    if not (isinstance(groups, list) and isinstance(per_param, dict)
+            and len(groups) == len(optimizer.param_groups)
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)):
+        return "optimizer: not the state of this model's optimizer"
+    for group, live in zip(groups, optimizer.param_groups):
+        if len(group["params"]) != len(live["params"]):
+            return "optimizer: parameter groups of other sizes"
+        for key, param in zip(group["params"], live["params"]):
+            moments = per_param.get(key, {})
+            if not isinstance(moments, dict) or any(
+                    isinstance(v, torch.Tensor) and v.dim() and v.shape != param.shape
+                    for v in moments.values()):
+                return f"optimizer: state of parameter {key!r} does not fit its shape"
+    return None
+
+
+@contextlib.contextmanager
+def _undone_on_error(objects: tuple):
+    """Put the objects and torch's RNG back as they were if a restore fails halfway: the
+    next checkpoint, or a fresh start, must begin from exactly the fresh state."""
+    saved = [copy.deepcopy(obj.state_dict()) for obj in objects]
+    rng = torch.get_rng_state()
+    try:
+        yield
+    except BaseException:
+        for obj, state in zip(objects, saved):
+            obj.load_state_dict(state)
+        torch.set_rng_state(rng)
+        raise
+
+
+def set_aside_file(path: Path) -> Path:
+    """Rename a damaged file to <name>.corrupt-<UTC time> in its folder (never deleted, never
+    overwriting an earlier one): what went wrong can still be looked at."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    for attempt in range(1000):
+        aside = path.with_name(f"{path.name}.corrupt-{stamp}" + (f"-{attempt}" if attempt else ""))
+        if not aside.exists():
+            break
+    try:
+        os.rename(path, aside)
+    except OSError as exc:
+        raise StageError(f"{path}: damaged and cannot be moved aside to {aside.name} "
+                         f"({exc.strerror})") from None
+    return aside
+
+
+def _save_torch(obj: object, path: Path, keep_old_as: Path | None = None) -> None:
     # Through a buffer: torch.save names the zip's root folder after the file, so a
     # temporary file name would make identical weights give different bytes (and DVC
     # would see a changed model).
@@ -168,6 +299,8 @@ def _save_torch(obj: object, path: Path) -> None:
     torch.save(obj, buffer)
     with atomic_path(path) as tmp:
         tmp.write_bytes(buffer.getvalue())
+        if keep_old_as is not None and path.is_file():
+            os.replace(path, keep_old_as)  # only once the new file is whole
 
 
 # ---------------------------------------------------------------- run
@@ -255,8 +388,8 @@ def _run_seeded(params, scheme, raw, masks, out, device, checkpoints, live, rank
              len(train_loader.dataset), len(val_loader.dataset), len(class_names), device)
     checkpoint = checkpoints / "last.pt" if checkpoints else None
     fingerprint = run_fingerprint(params, scheme, raw, masks)
-    history = resume(checkpoint, fingerprint, model, optimizer, scheduler, scaler) \
-        if checkpoint else []
+    history = resume(checkpoint, fingerprint, model, optimizer, scheduler, scaler,
+                     set_aside=ranks.main) if checkpoint else []
     trained = _wrap_ddp(model, device, ranks)
 
     def after_epoch(records: list[dict]) -> None:
@@ -274,7 +407,8 @@ def _run_seeded(params, scheme, raw, masks, out, device, checkpoints, live, rank
         _save_torch(checkpoint_payload(model, class_names, cfg["image_size"], model_cfg),
                     tmp / "model.pt")
     if checkpoint:
-        checkpoint.unlink(missing_ok=True)  # finished: a rerun must train, not resume
+        for done in (checkpoint, previous_checkpoint(checkpoint)):
+            done.unlink(missing_ok=True)  # finished: a rerun must train, not resume
     return history[-1] if history else {}
 
 
@@ -355,14 +489,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--live", required=True, type=Path,
                         help="DVCLive folder to create (loss and IoU per epoch, for dvc plots)")
     parser.add_argument("--checkpoints", type=Path, default=None,
-                        help="folder for the per-epoch checkpoint an interrupted run resumes "
-                             "from (kept outside both engines' outputs, deleted on success)")
+                        help="folder for the per-epoch checkpoints an interrupted run resumes "
+                             "from (kept outside both engines' outputs, deleted on success; "
+                             "damaged ones are renamed aside, never deleted)")
     args = parser.parse_args(argv)
     nproc = _requested_processes(args.params)
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         return launch(nproc, sys.argv[1:] if argv is None else list(argv))
+    # Checked before training, not after: the first checkpoint comes after a whole epoch.
+    checkpoint = args.checkpoints / "last.pt" if args.checkpoints else None
     return run_main("train", lambda: run(load_params(args.params), args.scheme, args.raw,
-                                         args.masks, args.out, args.checkpoints, args.live))
+                                         args.masks, args.out, args.checkpoints, args.live),
+                    outputs=(args.out, args.live, checkpoint))
 
 
 def launch(nproc: int, argv: list[str]) -> int:

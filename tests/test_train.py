@@ -3,7 +3,9 @@ and give the same final weights, and a model that can learn (fits 16 real images
 from __future__ import annotations
 
 import copy
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +19,7 @@ import yaml
 from torch.utils.data import DataLoader
 
 from conftest import SAMPLE, small_params
+from damaged_files import DAMAGE, LOAD_REASONS, damaged, torch_bytes
 from stages import download, masks, train
 from stages.lib.data import EpochSampler, SegmentationDataset, joint_transform, list_samples
 from stages.lib.metrics import scores
@@ -207,3 +210,158 @@ def test_global_batch_must_split_evenly_over_processes():
     assert train.per_rank_batch(8, 2) == 4
     with pytest.raises(train.StageError, match="train.batch_size 6 must be a multiple of train.nproc 4"):
         train.per_rank_batch(6, 4)
+
+
+# ---------------------------------------------------------------- damaged checkpoints
+
+STRUCTURE = ("missing_keys", "not_a_dict", "other_model", "invalid_rng")
+CHECKPOINT_REASONS = {
+    **LOAD_REASONS,
+    "missing_keys": r"missing keys \['model', 'optimizer', 'scheduler', 'scaler', 'torch_rng'\]",
+    "not_a_dict": r"no fingerprint",
+    "other_model": r"model: wrong e\.g\. \['head\.weight float32 \(160, 4, 3, 3\) instead of "
+                   r"float32 \(160, 3, 3, 3\)', 'head\.bias float32 \(4,\) instead of float32 "
+                   r"\(3,\)'\]",
+    # passes every structure check, fails on the last thing restored: what was restored
+    # before it must be undone, or the fresh start would not be one
+    "invalid_rng": r"RuntimeError: Invalid mt19937 state",
+}
+ASIDE = r"; moved aside to last\.pt\.corrupt-\d{8}T\d{6}Z(-\d+)?"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, default_params, one_torch_thread):
+    """4 train / 2 val sample images at 32 px, batches of 2, one epoch: a whole training
+    run in about a second."""
+    root = tmp_path_factory.mktemp("tiny")
+    params = small_params(default_params, train=4, val=2, size=32, epochs=1)
+    params["data"]["base_url"] = str(SAMPLE)
+    params["train"]["batch_size"] = 2
+    download.run(params, root / "raw")
+    masks.run(params, SCHEME, root / "raw", root / "masks")
+    return {"params": params, "raw": root / "raw", "masks": root / "masks"}
+
+
+@pytest.fixture(scope="module")
+def scratch_model(tiny, tmp_path_factory) -> bytes:
+    """model.pt of a 1-epoch run without checkpoints: what a fresh start must give."""
+    out = tmp_path_factory.mktemp("scratch") / "model"
+    train.run(copy.deepcopy(tiny["params"]), SCHEME, tiny["raw"], tiny["masks"], out)
+    return (out / "model.pt").read_bytes()
+
+
+def _checkpoint_like(fingerprint: str, num_classes: int = 3, **changes) -> dict:
+    """What save_checkpoint writes after one epoch, of a model with other weights."""
+    torch.manual_seed(99)
+    model = build_model(num_classes, "none", False, 0.0)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = {**torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=1).state_dict(),
+                 "last_epoch": 1}
+    record = {"epoch": 1, "train_loss": 1.0, "train_miou": 0.1, "val_loss": 1.0, "val_miou": 0.1,
+              "val_iou": {"background": 0.1, "person": 0.1, "car": 0.1}}
+    return {"fingerprint": fingerprint, "epoch": 1, "history": [record],
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler, "scaler": {}, "torch_rng": torch.get_rng_state(), **changes}
+
+
+def _damaged_checkpoint(kind: str, fingerprint: str, marker: Path) -> bytes:
+    if kind == "missing_keys":
+        return torch_bytes({"fingerprint": fingerprint, "epoch": 1, "history": []})
+    if kind == "not_a_dict":
+        return torch_bytes([fingerprint, 1])
+    if kind == "other_model":
+        return torch_bytes(_checkpoint_like(fingerprint, num_classes=4))
+    if kind == "invalid_rng":
+        rng = torch.zeros_like(torch.get_rng_state())
+        return torch_bytes(_checkpoint_like(fingerprint, torch_rng=rng))
+    return damaged(kind, torch_bytes(_checkpoint_like(fingerprint)), marker)
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize("kind", DAMAGE + STRUCTURE)
+def test_damaged_last_checkpoint_is_named_set_aside_and_training_restarts(
+        tiny, scratch_model, tmp_path, caplog, kind):
+    params = copy.deepcopy(tiny["params"])
+    fingerprint = train.run_fingerprint(params, SCHEME, tiny["raw"], tiny["masks"])
+    last = tmp_path / "ck" / "last.pt"
+    last.parent.mkdir()
+    bad = _damaged_checkpoint(kind, fingerprint, tmp_path / "pwned")
+    last.write_bytes(bad)
+    train.run(params, SCHEME, tiny["raw"], tiny["masks"], tmp_path / "model", last.parent)
+    warnings, = _warnings(caplog)
+    assert re.fullmatch(rf"{re.escape(str(last))}: not a training checkpoint saved by segflow's "
+                        rf"train stage \({CHECKPOINT_REASONS[kind]}\){ASIDE}", warnings), warnings
+    aside, = last.parent.iterdir()  # last.pt and prev.pt gone on success, no temporary left
+    assert aside.name == warnings.rsplit(" ", 1)[1] and aside.read_bytes() == bad
+    assert (tmp_path / "model" / "model.pt").read_bytes() == scratch_model  # nothing restored
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_damaged_last_checkpoint_falls_back_to_prev_and_ends_with_identical_weights(
+        tiny, tmp_path, caplog, monkeypatch):
+    caplog.set_level(logging.INFO, logger="train")
+    params = copy.deepcopy(tiny["params"])
+    params["train"]["epochs"] = 3
+    train.run(params, SCHEME, tiny["raw"], tiny["masks"], tmp_path / "a")
+
+    class Killed(BaseException):
+        pass
+
+    real_save = train.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        if len(args[2]) == 2:  # the history: killed right after epoch 2's checkpoint
+            raise Killed
+
+    checkpoints = tmp_path / "ck"
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        train.run(params, SCHEME, tiny["raw"], tiny["masks"], tmp_path / "b", checkpoints)
+    monkeypatch.undo()
+    last, prev = checkpoints / "last.pt", checkpoints / "prev.pt"
+    assert (_epoch_of(last), _epoch_of(prev)) == (2, 1)
+
+    cut = last.read_bytes()[:1000]
+    last.write_bytes(cut)
+    caplog.clear()
+    train.run(params, SCHEME, tiny["raw"], tiny["masks"], tmp_path / "b", checkpoints)
+    warnings, = _warnings(caplog)
+    assert re.fullmatch(rf"{re.escape(str(last))}: not a training checkpoint saved by segflow's "
+                        rf"train stage \({CHECKPOINT_REASONS['truncated']}\){ASIDE}", warnings)
+    assert f"resuming from {prev} after epoch 1" in caplog.text
+    aside, = checkpoints.iterdir()
+    assert aside.read_bytes() == cut
+    assert (tmp_path / "a" / "model.pt").read_bytes() == (tmp_path / "b" / "model.pt").read_bytes()
+
+
+def test_both_checkpoints_damaged_are_set_aside_and_training_restarts(tiny, scratch_model,
+                                                                      tmp_path, caplog):
+    checkpoints = tmp_path / "ck"
+    checkpoints.mkdir()
+    (checkpoints / "last.pt").write_bytes(b"\x80\x02garbage")
+    (checkpoints / "prev.pt").write_bytes(b"")
+    train.run(copy.deepcopy(tiny["params"]), SCHEME, tiny["raw"], tiny["masks"], tmp_path / "m", checkpoints)
+    first, second = _warnings(caplog)
+    assert first.startswith(f"{checkpoints / 'last.pt'}: not a training checkpoint")
+    assert second.startswith(f"{checkpoints / 'prev.pt'}: not a training checkpoint saved by "
+                             "segflow's train stage (empty file); moved aside to prev.pt.corrupt-")
+    assert sorted((p.name.split(".corrupt-")[0], p.read_bytes()) for p in checkpoints.iterdir()) \
+        == [("last.pt", b"\x80\x02garbage"), ("prev.pt", b"")]
+    assert (tmp_path / "m" / "model.pt").read_bytes() == scratch_model
+
+
+def test_only_the_main_rank_sets_a_damaged_checkpoint_aside(tmp_path, caplog):
+    """Every DDP rank resumes from the same files: the others skip a damaged one silently
+    (deciding as rank 0 does) and leave renaming it to rank 0."""
+    last = tmp_path / "last.pt"
+    last.write_bytes(b"not a checkpoint")
+    model = build_model(3, "none", False, 0.0)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=2)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    assert train.resume(last, "fp", model, optimizer, scheduler, scaler, set_aside=False) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"] and _warnings(caplog) == []
