@@ -74,8 +74,10 @@ def read_streamed(archive: Path, out: Path, chosen: int | None = None) -> int:
     """The stage now: its index of the file, then its writer of the subset (of every image,
     or of `chosen` of them as the stage chooses)."""
     from stages import download
+    from stages.lib.params import load_params
 
-    index = download._index_member(download._Member(archive, MEMBER, str(archive)))
+    limits = load_params(ROOT / "params.yaml")["data"]["limits"]   # read as the stage reads
+    index = download._index_member(download._Member(archive, MEMBER, str(archive), limits))
     images = download.select_images(index.images, chosen, 0)
     with open(out, "w", encoding="utf-8") as handle:
         handle.writelines(download.subset_json(index.small, images, index.annotations()))

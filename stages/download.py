@@ -33,8 +33,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from stages.lib.cli import StageError, run_main, stage_parser
-from stages.lib.coco import (SPLITS, AnnotationError, StreamError, array_items, check_instances,
-                             resolve_scheme, stream_instances)
+from stages.lib.coco import (SPLITS, AnnotationError, BoundedReader, DuplicateImages, ImageKeys,
+                             LimitError, StreamError, array_items, check_instances,
+                             resolve_scheme, short_repr, stream_instances)
 from stages.lib.fetch import CorruptFile, FetchError, Fetcher, file_digest, verify_checksum
 from stages.lib.io import atomic_path, publish_dir, write_json
 from stages.lib.params import load_params
@@ -84,6 +85,7 @@ def categories_by_image(annotations: Iterable[object], source: str) -> dict[obje
         if not isinstance(ann, dict) or not ANNOTATION_KEYS <= ann.keys():
             raise StageError(f"{source}: annotations[{index}] is not an object with "
                              f"{', '.join(sorted(ANNOTATION_KEYS))}")
+        _check_integers(ann, ANNOTATION_KEYS, f"{source}: annotations[{index}]")
         shown.setdefault(ann["image_id"], set()).add(ann["category_id"])
     return shown
 
@@ -93,6 +95,18 @@ def check_images(images: list[object], source: str) -> None:
         if not isinstance(image, dict) or not IMAGE_KEYS <= image.keys():
             raise StageError(f"{source}: images[{index}] is not an object with "
                              f"{', '.join(sorted(IMAGE_KEYS))}")
+        _check_integers(image, ("id",), f"{source}: images[{index}]")
+        if not isinstance(image["file_name"], str):
+            raise StageError(f"{source}: images[{index}]: file_name "
+                             f"{short_repr(image['file_name'])} is not a string")
+
+
+def _check_integers(entry: dict, keys: Iterable[str], where: str) -> None:
+    """Ids are compared, sorted and matched across files: other types (a string id beside
+    integer ones, a list) would make that fail or mismatch."""
+    for key in sorted(keys):
+        if not isinstance(entry[key], int) or isinstance(entry[key], bool):
+            raise StageError(f"{where}: {key} {short_repr(entry[key])} is not an integer")
 
 
 def images_showing(shown: dict[object, set], category_ids: set[int]) -> set:
@@ -183,11 +197,11 @@ def run(params: dict, out: Path, checkpoints: Path | None = None) -> dict:
                           backoff_s=data["backoff_s"], checksums=data["checksums"],
                           on_bytes=progress.add_bytes, limits=data["limits"],
                           allow_redirect_hosts=data["allow_redirect_hosts"])
-        instances = _load_annotations(fetcher, data["year"], staging)
+        instances = _load_annotations(fetcher, data, staging)
         selected, counts = _select(params, instances)
         job = _Job(fetcher, data, staging, progress)
         if data["mode"] == "archives":
-            failures = job.from_archives(selected)
+            failures = job.from_archives(selected, {s: instances[s].images for s in SPLITS})
         else:
             failures = job.one_by_one(selected)
     _log_summary(fetcher, failures)
@@ -230,7 +244,8 @@ class SplitIndex:
     annotations: Callable[[], Iterator[dict]]
 
 
-def _load_annotations(fetcher: Fetcher, year: int, staging: Path) -> dict[str, SplitIndex]:
+def _load_annotations(fetcher: Fetcher, data: dict, staging: Path) -> dict[str, SplitIndex]:
+    year = data["year"]
     relpath = annotations_relpath(year)
     archive = fetcher.local_path(relpath)
     if archive is None:
@@ -238,28 +253,96 @@ def _load_annotations(fetcher: Fetcher, year: int, staging: Path) -> dict[str, S
         _fetch_or_fail(fetcher, relpath, archive, _check_zip, cap="annotations_bytes")
     else:
         _verify_local(fetcher, relpath, archive)
-    return {split: _index_member(_Member(archive, f"annotations/instances_{split}{year}.json",
-                                         fetcher.url(relpath)))
-            for split in SPLITS}
+    members = {split: _Member(archive, f"annotations/instances_{split}{year}.json",
+                              fetcher.url(relpath), data["limits"]) for split in SPLITS}
+    indexes = {split: _index_member(member) for split, member in members.items()}
+    refuse_duplicates({members[split].name: indexes[split].images for split in SPLITS},
+                      fetcher.url(relpath))
+    return indexes
+
+
+def refuse_duplicates(images: dict[str, list[dict]], source: str) -> None:
+    """Each file's own duplicates were refused as it was read; here the same id or file
+    across the splits' files (`images` by file name): the same image in train and val, or
+    two images that masks would write to one file name."""
+    keys = ImageKeys()
+    for name, listed in images.items():
+        for index, image in enumerate(listed):
+            keys.add(f"{name} images[{index}]", image)
+    try:
+        keys.check(source)
+    except DuplicateImages as exc:
+        raise StageError(str(exc)) from None
+
+
+@dataclass(frozen=True)
+class UnpackBound:
+    """How far one zip member may unpack: a byte cap from data.limits (`key` names it), and
+    limits.compression_ratio times its packed size (a few KB of zeros unpack to GBs)."""
+
+    key: str
+    max_bytes: int
+    ratio: float
+
+    @classmethod
+    def of(cls, limits: dict, key: str) -> "UnpackBound":
+        return cls(key, limits[key], limits["compression_ratio"])
+
+    def problem(self, info: zipfile.ZipInfo) -> str | None:
+        """What the member's header says that is past the bound, or None."""
+        if info.file_size > self.max_bytes:
+            return (f"{info.filename}: {info.file_size} bytes unpacked, over "
+                    f"limits.{self.key} ({self.max_bytes})")
+        if info.file_size > self.ratio * info.compress_size:
+            return (f"{info.filename}: {info.file_size} bytes unpacked from "
+                    f"{info.compress_size}, over limits.compression_ratio ({self.ratio:g}x)")
+        return None
+
+    def cap(self, info: zipfile.ZipInfo) -> int:
+        """The bytes to read at most, whatever the header says."""
+        return min(self.max_bytes, int(self.ratio * info.compress_size))
+
+    def describe(self, info: zipfile.ZipInfo) -> str:
+        return (f"limits.{self.key} {self.max_bytes}, or limits.compression_ratio "
+                f"{self.ratio:g} x {info.compress_size} packed bytes")
 
 
 class _Member:
-    """One JSON file inside the annotation archive, opened afresh for each streamed pass."""
+    """One JSON file inside the annotation archive, opened afresh for each streamed pass,
+    and read within data.limits: its size from the zip's header before a byte is read,
+    then while reading (BoundedReader: its size, and every string and number)."""
 
-    def __init__(self, archive: Path, name: str, origin: str):
+    def __init__(self, archive: Path, name: str, origin: str, limits: dict):
         self.archive, self.name, self.origin = archive, name, origin
         self.source = f"{origin}:{name}"
+        self.bound = UnpackBound.of(limits, "annotations_bytes")
+        self.scalar_bytes = limits["json_string_bytes"]
 
     @contextmanager
     def open(self) -> Iterator[BinaryIO]:
+        with self._unzipped() as (handle, info):
+            yield BoundedReader(handle, self.source, self.scalar_bytes, self.bound.cap(info),
+                                self._reopen, "limits.json_string_bytes",
+                                self.bound.describe(info))
+
+    @contextmanager
+    def _reopen(self) -> Iterator[BinaryIO]:
+        with self._unzipped() as (handle, _):
+            yield handle
+
+    @contextmanager
+    def _unzipped(self) -> Iterator[tuple[BinaryIO, zipfile.ZipInfo]]:
         try:
             with zipfile.ZipFile(self.archive) as zf:
                 try:
                     info = zf.getinfo(self.name)
                 except KeyError:
                     raise StageError(f"{self.origin}: no member {self.name}") from None
+                problem = self.bound.problem(info)
+                if problem:
+                    raise StageError(f"{self.origin}: refusing {problem}")
                 with zf.open(info) as handle:
-                    yield handle
+                    yield handle, info
         except zipfile.BadZipFile as exc:
             raise StageError(f"{self.origin}: not a zip file: {exc}") from None
 
@@ -280,20 +363,31 @@ def _index_member(member: _Member) -> SplitIndex:
     except StreamError as exc:
         log.info("%s: not JSON the streaming parser accepts (%s); reading it whole",
                  member.source, exc)
+    except (LimitError, DuplicateImages) as exc:
+        raise StageError(str(exc)) from None
     except AnnotationError as exc:
         raise StageError(f"not COCO instances JSON: {exc}") from None
-    with member.open() as handle:
-        try:
-            data = check_instances(json.load(handle), member.source)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise StageError(f"{member.source}: not valid JSON: {exc}") from None
-        except AnnotationError as exc:
-            raise StageError(f"not COCO instances JSON: {exc}") from None
+    data = _read_whole(member)
     check_images(data["images"], member.source)
     small = {k: v for k, v in data.items() if k not in ("images", "annotations")}
     return SplitIndex(small, data["images"], categories_by_image(data["annotations"],
                                                                  member.source),
                       lambda: iter(data["annotations"]))
+
+
+def _read_whole(member: _Member) -> dict:
+    with member.open() as handle:
+        try:
+            return check_instances(json.load(handle), member.source)
+        except (LimitError, DuplicateImages) as exc:
+            raise StageError(str(exc)) from None
+        except AnnotationError as exc:
+            raise StageError(f"not COCO instances JSON: {exc}") from None
+        except ValueError as exc:   # also integers of over 4300 digits, which int() refuses
+            raise StageError(f"{member.source}: not valid JSON: {exc}") from None
+        except RecursionError:
+            raise StageError(f"{member.source}: arrays or objects nested deeper than "
+                             "Python's json module reads") from None
 
 
 def _streamed_index(member: _Member) -> SplitIndex:
@@ -362,7 +456,10 @@ class _Job:
         self.fetcher.fetch(image_source_path(image, split, self.year), self.dest(split, image),
                            check_jpeg, cap="image_bytes")
 
-    def from_archives(self, selected: dict[str, list[dict]]) -> list[str]:
+    def from_archives(self, selected: dict[str, list[dict]],
+                      listed: dict[str, list[dict]]) -> list[str]:
+        """The selected images out of each split's archive, which may hold only the images
+        `listed` in that split's annotations."""
         self.progress.expect_files(sum(map(len, selected.values())))
         failures = []
         for split in SPLITS:
@@ -370,10 +467,10 @@ class _Job:
             self.fetcher.counters.add(skipped=len(selected[split]) - len(missing))
             self.progress.files_done(len(selected[split]) - len(missing))
             if missing:
-                failures += self._extract_split(split, missing)
+                failures += self._extract_split(split, missing, listed[split])
         return failures
 
-    def _extract_split(self, split: str, images: list[dict]) -> list[str]:
+    def _extract_split(self, split: str, images: list[dict], listed: list[dict]) -> list[str]:
         relpath = archive_relpath(split, self.year)
         archive = self.fetcher.local_path(relpath)
         if archive is None:
@@ -384,7 +481,9 @@ class _Job:
                 return [str(exc)]
         else:
             _verify_local(self.fetcher, relpath, archive)
-        reader = _ArchiveReader(archive, self.fetcher.url(relpath))
+        reader = _ArchiveReader(archive, self.fetcher.url(relpath), f"{split}{self.year}",
+                                {im["file_name"] for im in listed},
+                                UnpackBound.of(self.data["limits"], "image_bytes"))
         failures = self._in_pool(lambda image: self._extract_image(reader, split, image), images)
         if not failures and self.fetcher.remote:
             archive.unlink()   # every image is out: 18 GB back to the user
@@ -412,35 +511,76 @@ class _Job:
                     future.result()
                 except FetchError as exc:
                     failures.append(str(exc))
+                except BaseException:
+                    pool.shutdown(cancel_futures=True)   # refused input: no more work
+                    raise
                 self.progress.files_done(1)
         return failures
 
 
 class _ArchiveReader:
-    """Extracts members of one zip from many threads (one handle per thread), after
-    refusing the whole archive if any entry would land outside the target folder."""
+    """Extracts members of one split's zip from many threads (one handle per thread),
+    after refusing the whole archive, before a byte is written, if any entry would land
+    outside the target folder, is not one of the split's images (`folder`/name, or the
+    folder itself), or says it unpacks past `bound`; each member is then read within the
+    bound whatever its header said."""
 
-    def __init__(self, path: Path, origin: str):
-        self.path, self.origin = path, origin
+    def __init__(self, path: Path, origin: str, folder: str, names: set[str],
+                 bound: UnpackBound):
+        self.path, self.origin, self.bound = path, origin, bound
         self._local = threading.local()
         try:
             with zipfile.ZipFile(path) as zf:
-                bad = unsafe_entries(zf.infolist())
+                infos = zf.infolist()
         except zipfile.BadZipFile as exc:
             raise StageError(f"{origin}: not a zip file: {exc}") from None
+        bad = unsafe_entries(infos)
         if bad:
             raise StageError(f"{origin}: refusing an archive whose entries would land outside "
                              f"the target folder: {', '.join(bad[:5])}")
+        foreign = foreign_entries(infos, folder, names)
+        if foreign:
+            raise StageError(f"{origin}: refusing an archive with entries that are not "
+                             f"images of {folder} in its annotations ({len(foreign)}): "
+                             f"{', '.join(map(repr, foreign[:5]))}")
+        oversized = [problem for problem in map(bound.problem, infos) if problem]
+        if oversized:
+            raise StageError(f"{origin}: refusing an archive whose members unpack too far: "
+                             f"{'; '.join(oversized[:5])}")
 
     def extract(self, member: str, dest: Path) -> None:
         zf = getattr(self._local, "zf", None)
         if zf is None:
             zf = self._local.zf = zipfile.ZipFile(self.path)
+        info = zf.getinfo(member)
         dest.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(dest) as tmp:
-            with zf.open(member) as source, open(tmp, "wb") as out:
-                shutil.copyfileobj(source, out, 1 << 20)   # zipfile checks the CRC at the end
-            check_jpeg(tmp)
+            with zf.open(info) as source, open(tmp, "wb") as out:
+                if not copy_capped(source, out, self.bound.cap(info)):
+                    raise StageError(f"{self.origin}: refusing {member}: it unpacks past "
+                                     f"{self.bound.describe(info)}")
+            check_jpeg(tmp)       # zipfile checked the CRC at the end
+
+
+def foreign_entries(infos: list[zipfile.ZipInfo], folder: str, names: set[str]) -> list[str]:
+    """Entries that are neither `folder`/ itself nor `folder`/ one of `names`."""
+    allowed = {f"{folder}/", *(f"{folder}/{name}" for name in names)}
+    return [info.filename for info in infos if info.filename not in allowed]
+
+
+COPY_BYTES = 1 << 20
+
+
+def copy_capped(source: BinaryIO, out: BinaryIO, cap: int) -> bool:
+    """Copies source to out if it holds at most `cap` bytes (True); else False, with at
+    most `cap` bytes written."""
+    copied = 0
+    while chunk := source.read(min(COPY_BYTES, cap - copied + 1)):
+        copied += len(chunk)
+        if copied > cap:
+            return False
+        out.write(chunk)
+    return True
 
 
 def check_jpeg(path: Path) -> None:

@@ -56,3 +56,30 @@ def build_mirror(dest: Path, year: int = 2017, *, image_zips: bool = True) -> di
                     zf.write(folder / image["file_name"], f"{split}{year}/{image['file_name']}")
     return {p.relative_to(dest).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(dest.rglob("*")) if p.is_file()}
+
+
+# ------------------------------------------------ hostile mirrors (issue 13)
+
+def write_annotation_zip(path: Path, year: int, docs: dict[str, object],
+                         compression: int = zipfile.ZIP_DEFLATED) -> None:
+    """(Re)write an annotations_trainval{year}.zip with one instances_{split}{year}.json per
+    split in `docs`: a dict or list is written as JSON, str or bytes as they are (for text
+    no JSON writer would produce)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w", compression) as zf:
+        for split, doc in docs.items():
+            text = doc if isinstance(doc, (str, bytes)) else json.dumps(doc)
+            zf.writestr(f"annotations/instances_{split}{year}.json", text)
+
+
+def rewrite_zip(path: Path, members: dict[str, bytes],
+                compression: int = zipfile.ZIP_STORED) -> None:
+    """`path` rewritten: its entries named in `members` dropped, then `members` (name ->
+    bytes, packed with `compression`) added after the others."""
+    with zipfile.ZipFile(path) as zf:
+        kept = [(info, zf.read(info)) for info in zf.infolist() if info.filename not in members]
+    with zipfile.ZipFile(path, "w") as zf:
+        for info, data in kept:
+            zf.writestr(info, data)
+        for name, data in members.items():
+            zf.writestr(name, data, compress_type=compression)

@@ -659,3 +659,383 @@ def test_changed_source_discards_stale_staging(tmp_path, params):
     p = _params(params, str(SAMPLE), max_images={"train": 1, "val": None})
     manifest = download.run(p, tmp_path / "raw", staging)
     _check_output(tmp_path / "raw", manifest, str(SAMPLE), max_images={"train": 1, "val": None})
+
+
+# ------------------------------------------------ issue 13: hostile input
+
+import io  # noqa: E402
+import logging  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from coco_mirror import rewrite_zip, write_annotation_zip  # noqa: E402
+from stages.lib import coco  # noqa: E402
+
+ANN_ZIP = Path("annotations") / "annotations_trainval2017.zip"
+
+
+def _files(root: Path) -> dict[str, int]:
+    return {p.relative_to(root).as_posix(): p.stat().st_size
+            for p in root.rglob("*") if p.is_file()}
+
+
+def _serve_docs(tmp_path: Path, docs: dict[str, object]) -> Path:
+    """A copy of the sample whose annotation files are `docs` (by split)."""
+    served = tmp_path / "served"
+    shutil.copytree(SAMPLE, served)
+    write_annotation_zip(served / ANN_ZIP, 2017, docs)
+    return served
+
+
+def _main_refuses(tmp_path: Path, params: dict, caplog, message: str) -> str:
+    """download's main() exits 2 with one error line matching `message`, creates no output
+    folder, and writes nothing but its work folder's source marker."""
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params))
+    before = _files(tmp_path)
+    caplog.clear()
+    code = download.main(["--params", str(params_file), "--out", str(tmp_path / "out" / "raw"),
+                          "--checkpoints", str(tmp_path / "work")])
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert (code, len(errors)) == (2, 1), f"exit code {code}, errors {errors}"
+    assert "\n" not in errors[0] and re.search(message, errors[0]), errors[0]
+    assert not (tmp_path / "out" / "raw").exists()
+    written = {k: v for k, v in _files(tmp_path).items() if before.get(k) != v}
+    assert list(written) == ["work/source.json"]          # no image, no byte of a member
+    return errors[0]
+
+
+def _name(image: dict) -> str:
+    return f"\\(id {image['id']}, '{re.escape(image['file_name'])}'\\)"
+
+
+
+# Item 2: an image listed twice, by id or by file (file_name, or a stem masks would share).
+
+def _listed_twice(split: str, index: int, change: dict) -> tuple[dict, dict, dict]:
+    """The sample's annotations with images[index] of `split` listed again at the end,
+    changed by `change` (a callable of the entry, or keys to set); also the two entries."""
+    docs = copy.deepcopy(SOURCE)
+    first = docs[split]["images"][index]
+    again = change(first) if callable(change) else {**first, **change}
+    docs[split]["images"].append(again)
+    return docs, first, again
+
+
+def _upper_stem_png(image: dict) -> dict:
+    return {**image, "id": 999_999_999, "file_name": Path(image["file_name"]).stem.upper() + ".png"}
+
+
+@pytest.mark.parametrize("whole", [False, True], ids=["streamed", "read whole"])
+@pytest.mark.parametrize("split, index, change, shared", [
+    ("train", 3, {}, "id and file_name"),
+    ("val", 5, {"file_name": "elsewhere.jpg"}, "id"),
+    ("train", 2, {"id": 999_999_999}, "file_name"),
+    ("val", 7, _upper_stem_png, "stem"),
+], ids=["entry listed twice", "id twice", "file_name twice", "stem twice, case folded"])
+def test_image_listed_twice_in_a_split_is_refused_naming_both(tmp_path, params, caplog, split,
+                                                              index, change, shared, whole):
+    docs, first, again = _listed_twice(split, index, change)
+    if whole:   # JSON only the json module reads: the fallback path must refuse it too
+        docs[split]["info"] = {"note": TOO_BIG_FOR_YAJL}
+    p = _params(params, str(_serve_docs(tmp_path, docs)))
+    _main_refuses(tmp_path, p, caplog,
+                  rf"annotations_trainval2017.zip:annotations/instances_{split}2017.json: 1 image "
+                  rf"entry repeats an earlier one's id or file \(each image must be listed "
+                  rf"once\): images\[80\] {_name(again)} has the {shared} of "
+                  rf"images\[{index}\] {_name(first)}$")
+
+
+@pytest.mark.parametrize("change, shared", [
+    ({"file_name": "elsewhere.jpg"}, "id"),
+    ({"id": 999_999_999}, "file_name"),
+], ids=["same id", "same file_name"])
+def test_image_listed_in_both_splits_is_refused_naming_both(tmp_path, params, caplog, change,
+                                                            shared):
+    docs = copy.deepcopy(SOURCE)
+    first = docs["train"]["images"][4]
+    again = {**first, **change}
+    docs["val"]["images"].insert(2, again)
+    p = _params(params, str(_serve_docs(tmp_path, docs)))
+    _main_refuses(tmp_path, p, caplog,
+                  rf"annotations_trainval2017.zip: 1 image entry repeats an earlier one's id or "
+                  rf"file \(each image must be listed once\): annotations/instances_val2017.json "
+                  rf"images\[2\] {_name(again)} has the {shared} of "
+                  rf"annotations/instances_train2017.json images\[4\] {_name(first)}$")
+
+
+def test_many_duplicates_are_counted_and_the_first_named(tmp_path, params, caplog):
+    docs = copy.deepcopy(SOURCE)
+    docs["train"]["images"] += docs["train"]["images"][:7]
+    p = _params(params, str(_serve_docs(tmp_path, docs)))
+    message = _main_refuses(tmp_path, p, caplog, r"instances_train2017.json: 7 image entries "
+                                                 r"repeat .*; and 2 more$")
+    assert message.count(" has the id and file_name of ") == 5
+
+
+def test_one_picture_under_two_ids_and_names_is_downloaded(tmp_path, params):
+    """Not a duplicate: the same bytes under another id and file name (finding those is an
+    analysis of leakage and near-duplicates, not download's)."""
+    docs = copy.deepcopy(SOURCE)
+    original = docs["val"]["images"][0]
+    twin = {**original, "id": 999_999_999, "file_name": "000999999999.jpg"}
+    twin.pop("coco_url")
+    docs["val"]["images"].append(twin)
+    docs["val"]["annotations"] += [{**a, "id": a["id"] + 10 ** 12, "image_id": twin["id"]}
+                                   for a in docs["val"]["annotations"]
+                                   if a["image_id"] == original["id"]]
+    served = _serve_docs(tmp_path, docs)
+    shutil.copy(served / "val2017" / original["file_name"], served / "val2017" / twin["file_name"])
+    manifest = download.run(_params(params, str(served), max_images={"train": 1, "val": None}),
+                            tmp_path / "raw")
+    records = {r["id"]: r for r in manifest["splits"]["val"]["images"]}
+    assert len(records) == 81
+    assert records[twin["id"]]["sha256"] == records[original["id"]]["sha256"]
+    written = json.loads((tmp_path / "raw" / "annotations" / "instances_val.json").read_text())
+    assert sum(a["image_id"] == twin["id"] for a in written["annotations"]) == \
+        sum(a["image_id"] == original["id"] for a in written["annotations"]) > 0
+
+
+@pytest.mark.parametrize("split, key, index, field, value, message", [
+    ("train", "images", 3, "id", "262145", r"images\[3\]: id '262145' is not an integer"),
+    ("val", "images", 0, "id", True, r"images\[0\]: id True is not an integer"),
+    ("train", "images", 1, "file_name", 7, r"images\[1\]: file_name 7 is not a string"),
+    ("val", "annotations", 5, "image_id", [1], r"annotations\[5\]: image_id \[1\] is not an integer"),
+], ids=["string id", "boolean id", "number file_name", "list image_id"])
+def test_ids_that_are_not_integers_are_refused(tmp_path, params, caplog, split, key, index, field,
+                                               value, message):
+    """Ids are compared, sorted and matched across files (a string beside integers made
+    the sort crash; True equals id 1)."""
+    docs = copy.deepcopy(SOURCE)
+    docs[split][key][index][field] = value
+    p = _params(params, str(_serve_docs(tmp_path, docs)))
+    _main_refuses(tmp_path, p, caplog, rf"instances_{split}2017.json: {message}$")
+
+
+def test_masks_readers_refuse_an_image_listed_twice(tmp_path):
+    """coco's readers, which masks uses on download's files or any handed to it, refuse
+    them too, streamed and whole."""
+    docs, first, again = _listed_twice("val", 9, {"file_name": "x.jpg"})
+    path = tmp_path / "instances_val.json"
+    path.write_text(json.dumps(docs["val"]))
+    message = (rf"instances_val.json: 1 image entry repeats .*: images\[80\] {_name(again)} has "
+               rf"the id of images\[9\] {_name(first)}$")
+    with pytest.raises(coco.AnnotationError, match=message):
+        coco.read_instances(path)
+    with pytest.raises(coco.AnnotationError, match=message):
+        coco.stream_instances(lambda: open(path, "rb"), str(path), list, list)
+
+
+# Item 4: archive members checked before extraction, then read with a byte cap.
+
+@pytest.fixture
+def served_archives(mirrors, tmp_path) -> Path:
+    root, _ = mirrors[2017]
+    served = tmp_path / "served"
+    shutil.copytree(root, served)
+    return served
+
+
+def _train_member(index: int = 0) -> str:
+    return f"train2017/{sorted(im['file_name'] for im in SOURCE['train']['images'])[index]}"
+
+
+def _archive_params(params: dict, served: Path, **limits) -> dict:
+    p = _mirror_params(params, str(served), 2017, mode="archives",
+                       max_images={"train": 2, "val": 2})
+    p["data"]["limits"].update(limits)
+    return p
+
+
+def test_archive_member_over_image_bytes_is_refused_before_extraction(served_archives, tmp_path,
+                                                                      params, caplog):
+    member = _train_member(5)
+    rewrite_zip(served_archives / "zips" / "train2017.zip", {member: random.randbytes(400_001)})
+    p = _archive_params(params, served_archives, image_bytes=400_000)
+    _main_refuses(tmp_path, p, caplog,
+                  rf"zips/train2017.zip: refusing an archive whose members unpack too far: "
+                  rf"{member}: 400001 bytes unpacked, over limits.image_bytes \(400000\)$")
+
+
+def test_archive_member_with_a_high_compression_ratio_is_refused(served_archives, tmp_path,
+                                                                 params, caplog):
+    member = _train_member(9)
+    rewrite_zip(served_archives / "zips" / "train2017.zip", {member: bytes(300_000)},
+                zipfile.ZIP_DEFLATED)
+    with zipfile.ZipFile(served_archives / "zips" / "train2017.zip") as zf:
+        packed = zf.getinfo(member).compress_size
+    assert packed < 3000
+    p = _archive_params(params, served_archives)
+    _main_refuses(tmp_path, p, caplog,
+                  rf"zips/train2017.zip: refusing an archive whose members unpack too far: "
+                  rf"{member}: 300000 bytes unpacked from {packed}, over "
+                  rf"limits.compression_ratio \(100x\)$")
+
+
+@pytest.mark.parametrize("entry", [
+    "train2017/notes.txt", "train2017/sub/", "train2017/sub/000000000009.jpg",
+    f"train2017/{SOURCE['val']['images'][0]['file_name']}", "val2017/", "__MACOSX/._x.jpg",
+    "evil.sh",
+], ids=["unlisted file", "subfolder", "in a subfolder", "a val image", "val folder",
+        "other folder", "top level"])
+def test_archive_entry_that_is_not_an_image_of_the_split_is_refused(served_archives, tmp_path,
+                                                                    params, caplog, entry):
+    rewrite_zip(served_archives / "zips" / "train2017.zip", {entry: b"" if entry.endswith("/")
+                                                            else b"\xff\xd8x"})
+    p = _archive_params(params, served_archives)
+    _main_refuses(tmp_path, p, caplog,
+                  rf"zips/train2017.zip: refusing an archive with entries that are not images "
+                  rf"of train2017 in its annotations \(1\): '{re.escape(entry)}'$")
+
+
+def test_extraction_stops_at_the_cap_whatever_the_header_says(served_archives, tmp_path):
+    """A header can lie: the member is read with a byte cap all the same, and nothing of it
+    stays."""
+    archive = served_archives / "zips" / "train2017.zip"
+    names = {im["file_name"] for im in SOURCE["train"]["images"]}
+    reader = download._ArchiveReader(archive, "train2017.zip", "train2017", names,
+                                     download.UnpackBound("image_bytes", 10 ** 6, 100))
+    member = _train_member(0)
+    with zipfile.ZipFile(archive) as zf:
+        size = zf.getinfo(member).file_size
+    reader.bound = download.UnpackBound("image_bytes", size - 1, 100)   # what a lie would do
+    dest = tmp_path / "out" / "x.jpg"
+    with pytest.raises(StageError, match=rf"train2017.zip: refusing {member}: it unpacks past "
+                                         rf"limits.image_bytes {size - 1}, or "
+                                         rf"limits.compression_ratio 100 x {size} packed bytes$"):
+        reader.extract(member, dest)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("size, whole", [(4999, True), (5000, False), (3 << 20, False)])
+def test_copy_capped_never_writes_or_reads_far_past_the_cap(size, whole):
+    source, out = io.BytesIO(b"x" * size), io.BytesIO()
+    assert download.copy_capped(source, out, 4999) is whole
+    if whole:
+        assert out.getvalue() == b"x" * size
+    else:
+        assert len(out.getvalue()) <= 4999 and source.tell() <= 5000
+
+
+
+# Item 5: every string and number, the nesting and the members' size bounded while reading
+# (a 64 MiB string took 117 s, quadratic in yajl; see coco.JSONScan).
+
+STRING_BYTES = 4096
+LONG = "".join(random.Random(5).choice("abcdefghij") for _ in range(STRING_BYTES + 1))
+
+
+def _set(path: str, value: object):
+    """An edit of a document setting the value at a dotted path (list indices as numbers)."""
+    *parents, last = [int(k) if k.isdigit() else k for k in path.split(".")]
+
+    def edit(doc: dict) -> None:
+        target = functools.reduce(lambda node, key: node[key], parents, doc)
+        target[last] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit, where, kind", [
+    (_set("info", {"description": LONG}), "info.description", "string"),
+    (_set("annotations.2.area", int("1" * (STRING_BYTES + 1))), r"annotations\[2\].area",
+     "number"),
+    (_set("categories.4.name", '"' * (STRING_BYTES // 2 + 1)), r"categories\[4\].name", "string"),
+    (_set(f"images.1.{LONG}", 1), r"a key in images\[1\]", "string"),
+], ids=["info string", "number", "escaped quotes", "key"])
+def test_long_json_scalar_is_refused_naming_its_key_path(tmp_path, params, caplog, edit, where,
+                                                         kind):
+    doc = copy.deepcopy(SOURCE["train"])
+    edit(doc)
+    p = _params(params, str(_serve_docs(tmp_path, {"train": doc, "val": SOURCE["val"]})))
+    p["data"]["limits"]["json_string_bytes"] = STRING_BYTES
+    _main_refuses(tmp_path, p, caplog,
+                  rf"annotations_trainval2017.zip:annotations/instances_train2017.json: {where} "
+                  rf"is a {kind} of over {STRING_BYTES} bytes \(limits.json_string_bytes\), at "
+                  rf"byte \d+$")
+
+
+def test_long_string_after_json_only_the_json_module_reads_is_refused_too(tmp_path, params,
+                                                                           caplog):
+    doc = {"info": {"note": TOO_BIG_FOR_YAJL, "description": LONG}, **SOURCE["train"]}
+    p = _params(params, str(_serve_docs(tmp_path, {"train": doc, "val": SOURCE["val"]})))
+    p["data"]["limits"]["json_string_bytes"] = STRING_BYTES
+    _main_refuses(tmp_path, p, caplog,
+                  r"instances_train2017.json: the value is a string of over 4096 bytes "
+                  r"\(limits.json_string_bytes\), at byte 57$")
+
+
+def test_a_long_string_is_cut_off_at_the_bound(tmp_path):
+    """The parser never sees more of a long value than the bound and a read: yajl re-reads
+    a token from its start at each read, so a 16 MiB string cost seconds, 64 MiB minutes."""
+    text = b'{"info": {"description": "' + b"x" * (16 << 20) + b'"}}'
+    raw = io.BytesIO(text)
+    reader = coco.BoundedReader(raw, "a.json", 1 << 20, len(text), lambda: io.BytesIO(text),
+                                "limits.json_string_bytes", "limits.annotations_bytes")
+    with pytest.raises(coco.LimitError, match=r"^a.json: info.description is a string of over "
+                                              r"1048576 bytes \(limits.json_string_bytes\), at "
+                                              r"byte 25$"):
+        coco.top_level_value(reader, "info")
+    assert raw.tell() <= (1 << 20) + 2 * coco.READ_BYTES
+
+
+def test_annotation_member_over_annotations_bytes_is_refused_before_reading(tmp_path, params,
+                                                                            caplog):
+    served = _serve_docs(tmp_path, SOURCE)
+    with zipfile.ZipFile(served / ANN_ZIP) as zf:
+        size = zf.getinfo("annotations/instances_train2017.json").file_size
+    p = _params(params, str(served))
+    p["data"]["limits"]["annotations_bytes"] = size - 1
+    _main_refuses(tmp_path, p, caplog,
+                  rf"annotations_trainval2017.zip: refusing annotations/instances_train2017.json: "
+                  rf"{size} bytes unpacked, over limits.annotations_bytes \({size - 1}\)$")
+
+
+def test_annotation_member_with_a_high_compression_ratio_is_refused(tmp_path, params, caplog):
+    """JSON padded with whitespace (valid, and it packs to almost nothing)."""
+    served = _serve_docs(tmp_path, {"train": json.dumps(SOURCE["train"]) + " " * (4 << 20),
+                                    "val": SOURCE["val"]})
+    p = _params(params, str(served))
+    p["data"]["limits"]["compression_ratio"] = 10       # the sample's JSON packs 8.7x
+    _main_refuses(tmp_path, p, caplog,
+                  r"annotations_trainval2017.zip: refusing annotations/instances_train2017.json: "
+                  r"\d+ bytes unpacked from \d+, over limits.compression_ratio \(10x\)$")
+
+
+def test_reading_stops_at_the_size_bound_whatever_the_header_says():
+    raw = io.BytesIO(b"[" + b"1, " * 5000 + b"1]")
+    reader = coco.BoundedReader(raw, "a.json", 1024, 4096, None, "limits.json_string_bytes",
+                                "limits.annotations_bytes 4096")
+    with pytest.raises(coco.LimitError, match=r"^a.json: unpacks to more than 4096 bytes "
+                                              r"\(limits.annotations_bytes 4096\)$"):
+        list(coco.array_items(reader, "x"))
+
+
+def test_deep_nesting_is_refused_before_parsing(tmp_path, params, caplog):
+    """ijson's prefixes grow with the depth (memory quadratic in it: 1 GB at 20,000 levels)
+    and the json module recurses per level: 2000 levels made the subset's json.dumps raise
+    RecursionError."""
+    text = '{"info": {"a": ' + "[" * 2000 + "]" * 2000 + "}, " + json.dumps(SOURCE["train"])[1:]
+    p = _params(params, str(_serve_docs(tmp_path, {"train": text, "val": SOURCE["val"]})))
+    _main_refuses(tmp_path, p, caplog,
+                  r"instances_train2017.json: arrays and objects nested over 500 deep \(the most "
+                  r"the json module writes back\) in info.a\[0\]\[0\].*\.\.\., at byte 513$")
+
+
+def test_integer_of_over_4300_digits_is_refused_without_a_crash(tmp_path, params):
+    """int() refuses over 4300 digits; ijson handed it one from its first read and the
+    interpreter died (SIGSEGV). Through the command line: exit code 2, one error line."""
+    text = '{"info": {"version": ' + "9" * 5000 + "}, " + json.dumps(SOURCE["train"])[1:]
+    served = _serve_docs(tmp_path, {"train": text, "val": SOURCE["val"]})
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(_params(params, str(served))))
+    done = subprocess.run(
+        [sys.executable, "-m", "stages.download", "--params", str(params_file),
+         "--out", str(tmp_path / "raw")], cwd=Path(download.__file__).parents[1],
+        capture_output=True, text=True, timeout=120)
+    errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
+    assert (done.returncode, len(errors)) == (2, 1), done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert errors[0].endswith("instances_train2017.json: not valid JSON: Exceeds the limit "
+                              "(4300 digits) for integer string conversion: value has 5000 "
+                              "digits; use sys.set_int_max_str_digits() to increase the limit")
+    assert not (tmp_path / "raw").exists()
