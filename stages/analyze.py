@@ -568,7 +568,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="analysis folder to create")
     args = parser.parse_args(argv)
     return run_main("analyze", lambda: run(load_params(args.params), args.predictions,
-                                           args.masks, args.model, args.raw, args.out))
+                                           args.masks, args.model, args.raw, args.out),
+                    outputs=(args.out,))
 
 
 if __name__ == "__main__":

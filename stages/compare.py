@@ -241,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder of analysis/<scheme> (written by analyze)")
     parser.add_argument("--out", required=True, type=Path, help="comparison folder to create")
     args = parser.parse_args(argv)
-    return run_main("compare", lambda: run(load_params(args.params), args.analysis, args.out))
+    return run_main("compare", lambda: run(load_params(args.params), args.analysis, args.out),
+                    outputs=(args.out,))
 
 
 if __name__ == "__main__":

@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     return run_main("evaluate", lambda: run(load_params(args.params), args.scheme, args.pred,
                                             args.gt, args.out, args.confusion,
-                                            args.confusion_plot, args.samples))
+                                            args.confusion_plot, args.samples),
+                    outputs=(args.out, args.confusion, args.confusion_plot, args.samples))
 
 
 if __name__ == "__main__":

@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="prediction folder to create")
     args = parser.parse_args(argv)
     return run_main("infer", lambda: run(load_params(args.params), args.model, args.raw,
-                                         args.masks, args.out))
+                                         args.masks, args.out), outputs=(args.out,))
 
 
 if __name__ == "__main__":

@@ -719,7 +719,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--raw", required=True, type=Path, help="folder written by download")
     parser.add_argument("--out", required=True, type=Path, help="mask folder to create")
     args = parser.parse_args(argv)
-    return run_main("masks", lambda: run(load_params(args.params), args.scheme, args.raw, args.out))
+    return run_main("masks", lambda: run(load_params(args.params), args.scheme, args.raw,
+                                         args.out), outputs=(args.out,))
 
 
 if __name__ == "__main__":

@@ -1388,7 +1388,8 @@ def main(argv: list[str] | None = None) -> int:
     return run_main("report", lambda: run(load_params(args.params), args.raw, args.masks,
                                           args.models, args.predictions, args.metrics,
                                           args.analysis, args.out, args.compare, args.logs,
-                                          args.dvc_lock))
+                                          args.dvc_lock),
+                    outputs=(args.out,))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import yaml
 from conftest import ROOT, SAMPLE, small_params
 from stages import report
 from stages.lib.cli import StageError
+from unwritable import blocked_folder, can_mount_read_only, read_only_command
 
 EVIL = "<script>alert(1)</script>"
 TITLE = f'segflow {EVIL} & "co"'
@@ -530,6 +531,35 @@ def test_missing_prediction_mask_is_named(pipeline, tmp_path):
     with pytest.raises(StageError, match=r"predictions/person_car/val/\d{12}\.png: missing"):
         report.run(params, **stage_args(pipeline["root"], predictions=predictions,
                                         out=tmp_path / "index.html"))
+
+
+def test_an_unwritable_report_folder_is_refused_before_reading_anything(pipeline, tmp_path,
+                                                                        monkeypatch, caplog):
+    monkeypatch.setattr(report, "load_scheme",
+                        lambda *a, **k: pytest.fail("read its inputs before checking its output"))
+    out = blocked_folder(tmp_path).parent / "index.html"      # its folder is a regular file
+    argv = cli_argv(pipeline["root"] / "params.yaml", stage_args(pipeline["root"], out=out))
+    assert report.main(argv) == 2
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
+        f"{out.parent}: output folder not writable, index.html cannot be written there "
+        "(a file, not a folder)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker"]
+
+
+@pytest.mark.skipif(not can_mount_read_only(), reason="needs unshare and mount (root)")
+def test_report_into_a_read_only_folder_stops_with_one_line(pipeline, tmp_path):
+    read_only = tmp_path / "reports"
+    read_only.mkdir()
+    argv = [sys.executable, "-m", "stages.report",
+            *cli_argv(pipeline["root"] / "params.yaml",
+                      stage_args(pipeline["root"], out=read_only / "index.html"))]
+    done = subprocess.run(read_only_command(read_only, argv), cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].endswith(
+        f"report ERROR {read_only}: output folder not writable, index.html cannot be written "
+        "there (Read-only file system)"), done.stderr[-2000:]
 
 
 # ---------------------------------------------------------------- interactive data, provenance

@@ -4,8 +4,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Iterable
 
+from stages.lib.io import prepare_output
 from stages.lib.params import ParamsError
 
 
@@ -19,14 +21,21 @@ def stage_parser(name: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def run_main(name: str, body: Callable[[], None]) -> int:
-    """Run a stage body with logging set up; turn expected errors into exit code 2."""
+def run_main(name: str, body: Callable[[], None],
+             outputs: Iterable[str | Path | None] = ()) -> int:
+    """Run a stage body with logging set up; turn expected errors into exit code 2. Before
+    the body, every output (files and folders the stage writes; None for an option not
+    given) is prepared: its folder checked writable, dead runs' temporaries removed."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s {name} %(levelname)s %(message)s")
+    log = logging.getLogger(name)
     try:
+        for output in outputs:
+            if output is not None:
+                prepare_output(output, log)
         body()
     except (StageError, ParamsError) as exc:
-        logging.getLogger(name).error("%s", exc)
+        log.error("%s", exc)
         return 2
     return 0
 
