@@ -11,10 +11,12 @@ against loss, and a ranking of label issues. Writes under --out:
   similars.csv           per query (cluster medoids, highest-loss samples, listed ids): its
                          k nearest neighbours by cosine distance in the latent space
   metadata_loss.csv      per binning, metadata field and bin: range, count, loss mean / std /
-                         standard error, mean IoU per class, excess in standard errors, flag
+                         standard error, mean IoU per class, excess in standard errors, flag,
+                         the field's figure (path, or empty)
   metadata_flagged.csv   the samples of every flagged bin, worst loss first
   metadata/{field}.png   mean loss per bin (each binning), flagged bins marked: fields with
-                         a flagged bin, the class fractions, grayscale and brightness
+                         a flagged bin, the class fractions, grayscale and brightness (the
+                         field's name made safe: a category's count field comes from data)
   label_issues.csv       every sample ranked by cleanlab's label-quality score (worst first);
                          for the flagged top: the size and kind of the disagreement region
   label_issues/{stem}.png         image | ground truth | prediction | disagreement
@@ -45,6 +47,7 @@ from stages.lib.data import InferenceDataset, collate_inference, list_samples, r
 from stages.lib.io import atomic_dir, write_csv, write_json
 from stages.lib.labels import IGNORE_INDEX, colourise, save_labels
 from stages.lib.model import load_trained, resolve_device
+from stages.lib.names import FileNames, check_plain_name, inside, safe_filename
 from stages.lib.params import load_params
 from stages.lib.plots import (fit_width, heat_overlay, mask_overlay, png_bytes, save_image,
                               side_by_side, write_png)
@@ -395,10 +398,14 @@ def label_issues(view: ModelView, samples: pd.DataFrame, top: int, width: int,
     flagged_rows = [int(order[i]) for i in range(len(order)) if table["flagged"].iloc[i]]
     position = {int(r): i for i, r in enumerate(order)}
     folder.mkdir(parents=True, exist_ok=True)
+    names = FileNames(f"{folder.name}/")
     for item in explain.stream_probs(view.model, view.batches(flagged_rows), view.device):
         row = item.index
         region = explain.disagreement(item.probs, item.labels, t)
         stem = view.samples[row].stem
+        image = f"image {view.samples[row].image_id}"
+        figure_name = names.claim(check_plain_name(f"{stem}.png", image), image)
+        region_name = names.claim(f"{stem}.region.png", image)
         i = position[row]
         labelled = int((item.labels != IGNORE_INDEX).sum())
         extra["disagreement_pixels"][i] = int(region.sum())
@@ -406,12 +413,12 @@ def label_issues(view: ModelView, samples: pd.DataFrame, top: int, width: int,
         extra["main_disagreement"][i] = main_disagreement(item.labels, item.probs, region,
                                                           view.class_names)
         rgb = read_image(view.samples[row].image_path).permute(1, 2, 0).numpy()
-        save_image(folder / f"{stem}.png", issue_figure(rgb, item.labels, item.probs, region,
-                                                        width))
-        save_labels(folder / f"{stem}.region.png",
+        save_image(inside(folder, figure_name),
+                   issue_figure(rgb, item.labels, item.probs, region, width))
+        save_labels(inside(folder, region_name),
                     np.where(region, item.probs.argmax(0), IGNORE_INDEX).astype(np.uint8))
-        extra["figure"][i] = f"label_issues/{stem}.png"
-        extra["region"][i] = f"label_issues/{stem}.region.png"
+        extra["figure"][i] = f"{folder.name}/{figure_name}"
+        extra["region"][i] = f"{folder.name}/{region_name}"
     for key, values in extra.items():
         table[key] = values
     return table, {"thresholds": dict(zip(view.class_names, t.tolist())),
@@ -426,6 +433,7 @@ def heatmaps(view: ModelView, samples: pd.DataFrame, features: pd.DataFrame,
     """Shared-feature overlays on each cluster's representatives, Grad-CAM per class on
     every similars query; returns the index rows."""
     folder.mkdir(parents=True, exist_ok=True)
+    names = FileNames(f"{folder.name}/")
     rows = []
     for cluster, reps in sorted(members.items()):
         channels = features.loc[features["cluster"] == cluster, "channel"].astype(int).tolist()
@@ -436,8 +444,9 @@ def heatmaps(view: ModelView, samples: pd.DataFrame, features: pd.DataFrame,
             raw_heat = explain.channel_maps(view.model, cfg["layer"], view.image(row), channels)
             heat = explain.normalise(explain.upsample(raw_heat, rgb.shape[:2]))
             stem = view.samples[row].stem
-            name = f"cluster{cluster}_{stem}.png"
-            save_image(folder / name, Image.fromarray(heat_overlay(rgb, heat)))
+            name = safe_filename(f"cluster{cluster}_{stem}", ".png", names,
+                                 f"cluster {cluster}'s image {view.samples[row].image_id}")
+            save_image(inside(folder, name), Image.fromarray(heat_overlay(rgb, heat)))
             rows.append({"file": f"heatmaps/{name}", "kind": "shared_features",
                          "cluster": cluster, "image_id": int(samples.loc[row, "image_id"]),
                          "stem": stem, "class": "", "layer": cfg["layer"],
@@ -452,8 +461,10 @@ def heatmaps(view: ModelView, samples: pd.DataFrame, features: pd.DataFrame,
         stem = view.samples[row].stem
         for c, (cam, target) in cams.items():
             heat = explain.normalise(explain.upsample(cam, rgb.shape[:2]))
-            name = f"gradcam_{stem}_{view.class_names[c]}.png"
-            save_image(folder / name, Image.fromarray(heat_overlay(rgb, heat)))
+            name = safe_filename(f"gradcam_{stem}_{view.class_names[c]}", ".png", names,
+                                 f"Grad-CAM of class {view.class_names[c]!r} on image "
+                                 f"{view.samples[row].image_id}")
+            save_image(inside(folder, name), Image.fromarray(heat_overlay(rgb, heat)))
             rows.append({"file": f"heatmaps/{name}", "kind": "gradcam",
                          "cluster": int(samples.loc[row, "cluster"]),
                          "image_id": int(samples.loc[row, "image_id"]), "stem": stem,
@@ -463,6 +474,21 @@ def heatmaps(view: ModelView, samples: pd.DataFrame, features: pd.DataFrame,
     # peak: the map's maximum before scaling to [0, 1]; 0 means an empty map (drawn flat).
     return pd.DataFrame(rows, columns=["file", "kind", "cluster", "image_id", "stem", "class",
                                        "layer", "channels", "target", "peak", "reason"])
+
+
+def metadata_figures(bins: pd.DataFrame, class_names: list[str], folder: Path) -> pd.DataFrame:
+    """Draws plotted_fields' figures into `folder`, each named after its field made safe (a
+    field may be a category's count column, whose name comes from the annotations), and
+    returns the bins with `figure`, the path of their field's figure ("" when not drawn):
+    readers find a figure through it, never by rebuilding its name."""
+    folder.mkdir()
+    names = FileNames(f"{folder.name}/")
+    figures = {}
+    for field in plotted_fields(bins, class_names):
+        name = safe_filename(field, ".png", names, f"field {field!r}")
+        write_png(inside(folder, name), metadata_figure(field, bins[bins["field"] == field]))
+        figures[field] = f"{folder.name}/{name}"
+    return bins.assign(figure=bins["field"].map(figures).fillna("")) if len(bins) else bins
 
 
 def read_inputs(predictions: Path, masks: Path) -> tuple[pd.DataFrame, np.ndarray, dict]:
@@ -535,10 +561,7 @@ def run(params: dict, predictions: Path, masks: Path, model_dir: Path, raw: Path
                          cfg["figure_px"], tmp / "heatmaps")
         write_csv(tmp / "heatmaps" / "index.csv", index)
         write_csv(tmp / "heatmaps" / "shared_features.csv", features)
-        (tmp / "metadata").mkdir()
-        for field in plotted_fields(bins, view.class_names):
-            write_png(tmp / "metadata" / f"{field}.png",
-                      metadata_figure(field, bins[bins["field"] == field]))
+        bins = metadata_figures(bins, view.class_names, tmp / "metadata")
         write_csv(tmp / "samples.csv", samples)
         write_csv(tmp / "clusters.csv", cluster_table(samples, categories, members))
         write_csv(tmp / "cluster_categories.csv", categories)

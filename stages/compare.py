@@ -26,6 +26,7 @@ from sklearn.metrics import adjusted_rand_score
 from stages.lib import buckets
 from stages.lib.cli import StageError, run_main, stage_parser
 from stages.lib.io import atomic_dir, write_csv, write_json
+from stages.lib.names import inside
 from stages.lib.params import load_params, scheme_class_names
 
 log = logging.getLogger("compare")
@@ -210,7 +211,8 @@ def run(params: dict, analysis: Path, out: Path) -> dict:
     schemes = list(params["schemes"])
     samples, bins, flagged = {}, {}, {}
     for name in schemes:
-        samples[name], bins[name], flagged[name] = read_scheme(analysis / name)
+        samples[name], bins[name], flagged[name] = read_scheme(inside(analysis, name,
+                                                                      resolve=False))
     classes = {name: scheme_class_names(params, name) for name in schemes}
     joined = joined_samples(samples, flagged, classes)
     if len(schemes) > 1 and joined.empty:

@@ -38,6 +38,7 @@ from stages.lib.coco import (SPLITS, AnnotationError, BoundedReader, DuplicateIm
                              resolve_scheme, short_repr, stream_instances)
 from stages.lib.fetch import CorruptFile, FetchError, Fetcher, file_digest, verify_checksum
 from stages.lib.io import atomic_path, publish_dir, write_json
+from stages.lib.names import plain_name_problem
 from stages.lib.params import load_params
 
 log = logging.getLogger("download")
@@ -137,9 +138,9 @@ def subset_instances(data: dict, images: list[dict]) -> dict:
 
 def image_relpath(split: str, year: int, file_name: str) -> str:
     """Where the official layout keeps an image (2014 names: COCO_val2014_000000xxxxxx.jpg)."""
-    name = PurePosixPath(file_name)
-    if name.name != file_name or file_name in ("", ".", ".."):
-        raise StageError(f"image file_name {file_name!r} is not a plain file name")
+    problem = plain_name_problem(file_name)   # the one rule every stage names files by
+    if problem:
+        raise StageError(f"image file_name {file_name!r} is not a plain file name: {problem}")
     return f"{split}{year}/{file_name}"
 
 

@@ -30,6 +30,7 @@ from stages.lib.io import atomic_dir, atomic_path, write_csv, write_json
 from stages.lib.labels import IGNORE_INDEX, save_labels
 from stages.lib.metrics import confusion_matrix, per_class_iou
 from stages.lib.model import load_trained, pooled_latent, resolve_device
+from stages.lib.names import check_plain_name, inside
 from stages.lib.params import load_params
 
 log = logging.getLogger("infer")
@@ -194,6 +195,8 @@ def run(params: dict, model_dir: Path, raw: Path, masks: Path, out: Path) -> dic
     model, meta = load_trained(model_dir / "model.pt", device)
     class_names = meta["class_names"]
     samples = list_samples(raw, masks, "val")
+    # Named as masks names the ground truth (evaluate pairs them by name), checked up front.
+    names = [check_plain_name(f"{s.stem}.png", f"{masks}: image {s.image_id}") for s in samples]
     dataset = InferenceDataset(samples, meta["image_size"], meta["mean"], meta["std"])
     loader = DataLoader(dataset, batch_size=cfg["batch_size"], collate_fn=collate_inference,
                         num_workers=cfg["num_workers"], pin_memory=device.type == "cuda")
@@ -205,7 +208,7 @@ def run(params: dict, model_dir: Path, raw: Path, masks: Path, out: Path) -> dic
         def score_and_write(p: Prediction) -> dict:
             sample = samples[p.index]
             with torch.inference_mode():  # thread-local: the writer thread needs its own
-                save_labels(tmp / "val" / f"{sample.stem}.png", p.pred.numpy(), PNG_LEVEL)
+                save_labels(inside(tmp / "val", names[p.index]), p.pred.numpy(), PNG_LEVEL)
                 return {"image_id": sample.image_id, "stem": sample.stem,
                         **sample_scores(p.log_probs, p.pred, p.gt, class_names, p.confidence)}
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import csv
+import dataclasses
 import logging
 import math
 import multiprocessing
@@ -44,6 +45,7 @@ from stages.lib.coco import (SPLITS, AnnotationError, ArrayUntilEnd, SchemeMap, 
                               array_items, read_instances, resolve_scheme, stream_instances)
 from stages.lib.io import atomic_dir
 from stages.lib.labels import IGNORE_INDEX, save_labels
+from stages.lib.names import FileNames, inside, plain_name_problem, safe_filename
 from stages.lib.params import load_params, scheme_class_names
 
 log = logging.getLogger("masks")
@@ -87,7 +89,14 @@ def label_rules(scheme_params: dict, scheme: SchemeMap) -> LabelRules:
 
 
 def count_column(category_name: str) -> str:
-    return "count_" + category_name.replace(" ", "_")
+    """count_<category>, spaces as "_"; analyze names a figure after the column, so any
+    other character a file name cannot hold is made safe (names.safe_filename)."""
+    return "count_" + safe_filename(str(category_name).replace(" ", "_"))
+
+
+def mask_name(file_name: str) -> str:
+    """An image's mask (and prediction) file: its stem, as a PNG."""
+    return f"{Path(file_name).stem}.png"
 
 
 @dataclass(frozen=True)
@@ -111,13 +120,19 @@ class Plan:
 
 
 def make_plan(scheme_name: str, scheme_params: dict, categories: list[dict],
-              tolerance: float, colour_scale: int = 1) -> Plan:
-    """Raises AnnotationError (a scheme naming categories the file lacks) or ValueError."""
+              tolerance: float, colour_scale: int = 1, source: str = "categories") -> Plan:
+    """Raises AnnotationError (a scheme naming categories the file lacks), ValueError, or
+    StageError (two categories whose columns would be one, `source` named)."""
     scheme = resolve_scheme(scheme_name, scheme_params, categories)
-    counted = tuple((c["id"], count_column(c["name"]))
+    plan = Plan(scheme, label_rules(scheme_params, scheme), tolerance, colour_scale)
+    columns = FileNames(f"{source}: metadata columns")
+    for column in plan.columns():
+        columns.claim(column, f"column {column!r}")
+    counted = tuple((c["id"], columns.claim(count_column(c["name"]),
+                                            f"category {c['id']} {c['name']!r}"))
                     for c in sorted(categories, key=lambda c: c["id"])
                     if c["id"] not in scheme.class_of_category)
-    return Plan(scheme, label_rules(scheme_params, scheme), tolerance, colour_scale, counted)
+    return dataclasses.replace(plan, counted=counted)
 
 
 # ---------------------------------------------------------------- pure core: decoding
@@ -424,7 +439,7 @@ def process_image(job: SplitJob, image: dict, anns: list[dict]) -> dict:
                          f"the annotation's {width}x{height}")
     decoded = [decode_annotation(a, height, width) for a in anns]
     labels = label_map(height, width, decoded, job.plan.scheme, job.plan.rules)
-    save_labels(job.out / f"{Path(image['file_name']).stem}.png", labels)
+    save_labels(inside(job.out, mask_name(image["file_name"])), labels)
     return {"image_id": image["id"], "file_name": image["file_name"], "split": job.split,
             **image_metadata(pixels, labels, decoded, job.plan)}
 
@@ -547,7 +562,7 @@ def split_job(params: dict, scheme_name: str, raw: Path, split: str,
         categories, tasks = split_tasks(ann_file)
         plan = make_plan(scheme_name, params["schemes"][scheme_name], categories,
                          params["masks"]["grayscale_tolerance"],
-                         params["masks"]["colour_stats_scale"])
+                         params["masks"]["colour_stats_scale"], source=str(ann_file))
     except (AnnotationError, ValueError) as exc:
         raise StageError(str(exc)) from None
     job = SplitJob(split, plan, raw / "images" / split, out, ann_file)
@@ -707,6 +722,9 @@ def _image_entry_problem(image: object) -> str | None:
         return f"lacks {', '.join(missing)}"
     if not isinstance(image["id"], int) or not isinstance(image["file_name"], str):
         return f"id {image['id']!r} / file_name {image['file_name']!r} must be int / string"
+    problem = plain_name_problem(image["file_name"])
+    if problem:   # its mask is named after it: refused rather than renamed and lost
+        return f"file_name {image['file_name']!r} of image {image['id']} {problem}"
     for key in ("width", "height"):
         if not isinstance(image[key], int) or image[key] < 1:
             return f"{key} {image[key]!r} is not a positive integer"

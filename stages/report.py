@@ -42,6 +42,7 @@ from stages.lib import buckets, embeddings
 from stages.lib.cli import StageError, run_main, stage_parser
 from stages.lib.io import atomic_path
 from stages.lib.labels import IGNORE_INDEX, colourise, palette_colours, read_labels
+from stages.lib.names import check_plain_name, inside
 from stages.lib.params import load_params, scheme_class_names
 from stages.lib.plots import compact, confusion_figure, fit_width, png_bytes  # noqa: F401 (re-exported)
 
@@ -899,6 +900,8 @@ def read_curve(path: Path, column: str) -> pd.DataFrame:
 
 def read_samples(path: Path) -> pd.DataFrame:
     samples = read_table(path, SAMPLE_COLUMNS, dtype={"file_name": str})
+    for image_id, file_name in zip(samples["image_id"], samples["file_name"]):
+        check_plain_name(file_name, f"{path}: image {image_id}")   # read as files below
     # The stem comes from file_name: a numeric-looking stem column loses its zeros in CSV.
     samples["stem"] = samples["file_name"].map(lambda name: Path(name).stem)
     duplicated = samples["stem"][samples["stem"].duplicated()]
@@ -911,7 +914,7 @@ def load_scheme(params: dict, name: str, predictions: Path, metrics: Path,
                 analysis: Path) -> Scheme:
     class_names = scheme_class_names(params, name)
     plots = metrics / "train" / name / "plots" / "metrics"
-    folder = analysis / name
+    folder = inside(analysis, name, resolve=False)
     return Scheme(
         name=name, class_names=class_names, claims=params["schemes"][name]["classes"],
         metrics=read_metrics(metrics / f"{name}.json", class_names),
@@ -1196,11 +1199,14 @@ def examples(schemes: list[Scheme], raw: Path, masks: Path, predictions: Path,
     for stem, reason in choose_examples(candidates, n, compare=len(schemes) > 1):
         scores = [sample_scores(s, stem) for s in schemes]
         renders = [{"scheme": s.name, **score,
-                    "gt": label_thumbnail(masks / s.name / "val" / f"{stem}.png", width),
-                    "pred": label_thumbnail(predictions / s.name / "val" / f"{stem}.png", width)}
+                    "gt": label_thumbnail(inside(masks, s.name, "val", f"{stem}.png",
+                                                 resolve=False), width),
+                    "pred": label_thumbnail(inside(predictions, s.name, "val", f"{stem}.png",
+                                                   resolve=False), width)}
                    for s, score in zip(schemes, scores)]
         rows.append({"stem": stem, "reason": reason, "schemes": renders,
-                     "image": photo_thumbnail(raw / "images" / "val" / file_names[stem], width),
+                     "image": photo_thumbnail(inside(raw, "images", "val", file_names[stem],
+                                                     resolve=False), width),
                      "comparison": loss_comparison([s.name for s in schemes], scores)})
     return rows
 
@@ -1249,7 +1255,7 @@ def issue_gallery(folder: Path, scheme: Scheme, flagged_in: dict[str, list[str]]
     path = folder / "label_issues.csv"
     rows = []
     for r in table[table["flagged"].astype(bool)].itertuples():
-        figure = folder / str(r.figure)
+        figure = listed_file(folder, r.figure, path)
         if not figure.is_file():
             raise StageError(f"{figure}: missing (listed in {path})")
         stem = str(r.stem)
@@ -1270,8 +1276,18 @@ def heatmap_sources(folder: Path, scheme: Scheme, width: int) -> dict[str, str]:
     if index is None:
         return {}
     shared = index[index["kind"] == "shared_features"]
-    return {f"{int(r.cluster)}/{r.stem}": figure_src(folder / str(r.file), width)
+    listing = folder / "heatmaps" / "index.csv"
+    return {f"{int(r.cluster)}/{r.stem}": figure_src(listed_file(folder, r.file, listing), width)
             for r in shared.itertuples()}
+
+
+def listed_file(folder: Path, name: object, table: Path) -> Path:
+    """A file an analysis table lists by its path relative to the folder: read from there,
+    never from outside it (the table is input like any other)."""
+    try:
+        return inside(folder, str(name), resolve=False)
+    except StageError as exc:
+        raise StageError(f"{table}: lists {name!r}: {exc}") from None
 
 
 def read_flagged_in(compare: Path | None, schemes: list[Scheme]) -> dict[str, list[str]]:
@@ -1351,7 +1367,7 @@ def run(params: dict, raw: Path, masks: Path, models: Path, predictions: Path, m
     shown = [i["stem"] for i in issues] + [r["stem"] for cs in cards.values() for c in cs
                                            for r in c["representatives"]]
     files = dict(zip(*(image_table(schemes)[c] for c in ("stem", "file_name"))))
-    thumbs = {stem: photo_thumbnail(raw / "images" / "val" / files[stem],
+    thumbs = {stem: photo_thumbnail(inside(raw, "images", "val", files[stem], resolve=False),
                                     cfg["sample_thumbnail_px"])
               for stem in thumbnail_stems(schemes, shown, cfg["max_thumbnails"])}
     only_in = {stem: found[0] for stem, found in flagged_in.items() if len(found) == 1}

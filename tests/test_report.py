@@ -533,6 +533,31 @@ def test_missing_prediction_mask_is_named(pipeline, tmp_path):
                                         out=tmp_path / "index.html"))
 
 
+@pytest.mark.parametrize("table, column", [("label_issues.csv", "figure"),
+                                           ("heatmaps/index.csv", "file")])
+def test_a_figure_listed_outside_the_analysis_folder_is_refused(pipeline, tmp_path, table,
+                                                               column):
+    """analyze's tables name its figures by path; report embeds what they name, so a path
+    leading out of the folder (here to an image beside it) must not be read."""
+    analysis = tmp_path / "analysis"
+    shutil.copytree(pipeline["root"] / "analysis", analysis)
+    shutil.copyfile(next((analysis / "person_car" / "label_issues").glob("*.png")),
+                    tmp_path / "secret.png")
+    listing = analysis / "person_car" / table
+    frame = pd.read_csv(listing, dtype=str, keep_default_na=False)
+    rows = frame.index[frame["flagged"] == "True"] if column == "figure" else \
+        frame.index[frame["kind"] == "shared_features"]
+    frame.loc[rows[0], column] = "../../secret.png"
+    frame.to_csv(listing, index=False)
+    with pytest.raises(StageError, match=re.escape(
+            f"{listing}: lists '../../secret.png': {analysis / 'person_car' / '../../secret.png'}"
+            f": resolves to {tmp_path / 'secret.png'}, outside {analysis / 'person_car'}; "
+            "refused")):
+        report.run(pipeline["params"], **stage_args(pipeline["root"], analysis=analysis,
+                                                     out=tmp_path / "index.html"))
+    assert not (tmp_path / "index.html").exists()
+
+
 def test_an_unwritable_report_folder_is_refused_before_reading_anything(pipeline, tmp_path,
                                                                         monkeypatch, caplog):
     monkeypatch.setattr(report, "load_scheme",
