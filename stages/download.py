@@ -207,9 +207,13 @@ def run(params: dict, out: Path, checkpoints: Path | None = None) -> dict:
             failures = job.one_by_one(selected)
     _log_summary(fetcher, failures)
     if failures:
+        # one warning per file for the log, one line for the user
+        for failure in sorted(failures):
+            log.warning("could not fetch %s", failure)
         raise StageError(
-            f"could not fetch {len(failures)} file(s); the complete ones stay in {staging} "
-            "and a rerun resumes from there:\n  " + "\n  ".join(sorted(failures)))
+            f"could not fetch {len(failures)} file(s) (each logged above; first: "
+            f"{sorted(failures)[0]}); the complete ones stay in {staging} and a rerun "
+            "resumes from there")
     manifest = _write_outputs(staging, data, instances, selected, counts)
     publish_dir(staging, out)
     return manifest
@@ -672,7 +676,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoints", type=Path, default=None,
                         help="folder for work in progress (resumed by a rerun)")
     args = parser.parse_args(argv)
-    return run_main("download", lambda: run(load_params(args.params), args.out, args.checkpoints))
+    return run_main("download", lambda: run(load_params(args.params), args.out, args.checkpoints),
+                    outputs=(args.out, args.checkpoints))
 
 
 if __name__ == "__main__":

@@ -173,7 +173,8 @@ def test_null_max_images_takes_every_image(tmp_path, params):
     _check_output(out, manifest, str(SAMPLE), max_images=limits)
 
 
-def test_404_names_the_url_keeps_completed_files_and_leaves_no_output(serve, tmp_path, params):
+def test_404_names_the_url_keeps_completed_files_and_leaves_no_output(serve, tmp_path, params,
+                                                                    caplog):
     served = tmp_path / "served"
     shutil.copytree(SAMPLE, served)
     by_id = {split: {im["id"]: im for im in SOURCE[split]["images"]} for split in SOURCE}
@@ -187,9 +188,13 @@ def test_404_names_the_url_keeps_completed_files_and_leaves_no_output(serve, tmp
     with pytest.raises(StageError) as info:
         download.run(_params(params, base), out)
     message = str(info.value)
-    assert message.startswith("could not fetch 2 file(s)")
-    assert f"{base}/val2017/{missing[0]}: HTTP 404" in message      # every failure named
-    assert f"{base}/train2017/{missing[1]}: HTTP 404" in message
+    assert message.startswith("could not fetch 2 file(s) (each logged above; first: ")
+    assert "\n" not in message                                      # one line for the user
+    failed = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"
+              and r.getMessage().startswith("could not fetch ")]
+    assert len(failed) == 2                                          # every failure logged
+    assert any(f"{base}/val2017/{missing[0]}: HTTP 404" in line for line in failed)
+    assert any(f"{base}/train2017/{missing[1]}: HTTP 404" in line for line in failed)
     assert not out.exists()                                         # nothing under the final name
     staged = target / ".raw.partial"
     assert sorted(p.name for p in target.iterdir()) == [".raw.partial"]
@@ -1039,3 +1044,18 @@ def test_integer_of_over_4300_digits_is_refused_without_a_crash(tmp_path, params
                               "(4300 digits) for integer string conversion: value has 5000 "
                               "digits; use sys.set_int_max_str_digits() to increase the limit")
     assert not (tmp_path / "raw").exists()
+
+
+def test_download_refuses_an_unwritable_output_before_fetching(tmp_path, params, caplog):
+    from unwritable import blocked_folder
+
+    out = blocked_folder(tmp_path)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(_params(params, str(SAMPLE))))
+    code = download.main(["--params", str(path), "--out", str(out),
+                          "--checkpoints", str(tmp_path / "ck")])
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert code == 2
+    assert len(errors) == 1 and "\n" not in errors[0]
+    assert errors[0].startswith(f"{out.parent}: output folder not writable")
+    assert not (tmp_path / "ck").exists()            # refused before any work: nothing staged
