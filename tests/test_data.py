@@ -43,3 +43,19 @@ def test_unreadable_file_names_itself(tmp_path):
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 nope")
     with pytest.raises(StageError, match="bad.jpg: cannot decode image"):
         read_image_reduced(tmp_path / "bad.jpg", 128)
+
+
+@pytest.mark.parametrize("name", ["../../escape.jpg", "/etc/passwd", "a\0b.jpg", ".hidden.jpg"])
+def test_list_samples_refuses_an_image_name_that_is_not_plain(tmp_path, name):
+    # train, infer and analyze read raw images through list_samples: a raw folder not
+    # written by download (or edited since) must not send them outside it
+    import json
+
+    from stages.lib.data import list_samples
+
+    raw, masks = tmp_path / "raw", tmp_path / "masks"
+    (raw / "annotations").mkdir(parents=True)
+    (raw / "annotations" / "instances_val.json").write_text(
+        json.dumps({"images": [{"id": 7, "file_name": name}]}))
+    with pytest.raises(StageError, match=r"instances_val.json: image 7: file name .* (has|starts|is)"):
+        list_samples(raw, masks, "val")

@@ -16,6 +16,7 @@ from torchvision.transforms import v2
 
 from stages.lib.cli import StageError
 from stages.lib.labels import read_labels
+from stages.lib.names import check_plain_name
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ def list_samples(raw: Path, masks: Path, split: str) -> list[Sample]:
     images = json.loads(ann_file.read_text())["images"]
     samples = []
     for image in sorted(images, key=lambda im: im["id"]):
+        check_plain_name(image["file_name"], f"{ann_file}: image {image['id']}")
         stem = Path(image["file_name"]).stem
         mask_path = masks / split / f"{stem}.png"
         if not mask_path.is_file():
