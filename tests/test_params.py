@@ -591,3 +591,17 @@ def test_snakemake_refuses_what_the_stages_refuse(tmp_path, name):
     assert "Traceback" not in output and 'File "' not in output
     assert len(output) < 1000
     assert sorted(p.name for p in tmp_path.iterdir()) == before   # not even .snakemake/
+
+
+@pytest.mark.parametrize("where", ["schemes", "classes"])
+def test_names_that_differ_only_in_case_are_refused(params, where):
+    # they become folders and files: one file on a case-folding file system
+    params = copy.deepcopy(params)
+    if where == "schemes":
+        params["schemes"]["Person_car"] = copy.deepcopy(params["schemes"]["person_car"])
+        match = r"schemes: 'person_car' and 'Person_car' differ only in case"
+    else:
+        params["schemes"]["person_car"]["classes"]["Car"] = {"categories": ["truck"]}
+        match = r"schemes.person_car.classes: 'car' and 'Car' differ only in case"
+    with pytest.raises(ParamsError, match=match):
+        validate_params(params)

@@ -147,10 +147,23 @@ def _describe(error: jsonschema.ValidationError) -> str:
     return f"{path}: {message}"
 
 
+def _refuse_case_twins(names, where: str) -> None:
+    # scheme names become folders and class names file names (DVCLive's val/iou/<class>):
+    # two that differ only in case would be one file on macOS and Windows
+    seen: dict[str, str] = {}
+    for name in names:
+        first = seen.setdefault(name.casefold(), name)
+        if first != name:
+            raise ParamsError(f"{where}: {first!r} and {name!r} differ only in case; they "
+                              "would name the same file where case is folded (macOS, Windows)")
+
+
 def _check_scheme_semantics(params: dict, source: str) -> None:
     # JSON Schema cannot say "no COCO category claimed twice within one scheme", directly
     # or through a supercategory.
+    _refuse_case_twins(params["schemes"], f"{source}: schemes")
     for name, scheme in params["schemes"].items():
+        _refuse_case_twins(["background", *scheme["classes"]], f"{source}: schemes.{name}.classes")
         owner: dict[str, str] = {}
         for cls, claim in scheme["classes"].items():
             claimed = list(claim.get("categories", []))
