@@ -1,4 +1,4 @@
-# Checkpoints (checkpoints/train/{scheme}/last.pt) are deliberately no output of either engine:
+# Checkpoints (checkpoints/train/{scheme}/last.pt and prev.pt) are deliberately no output of either engine:
 # both delete a job's outputs before rerunning it, which would defeat resuming. The stage
 # resumes only from a checkpoint of the same params and data, and deletes it on success.
 rule train:
