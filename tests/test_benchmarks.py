@@ -341,3 +341,19 @@ def test_peak_memory_of_a_child_is_its_own_not_its_parents():
                                text=True, check=True).stdout)
     assert 0 < own < 150            # ru_maxrss here would say more than 300
     del held
+
+
+def test_hostile_benchmark_smoke(tmp_path, monkeypatch):
+    # every hostile input of issue 13 is refused the way a user needs: exit code 2, one
+    # error line, no traceback; the transfers stay within their caps
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    result = _smoke("hostile", tmp_path, 0.05)
+    rows = {row["hostile input"]: row for row in result["table"]}
+    assert len(rows) == 11
+    for name, row in rows.items():
+        assert (row["exit"], row["error lines"], row["traceback"]) == (2, 1, "no"), name
+    cap_mib = 32 + 30      # the image cap plus the sample's other images, with room
+    assert rows["image: endless body, no Content-Length"]["written to files MiB"] < cap_mib
+    assert rows["val archive: a member unpacking to 3 GiB of zeros"]["written to files MiB"] < 2
+    assert result["notes"][0] == ("11 of 11 hostile inputs refused with exit code 2, one "
+                                  "error line and no traceback.")
