@@ -1124,12 +1124,14 @@ def dvc_files(folder: Path, root: Path) -> list[Path]:
     ignore = root / ".dvcignore"
     spec = pathspec.GitIgnoreSpec.from_lines(
         ignore.read_text().splitlines() if ignore.is_file() else [])
+    # Paths relative to the project as written, not resolved: with DVC's symlink cache a
+    # file resolves into .dvc/cache.
+    base = Path(os.path.relpath(folder.resolve(), root))
     files = []
     for dirpath, _, names in os.walk(folder):
         for name in names:
             path = Path(dirpath) / name
-            rel = path.resolve().relative_to(root) if _within(path.resolve(), root) else None
-            if rel is None or not spec.match_file(rel.as_posix()):
+            if not spec.match_file((base / path.relative_to(folder)).as_posix()):
                 files.append(path)
     return files
 
