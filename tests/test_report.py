@@ -841,6 +841,11 @@ def test_uncommitted_changes_are_the_users_edits_not_the_pipelines_outputs(tmp_p
     (repo / "reports" / "notes.txt").write_text("mine")
     assert report.git_state(repo, own)["dirty"] is True
     (repo / "reports" / "notes.txt").unlink()
+    # git lists the untracked data/ once: a file of the user's beside data/raw counts
+    (repo / "data" / "mine.txt").write_text("mine")
+    assert report.git_state(repo, own)["dirty"] is True
+    (repo / "data" / "mine.txt").unlink()
+    assert report.git_state(repo, own)["dirty"] is False
     (repo / "params.yaml").unlink()  # deleted
     assert report.git_state(repo, own)["dirty"] is True
     assert report.git_state(tmp_path) == {"commit": None, "dirty": None}  # not a checkout
