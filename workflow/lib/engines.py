@@ -56,8 +56,9 @@ upstream outputs), since Snakemake judges its code files by recorded checksums. 
 Snakemake wrote, and outputs of stages DVC does not vouch for (say, after editing their
 code), keep their times and Snakemake's usual rules. For a folder the time is set on its
 .snakemake_timestamp file, where Snakemake keeps a folder's time (DVC ignores it:
-.dvcignore). This costs one `dvc status --json` (about 1 s, a subprocess) per Snakemake invocation
-while such outputs exist (none in a checkout only Snakemake writes to).
+.dvcignore). This costs one `dvc status --json` per Snakemake invocation while such
+outputs exist (none in a checkout only Snakemake writes to): a subprocess, about the cost
+of BENCHMARKS.md's "no-op dvc status" row.
 """
 from __future__ import annotations
 
