@@ -23,12 +23,12 @@ import os
 import platform
 import re
 import subprocess
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pathspec
 import yaml
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from markupsafe import Markup
@@ -986,13 +986,54 @@ def similars(path: Path, samples: pd.DataFrame, k: int) -> tuple[np.ndarray, np.
 
 # ---------------------------------------------------------------- run: provenance
 
-def git_state(repo: Path) -> dict:
+def git_state(repo: Path, pipeline_paths: list[Path] = ()) -> dict:
+    """The commit, and whether the user changed anything since: a changed, added, deleted
+    or untracked file counts unless it lies in one of the pipeline's own paths (its
+    outputs, logs, dvc.lock), which every run writes, tracked (DVC's `cache: false`
+    metrics) or not."""
     try:
         commit = _git(repo, "rev-parse", "--short", "HEAD")
-        dirty = bool(_git(repo, "status", "--porcelain"))
+        # Unstripped: a porcelain line may start with a space (" M file").
+        listed = subprocess.run(["git", "status", "--porcelain=v1", "-z"], cwd=repo,
+                                capture_output=True, text=True, check=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
-    return {"commit": commit, "dirty": dirty}
+    own = [p.resolve() for p in pipeline_paths if p is not None]
+    return {"commit": commit,
+            "dirty": any(_users(repo / rel, own) for rel in porcelain_paths(listed))}
+
+
+def _users(path: Path, own: list[Path]) -> bool:
+    """Whether a changed path holds something outside the pipeline's own paths. git
+    lists an untracked folder once (data/ when only data/raw exists): its files are
+    looked at, skipping the pipeline's folders inside it."""
+    path = path.resolve()
+    if any(_within(path, o) for o in own):
+        return False
+    if not path.is_dir():
+        return True
+    for dirpath, dirs, files in os.walk(path):
+        if any(not any(_within(Path(dirpath, f), o) for o in own) for f in files):
+            return True
+        dirs[:] = [d for d in dirs if not any(_within(Path(dirpath, d), o) for o in own)]
+    return False
+
+
+def porcelain_paths(listed: str) -> list[str]:
+    """The paths of `git status --porcelain=v1 -z` (a rename's both); an untracked folder
+    is one entry ending in '/'."""
+    paths, entries = [], iter(listed.split("\0"))
+    for entry in entries:
+        if len(entry) < 4:
+            continue
+        paths.append(entry[3:])
+        if entry[0] in "RC":  # the next entry is where it came from
+            paths.append(next(entries, ""))
+    return [p for p in paths if p]
+
+
+def _within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
 
 
 def _git(repo: Path, *args: str) -> str:
@@ -1038,7 +1079,8 @@ def md5_file(path: Path) -> str | None:
 
 
 def dvc_lock_outs(lock: Path | None) -> dict[Path, dict]:
-    """dvc.lock's outputs by absolute path: {md5, size, nfiles} as DVC recorded them."""
+    """dvc.lock's outputs by absolute path: {md5, size, nfiles} as DVC recorded them, and
+    the project folder (dvc.lock's) as "root"."""
     if lock is None or not lock.is_file():
         return {}
     try:
@@ -1049,61 +1091,49 @@ def dvc_lock_outs(lock: Path | None) -> dict[Path, dict]:
     for stage in (document.get("stages") or {}).values():
         for out in stage.get("outs") or []:
             if isinstance(out, dict) and "path" in out and "md5" in out:
-                outs[(lock.parent / out["path"]).resolve()] = out
+                outs[(lock.parent / out["path"]).resolve()] = {**out,
+                                                               "root": lock.parent.resolve()}
     return outs
 
 
-def dvc_hash(path: Path, lock_outs: dict[Path, dict], check: str | None = None) -> dict:
-    """The md5 DVC records for an output (a folder's is the md5 of its file list, `.dir`),
-    computed with DVC's own code and .dvcignore rules, as `dvc commit` would record it.
-    A large folder may take dvc.lock's record instead, when it lists this path with the
-    folder's current size and file count and its file list (in DVC's cache) gives the
-    `check` file the md5 it has now (the download manifest holds every image's checksum).
-    A dvc.lock record that differs from what is on disk is reported as stale."""
+def dvc_hash(path: Path, lock_outs: dict[Path, dict]) -> dict:
+    """The md5 dvc.lock records for an output (a folder's ends in .dir), while dvc.lock is
+    current for it: a file's md5 is that of its bytes (DVC 3); a folder must hold the size
+    and file count dvc.lock records, counted as DVC counts them (.dvcignore applies).
+    Otherwise "not recorded": computing DVC's folder hash would take DVC's internals, and
+    `dvc commit` records it. A record that no longer fits is reported as stale."""
     if not path.exists():
         return {"md5": None, "source": "missing", "stale": None}
-    from dvc.ignore import DvcIgnoreFilter
-    from dvc_data.hashfile.build import build
-    from dvc_data.hashfile.db.local import LocalHashFileDB
-    from dvc_objects.fs.local import LocalFileSystem
-
-    fs = LocalFileSystem()
-    root = dvc_root(path)
-    ignore = DvcIgnoreFilter(fs, str(root)) if root is not None else None
     entry = lock_outs.get(path.resolve())
-    if entry is not None and check is not None and path.is_dir() and root is not None:
-        files = list(ignore.find(fs, str(path)))
-        listing = _dir_listing(root, str(entry["md5"]))
-        if (entry.get("size") == sum(os.path.getsize(f) for f in files)
-                and entry.get("nfiles") == len(files) and listing is not None
-                and listing.get(check) == md5_file(path / check)):
-            return {"md5": entry["md5"], "source": "dvc.lock", "stale": None}
-    with tempfile.TemporaryDirectory() as scratch:
-        _, _, obj = build(LocalHashFileDB(fs, scratch), str(path), fs, "md5", dry_run=True,
-                          ignore=ignore)
-    md5 = obj.hash_info.value
-    stale = entry["md5"] if entry is not None and entry["md5"] != md5 else None
-    return {"md5": md5, "source": "computed", "stale": stale}
+    if entry is None:
+        return {"md5": None, "source": "not recorded", "stale": None}
+    md5 = str(entry["md5"])
+    if path.is_dir():
+        sizes = [f.stat().st_size for f in dvc_files(path, entry["root"])]
+        current = entry.get("size") == sum(sizes) and entry.get("nfiles") == len(sizes)
+    else:
+        current = md5 == md5_file(path)
+    if current:
+        return {"md5": md5, "source": "dvc.lock", "stale": None}
+    return {"md5": None, "source": "not recorded", "stale": md5}
 
 
-def dvc_root(path: Path) -> Path | None:
-    """The DVC project an output lives in (the nearest folder above it holding .dvc/):
-    its .dvcignore applies to the hash, its cache holds the folder listings."""
-    for folder in path.resolve().parents:
-        if (folder / ".dvc").is_dir():
-            return folder
-    return None
-
-
-def _dir_listing(repo: Path, md5: str) -> dict[str, str] | None:
-    """relpath -> md5 of a folder DVC cached (its .dir object), or None if not cached."""
-    if not md5.endswith(".dir"):
-        return None
-    path = repo / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
-    try:
-        return {e["relpath"]: e["md5"] for e in json.loads(path.read_text())}
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+def dvc_files(folder: Path, root: Path) -> list[Path]:
+    """The files of a folder DVC tracks: those its project's .dvcignore (gitignore
+    patterns, relative to the project folder) does not leave out."""
+    ignore = root / ".dvcignore"
+    spec = pathspec.GitIgnoreSpec.from_lines(
+        ignore.read_text().splitlines() if ignore.is_file() else [])
+    # Paths relative to the project as written, not resolved: with DVC's symlink cache a
+    # file resolves into .dvc/cache.
+    base = Path(os.path.relpath(folder.resolve(), root))
+    files = []
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            path = Path(dirpath) / name
+            if not spec.match_file((base / path.relative_to(folder)).as_posix()):
+                files.append(path)
+    return files
 
 
 def data_source(raw: Path, lock_outs: dict[Path, dict]) -> dict:
@@ -1112,7 +1142,7 @@ def data_source(raw: Path, lock_outs: dict[Path, dict]) -> dict:
     splits = manifest.get("splits", {})
     return {"base_url": manifest.get("base_url"), "year": manifest.get("year"),
             "seed": manifest.get("seed"), "manifest_md5": md5_file(manifest_path),
-            "raw": dvc_hash(raw, lock_outs, check="manifest.json"),
+            "raw": dvc_hash(raw, lock_outs),
             "images": {split: len(body.get("images", [])) for split, body in splits.items()}}
 
 
@@ -1163,9 +1193,10 @@ def read_stage_times(logs: Path | None) -> list[dict]:
 
 
 def provenance(params: dict, raw: Path, models: Path, schemes: list[Scheme],
-               logs: Path | None = None, lock: Path | None = None) -> dict:
+               logs: Path | None = None, lock: Path | None = None,
+               pipeline_paths: list[Path] = ()) -> dict:
     lock_outs = dvc_lock_outs(lock)
-    git = git_state(REPO)
+    git = git_state(REPO, [*pipeline_paths, logs, lock])
     record = {
         "git": git, "date": report_date(), "versions": library_versions(),
         "params_yaml": yaml.safe_dump(params, sort_keys=False, allow_unicode=True),
@@ -1180,8 +1211,8 @@ def provenance(params: dict, raw: Path, models: Path, schemes: list[Scheme],
                  "python": platform.python_version()},
         "stage_times": read_stage_times(logs),
     }
-    # Where each hash came from goes to the log, not the page: both engines must render the
-    # same page for the same outputs (DVC has a dvc.lock when the report runs, Snakemake not).
+    # Where each hash came from goes to the log as well (under Snakemake there is usually
+    # no current dvc.lock: "not recorded").
     for what, h in [("data/raw", record["data"]["raw"]),
                     *((f"models/{m['scheme']}", m["dir"]) for m in record["models"])]:
         log.info("%s md5 %s (%s%s)", what, h["md5"], h["source"],
@@ -1371,8 +1402,10 @@ def run(params: dict, raw: Path, masks: Path, models: Path, predictions: Path, m
                                     cfg["sample_thumbnail_px"])
               for stem in thumbnail_stems(schemes, shown, cfg["max_thumbnails"])}
     only_in = {stem: found[0] for stem, found in flagged_in.items() if len(found) == 1}
+    # What the pipeline writes is not a user's edit (git_state).
+    own = [raw, masks, models, predictions, metrics, analysis, compare, out]
     context = build_context(params, schemes, provenance(params, raw, models, schemes, logs,
-                                                        dvc_lock),
+                                                        dvc_lock, own),
                             rows, issues, scheme_differences(compare), thumbs, cards, only_in)
     html = render(context)
     with atomic_path(out) as tmp:

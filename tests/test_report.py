@@ -84,12 +84,39 @@ def cli_argv(params_path: Path, paths: dict) -> list[str]:
     return argv
 
 
+def record_with_dvc(root: Path, rels: dict[str, str], scratch: Path) -> Path:
+    """root/dvc.lock recording the folders rels (stage name -> path under root) as DVC
+    does: the records `dvc add` writes for copies of them in a scratch project with the
+    same .dvcignore. The report shows a hash only from a dvc.lock current for it."""
+    for folder in (root, scratch):
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / ".dvcignore", folder / ".dvcignore")
+    for rel in rels.values():
+        shutil.copytree(root / rel, scratch / rel)
+    dvc = [str(Path(sys.executable).with_name("dvc"))]
+    subprocess.run(dvc + ["init", "--no-scm", "-q"], cwd=scratch, check=True)
+    subprocess.run(dvc + ["add", "-q", *rels.values()], cwd=scratch, check=True)
+    stages = {}
+    for stage, rel in rels.items():
+        [out] = yaml.safe_load((scratch / f"{rel}.dvc").read_text())["outs"]
+        stages[stage] = {"cmd": "made by the test", "outs": [{**out, "path": rel}]}
+    lock = root / "dvc.lock"
+    lock.write_text(yaml.safe_dump({"schema": "2.0", "stages": stages}))
+    return lock
+
+
 def render_report(tmp_path_factory) -> dict:
-    """The report rendered through the CLI, as a user (or DVC/Snakemake) runs it."""
+    """The report rendered through the CLI, as a user (or DVC/Snakemake) runs it, with a
+    dvc.lock current for its data and models (as under `dvc repro`)."""
     if "rendered" not in _BUILT:
         inputs = build_pipeline(tmp_path_factory)
         args = inputs["args"]
-        assert report.main(cli_argv(inputs["root"] / "params.yaml", args)) == 0
+        lock = record_with_dvc(
+            inputs["root"], {"download": "data/raw",
+                             **{f"train@{s}": f"models/{s}" for s in inputs["params"]["schemes"]}},
+            tmp_path_factory.mktemp("dvc-records"))
+        argv = cli_argv(inputs["root"] / "params.yaml", args) + ["--dvc-lock", str(lock)]
+        assert report.main(argv) == 0
         html = args["out"].read_text(encoding="utf-8")
         _BUILT["rendered"] = {**inputs, "html": html, "page": Page.parse(html)}
     return _BUILT["rendered"]
@@ -739,32 +766,95 @@ def test_stage_times_from_benchmarks_else_log_timestamps(tmp_path):
 
 
 def test_dvc_hashes_are_those_dvc_records(tmp_path):
-    """The folder hash equals what `dvc add` writes (same .dvcignore), and dvc.lock's record
-    is taken only while the folder still matches it."""
+    """dvc.lock's record of a folder (what `dvc add` writes, same .dvcignore) is shown
+    while the folder still has the size and file count it records; otherwise the hash is
+    "not recorded" and the record named stale. No DVC hash is computed."""
     repo = tmp_path / "repo"
     data = repo / "d"
     (data / "sub").mkdir(parents=True)
     (data / "manifest.json").write_text('{"images": ["a"]}')
     (data / "sub" / "x.bin").write_bytes(bytes(range(256)) * 3)
-    (data / ".snakemake_timestamp").write_text("")
-    shutil.copy(ROOT / ".dvcignore", repo / ".dvcignore")
-    dvc = [str(Path(sys.executable).with_name("dvc"))]
-    subprocess.run(dvc + ["init", "--no-scm", "-q"], cwd=repo, check=True)
-    subprocess.run(dvc + ["add", "-q", "d"], cwd=repo, check=True)
-    recorded = yaml.safe_load((repo / "d.dvc").read_text())["outs"][0]
-    computed = report.dvc_hash(data, {}, "manifest.json")
-    assert computed == {"md5": recorded["md5"], "source": "computed", "stale": None}
-    lock = repo / "dvc.lock"
-    lock.write_text(yaml.safe_dump({"schema": "2.0", "stages": {"download": {"outs": [
-        {"path": "d", "md5": recorded["md5"], "size": recorded["size"],
-         "nfiles": recorded["nfiles"]}]}}}))
+    (data / ".snakemake_timestamp").write_text("")  # .dvcignore: not counted
+    lock = record_with_dvc(repo, {"download": "d"}, tmp_path / "scratch")
+    recorded = yaml.safe_load(lock.read_text())["stages"]["download"]["outs"][0]
+    assert recorded["nfiles"] == 2 and recorded["md5"].endswith(".dir")
     outs = report.dvc_lock_outs(lock)
-    assert report.dvc_hash(data, outs, "manifest.json")["source"] == "dvc.lock"
-    (data / "manifest.json").write_text('{"images": ["b"]}')  # same size, other content
-    changed = report.dvc_hash(data, outs, "manifest.json")
-    assert changed["source"] == "computed" and changed["stale"] == recorded["md5"]
-    assert changed["md5"] != recorded["md5"]
-    assert report.md5_file(data / "manifest.json") == hashlib.md5(b'{"images": ["b"]}').hexdigest()
+    assert report.dvc_hash(data, outs) == {"md5": recorded["md5"], "source": "dvc.lock",
+                                           "stale": None}
+    assert report.dvc_hash(data, {}) == {"md5": None, "source": "not recorded", "stale": None}
+    assert report.dvc_hash(repo / "gone", outs) == {"md5": None, "source": "missing",
+                                                   "stale": None}
+    (data / "sub" / "y.bin").write_bytes(b"new")  # another file: the record is stale
+    assert report.dvc_hash(data, outs) == {"md5": None, "source": "not recorded",
+                                           "stale": recorded["md5"]}
+    (data / "sub" / "y.bin").unlink()
+    (data / "manifest.json").write_text('{"images": ["bb"]}')  # another size: stale
+    assert report.dvc_hash(data, outs)["stale"] == recorded["md5"]
+    # a file output: its md5 is that of its bytes (DVC 3)
+    file_md5 = hashlib.md5(b'{"images": ["bb"]}').hexdigest()
+    assert report.md5_file(data / "manifest.json") == file_md5
+    file_outs = {(data / "manifest.json").resolve(): {"md5": file_md5, "root": repo.resolve()}}
+    assert report.dvc_hash(data / "manifest.json", file_outs)["source"] == "dvc.lock"
+    (data / "manifest.json").write_text('{"images": ["cc"]}')  # same size, other bytes
+    assert report.dvc_hash(data / "manifest.json", file_outs)["stale"] == file_md5
+
+
+def _git_repo(root: Path) -> Path:
+    git = ["git", "-c", "user.email=test@segflow", "-c", "user.name=segflow-test"]
+    root.mkdir(parents=True)
+    (root / "params.yaml").write_text("a: 1\n")
+    (root / "metrics").mkdir()
+    (root / "metrics" / "s.json").write_text("{}")  # a `cache: false` metric, committed
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run(git + ["add", "-A"], cwd=root, check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "c"], cwd=root, check=True)
+    return root
+
+
+def test_uncommitted_changes_are_the_users_edits_not_the_pipelines_outputs(tmp_path):
+    repo = _git_repo(tmp_path / "repo")
+    own = [repo / "metrics", repo / "data" / "raw", repo / "reports" / "index.html",
+           repo / "logs", repo / "dvc.lock"]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, text=True,
+                            capture_output=True, check=True).stdout.strip()
+    assert report.git_state(repo, own) == {"commit": commit, "dirty": False}
+    # What a run writes: untracked output folders and files, a rewritten tracked metric,
+    # logs, dvc.lock.
+    (repo / "metrics" / "s.json").write_text('{"miou": 0.5}')
+    (repo / "metrics" / "train").mkdir()
+    (repo / "metrics" / "train" / "x.tsv").write_text("step\n")
+    (repo / "data" / "raw").mkdir(parents=True)
+    (repo / "data" / "raw" / "manifest.json").write_text("{}")
+    (repo / "reports").mkdir()
+    (repo / "reports" / "index.html").write_text("<html>")
+    (repo / "logs").mkdir()
+    (repo / "logs" / "a.log").write_text("x")
+    (repo / "dvc.lock").write_text("schema: '2.0'\n")
+    assert report.git_state(repo, own) == {"commit": commit, "dirty": False}
+    # ...the same without knowing the pipeline's paths: changes
+    assert report.git_state(repo)["dirty"] is True
+    # A user's edits: a tracked file changed, a new file beside the outputs.
+    (repo / "params.yaml").write_text("a: 2\n")
+    assert report.git_state(repo, own)["dirty"] is True
+    subprocess.run(["git", "checkout", "-q", "params.yaml"], cwd=repo, check=True)
+    assert report.git_state(repo, own)["dirty"] is False
+    (repo / "reports" / "notes.txt").write_text("mine")
+    assert report.git_state(repo, own)["dirty"] is True
+    (repo / "reports" / "notes.txt").unlink()
+    # git lists the untracked data/ once: a file of the user's beside data/raw counts
+    (repo / "data" / "mine.txt").write_text("mine")
+    assert report.git_state(repo, own)["dirty"] is True
+    (repo / "data" / "mine.txt").unlink()
+    assert report.git_state(repo, own)["dirty"] is False
+    (repo / "params.yaml").unlink()  # deleted
+    assert report.git_state(repo, own)["dirty"] is True
+    assert report.git_state(tmp_path) == {"commit": None, "dirty": None}  # not a checkout
+
+
+def test_porcelain_paths_reads_renames_and_spaces():
+    listed = " M a b.txt\0?? out/\0R  new.py\0old.py\0D  gone\0"
+    assert report.porcelain_paths(listed) == ["a b.txt", "out/", "new.py", "old.py", "gone"]
+    assert report.porcelain_paths("") == []
 
 
 # ---------------------------------------------------------------- a large val set

@@ -3,8 +3,11 @@ from snakemake.exceptions import WorkflowError
 from snakemake.io import apply_wildcards
 
 from stages.lib.codedeps import stage_code
-from stages.lib.engines import (EngineBusy, Job, SnakemakeClaim, align_restored_times,
-                                 output_roots)
+# The engine glue lives beside the rules (workflow/lib/engines.py), not in the stages
+# package: it serves the Snakefile. `from ... import` only: a plain `import workflow.lib`
+# would rebind the name `workflow`, Snakemake's own object in this namespace.
+from workflow.lib.engines import (EngineBusy, Job, SnakemakeClaim, UntestedVersion,
+                                  align_restored_times, output_roots)
 
 SCHEMES = list(config["schemes"])
 
@@ -39,7 +42,7 @@ def benchmark_path(rule_name, per_scheme=True):
 # Snakemake reruns a job when an input is newer than its oldest output, and `dvc pull`,
 # `dvc checkout` and `dvc repro` write outputs at times that say nothing about the
 # pipeline's order. Before Snakemake plans anything, outputs it did not write itself and
-# that `dvc status` vouches for get the time of their newest input (stages/lib/engines.py
+# that `dvc status` vouches for get the time of their newest input (workflow/lib/engines.py
 # says why and when). Leaving `mtime` out of --rerun-triggers would not help: Snakemake
 # 9.x compares input times whatever the triggers say.
 def workflow_jobs():
@@ -57,12 +60,15 @@ def workflow_jobs():
 
 def align_dvc_output_times():
     if workflow.is_main_process:
-        align_restored_times(workflow.basedir, workflow_jobs())
+        try:
+            align_restored_times(workflow.basedir, workflow_jobs())
+        except UntestedVersion as exc:
+            raise WorkflowError(str(exc)) from None
 
 
 # ---------------------------------------------------------------- one engine at a time
 # A Snakemake run claims every output folder in DVC's lock files, so DVC refuses to touch
-# them while it runs, and Snakemake refuses to start while DVC runs (stages/lib/engines.py).
+# them while it runs, and Snakemake refuses to start while DVC runs (workflow/lib/engines.py).
 def workflow_outputs():
     return output_roots([str(pattern) for r in workflow.rules for pattern in r.output])
 
@@ -75,7 +81,7 @@ def claim_outputs():
     ENGINE_CLAIM = SnakemakeClaim(workflow.basedir, workflow_outputs())
     try:
         ENGINE_CLAIM.acquire()
-    except EngineBusy as exc:
+    except (EngineBusy, UntestedVersion) as exc:
         ENGINE_CLAIM = None
         raise WorkflowError(str(exc)) from None
 

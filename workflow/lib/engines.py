@@ -1,5 +1,19 @@
-"""How Snakemake shares a checkout with DVC. Used by the Snakefile (workflow/rules/common.smk),
-never by a stage.
+"""How Snakemake shares a checkout with DVC: the engine glue, used by the Snakefile
+(workflow/rules/common.smk) and never by a stage (it serves the workflow, so it lives
+beside the rules, outside the stages package).
+
+Public interfaces where the tools have one, internals only where none does, behind a
+version guard (`check_versions`: an untested DVC or Snakemake stops the run naming the
+version, unless SEGFLOW_UNTESTED_ENGINES=1) with a test per behaviour relied on
+(tests/test_engine_glue.py):
+
+* `dvc status --json` (public) tells which DVC stages are not up to date.
+* DVC's `dvc.lock.make_lock`, `dvc.rwlock.rwlock` and `dvc.config.Config` (internal): DVC
+  has no public command to hold its locks, and the claim must be in DVC's own lock files
+  for DVC to honour it (section 1 below).
+* Snakemake's metadata record path under .snakemake/metadata (internal, rebuilt here):
+  Snakemake has no public interface that says when it wrote an output; its
+  `--summary` needs a second Snakemake run (seconds, over the no-op budget).
 
 1. One engine at a time on the same outputs (`SnakemakeClaim`). Snakemake and DVC each
 delete a job's outputs before running it and keep their own bookkeeping, so a second
@@ -42,14 +56,17 @@ upstream outputs), since Snakemake judges its code files by recorded checksums. 
 Snakemake wrote, and outputs of stages DVC does not vouch for (say, after editing their
 code), keep their times and Snakemake's usual rules. For a folder the time is set on its
 .snakemake_timestamp file, where Snakemake keeps a folder's time (DVC ignores it:
-.dvcignore). This costs one `dvc status` per Snakemake invocation while such outputs
-exist (none in a checkout only Snakemake writes to).
+.dvcignore). This costs one `dvc status --json` per Snakemake invocation while such
+outputs exist (none in a checkout only Snakemake writes to): a subprocess, about the cost
+of BENCHMARKS.md's "no-op dvc status" row.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import stat
+import subprocess
 import sys
 from base64 import urlsafe_b64encode
 from dataclasses import dataclass, field
@@ -61,6 +78,33 @@ NOTE = ("[segflow: a Snakemake run owns these outputs; never run DVC and Snakema
 
 class EngineBusy(RuntimeError):
     """The other engine is running in this checkout."""
+
+
+# The versions whose internals tests/test_engine_glue.py checks: pyproject.toml's pins
+# (a test keeps the two equal, so bumping a pin means running those tests again).
+TESTED = {"dvc": "3.67.1", "snakemake": "9.27.1"}
+UNTESTED_OK = "SEGFLOW_UNTESTED_ENGINES"
+RELIES_ON = {"dvc": "its lock files .dvc/tmp/lock and .dvc/tmp/rwlock (dvc.lock, dvc.rwlock)",
+             "snakemake": "its metadata records under .snakemake/metadata"}
+
+
+class UntestedVersion(RuntimeError):
+    """An engine version whose internals the glue has not been tested with."""
+
+
+def check_versions(*names: str, installed=importlib.metadata.version) -> None:
+    """Refuse an engine version other than the tested one, naming it: the glue relies on
+    internals of that tool that a release may change without notice."""
+    if os.environ.get(UNTESTED_OK) == "1":
+        return
+    for name in names:
+        version = installed(name)
+        if version != TESTED[name]:
+            raise UntestedVersion(
+                f"{name} {version} is untested with segflow's engine glue "
+                f"(workflow/lib/engines.py relies on {RELIES_ON[name]}; tested with "
+                f"{name} {TESTED[name]}): run tests/test_engine_glue.py with it and update "
+                f"TESTED, or set {UNTESTED_OK}=1 to proceed at your own risk")
 
 
 class SnakemakeClaim:
@@ -85,6 +129,7 @@ class SnakemakeClaim:
     def acquire(self) -> None:
         if not (self.root / ".dvc").is_dir():
             return  # not a DVC repository: no other engine to keep out
+        check_versions("dvc")
         from dvc.fs import localfs
         from dvc.lock import LockError, make_lock
         from dvc.rwlock import rwlock
@@ -169,15 +214,23 @@ def _set_time_ns(path: Path, ns: int) -> None:
     os.utime(path, ns=(ns, ns))
 
 
-def _record(root: Path, rel: str) -> dict | None:
-    """Snakemake's metadata record of an output (persistence/file.py's layout)."""
+def record_path(root: Path, rel: str) -> Path:
+    """Where Snakemake keeps the metadata record of an output (its persistence module's
+    layout, internal: the path's urlsafe base64, cut into file-name-sized parts, all but
+    the last prefixed with '@'). tests/test_engine_glue.py checks it against what the
+    installed Snakemake writes."""
     folder = root / ".snakemake" / "metadata"
     max_len = os.pathconf(folder, "PC_NAME_MAX") if folder.is_dir() else 255
     b64 = urlsafe_b64encode(rel.encode()).decode()
     parts = [b64[i:i + max_len - 1] for i in range(0, len(b64), max_len - 1)]
     parts = ["@" + part for part in parts[:-1]] + parts[-1:]
+    return folder.joinpath(*parts)
+
+
+def _record(root: Path, rel: str) -> dict | None:
+    """Snakemake's metadata record of an output, if it has one."""
     try:
-        return json.loads(folder.joinpath(*parts).read_text())
+        return json.loads(record_path(root, rel).read_text())
     except (OSError, ValueError):
         return None
 
@@ -191,29 +244,35 @@ def written_by_snakemake(root: Path, rel: str) -> bool:
 
 
 def dvc_stages_not_up_to_date(root: Path) -> set[str] | None:
-    """Names of the DVC stages `dvc status` lists; None when DVC cannot tell (no DVC
-    repository, no dvc.lock, or another DVC command holds the repository)."""
+    """Names of the DVC stages `dvc status --json` lists; None when DVC cannot tell (no
+    DVC repository, no dvc.lock, another DVC command holds the repository, or an answer
+    that is not the JSON object it documents)."""
     if not (root / ".dvc").is_dir() or not (root / "dvc.lock").is_file():
         return None
-    from dvc.exceptions import DvcException
-    from dvc.repo import Repo
-
+    # The public command, run by this Python (the venv's dvc, whatever PATH says).
+    result = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=root,
+                            capture_output=True, text=True)
     try:
-        with Repo(str(root)) as repo:
-            return set(repo.status())
-    except DvcException:
+        status = json.loads(result.stdout)
+    except ValueError:
         return None
+    if result.returncode != 0 or not isinstance(status, dict):
+        return None
+    return set(status)
 
 
-def align_restored_times(root: str | Path, jobs: list[Job]) -> list[str]:
+def align_restored_times(root: str | Path, jobs: list[Job],
+                         dvc_status=dvc_stages_not_up_to_date) -> list[str]:
     """Give the outputs DVC vouches for, and Snakemake did not write, the time of their
-    newest input, upstream first. Returns the outputs whose time was set."""
+    newest input, upstream first. Returns the outputs whose time was set. `dvc_status`
+    (root -> names of stages not up to date, or None) is `dvc status --json`."""
+    check_versions("snakemake")  # the metadata record path (_record)
     root = Path(root).resolve()
     foreign = {rel for job in jobs for rel in job.outputs
                if (root / rel).exists() and not written_by_snakemake(root, rel)}
     if not foreign:
         return []  # the usual case: no DVC import, no status
-    changed = dvc_stages_not_up_to_date(root)
+    changed = dvc_status(root)
     if changed is None:
         return []
     producer = {rel: job for job in jobs for rel in job.outputs}
