@@ -44,12 +44,11 @@ from stages.lib.io import atomic_path
 from stages.lib.labels import IGNORE_INDEX, colourise, palette_colours, read_labels
 from stages.lib.names import check_plain_name, inside
 from stages.lib.params import load_params, scheme_class_names
-from stages.lib.plots import compact, confusion_figure, fit_width, png_bytes  # noqa: F401 (re-exported)
+from stages.lib.plots import confusion_figure, fit_width, png_bytes
 
 log = logging.getLogger("report")
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-REPO = Path(__file__).resolve().parents[1]
 
 SUMMARY_METRICS = [
     ("miou", "mIoU"),
@@ -1165,12 +1164,15 @@ def read_stage_times(logs: Path | None) -> list[dict]:
 def provenance(params: dict, raw: Path, models: Path, schemes: list[Scheme],
                logs: Path | None = None, lock: Path | None = None) -> dict:
     lock_outs = dvc_lock_outs(lock)
-    git = git_state(REPO)
+    # The project is the working folder (both engines run stages from it), not the folder
+    # this module sits in: an installed wheel puts it in site-packages, outside any checkout.
+    project = Path.cwd()
+    git = git_state(project)
     record = {
         "git": git, "date": report_date(), "versions": library_versions(),
         "params_yaml": yaml.safe_dump(params, sort_keys=False, allow_unicode=True),
         "params_base": f"params.yaml at HEAD (commit {git['commit']})" if git["commit"] else None,
-        "params_diff": params_diff(committed_params(REPO), params) if git["commit"] else [],
+        "params_diff": params_diff(committed_params(project), params) if git["commit"] else [],
         "data": data_source(raw, lock_outs),
         "models": [{"scheme": s.name, "device": s.timing["device"],
                     "train_device": s.extra.get("train_device"),
