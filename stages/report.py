@@ -1340,8 +1340,10 @@ def scheme_differences(compare: Path | None) -> list[dict]:
                       "delta_loss": finite(p["loss"]["mean_delta_loss"]),
                       "z": finite(p["loss"]["z"]), "delta_miou": finite(p["mean_delta_miou"]),
                       "ari": finite(p["cluster_agreement_ari"]),
-                      "clusters": [_change_text(r, "cluster") for r in p["clusters_changing_most"][:3]],
-                      "buckets": [_change_text(r, "bucket") for r in p["buckets_changing_most"][:3]],
+                      "clusters": [_change_text(r, "cluster")
+                                   for r in p["clusters_changing_most"][:3]],
+                      "buckets": [_change_text(r, "bucket")
+                                  for r in p["buckets_changing_most"][:3]],
                       "only_in": p["label_issues_only_in"]})
     return pairs
 

@@ -74,7 +74,8 @@ def scores(cm: np.ndarray, ignored_pixels: int = 0) -> dict[str, object]:
         "pixel_accuracy_with_ignore": (float(tp.sum() / (total + ignored_pixels))
                                        if total + ignored_pixels else np.nan),
         "class_accuracy": _ratio(tp, gt_count),
-        "mean_class_accuracy": float(np.nanmean(_ratio(tp, gt_count))) if (gt_count > 0).any() else np.nan,
+        "mean_class_accuracy": (float(np.nanmean(_ratio(tp, gt_count)))
+                                if (gt_count > 0).any() else np.nan),
         "fw_iou": float(np.nansum(freq * iou)) if total else np.nan,
         "dice": _ratio(2 * tp, gt_count + pred_count),
         "precision": _ratio(tp, pred_count),

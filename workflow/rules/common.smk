@@ -3,8 +3,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.io import apply_wildcards
 
 from stages.lib.codedeps import stage_code
-from stages.lib.engines import (EngineBusy, Job, SnakemakeClaim, align_restored_times,
-                                 output_roots)
+from stages.lib.engines import EngineBusy, Job, SnakemakeClaim, align_restored_times, output_roots
 
 SCHEMES = list(config["schemes"])
 
@@ -16,7 +15,8 @@ def _refuse_config_overrides():
     if PARAMS != config:
         raise WorkflowError(
             "the Snakemake config differs from params.yaml: segflow's stages read params.yaml, "
-            "so edit params.yaml instead of passing --config or --configfile")
+            "so edit params.yaml instead of passing --config or --configfile"
+        )
 
 
 _refuse_config_overrides()
@@ -31,8 +31,11 @@ def log_path(rule_name, per_scheme=True):
 
 
 def benchmark_path(rule_name, per_scheme=True):
-    return (f"logs/benchmark/{rule_name}/{{scheme}}.tsv" if per_scheme
-            else f"logs/benchmark/{rule_name}.tsv")
+    return (
+        f"logs/benchmark/{rule_name}/{{scheme}}.tsv"
+        if per_scheme
+        else f"logs/benchmark/{rule_name}.tsv"
+    )
 
 
 # ---------------------------------------------------------------- file times of DVC's outputs
@@ -50,8 +53,13 @@ def workflow_jobs():
         per_scheme = "scheme" in step.wildcard_names
         for scheme in SCHEMES if per_scheme else [None]:
             paths = lambda items: [apply_wildcards(str(i), {"scheme": scheme}) for i in items]
-            jobs.append(Job(f"{step.name}@{scheme}" if per_scheme else step.name,
-                            paths(step.input), paths(step.output)))
+            jobs.append(
+                Job(
+                    f"{step.name}@{scheme}" if per_scheme else step.name,
+                    paths(step.input),
+                    paths(step.output),
+                )
+            )
     return jobs
 
 
