@@ -361,8 +361,8 @@ class _Member:
 
 
 def _index_member(member: _Member) -> SplitIndex:
-    """Streamed passes over the file (a few hundred MB at full COCO, over 2 GB as Python
-    objects: BENCHMARKS.md, annotations), the annotations never held; JSON only the json
+    """Streamed passes over the file (a few hundred MB at full COCO, many times that as Python
+    objects: BENCHMARKS.md, bench_annotations), the annotations never held; JSON only the json
     module reads (NaN, integers beyond 64 bits) is read whole instead, with a log line."""
     try:
         return _streamed_index(member)
