@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -41,7 +42,8 @@ def _run(cmd: list, cwd: Path, timeout: float = 120) -> subprocess.CompletedProc
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
+def sources(tmp_path_factory) -> Path:
+    """What a build needs, copied: the checkout gets no build/ or egg-info."""
     src = tmp_path_factory.mktemp("src")
     shutil.copy2(ROOT / "pyproject.toml", src)
     shutil.copy2(ROOT / "README.md", src)  # pyproject's readme
@@ -50,6 +52,12 @@ def wheel(tmp_path_factory) -> Path:
     shutil.copytree(ROOT / "stages", src / "stages", symlinks=True,
                     ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "workflow" / "schemas", src / "workflow" / "schemas")
+    return src
+
+
+@pytest.fixture(scope="module")
+def wheel(sources, tmp_path_factory) -> Path:
+    src = sources
     out = tmp_path_factory.mktemp("wheel")
     built = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
                   "--no-index", "--quiet", "-w", out, src], cwd=src)
@@ -67,7 +75,13 @@ def fresh_python(wheel, tmp_path_factory) -> Path:
     python = venv / "bin" / "python"
     site = Path(_run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
                      cwd=venv).stdout.strip())
-    (site / "segflow-test-deps.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    ours = dict.fromkeys([sysconfig.get_path("purelib"), sysconfig.get_path("platlib")])
+    (site / "segflow-test-deps.pth").write_text("".join(f"{p}\n" for p in ours))
+    # the dependencies are there, the editable install is not
+    before = _run([python, "-c", "import torch, yaml, jinja2; import stages"], cwd=venv.parent)
+    assert before.returncode == 1
+    assert before.stderr.strip().splitlines()[-1] == (
+        "ModuleNotFoundError: No module named 'stages'")
     installed = _run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps",
                       "--no-index", "--quiet", wheel], cwd=venv.parent)
     assert installed.returncode == 0, installed.stderr
@@ -81,6 +95,20 @@ def test_wheel_holds_every_data_file_with_the_repo_bytes(wheel):
             assert member in names, f"{member} missing from {wheel.name}"
             # the bytes, not a link: a symlink in a zip would unpack as a path string
             assert archive.read(member) == (ROOT / source).read_bytes(), member
+
+
+def test_sdist_holds_every_data_file_with_the_repo_bytes(sources, tmp_path):
+    """pip builds a wheel from the sdist when it gets one: the link must become bytes there
+    too, or the wheel built from it would lack the schema."""
+    built = _run([sys.executable, "-c", "import sys; from setuptools import build_meta; "
+                  "print(build_meta.build_sdist(sys.argv[1]))", tmp_path], cwd=sources)
+    assert built.returncode == 0, built.stderr
+    (found,) = tmp_path.glob("segflow-*.tar.gz")
+    with tarfile.open(found) as archive:
+        for member, source in DATA_FILES.items():
+            info = archive.getmember(f"segflow-0.1.0/{member}")
+            assert info.isfile(), member
+            assert archive.extractfile(info).read() == (ROOT / source).read_bytes(), member
 
 
 def test_installed_package_loads_its_schema_and_templates(fresh_python, tmp_path):
