@@ -27,7 +27,11 @@ test: setup
 test-fast: setup
 	pytest -ra -m "not e2e and not browser"
 
+# The lint gate (CI runs it before the tests): ruff on the Python, snakefmt on the rules
+# (both configured in pyproject.toml), then Snakemake's own checks of the workflow.
 lint: setup
+	ruff check .
+	snakefmt --check Snakefile workflow/rules
 	snakemake --lint
 
 # All benchmarks (benchmarks/bench_*.py); their tables land in BENCHMARKS.md.

@@ -112,12 +112,14 @@ def run(scale: float) -> dict:
     a, b = rows[0], rows[-1]
     notes = [
         memory_goal_note(a["peak RSS MiB"], b["peak RSS MiB"]),
-        f"Default params.yaml analyze section (k 2-8 by silhouette, {', '.join(params['analyze']['buckets']['binning'])} bins, "
+        "Default params.yaml analyze section (k 2-8 by silhouette, "
+        f"{', '.join(params['analyze']['buckets']['binning'])} bins, "
         f"label_issues.top {params['analyze']['label_issues']['top']}, figure_px "
         f"{params['analyze']['figure_px']}), CPU, model input {params['train']['image_size']} px.",
         f"{b['size']} the images took {b['wall s'] / max(a['wall s'], 1e-9):.1f}x the time "
         f"and {b['peak RSS MiB'] / max(a['peak RSS MiB'], 1):.2f}x the peak memory (above "
-        f"the libraries' own {a['of which imports MiB']} MiB: {a['peak RSS MiB'] - a['of which imports MiB']} "
+        f"the libraries' own {a['of which imports MiB']} MiB: "
+        f"{a['peak RSS MiB'] - a['of which imports MiB']} "
         f"vs {b['peak RSS MiB'] - b['of which imports MiB']} MiB): the per-pixel probabilities "
         "exist for one full-size image at a time (the model pass streams the split in "
         "batches), so memory grows only with the per-sample tables and latent vectors "

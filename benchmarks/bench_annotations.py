@@ -124,7 +124,8 @@ def run(scale: float) -> dict:
 
 
 def _row(reader: str, copies: int, made: dict, result: dict, whole: dict) -> dict:
-    return {"reader": reader, "train file": f"sample x {copies}", "MB of JSON": round(made["MB"], 1),
+    return {"reader": reader, "train file": f"sample x {copies}",
+            "MB of JSON": round(made["MB"], 1),
             "images": made["images"], "annotations": made["annotations"],
             "wall s": round(result["wall_s"], 2), "CPU s": round(result["cpu_s"], 2),
             "peak RSS MiB": round(result["peak_mib"]),

@@ -69,8 +69,9 @@ def curl(base: str, relpaths: list[str], dest: Path, parallel: int) -> float:
         lines += [f'url = "{base}/{rel}"', f'output = "{dest / f"{i}.bin"}"']
     config.write_text("\n".join(lines) + "\n")
     started = time.perf_counter()
-    subprocess.run(["curl", "--silent", "--show-error", "--no-progress-meter", "--fail", "--parallel",
-                    "--parallel-max", str(parallel), "--noproxy", "*", "-K", str(config)],
+    subprocess.run(["curl", "--silent", "--show-error", "--no-progress-meter", "--fail",
+                    "--parallel", "--parallel-max", str(parallel), "--noproxy", "*",
+                    "-K", str(config)],
                    check=True)
     return time.perf_counter() - started
 
@@ -105,7 +106,8 @@ def run(scale: float) -> dict:
         n_images = replicate_mirror(tmp / "mirror", factor)
         ann = f"annotations/annotations_trainval{YEAR}.zip"
         images = sorted(p.relative_to(tmp / "mirror").as_posix()
-                        for split in ("train", "val") for p in (tmp / "mirror" / f"{split}{YEAR}").iterdir())
+                        for split in ("train", "val")
+                        for p in (tmp / "mirror" / f"{split}{YEAR}").iterdir())
         archives = [f"zips/train{YEAR}.zip", f"zips/val{YEAR}.zip"]
         size = lambda rels: sum((tmp / "mirror" / r).stat().st_size for r in rels)  # noqa: E731
         server, base = start_server(tmp / "mirror")

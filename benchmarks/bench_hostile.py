@@ -10,9 +10,9 @@ main() to its refusal, and the whole process's (imports included: torch's import
 of train's and infer's); the peak RSS; the bytes the process wrote to files
 (/proc/self/io write_bytes, counted when pages are dirtied, so a file written and then
 deleted still counts); and the bytes left on disk under the stage's output and work
-folders (download keeps the complete files of a failed run for the rerun to resume). The hostile servers (tests/hostile_server.py) run in
-this process, bounded far above the stage's own bounds (8 GiB and 120 s a response), so
-what stops a transfer is the stage.
+folders (download keeps the complete files of a failed run for the rerun to resume).
+The hostile servers (tests/hostile_server.py) run in this process, bounded far above the
+stage's own bounds (8 GiB and 120 s a response), so what stops a transfer is the stage.
 
 The sizes follow the issue's probes at scale 1 (a 3 GiB zip member, a 64 MiB JSON string);
 a smoke run (scale < 1) shrinks them.

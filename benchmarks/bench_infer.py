@@ -80,7 +80,8 @@ def save_model(model: nn.Module, params: dict, model_dir: Path) -> None:
 
     with atomic_dir(model_dir) as tmp:
         torch.save(checkpoint_payload(model, ["background", "person", "car"],
-                                      params["train"]["image_size"], params["model"]), tmp / "model.pt")
+                                      params["train"]["image_size"], params["model"]),
+                   tmp / "model.pt")
 
 
 def stage_rate(params: dict, raw: Path, masks: Path, work: Path, model_dir: Path,
@@ -147,7 +148,8 @@ def trained_miou(make_model, params: dict, raw: Path, masks: Path,
     train_loader = train._loader(raw, masks, "train", cfg, train=True, device=cpu)
     val_loader = train._loader(raw, masks, "val", cfg, train=False, device=cpu)
     model = make_model()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"],
+                                  weight_decay=cfg["weight_decay"])
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     started = time.perf_counter()
@@ -191,7 +193,7 @@ def run(scale: float) -> dict:
         f"val mIoU after {epochs} epoch(s)": round(miou, 3) if miou is not None else "",
         "training s": round(train_s, 1) if train_s is not None else "", "goal": goal}
     overhead, overhead0 = eager_ref / stage - 1, eager_ref / stage0 - 1
-    steady, steady0 = timing["throughput_img_s"], timing0["throughput_img_s"]
+    steady0 = timing0["throughput_img_s"]
     verdict = lambda o: f"overhead {o:+.0%}: goal <= +15% " + ("met" if o <= 0.15 else "missed")  # noqa: E731
     chosen = " (params.yaml)"
     rows = [
@@ -216,7 +218,8 @@ def run(scale: float) -> dict:
         f"({eager:.1f} and {eager_after:.1f} images/s; the table shows their mean).",
         f"Infer stage overhead over the raw forward: {overhead0:+.0%} with the loader in the "
         f"main process, {overhead:+.0%} with 2 loader workers (goal <= +15%); writer threads "
-        f"(one per loader worker, at least one) score and write. params.yaml has infer.num_workers: {workers}. The "
+        "(one per loader worker, at least one) score and write. params.yaml has "
+        f"infer.num_workers: {workers}. The "
         "end-to-end time includes loading the model, one warm-up forward and starting the "
         "loader workers; the 'timed pass only' row is the stage's own throughput_img_s "
         f"(timing.json) over the same run, {timing0['images']} images. The stage runs the "
@@ -239,9 +242,11 @@ def run(scale: float) -> dict:
         (f"torch.compile took {compile_s:.0f} s to compile on first call." if compile_s is not None
          else f"torch.compile could not run here: {why}"),
         f"Peer trained from scratch like segflow's model (no pretrained weights offline): "
-        f"{epochs} epoch(s) on the sample's {n_train} train images, AdamW lr {params['train']['lr']}, "
+        f"{epochs} epoch(s) on the sample's {n_train} train images, "
+        f"AdamW lr {params['train']['lr']}, "
         "cosine schedule, same augmentation; mIoU from the val confusion matrix at training "
-        f"size. With {n_train} images both are far from converged: the mIoU columns compare budgets, "
+        f"size. With {n_train} images both are far from converged: the mIoU columns compare "
+        "budgets, "
         "not architectures at their best.",
     ]
     return {"title": "infer: stage vs raw forward, compile modes, LRASPP peer", "table": rows,

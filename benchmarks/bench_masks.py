@@ -170,7 +170,8 @@ def limit(raw: Path, out: Path, workers: int, scale: int = 1) -> tuple[int, int,
     with atomic_dir(out) as folder:
         for split in SPLITS:
             ann_file = raw / "annotations" / f"instances_{split}.json"
-            for image in sorted(json.loads(ann_file.read_text())["images"], key=lambda im: im["id"]):
+            for image in sorted(json.loads(ann_file.read_text())["images"],
+                                key=lambda im: im["id"]):
                 _, size = masks.read_pixels(raw / "images" / split / image["file_name"], ann_file,
                                             scale)
                 save_labels(folder / split / f"{Path(image['file_name']).stem}.png",
@@ -183,7 +184,8 @@ def limit_reduced(raw: Path, out: Path, workers: int) -> tuple[int, int, tuple |
     """The limit with the stage's own decode: at 1/masks.colour_stats_scale."""
     from stages.lib.params import load_params
 
-    return limit(raw, out, workers, load_params(ROOT / "params.yaml")["masks"]["colour_stats_scale"])
+    scale = load_params(ROOT / "params.yaml")["masks"]["colour_stats_scale"]
+    return limit(raw, out, workers, scale)
 
 
 def core(raw: Path, out: Path, workers: int) -> tuple[int, int, tuple | None]:

@@ -74,7 +74,7 @@ def run(scale: float) -> dict:
              "megapixels": round(megapixels, 1), "seconds": ours_s,
              "Mpixel/s": megapixels / ours_s, "vs torchmetrics": None, "identical matrix": "-"}]
     for validate in (True, False):
-        cm, seconds = timed(lambda: torchmetrics_cm(pairs, num_classes, validate), repeats)
+        cm, seconds = timed(lambda v=validate: torchmetrics_cm(pairs, num_classes, v), repeats)
         identical = bool(np.array_equal(cm, reference))
         if not identical:
             raise AssertionError(f"torchmetrics (validate_args={validate}) disagrees:\n{cm}\n"

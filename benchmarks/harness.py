@@ -137,7 +137,8 @@ def write_section(out: Path, markdown: Path, name: str, body: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     names = available()
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("names", nargs="*",
                         help=f"benchmarks to run (default all: {', '.join(names)}, then "
                              f"{PROJECTION}); '{PROJECTION}' rewrites the full-COCO projection "

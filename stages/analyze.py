@@ -503,7 +503,8 @@ def read_inputs(predictions: Path, masks: Path) -> tuple[pd.DataFrame, np.ndarra
     if not np.array_equal(ids, samples["image_id"].to_numpy()):
         raise StageError(f"{predictions / 'latents.npz'}: image ids do not match samples.csv")
     if len(samples) < 3:
-        raise StageError(f"{predictions / 'samples.csv'}: {len(samples)} samples; analysis needs 3+")
+        raise StageError(
+            f"{predictions / 'samples.csv'}: {len(samples)} samples; analysis needs 3+")
     if not (masks / "metadata.csv").is_file():
         raise StageError(f"{masks / 'metadata.csv'}: missing (run the masks stage first)")
     metadata = pd.read_csv(masks / "metadata.csv")

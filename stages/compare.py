@@ -74,7 +74,8 @@ def joined_samples(tables: dict[str, pd.DataFrame], flagged: dict[str, set[int]]
         deltas[f"delta_miou_{pair}"] = merged[f"miou_{b}"] - merged[f"miou_{a}"]
         for cls in classes[a]:
             if cls in classes[b] and f"iou_{cls}_{a}" in merged and f"iou_{cls}_{b}" in merged:
-                deltas[f"delta_iou_{cls}_{pair}"] = merged[f"iou_{cls}_{b}"] - merged[f"iou_{cls}_{a}"]
+                deltas[f"delta_iou_{cls}_{pair}"] = (merged[f"iou_{cls}_{b}"]
+                                                     - merged[f"iou_{cls}_{a}"])
     return pd.concat([merged, pd.DataFrame(deltas, index=merged.index)], axis=1)
 
 
@@ -144,8 +145,8 @@ def _ranked(frame: pd.DataFrame) -> pd.DataFrame:
     if frame.empty:
         return frame
     frame = frame.assign(_abs=frame["mean_delta_loss"].abs())
-    frame = frame.sort_values(["a", "b", "significant", "_abs"], ascending=[True, True, False, False],
-                              kind="stable")
+    frame = frame.sort_values(["a", "b", "significant", "_abs"],
+                              ascending=[True, True, False, False], kind="stable")
     return frame.drop(columns="_abs").reset_index(drop=True)
 
 
@@ -173,8 +174,8 @@ def summary(joined: pd.DataFrame, clusters: pd.DataFrame, bucket_rows: pd.DataFr
         pair = pair_name(a, b)
         change = group_change(joined[f"delta_loss_{pair}"], joined[f"loss_{a}"],
                               joined[f"loss_{b}"], z, min_count)
-        top = lambda frame: (frame[(frame["a"] == a) & (frame["b"] == b)]  # noqa: E731
-                             .head(N_TOP).to_dict("records") if len(frame) else [])
+        top = lambda frame, a=a, b=b: (frame[(frame["a"] == a) & (frame["b"] == b)]  # noqa: E731
+                                       .head(N_TOP).to_dict("records") if len(frame) else [])
         pairs.append({
             "a": a, "b": b, "images": int(len(joined)), "loss": change,
             "mean_delta_miou": float(joined[f"delta_miou_{pair}"].mean()),

@@ -50,7 +50,8 @@ SMALL_KEYS = ("info", "licenses", "categories")   # what the subsets keep beside
 # ---------------------------------------------------------------- pure core
 
 def select_images(images: list[dict], max_images: int | None, seed: int,
-                  positive_ids: set[int] | None = None, background_share: float = 0.0) -> list[dict]:
+                  positive_ids: set[int] | None = None,
+                  background_share: float = 0.0) -> list[dict]:
     """A seeded, order-independent choice of up to max_images images, sorted by id.
 
     With positive_ids (images showing a category some scheme claims), the choice is drawn
@@ -360,9 +361,9 @@ class _Member:
 
 
 def _index_member(member: _Member) -> SplitIndex:
-    """Streamed passes over the file (a few hundred MB at full COCO, over 2 GB as Python
-    objects: BENCHMARKS.md, annotations), the annotations never held; JSON only the json module reads (NaN, integers
-    beyond 64 bits) is read whole instead, with a log line."""
+    """Streamed passes over the file (a few hundred MB at full COCO, many times that as Python
+    objects: BENCHMARKS.md, bench_annotations), the annotations never held; JSON only the json
+    module reads (NaN, integers beyond 64 bits) is read whole instead, with a log line."""
     try:
         return _streamed_index(member)
     except StreamError as exc:

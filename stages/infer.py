@@ -38,8 +38,8 @@ log = logging.getLogger("infer")
 WARMUP_BATCHES = 1
 IN_FLIGHT = 4  # predictions waiting for the writer thread (each a full-size map)
 # zlib level 1: predictions are rewritten on every run, and an undertrained model's noisy
-# maps took longer to compress at the default 6 than the forward pass (bench_infer); real
-# maps come out ~1.7x larger (3.3 vs 1.9 KB at 640x480), written 2x faster.
+# maps took longer to compress at the default 6 than the forward pass; real maps come out
+# somewhat larger and are written faster (see BENCHMARKS.md, bench_infer).
 PNG_LEVEL = 1
 LATENCY_DEFINITION = (
     "Per image: the forward pass of its batch (copy to the device included) divided by the "
@@ -170,7 +170,7 @@ class TimedInference:
             # resize and normalise every image while the GPU idles); only labels come back.
             log_probs = full_size_log_probs(logits[j], batch["size"][j])
             # max(0), not argmax(0): the same first-maximum indices, but torch's CPU argmax
-            # over the leading (strided) dimension is ~9x slower at full image size.
+            # over the leading (strided) dimension is several times slower at full image size.
             best = log_probs.max(0)
             pred = best.indices.to(torch.uint8).cpu()
             confidence = float(best.values.exp().mean())
@@ -218,7 +218,8 @@ def run(params: dict, model_dir: Path, raw: Path, masks: Path, out: Path) -> dic
                 yield p
 
         # As many writers as loader workers: on a GPU both sides of the device are host
-        # work that must keep pace with it (about 5 ms decoding, 5 ms scoring and writing).
+        # work that must keep pace with it (decoding, scoring and writing: the host time per
+        # image in BENCHMARKS.md, bench_infer).
         writers = max(1, cfg["num_workers"])
         rows = list(overlapped(score_and_write, predictions(), writers, IN_FLIGHT * writers))
         wall_s = time.perf_counter() - inference.started  # the last writes included

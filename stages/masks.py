@@ -376,7 +376,7 @@ def image_metadata(pixels: np.ndarray, labels: np.ndarray, decoded: list[Decoded
     # The union's pixel count, not the `area` fields: a crowd RLE's area is not its pixel
     # count, and overlapping crowds must not count twice. Counted on the RLE, not decoded.
     row["crowd_fraction"] = float(_union_pixels(crowds) / total) if crowds else 0.0
-    # One comparison per class: ten times faster than a bincount for a few classes; the
+    # One comparison per class: much faster than a bincount for a few classes; the
     # background is what is left.
     counts = {k: int(np.count_nonzero(labels == k))
               for k in (*range(1, plan.scheme.num_classes), IGNORE_INDEX)}

@@ -44,12 +44,11 @@ from stages.lib.io import atomic_path
 from stages.lib.labels import IGNORE_INDEX, colourise, palette_colours, read_labels
 from stages.lib.names import check_plain_name, inside
 from stages.lib.params import load_params, scheme_class_names
-from stages.lib.plots import compact, confusion_figure, fit_width, png_bytes  # noqa: F401 (re-exported)
+from stages.lib.plots import confusion_figure, fit_width, png_bytes
 
 log = logging.getLogger("report")
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-REPO = Path(__file__).resolve().parents[1]
 
 SUMMARY_METRICS = [
     ("miou", "mIoU"),
@@ -1196,12 +1195,15 @@ def provenance(params: dict, raw: Path, models: Path, schemes: list[Scheme],
                logs: Path | None = None, lock: Path | None = None,
                pipeline_paths: list[Path] = ()) -> dict:
     lock_outs = dvc_lock_outs(lock)
-    git = git_state(REPO, [*pipeline_paths, logs, lock])
+    # The project is the working folder (both engines run stages from it), not the folder
+    # this module sits in: an installed wheel puts it in site-packages, outside any checkout.
+    project = Path.cwd()
+    git = git_state(project, [*pipeline_paths, logs, lock])
     record = {
         "git": git, "date": report_date(), "versions": library_versions(),
         "params_yaml": yaml.safe_dump(params, sort_keys=False, allow_unicode=True),
         "params_base": f"params.yaml at HEAD (commit {git['commit']})" if git["commit"] else None,
-        "params_diff": params_diff(committed_params(REPO), params) if git["commit"] else [],
+        "params_diff": params_diff(committed_params(project), params) if git["commit"] else [],
         "data": data_source(raw, lock_outs),
         "models": [{"scheme": s.name, "device": s.timing["device"],
                     "train_device": s.extra.get("train_device"),
@@ -1369,8 +1371,10 @@ def scheme_differences(compare: Path | None) -> list[dict]:
                       "delta_loss": finite(p["loss"]["mean_delta_loss"]),
                       "z": finite(p["loss"]["z"]), "delta_miou": finite(p["mean_delta_miou"]),
                       "ari": finite(p["cluster_agreement_ari"]),
-                      "clusters": [_change_text(r, "cluster") for r in p["clusters_changing_most"][:3]],
-                      "buckets": [_change_text(r, "bucket") for r in p["buckets_changing_most"][:3]],
+                      "clusters": [_change_text(r, "cluster")
+                                   for r in p["clusters_changing_most"][:3]],
+                      "buckets": [_change_text(r, "bucket")
+                                  for r in p["buckets_changing_most"][:3]],
                       "only_in": p["label_issues_only_in"]})
     return pairs
 

@@ -435,7 +435,8 @@ def _fit(trained, model, train_loader, val_loader, optimizer, scheduler, scaler,
         history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
                         "train_miou": _finite_or_none(scores(train_cm)["miou"]),
                         "val_miou": _finite_or_none(val["miou"]),
-                        "val_iou": {n: _finite_or_none(v) for n, v in zip(class_names, val["iou"])}})
+                        "val_iou": {n: _finite_or_none(v)
+                                    for n, v in zip(class_names, val["iou"])}})
         after_epoch(history)
         log.info("epoch %d/%d train_loss %.4f train_mIoU %.3f val_loss %.4f val_mIoU %.3f "
                  "(%.1fs)", epoch + 1, epochs, train_loss, scores(train_cm)["miou"], val_loss,

@@ -24,7 +24,8 @@ def params(default_params) -> dict:
     return p
 
 
-def small_params(base: dict, *, train: int = 8, val: int = 6, size: int = 64, epochs: int = 1) -> dict:
+def small_params(base: dict, *, train: int = 8, val: int = 6, size: int = 64,
+                 epochs: int = 1) -> dict:
     """Low-resolution, few-image params for stage and end-to-end tests."""
     p = copy.deepcopy(base)
     p["data"]["max_images"] = {"train": train, "val": val}

@@ -3,7 +3,6 @@ its JSON, and the rewrite of its own BENCHMARKS.md section only. No timing is as
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
@@ -163,7 +162,8 @@ def test_pipeline_benchmark_reads_snakemake_benchmark_files(tmp_path):
 
     header = "s\th:m:s\tmax_rss\tcpu_time\n"
     (tmp_path / "logs" / "benchmark" / "train").mkdir(parents=True)
-    (tmp_path / "logs" / "benchmark" / "download.tsv").write_text(header + "2.5\t0:00:02\t10\t1.5\n")
+    (tmp_path / "logs" / "benchmark" / "download.tsv").write_text(
+        header + "2.5\t0:00:02\t10\t1.5\n")
     for scheme, seconds in (("a", 10.0), ("b", 12.0)):
         (tmp_path / "logs" / "benchmark" / "train" / f"{scheme}.tsv").write_text(
             header + f"{seconds}\t0:00:10\t10\t{seconds / 2}\n")
@@ -307,7 +307,8 @@ def test_projection_names_the_benchmark_to_run_instead_of_a_figure(tmp_path):
     for name, result in results.items():
         (out / f"{name}.json").write_text(json.dumps(result))
     markdown = tmp_path / "BENCHMARKS.md"
-    markdown.write_text("# Benchmarks\n\n<!-- bench:masks:start -->\nkept\n<!-- bench:masks:end -->\n")
+    markdown.write_text(
+        "# Benchmarks\n\n<!-- bench:masks:start -->\nkept\n<!-- bench:masks:end -->\n")
     assert harness.main(["projection", "--out", str(out), "--markdown", str(markdown)]) == 0
     text = markdown.read_text()
     start, end = harness.markers("projection")

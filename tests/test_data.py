@@ -57,5 +57,6 @@ def test_list_samples_refuses_an_image_name_that_is_not_plain(tmp_path, name):
     (raw / "annotations").mkdir(parents=True)
     (raw / "annotations" / "instances_val.json").write_text(
         json.dumps({"images": [{"id": 7, "file_name": name}]}))
-    with pytest.raises(StageError, match=r"instances_val.json: image 7: file name .* (has|starts|is)"):
+    with pytest.raises(StageError,
+                       match=r"instances_val.json: image 7: file name .* (has|starts|is)"):
         list_samples(raw, masks, "val")

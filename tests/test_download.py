@@ -407,7 +407,8 @@ def test_archive_mode_with_faults_and_checksums(mirrors, no_proxy, tmp_path, par
                            checksums=checksums)
         manifest = download.run(p, tmp_path / "raw")
         assert server.pending() == 0
-        image_gets = [r for r in server.requests if not r.path.startswith(("/zips", "/annotations"))]
+        image_gets = [r for r in server.requests
+                      if not r.path.startswith(("/zips", "/annotations"))]
         assert image_gets == []                 # every image came out of the archives
     _check_mirror_copy(tmp_path / "raw", manifest, mirrors[year], year)
     assert [len(manifest["splits"][s]["images"]) for s in ("train", "val")] == [7, 80]
@@ -415,7 +416,8 @@ def test_archive_mode_with_faults_and_checksums(mirrors, no_proxy, tmp_path, par
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]   # archives not kept
 
 
-def test_archive_member_that_does_not_decode_is_fetched_on_its_own(mirrors, no_proxy, tmp_path, params):
+def test_archive_member_that_does_not_decode_is_fetched_on_its_own(mirrors, no_proxy, tmp_path,
+                                                                   params):
     root, hashes = mirrors[2017]
     served = tmp_path / "served"
     shutil.copytree(root, served)
@@ -430,7 +432,8 @@ def test_archive_member_that_does_not_decode_is_fetched_on_its_own(mirrors, no_p
     with FaultServer(served) as server:
         p = _mirror_params(params, server.base, 2017, mode="archives")
         manifest = download.run(p, tmp_path / "raw")
-        assert [r.path for r in server.requests if r.path.startswith("/val2017")] == [f"/val2017/{victim}"]
+        assert ([r.path for r in server.requests if r.path.startswith("/val2017")]
+                == [f"/val2017/{victim}"])
     _check_mirror_copy(tmp_path / "raw", manifest, mirrors[2017], 2017)
 
 
@@ -441,8 +444,9 @@ def test_archive_with_escaping_entries_is_refused(mirrors, tmp_path, params):
     with zipfile.ZipFile(served / "zips" / "train2017.zip", "a") as zf:
         zf.writestr("train2017/../../evil.jpg", b"x")
     p = _mirror_params(params, str(served), 2017, mode="archives")
-    with pytest.raises(StageError, match=r"train2017.zip: refusing an archive whose entries would "
-                                         r"land outside the target folder: train2017/\.\./\.\./evil.jpg"):
+    with pytest.raises(StageError,
+                       match=r"train2017.zip: refusing an archive whose entries would "
+                             r"land outside the target folder: train2017/\.\./\.\./evil.jpg"):
         download.run(p, tmp_path / "out" / "raw")
     assert not list(tmp_path.rglob("evil.jpg"))
     assert not (tmp_path / "out" / "raw").exists()
@@ -467,10 +471,10 @@ def test_local_archive_checksum_mismatch_is_an_error(mirrors, tmp_path, params):
         download.run(p, tmp_path / "raw")
 
 
-def test_killed_download_resumes_without_refetching_complete_files(mirrors, no_proxy, tmp_path, params):
+def test_killed_download_resumes_without_refetching_complete_files(mirrors, no_proxy, tmp_path,
+                                                                   params):
     """SIGKILL midway, rerun: the same output, complete files not fetched again, partial
     files continued with Range."""
-    import os
     import signal
     import subprocess
     import sys
@@ -484,8 +488,9 @@ def test_killed_download_resumes_without_refetching_complete_files(mirrors, no_p
         params_file = tmp_path / "params.yaml"
         params_file.write_text(yaml.safe_dump(p))
         proc = subprocess.Popen(
-            [sys.executable, "-m", "stages.download", "--params", str(params_file), "--out", str(out),
-             "--checkpoints", str(staging)], cwd=Path(download.__file__).parents[1],
+            [sys.executable, "-m", "stages.download", "--params", str(params_file),
+             "--out", str(out), "--checkpoints", str(staging)],
+            cwd=Path(download.__file__).parents[1],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
         while len(list(staging.glob("images/*/*.jpg"))) < 4 and time.monotonic() < deadline:
@@ -805,7 +810,8 @@ def test_one_picture_under_two_ids_and_names_is_downloaded(tmp_path, params):
     ("train", "images", 3, "id", "262145", r"images\[3\]: id '262145' is not an integer"),
     ("val", "images", 0, "id", True, r"images\[0\]: id True is not an integer"),
     ("train", "images", 1, "file_name", 7, r"images\[1\]: file_name 7 is not a string"),
-    ("val", "annotations", 5, "image_id", [1], r"annotations\[5\]: image_id \[1\] is not an integer"),
+    ("val", "annotations", 5, "image_id", [1],
+     r"annotations\[5\]: image_id \[1\] is not an integer"),
 ], ids=["string id", "boolean id", "number file_name", "list image_id"])
 def test_ids_that_are_not_integers_are_refused(tmp_path, params, caplog, split, key, index, field,
                                                value, message):

@@ -69,7 +69,8 @@ def both_engines():
 def test_both_engines_run_the_same_commands(both_engines):
     smk, dvc = both_engines
     # download, 5 stages per scheme, compare, report
-    assert len(smk) == 1 + 5 * len(yaml.safe_load((ROOT / "params.yaml").read_text())["schemes"]) + 2
+    schemes = yaml.safe_load((ROOT / "params.yaml").read_text())["schemes"]
+    assert len(smk) == 1 + 5 * len(schemes) + 2
     assert set(smk) == set(dvc)
 
 
@@ -85,8 +86,8 @@ def test_both_engines_read_and_write_the_same_files(both_engines):
         # A DVC folder dependency may stand for several Snakemake inputs (the report's
         # per-scheme folders): each input lies in a dep and each dep holds an input.
         assert [i for i in job["input"] if not _covered(i, stage["deps"])] == [], stage["name"]
-        assert [d for d in stage["deps"] if not any(_covered(i, [d]) for i in job["input"])] == [], \
-            stage["name"]
+        assert [d for d in stage["deps"]
+                if not any(_covered(i, [d]) for i in job["input"])] == [], stage["name"]
 
 
 def test_dvc_code_deps_are_exactly_the_imported_modules(both_engines):
@@ -533,7 +534,7 @@ def _finish(proc: subprocess.Popen, seconds: float = 180) -> str:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
-        raise AssertionError(f"{proc.args} did not end:\n{out[-3000:]}")
+        raise AssertionError(f"{proc.args} did not end:\n{out[-3000:]}") from None
     return out
 
 

@@ -192,7 +192,8 @@ def test_official_checksums_apply_only_to_the_official_host():
     assert Fetcher("http://images.cocodataset.org").checksums["zips/val2017.zip"].startswith("sha1:")
     assert Fetcher("http://mirror.example/coco").checksums == {}
     mine = {"zips/val2017.zip": "sha1:" + "1" * 40}
-    assert Fetcher("http://images.cocodataset.org", checksums=mine).checksums["zips/val2017.zip"] == mine["zips/val2017.zip"]
+    fetcher = Fetcher("http://images.cocodataset.org", checksums=mine)
+    assert fetcher.checksums["zips/val2017.zip"] == mine["zips/val2017.zip"]
 
 
 def test_parse_content_range():

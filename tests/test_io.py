@@ -43,7 +43,8 @@ def test_files_of_an_atomic_dir_are_synced_once_with_the_folder(tmp_path, synced
         assert not (tmp_path / "out").exists()
     assert synced["file"] == []                       # no fsync per file...
     assert len(synced["fs"]) == 1                     # ...one sync of the file system
-    assert sorted(p.name for p in (tmp_path / "out" / "sub").iterdir()) == [f"{i}.png" for i in range(5)]
+    assert (sorted(p.name for p in (tmp_path / "out" / "sub").iterdir())
+            == [f"{i}.png" for i in range(5)])
 
 
 def test_failed_atomic_dir_leaves_nothing(tmp_path, synced):

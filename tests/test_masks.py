@@ -842,7 +842,8 @@ BAD_FILES = {
                   r"cannot read COCO annotations: .*line 1"),
     "other categories": ("val", lambda doc: {**doc, "categories": [
         c for c in doc["categories"] if c["name"] != "toothbrush"]}, r"categories differ"),
-    "annotation without image_id": ("train", lambda doc: _without(doc, "annotations", 3, "image_id"),
+    "annotation without image_id": ("train",
+                                    lambda doc: _without(doc, "annotations", 3, "image_id"),
                                     r"annotations\[3\] lacks image_id or category_id"),
     "image without height": ("train", lambda doc: _without(doc, "images", 0, "height"),
                              r"images\[0\]: lacks height"),

@@ -309,8 +309,8 @@ def torchmetrics_scores(pairs, num_classes: int) -> dict:
     and no accuracy that counts ignore pixels as errors: the first is built from its
     per-class IoU and its confusion matrix, the second by giving the ignore pixels a class
     of their own that no prediction can have. Mean class accuracy is the mean of its
-    per-class accuracies over the classes in the ground truth. Only the Jaccard index takes NaN for 0/0; the
-    others give 0 there (zero_division=0), which the comparison below accounts for."""
+    per-class accuracies over the classes in the ground truth. Only the Jaccard index takes NaN
+    for 0/0; the others give 0 there (zero_division=0), which the comparison below accounts for."""
     import torch
     from torchmetrics import classification as tmc
 

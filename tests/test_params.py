@@ -8,7 +8,6 @@ import resource
 import shutil
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
@@ -247,7 +246,8 @@ def test_background_share_must_be_a_fraction(params):
 def test_checksum_must_name_its_algorithm(params):
     params["data"]["checksums"] = {"zips/val2017.zip": "4950dc9d00dbe1c933ee0170f5797584351d2a41"}
     assert "data.checksums.zips/val2017.zip: " in _error(params)
-    params["data"]["checksums"] = {"zips/val2017.zip": "sha1:4950dc9d00dbe1c933ee0170f5797584351d2a41"}
+    params["data"]["checksums"] = {
+        "zips/val2017.zip": "sha1:4950dc9d00dbe1c933ee0170f5797584351d2a41"}
     validate_params(params)
 
 
@@ -326,7 +326,8 @@ def test_a_float_is_not_an_integer(params, section, key, value):
     ("  backoff_s: 0.5 ", "  backoff_s: .nan ", "data.backoff_s", "nan"),
     ("  timeout_s: 60 ", "  timeout_s: .inf ", "data.timeout_s", "inf"),
     ("  z: 2.0\n\nreport:", "  z: .inf\n\nreport:", "compare.z", "inf"),
-    ("  z: 2.0\n\nreport:", "  z: -.inf\n\nreport:", "compare.z", "-inf"),  # refused before too, as below 0
+    # refused before too, as below 0
+    ("  z: 2.0\n\nreport:", "  z: -.inf\n\nreport:", "compare.z", "-inf"),
 ])
 def test_numbers_are_finite(tmp_path, old, new, key, shown):
     path = _params_file(tmp_path, old, new)
@@ -386,7 +387,8 @@ def test_integers_have_sensible_maxima(params, path, value, maximum):
      "  epochs: 1\n", '  "epochs": 500'),
     ("      car: {categories: [car]}\n",
      "      car: {categories: [car]}\n      car: {categories: [bus]}\n",
-     "schemes.person_car.classes.car", "      car: {categories: [car]}", "      car: {categories: [bus]}"),
+     "schemes.person_car.classes.car", "      car: {categories: [car]}",
+     "      car: {categories: [bus]}"),
     ("  n_examples: 6 ", "  n_examples: 6\n  n_examples: 7 ", "report.n_examples",
      "  n_examples: 6\n", "  n_examples: 7"),
     ("\ncompare:\n", "\ncompare: {min_count: 3, z: 2.0}\ncompare:\n", "compare",
@@ -486,7 +488,8 @@ def test_many_problems_are_counted_not_listed(params):
     params["analyze"]["similars"]["image_ids"] = [f"id{i}" for i in range(1000)]
     message = _error(params)
     problems = message.split("; ")
-    assert problems[0] == "params.yaml: analyze.similars.image_ids.0: 'id0' is not of type 'integer'"
+    assert problems[0] == ("params.yaml: analyze.similars.image_ids.0: "
+                           "'id0' is not of type 'integer'")
     assert problems[-1] == "... and 995 more problems"
     assert len(problems) == 6 and "\n" not in message
 
@@ -497,7 +500,8 @@ def test_unique_items_check_is_linear(tmp_path, monkeypatch, params):
     # comparisons. Counted here through jsonschema's own equality, which that path calls.
     calls = []
     real_equal = jsonschema._utils.equal
-    monkeypatch.setattr(jsonschema._utils, "equal", lambda a, b: calls.append(1) or real_equal(a, b))
+    monkeypatch.setattr(jsonschema._utils, "equal",
+                        lambda a, b: calls.append(1) or real_equal(a, b))
     ids = "[" + ", ".join(f"{{n: {i}}}" for i in range(3000)) + "]"
     path = _params_file(tmp_path, "  image_ids: []", f"  image_ids: {ids}")
     message = _load_error(path)

@@ -751,16 +751,20 @@ def write_tsv(path: Path, text: str) -> None:
 
 def test_stage_times_from_benchmarks_else_log_timestamps(tmp_path):
     header = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
-    write_tsv(tmp_path / "benchmark" / "train" / "a.tsv", header + "61.5\t0:01:01\t900.2\t1\t1\t1\t1\t1\t1\t110.0\n")
-    write_tsv(tmp_path / "benchmark" / "download.tsv", header + "2.0\t0:00:02\t80\t1\t1\t1\t1\t1\t1\t1.5\n")
-    write_tsv(tmp_path / "benchmark" / "report.tsv", header + "9\t0:00:09\t80\t1\t1\t1\t1\t1\t1\t9\n")
+    write_tsv(tmp_path / "benchmark" / "train" / "a.tsv",
+              header + "61.5\t0:01:01\t900.2\t1\t1\t1\t1\t1\t1\t110.0\n")
+    write_tsv(tmp_path / "benchmark" / "download.tsv",
+              header + "2.0\t0:00:02\t80\t1\t1\t1\t1\t1\t1\t1.5\n")
+    write_tsv(tmp_path / "benchmark" / "report.tsv",
+              header + "9\t0:00:09\t80\t1\t1\t1\t1\t1\t1\t9\n")
     write_tsv(tmp_path / "masks" / "a.log", "2026-01-01 10:00:00,000 masks INFO start\n"
                                             "2026-01-01 10:00:03,250 masks INFO done\n")
     write_tsv(tmp_path / "infer" / "a.log", "2026-01-01 10:00:00,000 infer INFO one line\n")
     rows = report.read_stage_times(tmp_path)
     assert [(r["stage"], r["scheme"]) for r in rows] == [("download", ""), ("masks", "a"),
                                                           ("train", "a")]
-    assert rows[2]["wall_s"] == 61.5 and rows[2]["cpu_s"] == 110.0 and rows[2]["max_rss_mb"] == 900.2
+    assert (rows[2]["wall_s"] == 61.5 and rows[2]["cpu_s"] == 110.0
+            and rows[2]["max_rss_mb"] == 900.2)
     assert rows[1]["wall_s"] == 3.25 and rows[1]["source"].startswith("log timestamps")
     assert report.read_stage_times(None) == [] == report.read_stage_times(tmp_path / "absent")
 

@@ -77,11 +77,13 @@ def lonely_sample(page, scheme: str) -> str:
     return page.evaluate("""(scheme) => {
         const D = JSON.parse(document.getElementById('segflow-data').textContent);
         const s = D.per_scheme.find(x => x.name === scheme);
-        const pts = s.img.map(i => [D.images.stem[i], segflowReport.point(scheme, D.images.stem[i])]);
+        const pts = s.img.map(i => [D.images.stem[i],
+                                    segflowReport.point(scheme, D.images.stem[i])]);
         let best = null, bestD = -1;
         for (const [stem, p] of pts) {
             let d = Infinity;
-            for (const [other, q] of pts) if (other !== stem) d = Math.min(d, Math.hypot(p.x - q.x, p.y - q.y));
+            for (const [other, q] of pts)
+                if (other !== stem) d = Math.min(d, Math.hypot(p.x - q.x, p.y - q.y));
             if (d > bestD) { bestD = d; best = stem; }
         }
         return bestD >= 12 ? best : null;
@@ -184,7 +186,8 @@ def test_clicking_a_point_pins_it_in_every_map_with_its_similars(opened):
     first = page.locator(f'.map-panel[data-scheme="{names[0]}"] button.similar').first
     target = first.get_attribute("data-stem")
     first.click()
-    assert f"Pinned: {target}" in page.locator(f'.map-panel[data-scheme="{names[1]}"] .pinned').inner_text()
+    pinned = page.locator(f'.map-panel[data-scheme="{names[1]}"] .pinned')
+    assert f"Pinned: {target}" in pinned.inner_text()
     page.locator("#unpin").click()
     assert page.locator(".pinned button.similar").count() == 0
 
@@ -350,7 +353,8 @@ def hostile(tmp_path_factory, browser):
         for col in ("figure", "region"):
             old = issues.loc[hit, col].dropna()
             for rel in old:
-                (dest / "analysis" / s / rel).rename(dest / "analysis" / s / rel.replace(victim, new))
+                (dest / "analysis" / s / rel).rename(
+                    dest / "analysis" / s / rel.replace(victim, new))
             issues.loc[hit, col] = issues.loc[hit, col].str.replace(victim, new, regex=False)
         issues.to_csv(dest / "analysis" / s / "label_issues.csv", index=False)
         index = pd.read_csv(dest / "analysis" / s / "heatmaps" / "index.csv", dtype={"stem": str})

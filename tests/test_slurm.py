@@ -123,8 +123,8 @@ def test_whole_pipeline_as_slurm_jobs(cluster, tmp_path):
         # on <nodes>" (which of the two starts a job depends on timing).
         assert (re.search(rf"Allocate JobId={slurm_id} NodeList=localhost .*Partition={PARTITION}",
                           ctld_log)
-                or re.search(rf"backfill: \w+: Started JobId={slurm_id} in {PARTITION} on localhost",
-                             ctld_log)), slurm_id
+                or re.search(rf"backfill: \w+: Started JobId={slurm_id} in {PARTITION} "
+                             r"on localhost", ctld_log)), slurm_id
         rules.append(job["comment"].split("_wildcards_")[0].removeprefix("rule_"))
     assert sorted(rules) == sorted(expected)
     # The GPU switch: no job asked for a GPU.

@@ -330,7 +330,7 @@ def test_analysis_files(chain):
     cfg = chain["params_dict"]["analyze"]["buckets"]
     assert set(bins["binning"]) == set(cfg["binning"])
     assert "brightness" in set(bins["field"])
-    for (binning, field), group in bins.groupby(["binning", "field"]):
+    for (_binning, field), group in bins.groupby(["binning", "field"]):
         assert group["count"].sum() == N_VAL, field
         assert len(group) <= (2 if field == "is_grayscale" else cfg["n_bins"]), field
         assert (group["low"].to_numpy()[1:] == group["high"].to_numpy()[:-1]).all()
@@ -494,7 +494,8 @@ def test_unknown_params_key_exit_code_2(stage, params, tmp_path, caplog):
     params["train"]["epoch"] = 3
     p = str(_write_params(tmp_path / "params.yaml", params))
     assert MODULES[stage].main(_argv(stage, p, tmp_path)) == 2
-    assert "train.epoch: unknown key (allowed here: device, nproc, image_size, epochs" in caplog.text
+    assert ("train.epoch: unknown key (allowed here: device, nproc, image_size, epochs"
+            in caplog.text)
     assert str(tmp_path / "params.yaml") in caplog.text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 

@@ -136,7 +136,8 @@ def test_checkpoint_of_other_params_is_ignored(data, tmp_path, caplog):
     again = train.run(params, SCHEME, data["raw"], data["masks"], tmp_path / "new", tmp_path / "ck")
     assert "made with other params or data" in caplog.text
     assert again == reference
-    assert (tmp_path / "ref" / "model.pt").read_bytes() == (tmp_path / "new" / "model.pt").read_bytes()
+    assert ((tmp_path / "ref" / "model.pt").read_bytes()
+            == (tmp_path / "new" / "model.pt").read_bytes())
 
 
 def test_fingerprint_follows_training_values_and_data_not_workers(data):
@@ -208,7 +209,8 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(data, tmp
 
 def test_global_batch_must_split_evenly_over_processes():
     assert train.per_rank_batch(8, 2) == 4
-    with pytest.raises(train.StageError, match="train.batch_size 6 must be a multiple of train.nproc 4"):
+    with pytest.raises(train.StageError,
+                       match="train.batch_size 6 must be a multiple of train.nproc 4"):
         train.per_rank_batch(6, 4)
 
 
@@ -344,7 +346,8 @@ def test_both_checkpoints_damaged_are_set_aside_and_training_restarts(tiny, scra
     checkpoints.mkdir()
     (checkpoints / "last.pt").write_bytes(b"\x80\x02garbage")
     (checkpoints / "prev.pt").write_bytes(b"")
-    train.run(copy.deepcopy(tiny["params"]), SCHEME, tiny["raw"], tiny["masks"], tmp_path / "m", checkpoints)
+    train.run(copy.deepcopy(tiny["params"]), SCHEME, tiny["raw"], tiny["masks"], tmp_path / "m",
+              checkpoints)
     first, second = _warnings(caplog)
     assert first.startswith(f"{checkpoints / 'last.pt'}: not a training checkpoint")
     assert second.startswith(f"{checkpoints / 'prev.pt'}: not a training checkpoint saved by "

@@ -22,11 +22,14 @@ COCO_SUPERCATEGORIES: dict[str, tuple[str, ...]] = {
     'person': ('person',),
     'vehicle': ('bicycle', 'car', 'motorcycle', 'airplane', 'bus', 'train', 'truck', 'boat',),
     'outdoor': ('traffic light', 'fire hydrant', 'stop sign', 'parking meter', 'bench',),
-    'animal': ('bird', 'cat', 'dog', 'horse', 'sheep', 'cow', 'elephant', 'bear', 'zebra', 'giraffe',),
+    'animal': ('bird', 'cat', 'dog', 'horse', 'sheep', 'cow', 'elephant', 'bear', 'zebra',
+               'giraffe',),
     'accessory': ('backpack', 'umbrella', 'handbag', 'tie', 'suitcase',),
-    'sports': ('frisbee', 'skis', 'snowboard', 'sports ball', 'kite', 'baseball bat', 'baseball glove', 'skateboard', 'surfboard', 'tennis racket',),
+    'sports': ('frisbee', 'skis', 'snowboard', 'sports ball', 'kite', 'baseball bat',
+               'baseball glove', 'skateboard', 'surfboard', 'tennis racket',),
     'kitchen': ('bottle', 'wine glass', 'cup', 'fork', 'knife', 'spoon', 'bowl',),
-    'food': ('banana', 'apple', 'sandwich', 'orange', 'broccoli', 'carrot', 'hot dog', 'pizza', 'donut', 'cake',),
+    'food': ('banana', 'apple', 'sandwich', 'orange', 'broccoli', 'carrot', 'hot dog', 'pizza',
+             'donut', 'cake',),
     'furniture': ('chair', 'couch', 'potted plant', 'bed', 'dining table', 'toilet',),
     'electronic': ('tv', 'laptop', 'mouse', 'remote', 'keyboard', 'cell phone',),
     'appliance': ('microwave', 'oven', 'toaster', 'sink', 'refrigerator',),
@@ -267,10 +270,10 @@ class _Counted:
 
 # ---------------------------------------------------------------- bounded reading
 # yajl re-reads a token that spans two of its reads from the token's start at every read:
-# one long string or number costs time quadratic in its length (a 64 MiB string in `info`
-# took 10 s per pass, six passes per file; a 1 GiB one would take days). ijson's prefixes
-# ("info.item.item...") cost memory quadratic in the nesting depth (1 GB at 20,000
-# levels). Bounding every string, number and the depth keeps each pass linear.
+# one long string or number costs time quadratic in its length (see BENCHMARKS.md,
+# bench_hostile: a 64 MiB `info` string). ijson's prefixes ("info.item.item...") cost memory
+# quadratic in the nesting depth. Bounding every string, number and the depth keeps each
+# pass linear.
 
 class LimitError(AnnotationError):
     """An annotation file past one of data.limits (or MAX_DEPTH); the message names the

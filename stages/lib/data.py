@@ -161,7 +161,8 @@ class InferenceDataset(Dataset):
         self.samples = samples
         self.size = size
         self.transform = v2.Compose([v2.Resize((size, size), antialias=True),
-                                     v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+                                     v2.ToDtype(torch.float32, scale=True),
+                                     v2.Normalize(mean, std)])
 
     def __len__(self) -> int:
         return len(self.samples)

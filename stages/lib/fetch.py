@@ -275,7 +275,8 @@ class Fetcher:
                 os.replace(part, dest)
                 self.counters.add(fetched=1)
                 return True
-        raise FetchError(f"{self.url(relpath)}: {problem} (gave up after {self.retries + 1} attempts)")
+        raise FetchError(
+            f"{self.url(relpath)}: {problem} (gave up after {self.retries + 1} attempts)")
 
     # ------------------------------------------------------------ one attempt
 
@@ -318,7 +319,8 @@ class Fetcher:
             raise _Permanent(f"HTTP {exc.code} {exc.reason}") from None
         wait = retry_after_seconds(exc.headers.get("Retry-After"))
         if wait is not None:
-            raise _RetryAfter(f"HTTP {exc.code} {exc.reason}, Retry-After {wait:g}s", wait) from None
+            raise _RetryAfter(f"HTTP {exc.code} {exc.reason}, Retry-After {wait:g}s",
+                              wait) from None
         raise ConnectionError(f"HTTP {exc.code} {exc.reason}") from None
 
     def _resume_point(self, response, offset: int) -> tuple[int, int | None]:
@@ -328,8 +330,10 @@ class Fetcher:
         if response.status == 206:
             span = parse_content_range(response.headers.get("Content-Range"))
             if span is None or span[0] != offset:
-                raise ConnectionError(f"unusable Content-Range {response.headers.get('Content-Range')!r}")
-            total = span[1] if span[1] is not None else (offset + length if length is not None else None)
+                raise ConnectionError(
+                    f"unusable Content-Range {response.headers.get('Content-Range')!r}")
+            total = (span[1] if span[1] is not None
+                     else offset + length if length is not None else None)
             return offset, total
         if offset:
             log.info("%s ignored the Range request: fetching the whole file again", response.url)

@@ -213,7 +213,7 @@ def json_safe(obj: object) -> object:
 def _inside_atomic_dir(path: Path) -> bool:
     """True for a file in a folder atomic_dir() is filling (named .<name>.<random>.tmp, also
     when a worker process writes it): that folder is synced once, as a whole, before its
-    rename, so an fsync per file (~4 ms each, most of a mask's cost) would buy nothing."""
+    rename, so an fsync per file (most of a mask's write time) would buy nothing."""
     return any(p.name.startswith(".") and p.name.endswith(".tmp") for p in path.parents)
 
 

@@ -39,7 +39,8 @@ def label_image(labels: np.ndarray) -> Image.Image:
 
 def save_labels(path: str | Path, labels: np.ndarray, compress_level: int = 6) -> None:
     """compress_level is zlib's (Pillow's default 6). A noisy map, such as an undertrained
-    model's prediction, takes ~9x longer to write at 6 than at 1 (30 vs 3.4 ms at 640x480)."""
+    model's prediction, takes several times longer to write at 6 than at 1 (see BENCHMARKS.md,
+    bench_infer, which writes at infer.PNG_LEVEL)."""
     with atomic_path(path) as tmp:
         label_image(labels).save(tmp, format="PNG", optimize=False, compress_level=compress_level)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import math
+from importlib import resources
 from pathlib import Path
 
 import jsonschema
@@ -10,7 +11,10 @@ import yaml
 
 from stages.lib.coco import COCO_SUPERCATEGORIES
 
-SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "params.schema.yaml"
+# Read as package data so an installed wheel carries it. stages/schemas/params.schema.yaml is
+# a symlink to workflow/schemas/params.schema.yaml (DESIGN.md's place for it, and the one
+# copy both engines and DVC hash); building the wheel copies the bytes it points to.
+SCHEMA = resources.files("stages") / "schemas" / "params.schema.yaml"
 
 # Bounds on the params file itself, checked while it is read and composed (before anything
 # is built or validated): params.yaml is about 8 KB and 200 nodes; a thousand checksums
@@ -37,7 +41,7 @@ def _cut(text: str, limit: int = REPR_CHARS) -> str:
 
 
 def load_schema() -> dict:
-    return yaml.safe_load(SCHEMA_PATH.read_text())
+    return yaml.safe_load(SCHEMA.read_text(encoding="utf-8"))
 
 
 # ---------------------------------------------------------------- validation

@@ -3,11 +3,18 @@ from snakemake.exceptions import WorkflowError
 from snakemake.io import apply_wildcards
 
 from stages.lib.codedeps import stage_code
+
 # The engine glue lives beside the rules (workflow/lib/engines.py), not in the stages
 # package: it serves the Snakefile. `from ... import` only: a plain `import workflow.lib`
 # would rebind the name `workflow`, Snakemake's own object in this namespace.
-from workflow.lib.engines import (EngineBusy, Job, SnakemakeClaim, UntestedVersion,
-                                  align_restored_times, output_roots)
+from workflow.lib.engines import (
+    EngineBusy,
+    Job,
+    SnakemakeClaim,
+    UntestedVersion,
+    align_restored_times,
+    output_roots,
+)
 
 SCHEMES = list(config["schemes"])
 
@@ -19,7 +26,8 @@ def _refuse_config_overrides():
     if PARAMS != config:
         raise WorkflowError(
             "the Snakemake config differs from params.yaml: segflow's stages read params.yaml, "
-            "so edit params.yaml instead of passing --config or --configfile")
+            "so edit params.yaml instead of passing --config or --configfile"
+        )
 
 
 _refuse_config_overrides()
@@ -34,8 +42,11 @@ def log_path(rule_name, per_scheme=True):
 
 
 def benchmark_path(rule_name, per_scheme=True):
-    return (f"logs/benchmark/{rule_name}/{{scheme}}.tsv" if per_scheme
-            else f"logs/benchmark/{rule_name}.tsv")
+    return (
+        f"logs/benchmark/{rule_name}/{{scheme}}.tsv"
+        if per_scheme
+        else f"logs/benchmark/{rule_name}.tsv"
+    )
 
 
 # ---------------------------------------------------------------- file times of DVC's outputs
@@ -53,8 +64,13 @@ def workflow_jobs():
         per_scheme = "scheme" in step.wildcard_names
         for scheme in SCHEMES if per_scheme else [None]:
             paths = lambda items: [apply_wildcards(str(i), {"scheme": scheme}) for i in items]
-            jobs.append(Job(f"{step.name}@{scheme}" if per_scheme else step.name,
-                            paths(step.input), paths(step.output)))
+            jobs.append(
+                Job(
+                    f"{step.name}@{scheme}" if per_scheme else step.name,
+                    paths(step.input),
+                    paths(step.output),
+                )
+            )
     return jobs
 
 
