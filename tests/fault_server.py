@@ -43,7 +43,39 @@ class Request:
     fault: str | None
 
 
-class FaultServer:
+class LoopbackServer:
+    """Start/stop of a threaded HTTP server on a loopback address, for the test servers
+    here and in hostile_server.py: a subclass sets self.host and self._server = None and
+    returns its request handler class (whose `server_owner` becomes the instance)."""
+
+    def handler(self) -> type:
+        raise NotImplementedError
+
+    def start(self) -> str:
+        owner = self
+
+        class Handler(self.handler()):
+            server_owner = owner
+
+        self._server = _Server((self.host, 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return f"http://{self.host}:{self._server.server_address[1]}"
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+    def __enter__(self):
+        self.base = self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class FaultServer(LoopbackServer):
     def __init__(self, root: Path, *, stall_s: float = 3.0, bytes_per_s: float | None = None,
                  host: str = "127.0.0.1"):
         self.root = Path(root)
@@ -58,28 +90,8 @@ class FaultServer:
 
     # ------------------------------------------------------------ control
 
-    def start(self) -> str:
-        owner = self
-
-        class Handler(_Handler):
-            server_owner = owner
-
-        self._server = _Server((self.host, 0), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return f"http://{self.host}:{self._server.server_address[1]}"
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-
-    def __enter__(self) -> "FaultServer":
-        self.base = self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    def handler(self) -> type:
+        return _Handler
 
     def inject(self, path: str, *faults: str) -> None:
         """Queue faults for the next requests of `path` ('/val2017/x.jpg'), in order."""

@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
+from fault_server import LoopbackServer
+
 _BLOCK = bytes(1 << 16)
 
 
@@ -51,7 +53,7 @@ class _Trickle:
     headers_too: bool = False
 
 
-class HostileServer:
+class HostileServer(LoopbackServer):
     def __init__(self, *, host: str = "127.0.0.1", max_bytes: int = 16 << 20,
                  max_s: float = 5.0):
         self.host = host
@@ -76,28 +78,8 @@ class HostileServer:
         with self._lock:
             return [r for r in self.requests if r.path == path]
 
-    def start(self) -> str:
-        owner = self
-
-        class Handler(_Handler):
-            server_owner = owner
-
-        self._server = http.server.ThreadingHTTPServer((self.host, 0), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return f"http://{self.host}:{self._server.server_address[1]}"
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-
-    def __enter__(self) -> "HostileServer":
-        self.base = self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    def handler(self) -> type:
+        return _Handler
 
     def _log(self, served: Served) -> None:
         with self._lock:
