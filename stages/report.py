@@ -1070,11 +1070,8 @@ def md5_file(path: Path) -> str | None:
     """The md5 DVC records for a file (DVC 3: of its bytes)."""
     if not path.is_file():
         return None
-    digest = hashlib.md5()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "md5").hexdigest()
 
 
 def dvc_lock_outs(lock: Path | None) -> dict[Path, dict]:
