@@ -77,7 +77,7 @@ def read_streamed(archive: Path, out: Path, chosen: int | None = None) -> int:
     from stages.lib.params import load_params
 
     limits = load_params(ROOT / "params.yaml")["data"]["limits"]   # read as the stage reads
-    index = download._index_member(download._Member(archive, MEMBER, str(archive), limits))
+    index = download.index_annotations(archive, MEMBER, str(archive), limits)
     images = download.select_images(index.images, chosen, 0)
     with open(out, "w", encoding="utf-8") as handle:
         handle.writelines(download.subset_json(index.small, images, index.annotations()))

@@ -145,8 +145,8 @@ def trained_miou(make_model, params: dict, raw: Path, masks: Path,
 
     cfg = {**params["train"], "epochs": epochs}
     cpu = torch.device("cpu")
-    train_loader = train._loader(raw, masks, "train", cfg, train=True, device=cpu)
-    val_loader = train._loader(raw, masks, "val", cfg, train=False, device=cpu)
+    train_loader = train.data_loader(raw, masks, "train", cfg, train=True, device=cpu)
+    val_loader = train.data_loader(raw, masks, "val", cfg, train=False, device=cpu)
     model = make_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"],
                                   weight_decay=cfg["weight_decay"])

@@ -101,8 +101,9 @@ def run(scale: float) -> dict:
         raw, masks, params = prepare_sample(Path(tmp), params, images_per_split(scale))
         loaders = {}
         for workers in sorted({cfg["num_workers"], 2}):
-            loaders[workers] = train._loader(raw, masks, "train", {**cfg, "num_workers": workers},
-                                             train=True, device=cpu)
+            loaders[workers] = train.data_loader(raw, masks, "train",
+                                                 {**cfg, "num_workers": workers},
+                                                 train=True, device=cpu)
         load = {w: loader_rate(loader, epochs) for w, loader in loaders.items()}
         batches = [copy.deepcopy(b) for b in loaders[cfg["num_workers"]]]
         eager = step_rate(batches, torch.contiguous_format, repeats)

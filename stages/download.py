@@ -259,10 +259,10 @@ def _load_annotations(fetcher: Fetcher, data: dict, staging: Path) -> dict[str, 
         _fetch_or_fail(fetcher, relpath, archive, _check_zip, cap="annotations_bytes")
     else:
         _verify_local(fetcher, relpath, archive)
-    members = {split: _Member(archive, f"annotations/instances_{split}{year}.json",
-                              fetcher.url(relpath), data["limits"]) for split in SPLITS}
-    indexes = {split: _index_member(member) for split, member in members.items()}
-    refuse_duplicates({members[split].name: indexes[split].images for split in SPLITS},
+    names = {split: f"annotations/instances_{split}{year}.json" for split in SPLITS}
+    indexes = {split: index_annotations(archive, names[split], fetcher.url(relpath),
+                                        data["limits"]) for split in SPLITS}
+    refuse_duplicates({names[split]: indexes[split].images for split in SPLITS},
                       fetcher.url(relpath))
     return indexes
 
@@ -360,10 +360,14 @@ class _Member:
                 raise StageError(f"{self.source}: cannot read the annotations: {exc}") from None
 
 
-def _index_member(member: _Member) -> SplitIndex:
-    """Streamed passes over the file (a few hundred MB at full COCO, many times that as Python
+def index_annotations(archive: Path, name: str, origin: str, limits: dict) -> SplitIndex:
+    """Index the COCO instances JSON `name` inside the zip `archive` (named `origin` in
+    messages), read within data.limits (`limits`): what the stage selects and writes from.
+    Streamed passes over the file (a few hundred MB at full COCO, many times that as Python
     objects: BENCHMARKS.md, bench_annotations), the annotations never held; JSON only the json
-    module reads (NaN, integers beyond 64 bits) is read whole instead, with a log line."""
+    module reads (NaN, integers beyond 64 bits) is read whole instead, with a log line.
+    Refusals are one StageError naming the member."""
+    member = _Member(archive, name, origin, limits)
     try:
         return _streamed_index(member)
     except StreamError as exc:

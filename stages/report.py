@@ -33,6 +33,7 @@ import yaml
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from markupsafe import Markup
 from matplotlib import colormaps
+from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
@@ -41,7 +42,7 @@ from sklearn.metrics import adjusted_rand_score
 from stages.lib import buckets, embeddings
 from stages.lib.cli import StageError, run_main, stage_parser
 from stages.lib.io import atomic_path
-from stages.lib.labels import IGNORE_INDEX, colourise, palette_colours, read_labels
+from stages.lib.labels import IGNORE_INDEX, OKABE_ITO, colourise, palette_colours, read_labels
 from stages.lib.names import check_plain_name, inside
 from stages.lib.params import load_params, scheme_class_names
 from stages.lib.plots import confusion_figure, fit_width, png_bytes
@@ -63,8 +64,9 @@ CURVES = {"train_loss": ("train", "loss"), "val_loss": ("val", "loss"),
 SAMPLE_COLUMNS = ["file_name", "loss", "x", "y", "cluster"]
 LIBRARIES = ["torch", "torchvision", "numpy", "pandas", "matplotlib", "scikit-learn", "pillow",
              "jinja2", "pycocotools", "snakemake", "dvc", "dvclive"]
-# Okabe-Ito: line colours that stay apart under the common colour-vision deficiencies.
-SCHEME_COLOURS = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#000000"]
+# Line colours per scheme: Okabe-Ito without yellow (too faint as a line on white).
+SCHEME_COLOURS = [OKABE_ITO[name] for name in ("blue", "orange", "bluish_green", "reddish_purple",
+                                               "sky_blue", "vermillion", "black")]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 N_METADATA_FIELDS = 6
 SAME = 5e-4  # below this, two IoUs print the same at 3 decimals
@@ -308,13 +310,13 @@ KEY_FIELDS = ["is_grayscale", "brightness", "n_annotations"]
 SIGNIFICANT = 4  # significant digits of the numbers in the JSON blob (the page shows 3)
 # Colour scales the page draws with: viridis (sequential) and PuOr (diverging) stay readable
 # under the common colour-vision deficiencies; Okabe-Ito for categories (clusters).
-OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442",
-             "#000000"]
+CATEGORY_COLOURS = [OKABE_ITO[name] for name in ("blue", "orange", "bluish_green",
+                                                 "reddish_purple", "sky_blue", "vermillion",
+                                                 "yellow", "black")]
 
 
 def colour_ramp(name: str, n: int = 64) -> list[str]:
-    return ["#%02x%02x%02x" % tuple(int(round(255 * c)) for c in rgba[:3])
-            for rgba in colormaps[name](np.linspace(0, 1, n))]
+    return [to_hex(rgba, keep_alpha=False) for rgba in colormaps[name](np.linspace(0, 1, n))]
 
 
 def rounded(values, digits: int = SIGNIFICANT) -> list:
@@ -514,7 +516,7 @@ def explorer_data(schemes: list[Scheme], thumbs: dict[str, str], fields: list[st
         "charted": charted,
         "per_scheme": per_scheme,
         "viridis": colour_ramp("viridis"), "diverging": colour_ramp("PuOr_r"),
-        "categorical": OKABE_ITO,
+        "categorical": CATEGORY_COLOURS,
     }
 
 
@@ -735,9 +737,8 @@ def curves_figure(schemes: list[Scheme]) -> bytes:
 
 def legend_swatches(class_names: list[str]) -> list[dict]:
     palette = palette_colours()
-    swatches = [{"name": c, "colour": "#%02x%02x%02x" % tuple(palette[i])}
-                for i, c in enumerate(class_names)]
-    swatches.append({"name": "ignore", "colour": "#%02x%02x%02x" % tuple(palette[IGNORE_INDEX])})
+    swatches = [{"name": c, "colour": to_hex(palette[i] / 255)} for i, c in enumerate(class_names)]
+    swatches.append({"name": "ignore", "colour": to_hex(palette[IGNORE_INDEX] / 255)})
     return swatches
 
 
@@ -1070,11 +1071,8 @@ def md5_file(path: Path) -> str | None:
     """The md5 DVC records for a file (DVC 3: of its bytes)."""
     if not path.is_file():
         return None
-    digest = hashlib.md5()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "md5").hexdigest()
 
 
 def dvc_lock_outs(lock: Path | None) -> dict[Path, dict]:

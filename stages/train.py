@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ from stages.lib.data import (EpochSampler, SegmentationDataset, joint_transform,
                              seed_everything)
 from stages.lib.io import atomic_dir, atomic_path
 from stages.lib.labels import IGNORE_INDEX
-from stages.lib.metrics import confusion_matrix, scores
+from stages.lib.metrics import scores
 from stages.lib.model import (IMAGENET_MEAN, IMAGENET_STD, build_model, checkpoint_payload,
                               load_failure, load_weights_file, resolve_device,
                               state_dict_mismatch)
@@ -62,16 +62,29 @@ class EpochResult(NamedTuple):
     cm: np.ndarray    # confusion matrix of the training batches' predictions, as trained
 
 
+def confusion_counts(gt: torch.Tensor, pred: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """metrics.confusion_matrix on the tensors' own device (int64, rows ground truth): a
+    batch's counts are added there, and the matrix reaches the host once per epoch, since on
+    a GPU every .cpu() waits for the queued kernels. Targets outside 0..K-1 (other than
+    IGNORE_INDEX) never get here: the CE loss refuses them first."""
+    keep = gt != IGNORE_INDEX
+    pairs = gt[keep].long() * num_classes + pred[keep].long()
+    return torch.bincount(pairs, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
 def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                 scaler: torch.amp.GradScaler, device: torch.device,
                 num_classes: int | None = None) -> EpochResult:
     """One pass over the loader. With num_classes, the predictions made for the loss are also
     counted into a confusion matrix: a running train mIoU (augmented inputs, weights changing
-    within the epoch) at the cost of an argmax per batch, not a second pass."""
+    within the epoch) at the cost of an argmax per batch, not a second pass. The loss sum
+    and the matrix stay on the device until the epoch ends (no per-batch synchronisation);
+    the sum is float64, as the Python float it replaces, so the figures are the same."""
     model.train()
     criterion = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
-    total, count = 0.0, 0
-    cm = np.zeros((num_classes or 0,) * 2, np.int64)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.int64, device=device)
+    cm = torch.zeros((num_classes or 0,) * 2, dtype=torch.int64, device=device)
     for images, masks in loader:
         images = images.to(device, non_blocking=True, memory_format=_memory_format(device))
         masks = masks.to(device, non_blocking=True)
@@ -82,41 +95,38 @@ def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Opt
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        if torch.isfinite(loss):
-            total += loss.item() * len(images)
-            count += len(images)
+        finite = torch.isfinite(loss.detach())  # a skipped (inf/nan) step counts for nothing
+        total += torch.where(finite, loss.detach().double() * len(images), 0.0)
+        count += finite * len(images)
         if num_classes:
-            cm += confusion_matrix(masks.to(torch.uint8).cpu().numpy(),
-                                   logits.detach().argmax(1).to(torch.uint8).cpu().numpy(),
-                                   num_classes)
-    if dist.is_initialized():  # the epoch's loss and matrix over every rank's samples
-        sums = torch.tensor([total, float(count)], dtype=torch.float64)
-        dist.all_reduce(sums)
-        total, count = sums.tolist()
-        if num_classes:
-            summed = torch.from_numpy(cm)
-            dist.all_reduce(summed)
-            cm = summed.numpy()
-    return EpochResult(total / max(count, 1), cm)
+            cm += confusion_counts(masks, logits.detach().argmax(1), num_classes)
+    sums = torch.stack([total, count.double()])
+    if dist.is_initialized():  # the epoch's loss and matrix over every rank's samples, reduced
+        dist.all_reduce(sums)  # where they are (NCCL takes GPU tensors, gloo CPU ones)
+        dist.all_reduce(cm)
+    total, count = sums.tolist()
+    return EpochResult(total / max(count, 1), cm.cpu().numpy())
 
 
 @torch.no_grad()
 def validate(model: nn.Module, loader: DataLoader, device: torch.device,
              num_classes: int) -> tuple[float, np.ndarray]:
-    """Mean CE loss over non-ignored pixels and the confusion matrix, at training size."""
+    """Mean CE loss over non-ignored pixels and the confusion matrix, at training size
+    (summed on the device, as in train_epoch, and read once at the end)."""
     model.eval()
     criterion = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
-    loss_sum, pixels = 0.0, 0
-    cm = np.zeros((num_classes, num_classes), np.int64)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    pixels = torch.zeros((), dtype=torch.int64, device=device)
+    cm = torch.zeros((num_classes, num_classes), dtype=torch.int64, device=device)
     for images, masks in loader:
         images = images.to(device, memory_format=_memory_format(device))
         masks = masks.to(device)
         with autocast_for(device):
             logits = model(images)
-        loss_sum += criterion(logits.float(), masks).item()
-        pixels += int((masks != IGNORE_INDEX).sum())
-        cm += confusion_matrix(masks.cpu().numpy(), logits.argmax(1).cpu().numpy(), num_classes)
-    return loss_sum / max(pixels, 1), cm
+        loss_sum += criterion(logits.float(), masks).double()
+        pixels += (masks != IGNORE_INDEX).sum()
+        cm += confusion_counts(masks, logits.argmax(1), num_classes)
+    return loss_sum.item() / max(pixels.item(), 1), cm.cpu().numpy()
 
 
 def _memory_format(device: torch.device) -> torch.memory_format:
@@ -148,24 +158,55 @@ class CheckpointError(StageError):
     """A checkpoint that cannot be read, or is not one train wrote: set aside, never fatal."""
 
 
+@dataclass
+class TrainState:
+    """The objects a checkpoint saves and restores, in that order: the bare model (not its
+    DDP wrapper: its state dict has no "module." prefix), its optimiser, learning-rate
+    schedule and gradient scaler."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+
+    PARTS: ClassVar[tuple[str, ...]] = ("model", "optimizer", "scheduler", "scaler")
+
+    @classmethod
+    def create(cls, model: nn.Module, cfg: dict, device: torch.device) -> "TrainState":
+        """A fresh state for `model` (already on `device`) from params.yaml's train section."""
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                      lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg["epochs"])
+        scaler = torch.amp.GradScaler(device.type, enabled=needs_grad_scaler(device))
+        return cls(model, optimizer, scheduler, scaler)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def state_dicts(self) -> dict[str, dict]:
+        return {part: getattr(self, part).state_dict() for part in self.PARTS}
+
+    def load_state_dicts(self, states: dict[str, dict]) -> None:
+        for part in self.PARTS:
+            getattr(self, part).load_state_dict(states[part])
+
+
 def previous_checkpoint(last: Path) -> Path:
     return last.with_name(PREVIOUS)
 
 
-def save_checkpoint(path: Path, fingerprint: str, history: list[dict], model, optimizer,
-                    scheduler, scaler) -> None:
+def save_checkpoint(path: Path, fingerprint: str, history: list[dict],
+                    state: TrainState) -> None:
     """The training state as `path` (last.pt). The checkpoint it replaces is kept as prev.pt
     by a rename (no second write): a last.pt damaged later costs one epoch, not the run, and
     at every moment one of the two names holds a complete checkpoint."""
-    state = {"fingerprint": fingerprint, "epoch": len(history), "history": history,
-             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-             "torch_rng": torch.get_rng_state()}
-    _save_torch(state, path, keep_old_as=previous_checkpoint(path))
+    saved = {"fingerprint": fingerprint, "epoch": len(history), "history": history,
+             **state.state_dicts(), "torch_rng": torch.get_rng_state()}
+    _save_torch(saved, path, keep_old_as=previous_checkpoint(path))
 
 
-def resume(path: Path, fingerprint: str, model, optimizer, scheduler, scaler,
-           set_aside: bool = True) -> list[dict]:
+def resume(path: Path, fingerprint: str, state: TrainState, set_aside: bool = True) -> list[dict]:
     """Restore the newest usable checkpoint of this very run, `path` (last.pt) else prev.pt;
     return the epochs it had finished ([]: train from scratch). A damaged one is logged and
     renamed aside (by the main rank only, `set_aside`: every rank reads the same files and
@@ -173,8 +214,7 @@ def resume(path: Path, fingerprint: str, model, optimizer, scheduler, scaler,
     candidates = [c for c in (path, previous_checkpoint(path)) if c.is_file()]
     for candidate in candidates:
         try:
-            history = restore_checkpoint(candidate, fingerprint, model, optimizer, scheduler,
-                                         scaler)
+            history = restore_checkpoint(candidate, fingerprint, state)
         except CheckpointError as exc:
             if set_aside:
                 log.warning("%s; moved aside to %s", exc, set_aside_file(candidate).name)
@@ -187,57 +227,54 @@ def resume(path: Path, fingerprint: str, model, optimizer, scheduler, scaler,
     return []
 
 
-def restore_checkpoint(path: Path, fingerprint: str, model, optimizer, scheduler,
-                       scaler) -> list[dict] | None:
-    """Load `path` into the training objects and return its history; None, changing
+def restore_checkpoint(path: Path, fingerprint: str, state: TrainState) -> list[dict] | None:
+    """Load `path` into the training state and return its history; None, changing
     nothing, for a checkpoint of other params or data. Any load or structure failure is one
     CheckpointError naming the file, with every object (and torch's RNG) as it was."""
-    state = load_weights_file(path, CHECKPOINT_FILE, error=CheckpointError)
-    if not isinstance(state, dict) or not isinstance(state.get("fingerprint"), str):
+    saved = load_weights_file(path, CHECKPOINT_FILE, error=CheckpointError)
+    if not isinstance(saved, dict) or not isinstance(saved.get("fingerprint"), str):
         raise CheckpointError(f"{path}: not {CHECKPOINT_FILE} (no fingerprint)")
-    if state["fingerprint"] != fingerprint:
+    if saved["fingerprint"] != fingerprint:
         log.warning("%s: made with other params or data, not resumed", path)
         return None
-    problem = checkpoint_problem(state, model, optimizer)
+    problem = checkpoint_problem(saved, state)
     if problem:
         raise CheckpointError(f"{path}: not {CHECKPOINT_FILE} ({problem})")
-    objects = (model, optimizer, scheduler, scaler)
-    with _undone_on_error(objects):
+    with _undone_on_error(state):
         try:
-            for obj, key in zip(objects, ("model", "optimizer", "scheduler", "scaler")):
-                obj.load_state_dict(state[key])
-            torch.set_rng_state(state["torch_rng"])
+            state.load_state_dicts(saved)
+            torch.set_rng_state(saved["torch_rng"])
         except Exception as exc:  # what the structure checks cannot foresee
             raise CheckpointError(f"{path}: not {CHECKPOINT_FILE} "
                                   f"({load_failure(exc)})") from None
-    return state["history"]
+    return saved["history"]
 
 
-def checkpoint_problem(state: dict, model: nn.Module,
-                       optimizer: torch.optim.Optimizer) -> str | None:
-    """What keeps `state` from being restored into this model and optimizer, or None.
+def checkpoint_problem(saved: dict, state: TrainState) -> str | None:
+    """What keeps the checkpoint `saved` from being restored into `state`, or None.
     The history must be whole: the DVCLive curves are written from it at the end."""
     missing = [k for k in ("epoch", "history", "model", "optimizer", "scheduler", "scaler",
-                           "torch_rng") if k not in state]
+                           "torch_rng") if k not in saved]
     if missing:
         return f"missing keys {missing}"
-    epoch, history = state["epoch"], state["history"]
+    epoch, history = saved["epoch"], saved["history"]
     if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
         return f"epoch {epoch!r} is not a positive integer"
     if not isinstance(history, list) or len(history) != epoch or not all(
             isinstance(r, dict) and all(k in r for k in HISTORY_KEYS) and r["epoch"] == i + 1
             for i, r in enumerate(history)):
         return f"history is not the {epoch} epoch records its epoch says"
-    if not all(isinstance(state[k], dict) for k in ("model", "optimizer", "scheduler", "scaler")):
+    if not all(isinstance(saved[k], dict) for k in TrainState.PARTS):
         return "model, optimizer, scheduler and scaler are not all state dicts"
-    if state["scheduler"].get("last_epoch") != epoch:
-        return f"scheduler at epoch {state['scheduler'].get('last_epoch')!r}, not {epoch}"
-    rng = state["torch_rng"]
+    if saved["scheduler"].get("last_epoch") != epoch:
+        return f"scheduler at epoch {saved['scheduler'].get('last_epoch')!r}, not {epoch}"
+    rng = saved["torch_rng"]
     if not (isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8
             and rng.shape == torch.get_rng_state().shape):
         return "torch_rng is not a torch RNG state"
-    mismatch = state_dict_mismatch(model.state_dict(), state["model"])
-    return f"model: {mismatch}" if mismatch else _optimizer_problem(state["optimizer"], optimizer)
+    mismatch = state_dict_mismatch(state.model.state_dict(), saved["model"])
+    return (f"model: {mismatch}" if mismatch
+            else _optimizer_problem(saved["optimizer"], state.optimizer))
 
 
 def _optimizer_problem(saved: dict, optimizer: torch.optim.Optimizer) -> str | None:
@@ -261,16 +298,15 @@ def _optimizer_problem(saved: dict, optimizer: torch.optim.Optimizer) -> str | N
 
 
 @contextlib.contextmanager
-def _undone_on_error(objects: tuple):
-    """Put the objects and torch's RNG back as they were if a restore fails halfway: the
+def _undone_on_error(state: TrainState):
+    """Put the state and torch's RNG back as they were if a restore fails halfway: the
     next checkpoint, or a fresh start, must begin from exactly the fresh state."""
-    saved = [copy.deepcopy(obj.state_dict()) for obj in objects]
+    before = copy.deepcopy(state.state_dicts())
     rng = torch.get_rng_state()
     try:
         yield
     except BaseException:
-        for obj, state in zip(objects, saved):
-            obj.load_state_dict(state)
+        state.load_state_dicts(before)
         torch.set_rng_state(rng)
         raise
 
@@ -371,8 +407,8 @@ def _deterministic(enabled: bool):
 def _run_seeded(params, scheme, raw, masks, out, device, checkpoints, live, ranks) -> dict:
     cfg, model_cfg = params["train"], params["model"]
     class_names = scheme_class_names(params, scheme)
-    train_loader = _loader(raw, masks, "train", cfg, train=True, device=device, ranks=ranks)
-    val_loader = _loader(raw, masks, "val", cfg, train=False, device=device)
+    train_loader = data_loader(raw, masks, "train", cfg, train=True, device=device, ranks=ranks)
+    val_loader = data_loader(raw, masks, "val", cfg, train=False, device=device)
     model = build_model(len(class_names), model_cfg["encoder_weights"], model_cfg["freeze_encoder"],
                         model_cfg["dropout"])
     if ranks.world > 1 and device.type == "cuda":
@@ -380,24 +416,20 @@ def _run_seeded(params, scheme, raw, masks, out, device, checkpoints, live, rank
         # runs on GPUs only; CPU ranks keep per-process statistics.)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device, memory_format=_memory_format(device))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                  lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg["epochs"])
-    scaler = torch.amp.GradScaler(device.type, enabled=needs_grad_scaler(device))
+    state = TrainState.create(model, cfg, device)
     log.info("%s: %d train / %d val images, %d classes, device %s", scheme,
              len(train_loader.dataset), len(val_loader.dataset), len(class_names), device)
     checkpoint = checkpoints / "last.pt" if checkpoints else None
     fingerprint = run_fingerprint(params, scheme, raw, masks)
-    history = resume(checkpoint, fingerprint, model, optimizer, scheduler, scaler,
-                     set_aside=ranks.main) if checkpoint else []
+    history = resume(checkpoint, fingerprint, state, set_aside=ranks.main) if checkpoint else []
     trained = _wrap_ddp(model, device, ranks)
 
     def after_epoch(records: list[dict]) -> None:
         if checkpoint and ranks.main:
-            save_checkpoint(checkpoint, fingerprint, records, model, optimizer, scheduler, scaler)
+            save_checkpoint(checkpoint, fingerprint, records, state)
 
-    history = _fit(trained, model, train_loader, val_loader, optimizer, scheduler, scaler, device,
-                   cfg["epochs"], class_names, history, after_epoch)
+    history = _fit(state, trained, (train_loader, val_loader), cfg["epochs"], class_names,
+                   history, after_epoch)
     if not ranks.main:
         return history[-1] if history else {}
     if live:
@@ -419,18 +451,21 @@ def _wrap_ddp(model: nn.Module, device: torch.device, ranks: Ranks) -> nn.Module
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
-def _fit(trained, model, train_loader, val_loader, optimizer, scheduler, scaler, device, epochs,
-         class_names, history: list[dict], after_epoch) -> list[dict]:
-    """`trained` is the model as optimised (DDP-wrapped under torchrun), `model` the bare one
-    validated (every rank validates the whole val split alike: no collective needed)."""
+def _fit(state: TrainState, trained: nn.Module, loaders: tuple[DataLoader, DataLoader],
+         epochs: int, class_names: list[str], history: list[dict], after_epoch) -> list[dict]:
+    """`trained` is the model as optimised (DDP-wrapped under torchrun), state.model the bare
+    one validated (every rank validates the whole val split alike: no collective needed).
+    `loaders` are the train and val loaders."""
+    train_loader, val_loader = loaders
+    device, num_classes = state.device, len(class_names)
     history = list(history)
     for epoch in range(len(history), epochs):
         start = time.perf_counter()
         train_loader.sampler.set_epoch(epoch)
-        train_loss, train_cm = train_epoch(trained, train_loader, optimizer, scaler, device,
-                                           len(class_names))
-        val_loss, cm = validate(model, val_loader, device, len(class_names))
-        scheduler.step()
+        train_loss, train_cm = train_epoch(trained, train_loader, state.optimizer, state.scaler,
+                                           device, num_classes)
+        val_loss, cm = validate(state.model, val_loader, device, num_classes)
+        state.scheduler.step()
         val = scores(cm)
         history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
                         "train_miou": _finite_or_none(scores(train_cm)["miou"]),
@@ -465,7 +500,12 @@ def _finite_or_none(value: float) -> float | None:
     return float(value) if np.isfinite(value) else None
 
 
-def _loader(raw, masks, split, cfg, train: bool, device, ranks: Ranks = Ranks()) -> DataLoader:
+def data_loader(raw: Path, masks: Path, split: str, cfg: dict, train: bool,
+                device: torch.device, ranks: Ranks = Ranks()) -> DataLoader:
+    """The batches the stage trains (`train`: augmented, shuffled per epoch, this rank's share
+    of the global batch) or validates on, for one split of download's `raw` and masks'
+    `masks` folders, as params.yaml's train section `cfg` sets them. Call
+    loader.sampler.set_epoch(epoch) before each epoch: the order depends on seed and epoch."""
     transform = joint_transform(cfg["image_size"], IMAGENET_MEAN, IMAGENET_STD, train, cfg["hflip"])
     dataset = SegmentationDataset(list_samples(raw, masks, split), transform, cfg["seed"],
                                   decode_size=cfg["image_size"])

@@ -23,7 +23,7 @@ from unwritable import blocked_folder, can_mount_read_only, read_only_command
 @pytest.fixture
 def synced(monkeypatch):
     calls = {"file": [], "fs": []}
-    monkeypatch.setattr(io, "_fsync_file", lambda p: calls["file"].append(p.name))
+    monkeypatch.setattr(io, "fsync_file", lambda p: calls["file"].append(p.name))
     monkeypatch.setattr(io, "_sync_filesystem", lambda p: calls["fs"].append(p))
     return calls
 

@@ -584,6 +584,26 @@ def test_palette_colours_distinct_for_first_classes():
     assert np.array_equal(palette_colours(), colours)  # deterministic
 
 
+def test_every_categorical_colour_comes_from_the_one_okabe_ito_list():
+    """Masks' class colours and the report's scheme and cluster colours are drawn from
+    labels.OKABE_ITO, each in the order it had as a list of its own (outputs unchanged)."""
+    from stages import report
+    from stages.lib.labels import OKABE_ITO
+
+    assert list(OKABE_ITO.values()) == ["#000000", "#E69F00", "#56B4E9", "#009E73", "#F0E442",
+                                        "#0072B2", "#D55E00", "#CC79A7"]
+    assert palette_colours()[:9].tolist() == [
+        [0, 0, 0], [230, 159, 0], [86, 180, 233], [0, 158, 115], [240, 228, 66],
+        [0, 114, 178], [213, 94, 0], [204, 121, 167], [153, 153, 153]]
+    assert report.SCHEME_COLOURS == ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9",
+                                     "#D55E00", "#000000"]
+    assert report.CATEGORY_COLOURS == ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9",
+                                       "#D55E00", "#F0E442", "#000000"]
+    # matplotlib's to_hex gives what the hand-written "#%02x%02x%02x" gave
+    assert report.colour_ramp("viridis", 3) == ["#440154", "#21918c", "#fde725"]
+    assert [s["colour"] for s in report.legend_swatches(["background", "person"])] == [
+        "#000000", "#e69f00", "#ffffff"]
+
 def test_label_image_refuses_non_uint8_and_read_labels_refuses_rgb(tmp_path):
     with pytest.raises(ValueError, match="2-D uint8"):
         label_image(np.zeros((2, 2), np.int64))

@@ -366,5 +366,68 @@ def test_only_the_main_rank_sets_a_damaged_checkpoint_aside(tmp_path, caplog):
     optimizer = torch.optim.AdamW(model.parameters())
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=2)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    assert train.resume(last, "fp", model, optimizer, scheduler, scaler, set_aside=False) == []
+    state = train.TrainState(model, optimizer, scheduler, scaler)
+    assert train.resume(last, "fp", state, set_aside=False) == []
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"] and _warnings(caplog) == []
+
+
+# ---------------------------------------------------------------- the epoch's confusion matrix
+
+def test_device_confusion_counts_equal_the_host_matrix_of_each_batch():
+    """confusion_counts (on the tensors' device, ignore pixels skipped) gives what
+    metrics.confusion_matrix gives on the host copies, batch by batch and summed."""
+    from stages.lib.labels import IGNORE_INDEX
+    from stages.lib.metrics import confusion_matrix
+
+    gen = torch.Generator().manual_seed(5)
+    total, summed = torch.zeros(3, 3, dtype=torch.int64), np.zeros((3, 3), np.int64)
+    for _ in range(4):
+        gt = torch.randint(0, 3, (2, 7, 9), generator=gen)
+        gt[torch.rand(gt.shape, generator=gen) < 0.2] = IGNORE_INDEX
+        pred = torch.randint(0, 3, (2, 7, 9), generator=gen)
+        counts = train.confusion_counts(gt, pred, 3)
+        host = confusion_matrix(gt.numpy(), pred.numpy(), 3)
+        assert counts.dtype == torch.int64 and np.array_equal(counts.numpy(), host)
+        total += counts
+        summed += host
+    assert np.array_equal(total.numpy(), summed) and summed.sum() > 0
+    hand = train.confusion_counts(torch.tensor([0, 1, IGNORE_INDEX, 2, 2]),
+                                  torch.tensor([0, 2, 1, 2, 0]), 3)
+    assert hand.tolist() == [[1, 0, 0], [0, 0, 1], [1, 0, 1]]
+
+
+def test_train_epoch_matrix_and_loss_equal_the_per_batch_host_computation(data):
+    """The epoch's matrix, summed on the device and read once, equals the per-batch host
+    matrices of the same predictions; the loss equals the per-batch .item() mean, exactly."""
+    from stages.lib.metrics import confusion_matrix
+
+    dataset = SegmentationDataset(list_samples(data["raw"], data["masks"], "train")[:6],
+                                  joint_transform(32, IMAGENET_MEAN, IMAGENET_STD, False, False))
+    loader = DataLoader(dataset, batch_size=4)  # batches of 4 and 2
+    cpu = torch.device("cpu")
+
+    def fresh():
+        torch.manual_seed(0)
+        model = build_model(3, "none", False, 0.0)
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    model, optimizer = fresh()
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    result = train.train_epoch(model, loader, optimizer, scaler, cpu, 3)
+
+    model, optimizer = fresh()  # the same steps again, counted on the host batch by batch
+    model.train()
+    criterion = torch.nn.CrossEntropyLoss(ignore_index=train.IGNORE_INDEX)
+    cm, total, count = np.zeros((3, 3), np.int64), 0.0, 0
+    for images, masks_ in loader:
+        logits = model(images)
+        loss = criterion(logits, masks_)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total, count = total + loss.item() * len(images), count + len(images)
+        cm += confusion_matrix(masks_.to(torch.uint8).numpy(),
+                               logits.detach().argmax(1).to(torch.uint8).numpy(), 3)
+    assert isinstance(result.cm, np.ndarray) and result.cm.dtype == np.int64
+    assert np.array_equal(result.cm, cm) and 0 < cm.sum() <= 6 * 32 * 32
+    assert result.loss == total / count

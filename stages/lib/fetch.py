@@ -40,6 +40,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterable
 
+from stages.lib.io import fsync_file
+
 log = logging.getLogger("fetch")
 
 # SHA-1s of the official 2017 archives, as published beside them (and used by GluonCV's
@@ -150,11 +152,9 @@ def parse_content_range(value: str | None) -> tuple[int, int | None] | None:
 
 
 def file_digest(path: Path, algorithm: str = "sha256") -> str:
-    digest = hashlib.new(algorithm)
+    """The hex digest of a file's bytes (hashlib.file_digest: read in blocks, not whole)."""
     with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, algorithm).hexdigest()
 
 
 def verify_checksum(path: Path, expected: str) -> None:
@@ -271,7 +271,7 @@ class Fetcher:
             except (_RetryAfter, OSError, http.client.HTTPException) as exc:
                 problem = exc
             else:
-                _fsync(part)
+                fsync_file(part)
                 os.replace(part, dest)
                 self.counters.add(fetched=1)
                 return True
@@ -511,7 +511,3 @@ def _complete_already(exc: urllib.error.HTTPError, offset: int) -> bool:
     total = value.rpartition("/")[2]
     return value.startswith("bytes */") and total.isdigit() and int(total) == offset
 
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())

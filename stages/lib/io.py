@@ -39,7 +39,7 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         if not _inside_atomic_dir(final):
-            _fsync_file(tmp)
+            fsync_file(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, final)
     finally:
@@ -232,6 +232,8 @@ def _sync_filesystem(path: Path) -> None:
     os.sync()
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
+    """Flush `path`'s bytes to the disk before it is renamed into place: a crash after the
+    rename must not leave the final name holding an empty or partial file."""
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())

@@ -10,11 +10,16 @@ from stages.lib.io import atomic_path
 
 IGNORE_INDEX = 255
 
-# Okabe-Ito colours (distinguishable under colour blindness) after black background.
-_CLASS_COLOURS = [
-    (0, 0, 0), (230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66),
-    (0, 114, 178), (213, 94, 0), (204, 121, 167), (153, 153, 153),
-]
+# Okabe-Ito: eight colours that stay apart under the common colour-vision deficiencies, in
+# their published order. The one list every figure and page draws categories with (each
+# use picks its own order by name).
+OKABE_ITO = {"black": "#000000", "orange": "#E69F00", "sky_blue": "#56B4E9",
+             "bluish_green": "#009E73", "yellow": "#F0E442", "blue": "#0072B2",
+             "vermillion": "#D55E00", "reddish_purple": "#CC79A7"}
+
+# Classes: the Okabe-Ito colours in order (background black), then grey.
+_CLASS_COLOURS = [tuple(bytes.fromhex(colour[1:])) for colour in OKABE_ITO.values()] + [
+    (153, 153, 153)]
 
 
 def palette_colours() -> np.ndarray:

@@ -83,6 +83,10 @@ class SegNet(nn.Module):
         return self
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        # By hand rather than torchvision's create_feature_extractor, which gives the same
+        # bits: its FX graph would have to live outside the registered modules (model.pt's
+        # keys are the encoder's), costs a trace at every model build, and would go on
+        # calling the old BatchNorms after convert_sync_batchnorm replaces them (GPU DDP).
         taps = []
         for index, block in enumerate(self.encoder):
             if index in TAP_BLOCKS:
