@@ -114,12 +114,17 @@ def validate_params(params: object, source: str = "params.yaml") -> dict:
     return params
 
 
-def scheme_class_names(params: dict, scheme: str) -> list[str]:
-    """Class names in index order, background first."""
+def check_scheme(params: dict, scheme: str) -> None:
+    """An unknown scheme (a --scheme argument) fails by name, listing the known ones."""
     if scheme not in params["schemes"]:
         known = ", ".join(params["schemes"])
         raise ParamsError(f"scheme {short_repr(scheme)} is not in params.yaml schemes "
                           f"(known: {known})")
+
+
+def scheme_class_names(params: dict, scheme: str) -> list[str]:
+    """Class names in index order, background first."""
+    check_scheme(params, scheme)
     return ["background", *params["schemes"][scheme]["classes"]]
 
 
@@ -342,7 +347,7 @@ def select(params: dict, declared: tuple[str, ...], scheme: str | None = None) -
         if SCHEME_PLACEHOLDER in key:
             if scheme is None:
                 raise ValueError(f"{key!r} is declared but no scheme was given")
-            scheme_class_names(params, scheme)  # an unknown scheme fails here, by name
+            check_scheme(params, scheme)
             key = key.replace(SCHEME_PLACEHOLDER, scheme)
         *parents, last = key.split(".")
         source, target = params, selected
