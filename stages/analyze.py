@@ -48,7 +48,7 @@ from stages.lib.io import atomic_dir, write_csv, write_json
 from stages.lib.labels import IGNORE_INDEX, colourise, save_labels
 from stages.lib.model import load_trained, resolve_device
 from stages.lib.names import FileNames, check_plain_name, inside, safe_filename
-from stages.lib.params import load_params
+from stages.lib.params import load_params, select
 from stages.lib.plots import (fit_width, heat_overlay, mask_overlay, png_bytes, save_image,
                               side_by_side, write_png)
 
@@ -514,8 +514,15 @@ def read_inputs(predictions: Path, masks: Path) -> tuple[pd.DataFrame, np.ndarra
     return merged, latents, layout
 
 
+# The params this stage reads: run() sees only these (stages.lib.params.select), and dvc.yaml's
+# and the rule's `params:` list the same keys. Reads its own section; the model's settings come
+# from models/<scheme>.
+PARAMS = ("analyze",)
+
+
 def run(params: dict, predictions: Path, masks: Path, model_dir: Path, raw: Path,
         out: Path) -> pd.DataFrame:
+    params = select(params, PARAMS)
     cfg = params["analyze"]
     seed = cfg["seed"]
     if cfg["clustering"]["k_min"] > cfg["clustering"]["k_max"]:

@@ -27,7 +27,7 @@ from stages.lib import buckets
 from stages.lib.cli import StageError, run_main, stage_parser
 from stages.lib.io import atomic_dir, write_csv, write_json
 from stages.lib.names import inside
-from stages.lib.params import load_params, scheme_class_names
+from stages.lib.params import load_params, scheme_class_names, select
 
 log = logging.getLogger("compare")
 
@@ -207,7 +207,13 @@ def read_scheme(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame, set[int]]:
     return samples, bins, set(issues.loc[issues["flagged"].astype(bool), "image_id"].astype(int))
 
 
+# The params this stage reads: run() sees only these (stages.lib.params.select), and dvc.yaml's
+# and the rule's `params:` list the same keys. Every scheme's classes, and its own section.
+PARAMS = ("schemes", "compare")
+
+
 def run(params: dict, analysis: Path, out: Path) -> dict:
+    params = select(params, PARAMS)
     cfg = params["compare"]
     schemes = list(params["schemes"])
     samples, bins, flagged = {}, {}, {}

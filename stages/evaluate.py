@@ -15,7 +15,7 @@ from stages.lib.cli import StageError, run_main, stage_parser
 from stages.lib.io import write_csv, write_json
 from stages.lib.labels import IGNORE_INDEX, read_labels
 from stages.lib.metrics import confusion_matrix, scores
-from stages.lib.params import load_params, scheme_class_names
+from stages.lib.params import load_params, scheme_class_names, select
 from stages.lib.plots import confusion_figure, write_png
 
 log = logging.getLogger("evaluate")
@@ -74,9 +74,15 @@ def accumulate(pairs, num_classes: int, rows: list | None = None,
 
 # ---------------------------------------------------------------- run
 
+# The params this stage reads: run() sees only these (stages.lib.params.select), and dvc.yaml's
+# and the rule's `params:` list the same keys. The classes of the scheme it evaluates.
+PARAMS = ("schemes.{scheme}",)
+
+
 def run(params: dict, scheme: str, pred_dir: Path, gt_dir: Path, out: Path,
         confusion_out: Path, confusion_plot: Path | None = None,
         samples_out: Path | None = None) -> dict:
+    params = select(params, PARAMS, scheme=scheme)
     class_names = scheme_class_names(params, scheme)
     gt_files = sorted(gt_dir.glob("*.png"))
     if not gt_files:

@@ -31,7 +31,7 @@ from stages.lib.labels import IGNORE_INDEX, save_labels
 from stages.lib.metrics import confusion_matrix, per_class_iou
 from stages.lib.model import load_trained, pooled_latent, resolve_device
 from stages.lib.names import check_plain_name, inside
-from stages.lib.params import load_params
+from stages.lib.params import load_params, select
 
 log = logging.getLogger("infer")
 
@@ -189,7 +189,14 @@ class TimedInference:
 
 # ---------------------------------------------------------------- run
 
+# The params this stage reads: run() sees only these (stages.lib.params.select), and dvc.yaml's
+# and the rule's `params:` list the same keys. Its own section; the model's settings come from
+# models/<scheme>.
+PARAMS = ("infer",)
+
+
 def run(params: dict, model_dir: Path, raw: Path, masks: Path, out: Path) -> dict:
+    params = select(params, PARAMS)
     cfg = params["infer"]
     device = resolve_device(cfg["device"])
     model, meta = load_trained(model_dir / "model.pt", device)

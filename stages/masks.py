@@ -46,7 +46,7 @@ from stages.lib.coco import (SPLITS, AnnotationError, ArrayUntilEnd, SchemeMap, 
 from stages.lib.io import atomic_dir
 from stages.lib.labels import IGNORE_INDEX, save_labels
 from stages.lib.names import FileNames, inside, plain_name_problem, safe_filename
-from stages.lib.params import load_params, scheme_class_names
+from stages.lib.params import load_params, scheme_class_names, select
 
 log = logging.getLogger("masks")
 
@@ -515,7 +515,13 @@ class Summary:
             self.flaws[flaw] += row[f"n_{flaw}_annotations"]
 
 
+# The params this stage reads: run() sees only these (stages.lib.params.select), and dvc.yaml's
+# and the rule's `params:` list the same keys. The scheme it draws, and its own section.
+PARAMS = ("schemes.{scheme}", "masks")
+
+
 def run(params: dict, scheme_name: str, raw: Path, out: Path) -> Summary:
+    params = select(params, PARAMS, scheme=scheme_name)
     scheme_class_names(params, scheme_name)  # an unknown scheme fails here, by name
     summary = Summary(worker_count(params["masks"]["workers"]))
     with atomic_dir(out) as tmp:

@@ -44,7 +44,7 @@ from stages.lib.cli import StageError, run_main, stage_parser
 from stages.lib.io import atomic_path
 from stages.lib.labels import IGNORE_INDEX, OKABE_ITO, colourise, palette_colours, read_labels
 from stages.lib.names import check_plain_name, inside
-from stages.lib.params import load_params, scheme_class_names
+from stages.lib.params import load_params, scheme_class_names, select
 from stages.lib.plots import confusion_figure, fit_width, png_bytes
 
 log = logging.getLogger("report")
@@ -1379,9 +1379,16 @@ def scheme_differences(compare: Path | None) -> list[dict]:
 
 # ---------------------------------------------------------------- run
 
+# The params this stage reads: run() sees only these (stages.lib.params.select), and dvc.yaml's
+# and the rule's `params:` list the same keys. Every section: the provenance section prints the
+# whole params file and its diff against HEAD, so every value is read.
+PARAMS = ("data", "schemes", "masks", "model", "train", "infer", "analyze", "compare", "report")
+
+
 def run(params: dict, raw: Path, masks: Path, models: Path, predictions: Path, metrics: Path,
         analysis: Path, out: Path, compare: Path | None = None, logs: Path | None = None,
         dvc_lock: Path | None = None) -> Path:
+    params = select(params, PARAMS)
     cfg = params["report"]
     schemes = [load_scheme(params, name, predictions, metrics, analysis)
                for name in params["schemes"]]

@@ -38,7 +38,7 @@ from stages.lib.metrics import scores
 from stages.lib.model import (IMAGENET_MEAN, IMAGENET_STD, build_model, checkpoint_payload,
                               load_failure, load_weights_file, resolve_device,
                               state_dict_mismatch)
-from stages.lib.params import load_params, scheme_class_names
+from stages.lib.params import load_params, scheme_class_names, select
 
 log = logging.getLogger("train")
 
@@ -367,8 +367,15 @@ def per_rank_batch(batch_size: int, world: int) -> int:
     return batch_size // world
 
 
+# The params this stage reads: run() sees only these (stages.lib.params.select), and dvc.yaml's
+# and the rule's `params:` list the same keys. The scheme's classes, the model and the training
+# settings.
+PARAMS = ("schemes.{scheme}", "model", "train")
+
+
 def run(params: dict, scheme: str, raw: Path, masks: Path, out: Path,
         checkpoints: Path | None = None, live: Path | None = None) -> dict:
+    params = select(params, PARAMS, scheme=scheme)
     ranks = Ranks.from_env()
     device = resolve_device(params["train"]["device"])
     if device.type == "cuda" and ranks.world > 1:

@@ -260,6 +260,25 @@ def test_snakemake_reruns_what_a_change_affects_and_nothing_else(smk_run, tiny_p
     assert _planned(smk_run) == set()
 
 
+@pytest.mark.e2e
+@pytest.mark.parametrize("section, key, value, stages", [
+    ("infer", "batch_size", 3, ["infer", "evaluate", "analyze"]),
+    ("analyze", "similars", {"k": 4}, ["analyze"]),
+])
+def test_snakemake_reruns_only_the_jobs_reading_a_changed_key(smk_run, tiny_params, section,
+                                                              key, value, stages):
+    """A key only some stages declare (PARAMS, tests/test_params_declared.py) reruns those
+    jobs and what consumes their outputs: infer's batch size not train or masks, the
+    neighbour count not infer."""
+    schemes = list(tiny_params["schemes"])
+    with _Edited(smk_run) as edit:
+        edit.params(lambda p: p[section][key].update(value) if isinstance(value, dict)
+                    else p[section].update({key: value}))
+        assert _planned(smk_run) == _chain(stages, schemes) | {("compare", None),
+                                                                ("report", None)}
+    assert _planned(smk_run) == set()
+
+
 def _set_times_upstream_newest(root: Path) -> None:
     """What `dvc checkout`/`dvc pull` may do to file times: every output (files, folders,
     Snakemake's time stamps) rewritten, upstream ones last."""

@@ -44,3 +44,14 @@ def _imported_stage_modules(path: Path, root: Path) -> list[str]:
         if candidate.is_file():
             files.append(candidate.relative_to(root).as_posix())
     return files
+
+
+def declared_params(stage: str, root: Path = ROOT) -> tuple[str, ...]:
+    """The PARAMS a stage module declares (stages.lib.params.select), read from its source
+    so the Snakefile need not import the stages (train and infer import torch)."""
+    path = root / "stages" / f"{stage}.py"
+    for node in ast.parse(path.read_text(), filename=str(path)).body:
+        if (isinstance(node, ast.Assign) and len(node.targets) == 1
+                and isinstance(node.targets[0], ast.Name) and node.targets[0].id == "PARAMS"):
+            return tuple(ast.literal_eval(node.value))
+    raise LookupError(f"{path}: no PARAMS declaration")

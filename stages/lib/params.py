@@ -114,12 +114,17 @@ def validate_params(params: object, source: str = "params.yaml") -> dict:
     return params
 
 
-def scheme_class_names(params: dict, scheme: str) -> list[str]:
-    """Class names in index order, background first."""
+def check_scheme(params: dict, scheme: str) -> None:
+    """An unknown scheme (a --scheme argument) fails by name, listing the known ones."""
     if scheme not in params["schemes"]:
         known = ", ".join(params["schemes"])
         raise ParamsError(f"scheme {short_repr(scheme)} is not in params.yaml schemes "
                           f"(known: {known})")
+
+
+def scheme_class_names(params: dict, scheme: str) -> list[str]:
+    """Class names in index order, background first."""
+    check_scheme(params, scheme)
     return ["background", *params["schemes"][scheme]["classes"]]
 
 
@@ -316,3 +321,38 @@ def _label(index: object) -> str:
     if isinstance(index, yaml.ScalarNode):
         return index.value
     return "?" if index is None else str(index)
+
+
+# ---------------------------------------------------------------- what a stage reads
+
+SCHEME_PLACEHOLDER = "{scheme}"
+
+
+def lookup(params: dict, key: str) -> object:
+    """The value at a dotted key of params.yaml ("analyze.similars.k")."""
+    value: object = params
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
+def select(params: dict, declared: tuple[str, ...], scheme: str | None = None) -> dict:
+    """Only the declared keys of params, nested as in params.yaml, so the code reading them
+    keeps its shape and any other key is a KeyError. A stage module lists what it reads in
+    PARAMS (sections or dotted keys, "schemes.{scheme}" for the scheme it runs for); dvc.yaml
+    and the rules list the same keys (tests/test_params_declared.py), so changing a key a
+    stage does not read reruns nothing. Selecting twice gives the same dict."""
+    selected: dict = {}
+    for key in declared:
+        if SCHEME_PLACEHOLDER in key:
+            if scheme is None:
+                raise ValueError(f"{key!r} is declared but no scheme was given")
+            check_scheme(params, scheme)
+            key = key.replace(SCHEME_PLACEHOLDER, scheme)
+        *parents, last = key.split(".")
+        source, target = params, selected
+        for part in parents:
+            source = source[part]
+            target = target.setdefault(part, {})
+        target[last] = source[last]
+    return selected

@@ -8,7 +8,7 @@ rule analyze:
     output:
         directory("analysis/{scheme}"),
     params:
-        analyze=config["analyze"],
+        **stage_params("analyze"),
     log:
         log_path("analyze"),
     benchmark:

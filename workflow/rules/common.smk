@@ -2,7 +2,8 @@
 from snakemake.exceptions import WorkflowError
 from snakemake.io import apply_wildcards
 
-from stages.lib.codedeps import stage_code
+from stages.lib.codedeps import declared_params, stage_code
+from stages.lib.params import SCHEME_PLACEHOLDER, lookup
 
 # The engine glue lives beside the rules (workflow/lib/engines.py), not in the stages
 # package: it serves the Snakefile. `from ... import` only: a plain `import workflow.lib`
@@ -17,6 +18,22 @@ from workflow.lib.engines import (
 )
 
 SCHEMES = list(config["schemes"])
+
+
+# Each rule's `params:` are the keys its stage module declares in PARAMS (the stage reads
+# nothing else: stages.lib.params.select), so Snakemake's params trigger reruns a job exactly
+# when a value it reads changes. "schemes.{scheme}" is the job's own scheme.
+def stage_params(stage):
+    values = {}
+    for key in declared_params(stage):
+        if SCHEME_PLACEHOLDER in key:
+            name = key.split(".")[0].removesuffix("s")
+            values[name] = lambda wildcards, key=key: lookup(
+                config, key.replace(SCHEME_PLACEHOLDER, wildcards.scheme)
+            )
+        else:
+            values[key.replace(".", "_")] = lookup(config, key)
+    return values
 
 
 def _refuse_config_overrides():

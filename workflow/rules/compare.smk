@@ -7,8 +7,7 @@ rule compare:
     output:
         directory("compare"),
     params:
-        schemes=config["schemes"],
-        compare=config["compare"],
+        **stage_params("compare"),
     log:
         log_path("compare", per_scheme=False),
     benchmark:

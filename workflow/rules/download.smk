@@ -8,7 +8,7 @@ rule download:
     output:
         directory("data/raw"),
     params:
-        data=config["data"],
+        **stage_params("download"),
     log:
         log_path("download", per_scheme=False),
     benchmark:

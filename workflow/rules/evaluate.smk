@@ -9,7 +9,7 @@ rule evaluate:
         confusion_plot="metrics/{scheme}.confusion.png",
         samples="metrics/{scheme}.samples.csv",
     params:
-        scheme=lambda w: config["schemes"][w.scheme],
+        **stage_params("evaluate"),
     log:
         log_path("evaluate"),
     benchmark:

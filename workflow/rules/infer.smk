@@ -7,7 +7,7 @@ rule infer:
     output:
         directory("predictions/{scheme}"),
     params:
-        infer=config["infer"],
+        **stage_params("infer"),
     log:
         log_path("infer"),
     benchmark:

@@ -5,8 +5,7 @@ rule masks:
     output:
         directory("data/masks/{scheme}"),
     params:
-        scheme=lambda w: config["schemes"][w.scheme],
-        masks=config["masks"],
+        **stage_params("masks"),
     log:
         log_path("masks"),
     benchmark:

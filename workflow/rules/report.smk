@@ -14,8 +14,7 @@ rule report:
     output:
         "reports/index.html",
     params:
-        # The report shows every param (provenance), so every param is its trigger.
-        all_params=config,
+        **stage_params("report"),
     log:
         log_path("report", per_scheme=False),
     benchmark:

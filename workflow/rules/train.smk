@@ -10,9 +10,7 @@ rule train:
         model=directory("models/{scheme}"),
         live=directory("metrics/train/{scheme}"),
     params:
-        scheme=lambda w: config["schemes"][w.scheme],
-        model=config["model"],
-        train=config["train"],
+        **stage_params("train"),
     log:
         log_path("train"),
     benchmark:
