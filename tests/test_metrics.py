@@ -111,8 +111,13 @@ def test_out_of_range_message_lists_only_bad_values():
 
 
 def test_negative_ground_truth_raises():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^label values \[-1\] outside 0\.\.3$"):
         confusion_matrix(np.array([0, -1]), np.array([0, 1]), 4)
+
+
+def test_negative_prediction_raises():
+    with pytest.raises(ValueError, match=r"^label values \[-2\] outside 0\.\.3$"):
+        confusion_matrix(np.array([0, 1]), np.array([0, -2]), 4)
 
 
 def test_shape_mismatch_raises():
