@@ -460,12 +460,28 @@ def test_train_at_32px_with_a_last_batch_of_one(chain, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     params = json.loads(json.dumps(chain["params_dict"]))
     params["train"].update(image_size=32, batch_size=N_TRAIN - 1)
+    # 32 px leaves a 1x1 bottleneck, where BatchNorm in train mode cannot take a batch of one:
+    # of 8 images in batches of 7, the last batch (of one) is dropped, and only that one.
+    assert params["train"]["epochs"] == 1
+    forwards: list[tuple[bool, int]] = []
+    real_forward = SegNet.forward
+
+    def spy(self, x):
+        forwards.append((self.training, x.shape[0]))
+        return real_forward(self, x)
+
+    monkeypatch.setattr(SegNet, "forward", spy)
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
-        train.run(params, SCHEME, chain["raw"], chain["masks"], tmp_path / "m")
+        train.run(params, SCHEME, chain["raw"], chain["masks"], tmp_path / "m",
+                  live=tmp_path / "live")
     finally:
         torch.use_deterministic_algorithms(deterministic)
     assert (tmp_path / "m" / "model.pt").is_file()
+    # one training batch of 7 (the 8th image dropped), then validation of all 6 val images
+    assert forwards == [(True, N_TRAIN - 1), (False, N_VAL)]
+    summary = json.loads((tmp_path / "live" / "metrics.json").read_text())
+    assert summary["step"] == 0 and math.isfinite(summary["train"]["loss"])
 
 
 # ---------------------------------------------------------------- bad input
