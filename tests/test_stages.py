@@ -145,6 +145,41 @@ def test_dvclive_log(chain):
     assert list(loss_tsv.columns) == ["step", "loss"] and len(loss_tsv) == 1
 
 
+def test_dvclive_val_figures_equal_a_fresh_validation(chain):
+    """The logged val loss, per-class IoU and mIoU (one epoch, so model.pt is the model that
+    was validated) equal torch's cross_entropy and IoUs counted by hand in numpy over the
+    val batches at training size, not only a value in [0, 1]."""
+    import torch.nn.functional as F
+
+    from stages.lib.model import load_trained
+
+    summary = json.loads((chain["model"].parent / "live" / "metrics.json").read_text())
+    model, _ = load_trained(chain["model"] / "model.pt", torch.device("cpu"))
+    model.eval()
+    cfg = dict(chain["params_dict"]["train"], num_workers=0)
+    loader = train.data_loader(chain["raw"], chain["masks"], "val", cfg, False,
+                               torch.device("cpu"))
+    loss_sum, pixels, inter, union = 0.0, 0, np.zeros(3), np.zeros(3)
+    with torch.no_grad():
+        for images, labels in loader:
+            logits = model(images).float()
+            loss_sum += float(F.cross_entropy(logits, labels.long(), ignore_index=IGNORE_INDEX,
+                                              reduction="sum"))
+            gt, pred = labels.numpy(), logits.argmax(1).numpy()
+            valid = gt != IGNORE_INDEX
+            pixels += int(valid.sum())
+            for k in range(3):
+                inter[k] += ((gt == k) & (pred == k) & valid).sum()
+                union[k] += (((gt == k) | (pred == k)) & valid).sum()
+    assert pixels > 0
+    assert summary["val"]["loss"] == pytest.approx(loss_sum / pixels, rel=1e-5)
+    iou = {name: inter[k] / union[k] for k, name in enumerate(CLASSES) if union[k]}
+    assert set(summary["val"]["iou"]) == set(iou)
+    for name, value in iou.items():
+        assert summary["val"]["iou"][name] == pytest.approx(value, rel=1e-9), name
+    assert summary["val"]["miou"] == pytest.approx(np.mean(list(iou.values())), rel=1e-9)
+
+
 def test_predictions_are_palette_pngs_at_image_size(chain, val_images):
     folder = chain["pred"] / "val"
     assert sorted(p.name for p in folder.iterdir()) == sorted(
