@@ -364,7 +364,8 @@ def test_stage_latents_match_a_fresh_forward_pass(chain):
 
 def test_stage_loss_is_cross_entropy_of_a_fresh_forward_pass(chain):
     """samples.csv's loss is torch's cross_entropy (ignore_index=255, mean over the kept
-    pixels) of the model's logits, resized bilinearly to the mask's size, on each val image."""
+    pixels) of the model's logits, resized bilinearly to the mask's size, on each val image;
+    its confidence the mean max-softmax of the same logits (not only a value in [1/3, 1])."""
     import torch.nn.functional as F
 
     from stages.lib.data import InferenceDataset, list_samples
@@ -384,6 +385,10 @@ def test_stage_loss_is_cross_entropy_of_a_fresh_forward_pass(chain):
             expected = F.cross_entropy(big, item["gt"][None].long(), ignore_index=255)
             assert table.loc[samples[i].image_id, "loss"] == pytest.approx(float(expected),
                                                                          rel=1e-4)
+            # confidence: the mean over all pixels of the largest softmax probability
+            confidence = big.softmax(1).max(1).values.mean()
+            assert table.loc[samples[i].image_id, "confidence"] == pytest.approx(
+                float(confidence), rel=1e-4)
 
 
 def test_sample_scores_hand_computed():
