@@ -98,6 +98,30 @@ def test_projection_keeps_separated_groups_separated(method):
     assert silhouette_score(xy, truth) > 0.5
 
 
+# ---------------------------------------------------------------- per-cluster means
+
+def test_cluster_table_means_by_hand():
+    """Two clusters and HDBSCAN's noise (-1); the means written out by hand. An IoU that is
+    NaN (class absent from an image) is left out of its cluster's mean, not counted as 0."""
+    samples = pd.DataFrame({
+        "image_id": [10, 11, 12, 13, 14, 15], "cluster": [0, 0, 1, 1, 1, -1],
+        "loss": [1.0, 3.0, 0.5, 1.0, 3.0, 9.0],
+        "pixel_accuracy": [0.9, 0.7, 0.6, 0.6, 0.9, 0.1],
+        "iou_person": [0.5, 0.25, 0.1, np.nan, 0.3, 0.0],
+        "is_grayscale": [True, False, False, False, True, False]})
+    members = {0: [1, 0], 1: [3], -1: []}
+    table = analyze.cluster_table(samples, analyze.category_table(
+        samples["cluster"].to_numpy(), pd.DataFrame({"person": [1, 1, 1, 0, 1, 1]})), members)
+    assert table["cluster"].tolist() == [-1, 0, 1]
+    assert table["size"].tolist() == [1, 2, 3]
+    np.testing.assert_allclose(table["mean_loss"], [9.0, 2.0, 1.5])
+    np.testing.assert_allclose(table["mean_pixel_accuracy"], [0.1, 0.8, 0.7])
+    np.testing.assert_allclose(table["mean_iou_person"], [0.0, 0.375, 0.2])
+    np.testing.assert_allclose(table["grayscale_share"], [0.0, 0.5, 1 / 3])
+    assert table["medoid_image_id"].tolist() == [-1, 11, 13]
+    assert table["representative_image_ids"].tolist() == ["", "11 10", "13"]
+
+
 # ---------------------------------------------------------------- shared-feature heat-maps
 
 def test_normalise_by_hand():
