@@ -338,7 +338,16 @@ def test_analysis_files(chain):
                                       "mean_iou_car", "dominant_categories", "medoid_image_id",
                                       "representative_image_ids"]
     assert clusters["size"].sum() == N_VAL
+    # the per-cluster means recomputed from samples.csv with pandas
+    by_cluster = samples.groupby("cluster")
+    per = clusters.set_index("cluster")
+    assert per["size"].to_dict() == by_cluster.size().to_dict()
+    for col in ("loss", "pixel_accuracy", "iou_background", "iou_person", "iou_car"):
+        expected = by_cluster[col].mean()
+        np.testing.assert_allclose(per[f"mean_{col}"].loc[expected.index], expected,
+                                   rtol=1e-9, err_msg=col)
     assert clusters["grayscale_share"].between(0, 1).all()
+    assert len(clusters) == 2                           # summary's k: the loop runs
     for row in clusters.itertuples():
         reps = [int(i) for i in str(row.representative_image_ids).split()]
         assert reps[0] == row.medoid_image_id
@@ -349,10 +358,13 @@ def test_analysis_files(chain):
     assert "person" in set(cats["category"]) and cats["share"].between(0, 1).all()
     # the shares are right: recount one category from the metadata
     person = samples["person_instances"] > 0
-    for row in cats[cats["category"] == "person"].itertuples():
+    person_rows = cats[cats["category"] == "person"]
+    assert len(person_rows) == len(clusters)          # one row per cluster: the loop runs
+    for row in person_rows.itertuples():
         assert row.images == int(person[samples["cluster"] == row.cluster].sum())
     similars = pd.read_csv(folder / "similars.csv")
     k = chain["params_dict"]["analyze"]["similars"]["k"]
+    assert k >= 1 and similars["query_image_id"].nunique() >= len(clusters)   # loop runs
     for query, group in similars.groupby("query_image_id"):
         assert group["rank"].tolist() == list(range(1, min(k, N_VAL - 1) + 1))
         assert query not in set(group["image_id"])
@@ -381,7 +393,7 @@ def test_analysis_files(chain):
     assert issues["label_quality"].is_monotonic_increasing
     top = chain["params_dict"]["analyze"]["label_issues"]["top"]
     flagged = issues[issues["flagged"]]
-    assert len(flagged) == min(top, N_VAL)
+    assert top >= 1 and len(flagged) == min(top, N_VAL)   # the loop below runs
     for row in flagged.itertuples():
         region = read_labels(folder / row.region)
         gt = read_labels(chain["masks"] / "val" / f"{row.stem}.png")
