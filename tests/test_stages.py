@@ -138,7 +138,10 @@ def test_dvclive_log(chain):
     summary = json.loads((live / "metrics.json").read_text())
     assert summary["step"] == 0  # one epoch
     assert math.isfinite(summary["train"]["loss"]) and summary["train"]["loss"] > 0
-    assert 0 <= summary["train"]["miou"] <= 1  # running mIoU of the training batches
+    # running mIoU of the (augmented, shuffled) training batches: no independent recount
+    # here short of replaying the epoch; test_train checks train_epoch's matrix against the
+    # per-batch host computation exactly, and the val figures are checked below
+    assert 0 < summary["train"]["miou"] <= 1
     assert set(summary["val"]) >= {"loss", "miou", "iou"}
     assert set(summary["val"]["iou"]) == set(CLASSES)
     loss_tsv = pd.read_csv(live / "plots" / "metrics" / "train" / "loss.tsv", sep="\t")
