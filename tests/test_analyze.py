@@ -80,6 +80,94 @@ def test_projection_methods_give_finite_2d_maps():
         assert xy.shape == (24, 2) and np.isfinite(xy).all(), method
 
 
+@pytest.mark.parametrize("method", ["pca", "tsne", "umap"])
+def test_projection_keeps_separated_groups_separated(method):
+    """Three blobs 10 apart (spread 0.3) stay three groups on the map: every point's nearest
+    neighbour on the map is of its own blob, and sklearn's silhouette of the true groups on
+    the map is high. A projection that scrambles rows or returns noise fails this."""
+    from sklearn.metrics import silhouette_score
+    from sklearn.neighbors import NearestNeighbors
+
+    # 3 dimensions, one blob along each: standardise would blow pure-noise dimensions up to
+    # the signal's variance (blobs()'s default 6), which PCA cannot be asked to see through
+    points, truth = blobs(per=8, dims=3)
+    scaled = embeddings.standardise(points)
+    xy = embeddings.project(scaled, embeddings.reduce(scaled, 4, seed=0), method, seed=0)
+    _, nearest = NearestNeighbors(n_neighbors=2).fit(xy).kneighbors(xy)
+    assert (truth[nearest[:, 1]] == truth).all()
+    assert silhouette_score(xy, truth) > 0.5
+
+
+# ---------------------------------------------------------------- per-cluster means
+
+def test_cluster_table_means_by_hand():
+    """Two clusters and HDBSCAN's noise (-1); the means written out by hand. An IoU that is
+    NaN (class absent from an image) is left out of its cluster's mean, not counted as 0."""
+    samples = pd.DataFrame({
+        "image_id": [10, 11, 12, 13, 14, 15], "cluster": [0, 0, 1, 1, 1, -1],
+        "loss": [1.0, 3.0, 0.5, 1.0, 3.0, 9.0],
+        "pixel_accuracy": [0.9, 0.7, 0.6, 0.6, 0.9, 0.1],
+        "iou_person": [0.5, 0.25, 0.1, np.nan, 0.3, 0.0],
+        "is_grayscale": [True, False, False, False, True, False]})
+    members = {0: [1, 0], 1: [3], -1: []}
+    table = analyze.cluster_table(samples, analyze.category_table(
+        samples["cluster"].to_numpy(), pd.DataFrame({"person": [1, 1, 1, 0, 1, 1]})), members)
+    assert table["cluster"].tolist() == [-1, 0, 1]
+    assert table["size"].tolist() == [1, 2, 3]
+    np.testing.assert_allclose(table["mean_loss"], [9.0, 2.0, 1.5])
+    np.testing.assert_allclose(table["mean_pixel_accuracy"], [0.1, 0.8, 0.7])
+    np.testing.assert_allclose(table["mean_iou_person"], [0.0, 0.375, 0.2])
+    np.testing.assert_allclose(table["grayscale_share"], [0.0, 0.5, 1 / 3])
+    assert table["medoid_image_id"].tolist() == [-1, 11, 13]
+    assert table["representative_image_ids"].tolist() == ["", "11 10", "13"]
+
+
+# ---------------------------------------------------------------- shared-feature heat-maps
+
+def test_normalise_by_hand():
+    heat = np.array([[1.0, 3.0], [5.0, 9.0]])
+    assert explain.normalise(heat).tolist() == [[0.0, 0.25], [0.5, 1.0]]
+    assert explain.normalise(np.full((2, 3), 7.0)).tolist() == [[0.0] * 3] * 2   # flat
+
+
+def test_upsample_by_hand():
+    """2x2 -> 4x4 bilinear, half-pixel centres: output pixel x samples input (x + 0.5)/2 - 0.5
+    = -0.25, 0.25, 0.75, 1.25, clamped at the edges, so one row [a, b] becomes
+    [a, .75a + .25b, .25a + .75b, b]. Input 2i + j is linear: output 2r + c."""
+    weights = [0.0, 0.25, 0.75, 1.0]
+    out = explain.upsample(torch.tensor([[0.0, 1.0], [2.0, 3.0]]), (4, 4))
+    assert out.shape == (4, 4) and out.dtype == np.float32
+    np.testing.assert_allclose(out, [[2 * r + c for c in weights] for r in weights], atol=1e-6)
+    wide = explain.upsample(torch.tensor([[0.0, 4.0]]), (1, 4))   # height kept, width doubled
+    np.testing.assert_allclose(wide, [[0.0, 1.0, 3.0, 4.0]], atol=1e-6)
+
+
+class _OneByOne(nn.Module):
+    """A stand-in with SegNet's layout for layer_module: the bottleneck (encoder's last
+    module) is a 1x1 convolution scaling the one input channel by 1, 10 and 100."""
+
+    def __init__(self):
+        super().__init__()
+        conv = nn.Conv2d(1, 3, 1, bias=False)
+        with torch.no_grad():
+            conv.weight.copy_(torch.tensor([1.0, 10.0, 100.0]).view(3, 1, 1, 1))
+        self.encoder = nn.Sequential(nn.Identity(), conv)
+        self.ups = nn.ModuleList()
+
+    def forward(self, x):
+        return self.encoder(x)
+
+
+def test_channel_maps_by_hand():
+    image = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).view(1, 1, 2, 2)
+    heat = explain.channel_maps(_OneByOne(), "bottleneck", image, [0, 2])
+    # mean of channels 0 (x) and 2 (100 x): 50.5 x
+    assert heat.shape == (2, 2)
+    assert heat.tolist() == [[50.5, 101.0], [151.5, 202.0]]
+    assert explain.channel_maps(_OneByOne(), "bottleneck", image, [1]).tolist() == \
+        [[10.0, 20.0], [30.0, 40.0]]
+
+
 # ---------------------------------------------------------------- buckets
 
 def test_bin_edges_and_assignment():

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from sklearn.metrics import adjusted_rand_score
 
 from stages import compare
 from stages.lib.cli import StageError
@@ -83,6 +84,17 @@ def test_deltas_clusters_buckets_and_issues(two_schemes):
     assert pair["label_issues_only_in"] == {"person_car": 1, "person_vehicle": 1}
     assert pair["loss"]["mean_delta_loss"] == pytest.approx(0.25, abs=0.01)
     assert -1 <= pair["cluster_agreement_ari"] <= 1
+    # the fixture's clusterings: [0]*6 + [1]*6 against [0, 1]*6. By hand: a 2x2 table of 3s,
+    # index 4*C(3,2) = 12, expected C(6,2)^2*2*2/C(12,2) = 150/11, max 30:
+    # ARI = (12 - 150/11) / (30 - 150/11) = -0.1. sklearn agrees on the same labels.
+    assert pair["cluster_agreement_ari"] == pytest.approx(-0.1, abs=1e-12)
+    assert pair["cluster_agreement_ari"] == pytest.approx(
+        adjusted_rand_score([0] * 6 + [1] * 6, [0, 1] * 6), abs=1e-12)
+    # the fixture's known difference (worse = base + this): +0.5 on the last 6 images, and
+    # +0.01/-0.01 alternating on all 12
+    known = [0.01, -0.01] * 3 + [0.51, 0.49] * 3
+    np.testing.assert_allclose(samples.sort_values("image_id")[
+        "delta_loss_person_vehicle_vs_person_car"], known, atol=1e-12)
     json.loads((out / "summary.json").read_text(), parse_constant=lambda c: 1 / 0)
 
 

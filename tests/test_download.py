@@ -40,8 +40,33 @@ def _params(params: dict, base_url: str, max_images=MAX, seed=SEED) -> dict:
     return params
 
 
+# The documented rule (download.select_images): random.Random(seed).sample of the split's
+# images in id order, then sorted by id; all of them when n is None or covers the split.
+# Written down once for the sample (from the rule below, by hand in a Python prompt), so
+# that a change of rule or of the sample shows here rather than in both at once.
+EXPECTED_IDS = {
+    ("train", 5, 3): [163840, 221184, 344065, 499716, 542720],
+    ("val", 4, 3): [161799, 241668, 485895, 547336],
+    ("train", 5, 4): [116740, 221184, 262148, 352259, 425989],
+}
+
+
 def _selected_ids(split: str, n: int | None, seed: int) -> list[int]:
-    return [im["id"] for im in download.select_images(SOURCE[split]["images"], n, seed)]
+    """The ids download must choose, derived without the code under test."""
+    ids = sorted(im["id"] for im in SOURCE[split]["images"])
+    chosen = ids if n is None or n >= len(ids) else sorted(random.Random(seed).sample(ids, n))
+    assert chosen == EXPECTED_IDS.get((split, n, seed), chosen)
+    return chosen
+
+
+@pytest.mark.parametrize("split, n, seed", sorted(EXPECTED_IDS))
+def test_select_images_chooses_the_written_down_ids(split, n, seed):
+    chosen = download.select_images(SOURCE[split]["images"], n, seed)
+    assert [im["id"] for im in chosen] == EXPECTED_IDS[(split, n, seed)]
+    shuffled = random.Random(0).sample(SOURCE[split]["images"], len(SOURCE[split]["images"]))
+    assert download.select_images(shuffled, n, seed) == chosen      # order-independent
+    assert [im["id"] for im in download.select_images(SOURCE[split]["images"], None, seed)] \
+        == sorted(im["id"] for im in SOURCE[split]["images"])
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

@@ -98,6 +98,32 @@ def test_dvc_code_deps_are_exactly_the_imported_modules(both_engines):
         assert code == stage_code(name), stage["name"]
 
 
+def test_codedeps_follows_absolute_imports_only(tmp_path):
+    """stage_code follows `stages.*` imports written absolutely, transitively; a relative
+    import (`from .lib import x`) is not followed: it is a known limit, so that the stages
+    may rely on it the next test keeps relative imports out of stages/."""
+    (tmp_path / "stages" / "lib").mkdir(parents=True)
+    (tmp_path / "stages" / "lib" / "a.py").write_text("from stages.lib import b\n")
+    (tmp_path / "stages" / "lib" / "b.py").write_text("X = 1\n")
+    (tmp_path / "stages" / "lib" / "c.py").write_text("Y = 2\n")
+    (tmp_path / "stages" / "one.py").write_text("import stages.lib.a\nfrom .lib import c\n")
+    assert stage_code("one", tmp_path) == ["stages/lib/a.py", "stages/lib/b.py",
+                                           "stages/one.py"]          # no stages/lib/c.py
+
+
+def test_no_relative_imports_in_stages():
+    """codedeps would miss them, and DVC and Snakemake would not rerun a stage whose code
+    changed: every `stages` import must be absolute."""
+    import ast
+
+    files = sorted((ROOT / "stages").rglob("*.py"))
+    assert len(files) > 10
+    relative = [f"{path.relative_to(ROOT)}:{node.lineno}"
+                for path in files for node in ast.walk(ast.parse(path.read_text()))
+                if isinstance(node, ast.ImportFrom) and node.level > 0]
+    assert relative == []
+
+
 def test_snakemake_lint_is_clean():
     result = run(["snakemake", "--lint"], ROOT, check=False)
     assert result.returncode == 0 and "Congratulations" in result.stdout + result.stderr, (

@@ -140,8 +140,45 @@ def test_without_retry_after_backoff_grows_with_jitter(server, tmp_path, sleeps)
     assert all(0 <= wait <= 2 ** i for i, wait in enumerate(sleeps))
 
 
+def test_retries_without_retry_after_sleep_the_backoff(server, tmp_path, sleeps, monkeypatch):
+    """The client sleeps what backoff_seconds draws for attempts 0, 1, 2: with the draw fixed
+    at the ceiling, 1 s, 2 s, 4 s for backoff_s=1 (by hand)."""
+    monkeypatch.setattr(fetch.random, "uniform", lambda low, high: high)
+    server.inject(URL_PATH, "429", "429", "429")
+    _fetcher(server, backoff_s=1.0).fetch(NAME, tmp_path / "x.jpg")
+    assert sleeps == [1.0, 2.0, 4.0]
+    assert (tmp_path / "x.jpg").read_bytes() == BODY
+
+
 def test_backoff_is_bounded():
     assert all(0 <= fetch.backoff_seconds(a, 0.5) <= min(60.0, 0.5 * 2 ** a) for a in range(20))
+
+
+def test_backoff_draws_uniformly_up_to_the_doubling_capped_ceiling(monkeypatch):
+    """Full jitter: uniform(0, min(cap, base * 2**attempt)). The draw is replaced by one
+    that records its bounds and returns a fixed fraction of the ceiling, so the exponential
+    shape and the cap are checked exactly (ceilings written down by hand: 0.5, 1, 2, ...)."""
+    drawn: list[tuple[float, float]] = []
+
+    def uniform(low, high):
+        drawn.append((low, high))
+        return low + 0.75 * (high - low)
+
+    monkeypatch.setattr(fetch.random, "uniform", uniform)
+    ceilings = [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0]
+    assert [fetch.backoff_seconds(a, 0.5) for a in range(9)] == [0.75 * c for c in ceilings]
+    assert drawn == [(0.0, c) for c in ceilings]
+    assert fetch.backoff_seconds(3, 1.0, cap=5.0) == 0.75 * 5.0
+
+
+def test_backoff_is_spread_over_the_whole_interval():
+    """Seeded draws: not stuck at 0 (or at any one value), and their mean is near half the
+    ceiling (1000 draws of uniform(0, 4): mean 2, standard error 1.15 / sqrt(1000) = 0.04)."""
+    fetch.random.seed(18)
+    waits = [fetch.backoff_seconds(3, 0.5) for _ in range(1000)]
+    assert all(0.0 <= w <= 4.0 for w in waits)
+    assert min(waits) < 0.1 and max(waits) > 3.9
+    assert abs(sum(waits) / len(waits) - 2.0) < 0.2
 
 
 def test_corrupt_content_is_fetched_again_from_scratch(server, tmp_path):

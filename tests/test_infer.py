@@ -362,6 +362,54 @@ def test_stage_latents_match_a_fresh_forward_pass(chain):
                        features[0].mean(dim=(2, 3)).numpy(), atol=1e-4)
 
 
+def test_stage_loss_is_cross_entropy_of_a_fresh_forward_pass(chain):
+    """samples.csv's loss is torch's cross_entropy (ignore_index=255, mean over the kept
+    pixels) of the model's logits, resized bilinearly to the mask's size, on each val image;
+    its confidence the mean max-softmax of the same logits (not only a value in [1/3, 1])."""
+    import torch.nn.functional as F
+
+    from stages.lib.data import InferenceDataset, list_samples
+    from stages.lib.model import load_trained
+
+    model, meta = load_trained(chain["model"] / "model.pt", torch.device("cpu"))
+    samples = list_samples(chain["raw"], chain["masks"], "val")
+    dataset = InferenceDataset(samples, meta["image_size"], meta["mean"], meta["std"])
+    table = pd.read_csv(chain["pred"] / "samples.csv").set_index("image_id")
+    assert len(dataset) == N_VAL
+    with torch.inference_mode():
+        for i in range(len(dataset)):
+            item = dataset[i]
+            logits, _ = model.forward_with_latents(item["image"][None])
+            big = F.interpolate(logits.float(), size=tuple(item["gt"].shape), mode="bilinear",
+                                align_corners=False)
+            expected = F.cross_entropy(big, item["gt"][None].long(), ignore_index=255)
+            assert table.loc[samples[i].image_id, "loss"] == pytest.approx(float(expected),
+                                                                         rel=1e-4)
+            # confidence: the mean over all pixels of the largest softmax probability
+            confidence = big.softmax(1).max(1).values.mean()
+            assert table.loc[samples[i].image_id, "confidence"] == pytest.approx(
+                float(confidence), rel=1e-4)
+
+
+def test_sample_scores_hand_computed():
+    """Three pixels, two classes, gt [0, 1, ignore]: pixel 1 has logits (0, 0), p = 1/2;
+    pixel 2 has (0, ln 3), p(class 1) = 3/4; pixel 3 is ignored whatever its logits.
+    Loss = (ln 2 + ln 4/3) / 2 = ln(8/3) / 2; both predictions: pixel 1 ties -> argmax 0."""
+    import math
+
+    logits = torch.tensor([[[0.0, 0.0, 0.0]], [[0.0, math.log(3), 10.0]]], dtype=torch.float64)
+    log_probs = logits.log_softmax(0)
+    gt = torch.tensor([[0, 1, 255]], dtype=torch.uint8)
+    pred = torch.tensor([[0, 1, 1]], dtype=torch.uint8)
+    row = infer.sample_scores(log_probs, pred, gt, ["background", "person"])
+    assert row["loss"] == pytest.approx(math.log(8 / 3) / 2, rel=1e-12)
+    assert row["pixel_accuracy"] == 1.0
+    # confidence: mean max-softmax over all three pixels, ignored one included
+    p3 = math.exp(10) / (1 + math.exp(10))
+    assert row["confidence"] == pytest.approx((0.5 + 0.75 + p3) / 3, rel=1e-12)
+    assert (row["iou_background"], row["iou_person"]) == (1.0, 1.0)
+
+
 # ---------------------------------------------------------------- damaged model.pt
 
 def _infer_dirs(tmp_path, bad: bytes, default_params) -> tuple[list[str], Path]:

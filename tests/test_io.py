@@ -59,6 +59,37 @@ def test_sync_filesystem_really_runs(tmp_path):
     io._sync_filesystem(tmp_path)   # syncfs via libc, or os.sync: must not raise
 
 
+class _SpyLibc:
+    """Stands in for ctypes.CDLL(None): records which file each syncfs call was given (the
+    fd is closed right after, so it is identified by (st_dev, st_ino) while still open)."""
+
+    def __init__(self, result: int):
+        self.result, self.calls = result, []
+
+    def syncfs(self, fd):
+        st = os.fstat(fd)
+        self.calls.append((st.st_dev, st.st_ino))
+        return self.result
+
+
+def test_sync_filesystem_calls_syncfs_on_the_path(tmp_path, monkeypatch):
+    libc, synced_all = _SpyLibc(0), []
+    monkeypatch.setattr(io.ctypes, "CDLL", lambda *a, **kw: libc)
+    monkeypatch.setattr(io.os, "sync", lambda: synced_all.append(True))
+    io._sync_filesystem(tmp_path)
+    st = os.stat(tmp_path)
+    assert libc.calls == [(st.st_dev, st.st_ino)]
+    assert synced_all == []                           # syncfs worked: no whole-system sync
+
+
+def test_sync_filesystem_falls_back_to_os_sync(tmp_path, monkeypatch):
+    libc, synced_all = _SpyLibc(-1), []               # syncfs fails: sync everything
+    monkeypatch.setattr(io.ctypes, "CDLL", lambda *a, **kw: libc)
+    monkeypatch.setattr(io.os, "sync", lambda: synced_all.append(True))
+    io._sync_filesystem(tmp_path)
+    assert len(libc.calls) == 1 and synced_all == [True]
+
+
 def test_publish_dir_replaces_and_keeps_no_old_copy(tmp_path):
     (tmp_path / "final").mkdir()
     (tmp_path / "final" / "old.txt").write_text("old")

@@ -142,14 +142,23 @@ def test_imagenet_without_network_is_weights_error(monkeypatch):
 
 def test_other_architecture_is_weights_error(tmp_path):
     torch.save(resnet18(weights=None).state_dict(), tmp_path / "resnet.pth")
-    with pytest.raises(WeightsError):
+    with pytest.raises(WeightsError) as caught:
         build_model(3, str(tmp_path / "resnet.pth"), False, 0.0)
+    assert str(caught.value) == (f"model.encoder_weights '{tmp_path / 'resnet.pth'}': not a "
+                                 "MobileNetV2 state dict (missing e.g. ['0.0.weight', "
+                                 "'0.1.weight', '0.1.bias'])")
 
 
 def test_corrupt_weights_file_is_weights_error(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"this is not a checkpoint")
-    with pytest.raises(WeightsError):
+    with pytest.raises(WeightsError) as caught:
         build_model(3, str(tmp_path / "junk.pth"), False, 0.0)
+    # the last parentheses hold torch's own reason (today "IndexError: pop from empty list"),
+    # which is torch's to word: only its presence on the one line is checked
+    assert re.fullmatch(rf"{re.escape(str(tmp_path / 'junk.pth'))}: not a torch state dict of "
+                        r"MobileNetV2 weights \(model\.encoder_weights\) "
+                        r"\([A-Za-z]+Error: [^\n]+\)",
+                        str(caught.value))
 
 
 def test_freeze_encoder():
