@@ -28,6 +28,7 @@ from stages.lib.cli import StageError, run_main, stage_parser
 from stages.lib.io import atomic_dir, write_csv, write_json
 from stages.lib.names import inside
 from stages.lib.params import load_params, scheme_class_names, select
+from stages.lib.tables import read_table
 
 log = logging.getLogger("compare")
 
@@ -192,14 +193,7 @@ def summary(joined: pd.DataFrame, clusters: pd.DataFrame, bucket_rows: pd.DataFr
 
 def read_scheme(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame, set[int]]:
     def table(name: str, columns: list[str]) -> pd.DataFrame:
-        path = folder / name
-        if not path.is_file():
-            raise StageError(f"{path}: missing (run the analyze stage first)")
-        frame = pd.read_csv(path)
-        missing = [c for c in columns if c not in frame.columns]
-        if missing:
-            raise StageError(f"{path}: missing columns {', '.join(missing)}; re-run analyze")
-        return frame
+        return read_table(folder / name, columns, produced_by="analyze")
 
     samples = table("samples.csv", SAMPLE_COLUMNS)
     bins = table("metadata_loss.csv", ["binning", "field", "bin", "low", "high"])

@@ -46,6 +46,7 @@ from stages.lib.labels import IGNORE_INDEX, OKABE_ITO, colourise, palette_colour
 from stages.lib.names import check_plain_name, inside
 from stages.lib.params import load_params, scheme_class_names, select
 from stages.lib.plots import confusion_figure, fit_width, png_bytes
+from stages.lib.tables import read_json, read_table
 
 log = logging.getLogger("report")
 
@@ -847,31 +848,6 @@ def build_context(params: dict, schemes: list[Scheme], provenance: dict,
 
 
 # ---------------------------------------------------------------- run: reading inputs
-
-def read_json(path: Path) -> dict:
-    try:
-        document = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise StageError(f"{path}: missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise StageError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(document, dict):
-        raise StageError(f"{path}: expected a JSON object")
-    return document
-
-
-def read_table(path: Path, columns: list[str], **kwargs) -> pd.DataFrame:
-    try:
-        frame = pd.read_csv(path, **kwargs)
-    except FileNotFoundError:
-        raise StageError(f"{path}: missing") from None
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise StageError(f"{path}: not a readable table ({exc})") from None
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise StageError(f"{path}: missing columns {', '.join(missing)}")
-    return frame
-
 
 def read_metrics(path: Path, class_names: list[str]) -> dict:
     metrics = read_json(path)
