@@ -36,7 +36,8 @@ def test_default_params_yaml_is_valid(default_params):
 
 def test_schema_requires_every_section():
     assert set(load_schema()["required"]) == {"data", "schemes", "masks", "model", "train",
-                                              "infer", "analyze", "compare", "report"}
+                                              "infer", "evaluate", "analyze", "compare",
+                                              "report"}
 
 
 @pytest.mark.parametrize("path, key", [

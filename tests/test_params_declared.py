@@ -142,7 +142,7 @@ def test_the_report_is_the_only_stage_reading_other_stages_sections():
     # Each stage reads its own section (if it has one) and the schemes; the report prints
     # every value in its provenance section, so it declares every section.
     own = {"download": {"data"}, "masks": {"masks"}, "train": {"model", "train"},
-           "infer": {"infer"}, "evaluate": set(), "analyze": {"analyze"},
+           "infer": {"infer"}, "evaluate": {"evaluate"}, "analyze": {"analyze"},
            "compare": {"compare"}}
     for stage, sections in own.items():
         declared = {key.split(".")[0] for key in declared_params(stage)}
