@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from stages.lib.bootstrap import Settings, scheme_interval
 from stages.lib.categories import (ImageCategories, Instance, category_table,
                                    image_categories,
                                    instance_class_pixels, owner_map)
@@ -81,9 +82,9 @@ def accumulate(pairs, num_classes: int, rows: list | None = None,
 # ---------------------------------------------------------------- run
 
 # The params this stage reads: run() sees only these (stages.lib.params.select), and dvc.yaml's
-# and the rule's `params:` list the same keys. The classes of the scheme it evaluates, and
-# its own section.
-PARAMS = ("schemes.{scheme}", "evaluate")
+# and the rule's `params:` list the same keys. The classes of the scheme it evaluates, its own
+# section, and the bootstrap settings it shares with compare (the same draws of the images).
+PARAMS = ("schemes.{scheme}", "evaluate", "compare.bootstrap")
 
 
 @dataclass
@@ -108,13 +109,14 @@ def run(params: dict, scheme: str, pred_dir: Path, gt_dir: Path, out: Path,
     if (categories_out or per_image_out) and annotations is None:
         raise StageError("evaluate: --categories and --per-image need --annotations")
     class_names = scheme_class_names(params, scheme)
+    settings = Settings.from_params(params["compare"]["bootstrap"])
     gt_files = sorted(gt_dir.glob("*.png"))
     if not gt_files:
         raise StageError(f"{gt_dir}: no ground-truth masks")
     if annotations is None:
         scored = [_scored(stem, gt, pred, class_names)
                   for stem, gt, pred in (_image(p.stem, p, pred_dir) for p in gt_files)]
-        return _write(scheme, class_names, scored, None, outputs)
+        return _write(scheme, class_names, scored, None, settings, outputs)
     categories, tasks = split_tasks(annotations)
     categories = sorted(categories, key=lambda c: c["id"])
     claims = resolve_scheme(scheme, params["schemes"][scheme], categories)
@@ -133,7 +135,7 @@ def run(params: dict, scheme: str, pred_dir: Path, gt_dir: Path, out: Path,
     if unlisted:
         raise StageError(f"{gt_dir / unlisted[0]}.png: image not in {annotations}; re-run masks")
     return _write(scheme, class_names, sorted(scored, key=lambda s: s.stem),
-                  (categories, claims), outputs)
+                  (categories, claims), settings, outputs)
 
 
 @dataclass
@@ -162,9 +164,12 @@ def val_instances(anns: list[dict], height: int, width: int) -> list[Instance]:
 
 
 def _write(scheme: str, class_names: list[str], scored: list[Scored], categories,
-           outputs: Outputs) -> dict:
+           settings: Settings, outputs: Outputs) -> dict:
     cm = np.sum([s.confusion for s in scored], axis=0, dtype=np.int64)
     document = metrics_document(cm, sum(s.ignored for s in scored), class_names, len(scored))
+    document["interval"] = scheme_interval(
+        np.stack([s.confusion for s in scored]), np.array([s.ignored for s in scored]),
+        class_names, settings)
     write_csv(outputs.confusion, pd.DataFrame(cm, index=class_names, columns=class_names)
               .rename_axis("ground_truth").reset_index())
     if outputs.confusion_plot is not None:
@@ -200,6 +205,8 @@ def _write_categories(class_names: list[str], scored: list[Scored], categories: 
                 ignored=np.array([s.ignored for s in scored], np.int64),
                 category_ids=np.array([c["id"] for c in categories], np.int64),
                 category_names=np.array([c["name"] for c in categories]),
+                category_claims=np.array([claims.class_of_category.get(c["id"], 0)
+                                          for c in categories], np.int64),
                 category_pixels=pixels, category_instances=instances, category_hits=hits)
 
 
