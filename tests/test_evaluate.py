@@ -3,7 +3,6 @@ val images, against an independent count made with pycocotools' own COCO API, wi
 planted confusion (every vehicle predicted car) and without one."""
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -13,45 +12,16 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from conftest import SAMPLE
-from stages import download, evaluate, masks
+from conftest import write_predictions
+from stages import evaluate
 from stages.lib.categories import Instance, category_table, image_categories
 from stages.lib.cli import StageError
-from stages.lib.labels import IGNORE_INDEX, read_labels, save_labels
-
-CLASSES = {"person_car": ["background", "person", "car"],
-           "person_vehicle": ["background", "person", "vehicle"]}
 
 
-@pytest.fixture(scope="module")
-def sample(tmp_path_factory, default_params) -> dict:
-    """All 80 val images of the sample (a few train ones: download needs some) and their
-    ground truth under both schemes."""
-    root = tmp_path_factory.mktemp("evaluate")
-    params = copy.deepcopy(default_params)
-    params["data"].update(base_url=str(SAMPLE), max_images={"train": 2, "val": None})
-    raw = root / "raw"
-    download.run(params, raw)
-    for scheme in CLASSES:
-        masks.run(params, scheme, raw, root / "masks" / scheme)
-    return {"root": root, "params": params, "raw": raw,
-            "annotations": raw / "annotations" / "instances_val.json"}
-
-
-def write_predictions(sample: dict, source_scheme: str, folder: Path) -> Path:
-    """Predictions that are another scheme's ground truth (ignore as background): with
-    person_vehicle's, every truck, bus, motorcycle... is 'predicted' class 2."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for gt in (sample["root"] / "masks" / source_scheme / "val").glob("*.png"):
-        labels = read_labels(gt)
-        save_labels(folder / gt.name, np.where(labels == IGNORE_INDEX, 0, labels).astype(np.uint8))
-    return folder
-
-
-def evaluate_categories(sample: dict, pred: Path, out: Path) -> pd.DataFrame:
+def evaluate_categories(val_truth: dict, pred: Path, out: Path) -> pd.DataFrame:
     out.mkdir(parents=True, exist_ok=True)
-    evaluate.run(sample["params"], "person_car", pred, sample["root"] / "masks" / "person_car"
-                 / "val", out / "m.json", out / "c.csv", annotations=sample["annotations"],
+    evaluate.run(val_truth["params"], "person_car", pred, val_truth["root"] / "masks" / "person_car"
+                 / "val", out / "m.json", out / "c.csv", annotations=val_truth["annotations"],
                  categories_out=out / "categories.csv", per_image_out=out / "per_image.npz")
     return pd.read_csv(out / "categories.csv", keep_default_na=True)
 
@@ -87,10 +57,10 @@ def oracle(annotations: Path, pred: Path, claims: dict[str, int], threshold: flo
 
 
 @pytest.mark.parametrize("source", ["person_car", "person_vehicle"])
-def test_category_table_equals_pycocotools_count(sample, tmp_path, source):
-    pred = write_predictions(sample, source, tmp_path / "pred")
-    table = evaluate_categories(sample, pred, tmp_path / "out").set_index("category")
-    expected = oracle(sample["annotations"], pred, {"person": 1, "car": 2}, 0.5, 3)
+def test_category_table_equals_pycocotools_count(val_truth, tmp_path, source):
+    pred = write_predictions(val_truth, source, tmp_path / "pred")
+    table = evaluate_categories(val_truth, pred, tmp_path / "out").set_index("category")
+    expected = oracle(val_truth["annotations"], pred, {"person": 1, "car": 2}, 0.5, 3)
     assert {"car", "truck", "bus", "person"} <= set(table.index)
     assert set(table.index) == set(expected)
     for name, want in expected.items():
@@ -103,10 +73,10 @@ def test_category_table_equals_pycocotools_count(sample, tmp_path, source):
         assert row[column] == pytest.approx(want["rate"], abs=1e-12) and np.isnan(row[other])
 
 
-def test_planted_vehicle_confusion_is_found_and_absent_without_it(sample, tmp_path):
-    planted = evaluate_categories(sample, write_predictions(sample, "person_vehicle",
+def test_planted_vehicle_confusion_is_found_and_absent_without_it(val_truth, tmp_path):
+    planted = evaluate_categories(val_truth, write_predictions(val_truth, "person_vehicle",
                                                             tmp_path / "p1"), tmp_path / "o1")
-    clean = evaluate_categories(sample, write_predictions(sample, "person_car",
+    clean = evaluate_categories(val_truth, write_predictions(val_truth, "person_car",
                                                           tmp_path / "p2"), tmp_path / "o2")
     planted, clean = planted.set_index("category"), clean.set_index("category")
     for name in ("truck", "bus"):
@@ -117,9 +87,9 @@ def test_planted_vehicle_confusion_is_found_and_absent_without_it(sample, tmp_pa
     assert clean.loc["car", "claimed_by"] == "car" and clean.loc["car", "instance_recall"] > 0.9
 
 
-def test_per_image_counts_sum_to_the_tables(sample, tmp_path):
-    pred = write_predictions(sample, "person_vehicle", tmp_path / "pred")
-    table = evaluate_categories(sample, pred, tmp_path / "out").set_index("category")
+def test_per_image_counts_sum_to_the_tables(val_truth, tmp_path):
+    pred = write_predictions(val_truth, "person_vehicle", tmp_path / "pred")
+    table = evaluate_categories(val_truth, pred, tmp_path / "out").set_index("category")
     with np.load(tmp_path / "out" / "per_image.npz") as npz:
         stems, confusion = npz["stems"], npz["confusion"]
         names, pixels = list(npz["category_names"]), npz["category_pixels"]
@@ -133,18 +103,18 @@ def test_per_image_counts_sum_to_the_tables(sample, tmp_path):
     assert json.loads((tmp_path / "out" / "m.json").read_text())["images"] == 80
 
 
-def test_an_image_without_annotation_entry_is_named(sample, tmp_path):
-    pred = write_predictions(sample, "person_car", tmp_path / "pred")
+def test_an_image_without_annotation_entry_is_named(val_truth, tmp_path):
+    pred = write_predictions(val_truth, "person_car", tmp_path / "pred")
     gt = tmp_path / "gt"
     gt.mkdir()
-    for path in (sample["root"] / "masks" / "person_car" / "val").glob("*.png"):
+    for path in (val_truth["root"] / "masks" / "person_car" / "val").glob("*.png"):
         (gt / path.name).write_bytes(path.read_bytes())
     (gt / "stray.png").write_bytes(next(gt.glob("0*.png")).read_bytes())
     (pred / "stray.png").write_bytes((gt / "stray.png").read_bytes())
     with pytest.raises(StageError, match=r"stray\.png: image not in .*instances_val\.json; "
                                          r"re-run masks"):
-        evaluate.run(sample["params"], "person_car", pred, gt, tmp_path / "m.json",
-                     tmp_path / "c.csv", annotations=sample["annotations"],
+        evaluate.run(val_truth["params"], "person_car", pred, gt, tmp_path / "m.json",
+                     tmp_path / "c.csv", annotations=val_truth["annotations"],
                      categories_out=tmp_path / "cat.csv")
     assert not (tmp_path / "cat.csv").exists() and not (tmp_path / "m.json").exists()
 
