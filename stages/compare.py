@@ -11,7 +11,8 @@ analysis/<scheme>/ of every scheme in params.yaml and writes under --out:
   summary.json      per pair: images, mean changes, cluster agreement (adjusted Rand
                     index), the clusters and buckets that change most, one-scheme issues
 A change counts as significant when the group holds at least compare.min_count images and
-its mean change is at least compare.z standard errors from zero.
+the Benjamini-Hochberg q-value of its paired test (over every group of its table) is at most
+compare.fdr.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 from sklearn.metrics import adjusted_rand_score
 
 from stages.lib import bootstrap, buckets
@@ -35,6 +37,8 @@ from stages.lib.tables import read_table
 log = logging.getLogger("compare")
 
 SAMPLE_COLUMNS = ["image_id", "loss", "cluster", "label_quality", "label_quality_rank"]
+SIGNIFICANCE_TEST = ("two-sided Wilcoxon signed-rank test of the paired loss changes, "
+                     "Benjamini-Hochberg q-value over every group of the table")
 N_TOP = 5
 
 
@@ -82,9 +86,11 @@ def joined_samples(tables: dict[str, pd.DataFrame], flagged: dict[str, set[int]]
     return pd.concat([merged, pd.DataFrame(deltas, index=merged.index)], axis=1)
 
 
-def group_change(delta: pd.Series, loss_a: pd.Series, loss_b: pd.Series, z: float,
+def group_change(delta: pd.Series, loss_a: pd.Series, loss_b: pd.Series,
                  min_count: int) -> dict:
-    """Mean change of a group, its standard error, z and whether it is significant."""
+    """Mean change of a group, its standard error, z, and the p-value of a two-sided
+    Wilcoxon signed-rank test of the paired changes (NaN under min_count images or when no
+    image changed). Whether it is significant needs the whole table's p-values: _flagged."""
     d = delta.dropna()
     n = len(d)
     mean = float(d.mean()) if n else np.nan
@@ -92,11 +98,24 @@ def group_change(delta: pd.Series, loss_a: pd.Series, loss_b: pd.Series, z: floa
     score = mean / se if n >= 2 and se > 0 else np.nan
     return {"images": n, "mean_loss_a": float(loss_a.mean()) if n else np.nan,
             "mean_loss_b": float(loss_b.mean()) if n else np.nan, "mean_delta_loss": mean,
-            "se_delta_loss": se, "z": score,
-            "significant": bool(n >= min_count and np.isfinite(score) and abs(score) >= z)}
+            "se_delta_loss": se, "z": score, "p_value": changed_p_value(d, min_count)}
 
 
-def cluster_changes(joined: pd.DataFrame, schemes: list[str], z: float,
+def changed_p_value(delta: pd.Series, min_count: int) -> float:
+    if len(delta) < min_count or not (delta != 0).any():
+        return np.nan
+    return float(stats.wilcoxon(delta).pvalue)
+
+
+def _flagged(frame: pd.DataFrame, fdr: float) -> pd.DataFrame:
+    """q-values over every group of the table (Benjamini-Hochberg), and `significant`."""
+    if frame.empty:
+        return frame
+    q, significant = buckets.flag_by_fdr(frame["p_value"], fdr)
+    return frame.assign(q_value=q, significant=significant)
+
+
+def cluster_changes(joined: pd.DataFrame, schemes: list[str], fdr: float,
                     min_count: int) -> pd.DataFrame:
     rows = []
     for a, b in itertools.combinations(schemes, 2):
@@ -106,12 +125,12 @@ def cluster_changes(joined: pd.DataFrame, schemes: list[str], z: float,
                 idx = members.index
                 rows.append({"a": a, "b": b, "clusters_of": grouping, "cluster": int(cluster),
                              **group_change(delta[idx], joined.loc[idx, f"loss_{a}"],
-                                            joined.loc[idx, f"loss_{b}"], z, min_count)})
-    return _ranked(pd.DataFrame(rows))
+                                            joined.loc[idx, f"loss_{b}"], min_count)})
+    return _ranked(_flagged(pd.DataFrame(rows), fdr))
 
 
 def bucket_changes(joined: pd.DataFrame, samples: dict[str, pd.DataFrame],
-                   bins: dict[str, pd.DataFrame], schemes: list[str], z: float,
+                   bins: dict[str, pd.DataFrame], schemes: list[str], fdr: float,
                    min_count: int) -> pd.DataFrame:
     """Changes per bucket of each scheme's own bins (its fields: a scheme's class fractions
     exist in it only), over the images both schemes have."""
@@ -133,14 +152,14 @@ def bucket_changes(joined: pd.DataFrame, samples: dict[str, pd.DataFrame],
                     rows.append({"a": a, "b": b, "bins_of": grouping, "binning": binning,
                                  "field": field, "bin": int(b_index), "low": low, "high": high,
                                  **group_change(delta[members], joined.loc[members, f"loss_{a}"],
-                                                joined.loc[members, f"loss_{b}"], z, min_count)})
+                                                joined.loc[members, f"loss_{b}"], min_count)})
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
     # A field both schemes share (brightness, person_fraction...) has the same bins in
     # both: keep one row, the first scheme's.
     same = ["a", "b", "binning", "field", "low", "high", "images", "mean_delta_loss"]
-    return _ranked(frame.drop_duplicates(subset=same, keep="first"))
+    return _ranked(_flagged(frame.drop_duplicates(subset=same, keep="first"), fdr))
 
 
 def _ranked(frame: pd.DataFrame) -> pd.DataFrame:
@@ -171,12 +190,12 @@ def issue_changes(joined: pd.DataFrame, schemes: list[str]) -> pd.DataFrame:
 
 
 def summary(joined: pd.DataFrame, clusters: pd.DataFrame, bucket_rows: pd.DataFrame,
-            issues: pd.DataFrame, schemes: list[str], z: float, min_count: int) -> dict:
+            issues: pd.DataFrame, schemes: list[str], fdr: float, min_count: int) -> dict:
     pairs = []
     for a, b in itertools.combinations(schemes, 2):
         pair = pair_name(a, b)
         change = group_change(joined[f"delta_loss_{pair}"], joined[f"loss_{a}"],
-                              joined[f"loss_{b}"], z, min_count)
+                              joined[f"loss_{b}"], min_count)
         top = lambda frame, a=a, b=b: (frame[(frame["a"] == a) & (frame["b"] == b)]  # noqa: E731
                                        .head(N_TOP).to_dict("records") if len(frame) else [])
         pairs.append({
@@ -187,7 +206,8 @@ def summary(joined: pd.DataFrame, clusters: pd.DataFrame, bucket_rows: pd.DataFr
             "clusters_changing_most": top(clusters), "buckets_changing_most": top(bucket_rows),
             "label_issues_only_in": {s: int((issues["only_in"] == s).sum()) for s in (a, b)},
         })
-    return {"schemes": schemes, "significance": {"z": z, "min_count": min_count},
+    return {"schemes": schemes,
+            "significance": {"fdr": fdr, "min_count": min_count, "test": SIGNIFICANCE_TEST},
             "pairs": pairs}
 
 
@@ -345,10 +365,10 @@ def run(params: dict, analysis: Path, out: Path, metrics: Path | None = None) ->
     joined = joined_samples(samples, flagged, classes)
     if len(schemes) > 1 and joined.empty:
         raise StageError(f"{analysis}: the schemes share no val image; nothing to compare")
-    clusters = cluster_changes(joined, schemes, cfg["z"], cfg["min_count"])
-    bucket_rows = bucket_changes(joined, samples, bins, schemes, cfg["z"], cfg["min_count"])
+    clusters = cluster_changes(joined, schemes, cfg["fdr"], cfg["min_count"])
+    bucket_rows = bucket_changes(joined, samples, bins, schemes, cfg["fdr"], cfg["min_count"])
     issues = issue_changes(joined, schemes)
-    doc = summary(joined, clusters, bucket_rows, issues, schemes, cfg["z"], cfg["min_count"])
+    doc = summary(joined, clusters, bucket_rows, issues, schemes, cfg["fdr"], cfg["min_count"])
     if metrics is not None:
         doc["bootstrap"] = {**cfg["bootstrap"], "method": bootstrap.METHOD}
         for pair in doc["pairs"]:

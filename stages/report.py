@@ -299,8 +299,9 @@ def flag_rule(params: dict, schemes: list[Scheme]) -> str:
     """How the flagged buckets were chosen, in words."""
     buckets = params.get("analyze", {}).get("buckets")
     if buckets and all("flagged" in s.metadata_loss.columns for s in schemes):
-        return (f"at least {buckets['min_count']} samples, mean loss above the scheme's mean "
-                f"by more than {buckets['z']:g} standard errors of the bin")
+        return (f"at least {buckets['min_count']} samples, and losses higher than the other "
+                f"samples' (one-sided Mann-Whitney U) with a Benjamini-Hochberg q-value of at "
+                f"most {buckets['fdr']:g} over every bin tested")
     return "2+ samples, mean loss at least one standard deviation above the scheme's mean"
 
 

@@ -251,3 +251,31 @@ def test_a_per_image_file_of_other_classes_is_refused(val_truth, tmp_path):
                                          r"', 'person', 'car'\] differ from params.yaml \['backg"
                                          r"round', 'person', 'vehicle'\]; re-run evaluate"):
         compare.differences(val_truth["params"], metrics, ["person_car", "person_vehicle"])
+
+
+def joined_frame(rng, n=80):
+    """compare's joined table for two schemes with no real difference: each image's two
+    losses are exchangeable (one noisy draw each around the image's difficulty)."""
+    difficulty = rng.gamma(2.0, 0.5, n)
+    a, b = difficulty + rng.normal(0, 0.2, n), difficulty + rng.normal(0, 0.2, n)
+    return pd.DataFrame({"image_id": range(n), "loss_person_car": a, "loss_person_vehicle": b,
+                         "delta_loss_person_vehicle_vs_person_car": b - a,
+                         "cluster_person_car": rng.integers(0, 6, n),
+                         "cluster_person_vehicle": rng.integers(0, 6, n)})
+
+
+def test_no_change_flags_almost_nothing_and_a_planted_one_is_found():
+    rng = np.random.default_rng(0)
+    schemes = ["person_car", "person_vehicle"]
+    counts = [int(compare.cluster_changes(joined_frame(rng), schemes, 0.1, 3)["significant"]
+                  .sum()) for _ in range(20)]
+    assert np.mean(counts) <= 0.5, counts
+    joined = joined_frame(rng)
+    hit = joined["cluster_person_car"] == 2
+    joined.loc[hit, "loss_person_vehicle"] += 0.5
+    joined["delta_loss_person_vehicle_vs_person_car"] = (joined["loss_person_vehicle"]
+                                                         - joined["loss_person_car"])
+    table = compare.cluster_changes(joined, schemes, 0.1, 3)
+    found = table[table["significant"]]
+    assert list(zip(found["clusters_of"], found["cluster"])) == [("person_car", 2)]
+    assert found["q_value"].iloc[0] <= 0.1 and found["p_value"].iloc[0] < found["q_value"].iloc[0]
