@@ -66,6 +66,28 @@ def benchmark_path(rule_name, per_scheme=True):
     )
 
 
+# The stages the report shows the wall time of, and whether each runs once per scheme.
+UPSTREAM_JOBS = {
+    "download": False,
+    "masks": True,
+    "train": True,
+    "infer": True,
+    "evaluate": True,
+    "analyze": True,
+    "compare": False,
+}
+
+
+# Every upstream job's benchmark file: the report's stage times, a declared input (a rule's
+# benchmark file is one of its products, so Snakemake knows which job writes it).
+def upstream_benchmarks():
+    paths = []
+    for stage, per_scheme in UPSTREAM_JOBS.items():
+        path = benchmark_path(stage, per_scheme)
+        paths += expand(path, scheme=SCHEMES) if per_scheme else [path]
+    return paths
+
+
 # ---------------------------------------------------------------- file times of DVC's outputs
 # Snakemake reruns a job when an input is newer than its oldest output, and `dvc pull`,
 # `dvc checkout` and `dvc repro` write outputs at times that say nothing about the
