@@ -57,8 +57,8 @@ log = logging.getLogger("analyze")
 # Identifiers and bookkeeping columns that are not properties of the image.
 NOT_METADATA = {"image_id", "file_name", "split", "stem"}
 # Columns analyze itself adds, and infer's scores: never metadata either.
-NOT_FIELDS = {"loss", "pixel_accuracy", "confidence", "latency_ms", "x", "y", "cluster",
-              "label_quality", "label_quality_rank"}
+NOT_FIELDS = {"loss", "pixel_accuracy", "confidence", "miou", "latency_ms", "x", "y",
+              "cluster", "label_quality", "label_quality_rank"}
 # masks writes one count_<category> column per COCO category its scheme leaves unclaimed
 # (70+). Binning them all would bury the other fields; only categories seen in enough
 # samples to fill bins are kept, the most frequent first.
