@@ -38,8 +38,8 @@ from stages.report.provenance import (
     git_state,
     params_diff,
     porcelain_paths,
-    provenance,
     read_stage_times,
+    record,
     sha256_file,
 )
 from stages.report.render import (
@@ -110,7 +110,7 @@ def run(params: dict, raw: Path, masks: Path, models: Path, predictions: Path, m
     own = [raw, masks, models, predictions, metrics, analysis, compare, out, *engine_paths,
            *(benchmarks or [])]
     context = build_context(
-        params, schemes, provenance(params, raw, schemes, benchmarks, own),
+        params, schemes, record(params, raw, schemes, benchmarks, own),
         examples(schemes, raw, masks, predictions, cfg["n_examples"], cfg["thumbnail_px"]),
         issues, summary, thumbs, cards, only_in)
     html = render(context)

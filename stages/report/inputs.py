@@ -141,10 +141,15 @@ def _rows(path: Path, ids: pd.Series, samples: pd.DataFrame) -> np.ndarray:
 
 
 def read_neighbours(path: Path, samples: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    return neighbour_matrix(read_table(path, ["image_id", "rank", "neighbour_image_id",
+                                              "cosine_distance"], "analyze"), samples, path)
+
+
+def neighbour_matrix(table: pd.DataFrame, samples: pd.DataFrame,
+                     path: Path) -> tuple[np.ndarray, np.ndarray]:
     """neighbours.csv as an n x k matrix of row indices (and one of distances), rank order:
     the page looks a sample's similars up by row."""
-    table = read_table(path, ["image_id", "rank", "neighbour_image_id", "cosine_distance"],
-                       "analyze").sort_values(["image_id", "rank"], kind="stable")
+    table = table.sort_values(["image_id", "rank"], kind="stable")
     rows, found = _rows(path, table["image_id"], samples), \
         _rows(path, table["neighbour_image_id"], samples)
     slot = table.groupby("image_id").cumcount().to_numpy()
@@ -157,9 +162,12 @@ def read_neighbours(path: Path, samples: pd.DataFrame) -> tuple[np.ndarray, np.n
 
 
 def read_bin_members(path: Path, samples: pd.DataFrame, binning: str) -> dict[str, list[int]]:
+    return member_lists(one_binning(read_table(path, ["image_id", "binning", "field", "bin"],
+                                               "analyze"), binning), samples, path)
+
+
+def member_lists(table: pd.DataFrame, samples: pd.DataFrame, path: Path) -> dict[str, list[int]]:
     """bin_members.csv (one binning) as field -> each sample row's bin, -1 for none."""
-    table = one_binning(read_table(path, ["image_id", "binning", "field", "bin"], "analyze"),
-                        binning)
     members = {}
     for name, part in table.groupby("field", sort=False):
         column = np.full(len(samples), -1, dtype=np.int64)

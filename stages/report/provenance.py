@@ -191,8 +191,8 @@ def data_source(raw: Path) -> dict:
             "images": {split: len(body["images"]) for split, body in manifest["splits"].items()}}
 
 
-def provenance(params: dict, raw: Path, schemes: list[Scheme],
-               benchmarks: list[Path] | None = None, pipeline_paths: list[Path] = ()) -> dict:
+def record(params: dict, raw: Path, schemes: list[Scheme],
+           benchmarks: list[Path] | None = None, pipeline_paths: list[Path] = ()) -> dict:
     # The project is the working folder (both engines run stages from it), not the folder
     # this module sits in: an installed wheel puts it in site-packages, outside any checkout.
     project = Path.cwd()
