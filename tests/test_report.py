@@ -562,6 +562,17 @@ def _card_lines(changes: pd.DataFrame) -> list[tuple[str, int, str]]:
     return lines
 
 
+def _assert_differences_list(html: str, changes: pd.DataFrame, bucket_rows: pd.DataFrame):
+    """The scheme differences show compare's first three cluster and bucket rows (its
+    ranking: biggest change first), worded as written out here."""
+    differences = _visible(html.split('id="differences"')[1].split('id="confusion"')[0])
+    lines = [_change_line(r, "cluster") for r in changes.head(3).itertuples()]
+    lines += [_change_line(r, "bucket") for r in bucket_rows.head(3).itertuples()]
+    assert len(lines) == 6
+    for line in lines:
+        assert line in differences, (line, differences)
+
+
 def _cards(html: str) -> dict[tuple[str, int], str]:
     return {(m.group(1), int(m.group(2))): _visible(m.group(3)) for m in re.finditer(
         r'<article class="ccard[^"]*" data-scheme="([^"]+)" data-cluster="(-?\d+)">(.*?)'
@@ -598,12 +609,7 @@ def test_cluster_cards_and_differences_agree_with_compares_own_functions():
     assert len(lines) == 4 and {m for m, _, _ in lines} == {"a", "b"}
     for mine, cluster, line in lines:
         assert line in shown[(mine, cluster)], (line, shown[(mine, cluster)])
-    differences = _visible(html.split('id="differences"')[1].split('id="confusion"')[0])
-    expected = [_change_line(r, "cluster") for r in changes.head(3).itertuples()]
-    expected += [_change_line(r, "bucket") for r in bucket_rows.head(3).itertuples()]
-    assert len(expected) == 6
-    for line in expected:
-        assert line in differences, (line, differences)
+    _assert_differences_list(html, changes, bucket_rows)
 
 
 def test_cluster_cards_and_scheme_differences_follow_compares_tables(rendered):
@@ -617,13 +623,7 @@ def test_cluster_cards_and_scheme_differences_follow_compares_tables(rendered):
     cards = _cards(html)
     for mine, cluster, line in _card_lines(changes):
         assert line in cards[(mine, cluster)], (line, cards[(mine, cluster)])
-    differences = _visible(html.split('id="differences"')[1].split('id="confusion"')[0])
-    bucket_changes = pd.read_csv(root / "compare" / "buckets.csv")
-    lines = [_change_line(r, "cluster") for r in changes.head(3).itertuples()]
-    lines += [_change_line(r, "bucket") for r in bucket_changes.head(3).itertuples()]
-    assert len(lines) == 6
-    for line in lines:
-        assert line in differences, (line, differences)
+    _assert_differences_list(html, changes, pd.read_csv(root / "compare" / "buckets.csv"))
 
 
 def test_provenance_lists_commit_params_versions_and_data(rendered):

@@ -60,7 +60,7 @@ ISSUE_COLUMNS = ["rank", "image_id", "stem", "label_quality", "loss", "flagged",
                  "main_disagreement", "figure"]
 TRAIN_KEYS = ["device", "precision", "epochs", "wall_s", "torch_version", "model_sha256",
               "train_images", "val_images"]
-TIMING_KEYS = ["images", "device", "batch_size", "latency_ms"]
+TIMING_KEYS = ["images", "device", "batch_size", "latency_ms", "wall_s", "throughput_img_s"]
 LATENCY_KEYS = ["total", "mean", "variance", "median"]
 
 

@@ -149,8 +149,8 @@ def timing_rows(schemes: list[Scheme]) -> list[dict]:
         rows.append({"scheme": s.name, "images": t["images"], "device": t["device"],
                      "batch_size": t["batch_size"], "total": finite(ms["total"]),
                      "mean": finite(ms["mean"]), "variance": finite(ms["variance"]),
-                     "median": finite(ms["median"]), "wall_s": finite(t.get("wall_s")),
-                     "throughput": finite(t.get("throughput_img_s"))})
+                     "median": finite(ms["median"]), "wall_s": finite(t["wall_s"]),
+                     "throughput": finite(t["throughput_img_s"])})
     return rows
 
 
