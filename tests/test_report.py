@@ -799,6 +799,11 @@ def test_json_script_keeps_the_data_and_cannot_close_its_element():
     text = str(report.json_script({"category": PAYLOAD, "n": [1, 0.25, None], "amp": "a & b"}))
     assert "<" not in text and ">" not in text and "&" not in text
     assert json.loads(text) == {"category": PAYLOAD, "n": [1, 0.25, None], "amp": "a & b"}
+    # Jinja's tojson, with the environment's policies: ' escaped too, the data in its order,
+    # non-ASCII kept, and NaN refused (JSON has none)
+    assert str(report.json_script({"z": "it's", "a": "é"})) == '{"z":"it\\u0027s","a":"é"}'
+    with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
+        report.json_script({"n": float("nan")})
 
 
 def test_a_category_that_closes_the_script_stays_data_and_shows_as_text():
