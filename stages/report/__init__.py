@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder of {scheme}.json and {scheme}.confusion.csv")
     parser.add_argument("--analysis", required=True, type=Path, help="folder of analysis/{scheme}")
     parser.add_argument("--compare", type=Path, help="folder written by compare")
-    parser.add_argument("--benchmarks", nargs="+", type=Path,
+    parser.add_argument("--benchmarks", nargs="*", type=Path,
                         help="Snakemake's benchmark files of the upstream jobs "
                              "(<stage>[/<scheme>].tsv): the stage times; DVC has none")
     parser.add_argument("--engine-paths", nargs="*", type=Path, default=[],

@@ -80,7 +80,8 @@ def stage_times(benchmarks: dict[tuple[str, str], pd.DataFrame]) -> list[dict]:
 
 def read_stage_times(paths: list[Path] | None) -> list[dict] | None:
     """Stage times from the Snakemake benchmark files given (declared inputs of the report's
-    rule); None when none are given: DVC keeps no stage times."""
+    rule); None when not given: DVC keeps no stage times. Under Snakemake a job whose outputs
+    DVC made has no file (the rule leaves it out), so the list may be short or empty."""
     if paths is None:
         return None
     tables = {}

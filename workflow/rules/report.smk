@@ -10,7 +10,7 @@ rule report:
         curves=expand("metrics/train/{scheme}", scheme=SCHEMES),
         analysis=expand("analysis/{scheme}", scheme=SCHEMES),
         compare="compare",
-        benchmarks=upstream_benchmarks(),
+        benchmarks=upstream_benchmarks,
         code=stage_code("report"),
     output:
         "reports/index.html",
