@@ -85,7 +85,9 @@ def test_run_selects_its_declared_params_before_anything_else(stage):
     """run()'s first statement narrows params to PARAMS, so its body (and everything it
     passes params to) can read nothing else: the stage tests, which run every stage on the
     sample with the full params, would fail with a KeyError on an undeclared read."""
-    path = ROOT / "stages" / f"{stage}.py"
+    path = ROOT / "stages" / stage / "__init__.py"   # a stage package (report)
+    if not path.is_file():
+        path = ROOT / "stages" / f"{stage}.py"
     [run] = [n for n in ast.parse(path.read_text()).body
              if isinstance(n, ast.FunctionDef) and n.name == "run"]
     first = ast.unparse(run.body[0])

@@ -1,4 +1,6 @@
 # Helpers shared by the rules; no rules here.
+import os
+
 from snakemake.exceptions import WorkflowError
 from snakemake.io import apply_wildcards
 
@@ -64,6 +66,35 @@ def benchmark_path(rule_name, per_scheme=True):
         if per_scheme
         else f"logs/benchmark/{rule_name}.tsv"
     )
+
+
+# The stages the report shows the wall time of, and whether each runs once per scheme.
+UPSTREAM_JOBS = {
+    "download": False,
+    "masks": True,
+    "train": True,
+    "infer": True,
+    "evaluate": True,
+    "analyze": True,
+    "compare": False,
+}
+
+
+# The upstream jobs' benchmark files: the report's stage times, declared inputs (a rule's
+# benchmark file is one of its products, so Snakemake knows which job writes it). A job whose
+# outputs exist without a benchmark file ran under DVC, which records no times: demanding
+# its file would make Snakemake rerun that job only to time it, so it is left out.
+def upstream_benchmarks(wildcards):
+    paths = []
+    for stage, per_scheme in UPSTREAM_JOBS.items():
+        outputs = getattr(rules, stage).output
+        for scheme in SCHEMES if per_scheme else [None]:
+            values = {"scheme": scheme} if per_scheme else {}
+            path = benchmark_path(stage, per_scheme).format(**values)
+            made = all(os.path.exists(o.format(**values)) for o in outputs)
+            if os.path.exists(path) or not made:
+                paths.append(path)
+    return paths
 
 
 # ---------------------------------------------------------------- file times of DVC's outputs

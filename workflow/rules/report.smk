@@ -10,6 +10,7 @@ rule report:
         curves=expand("metrics/train/{scheme}", scheme=SCHEMES),
         analysis=expand("analysis/{scheme}", scheme=SCHEMES),
         compare="compare",
+        benchmarks=upstream_benchmarks,
         code=stage_code("report"),
     output:
         "reports/index.html",
@@ -28,4 +29,5 @@ rule report:
     shell:
         "python -m stages.report --params params.yaml --raw data/raw --masks data/masks "
         "--models models --predictions predictions --metrics metrics --analysis analysis "
-        "--compare compare --logs logs --dvc-lock dvc.lock --out {output} > {log} 2>&1"
+        "--compare compare --benchmarks {input.benchmarks} --engine-paths dvc.lock logs "
+        "--out {output} > {log} 2>&1"
