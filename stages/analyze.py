@@ -280,7 +280,7 @@ def bucket_assignments(samples: pd.DataFrame,
     binning: the one place the bins are made, so that the counts of metadata_loss.csv and
     the members of bin_members.csv cannot disagree."""
     return [(binning, field, *buckets.bucket_table(samples, field, cfg["n_bins"], binning,
-                                                   cfg["z"], cfg["min_count"]))
+                                                   cfg["min_count"]))
             for binning in cfg["binning"] for field in metadata_fields(samples)]
 
 
@@ -297,24 +297,27 @@ def bin_members(samples: pd.DataFrame,
 
 def metadata_buckets(samples: pd.DataFrame, cfg: dict,
                      assigned: list | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """All bins of every field under every binning, and the samples of flagged bins
-    (`assigned`: bucket_assignments(samples, cfg) when already made)."""
-    tables, flagged = [], []
+    """All bins of every field under every binning, flagged by their q-value over all of
+    them (buckets.flag_by_fdr), and the samples of flagged bins (`assigned`:
+    bucket_assignments(samples, cfg) when already made)."""
     if assigned is None:
         assigned = bucket_assignments(samples, cfg)
-    for binning, field, table, index in assigned:
-        tables.append(table)
-        for row in table[table["flagged"]].itertuples():
-            members = samples[index == row.bin].sort_values("loss", ascending=False,
-                                                            kind="stable")
-            flagged.append(pd.DataFrame({
-                "binning": binning, "field": field, "bin": row.bin, "low": row.low,
-                "high": row.high, "rank": np.arange(1, len(members) + 1),
-                "image_id": members["image_id"].to_numpy(),
-                "file_name": members.get("file_name", pd.Series("", members.index)).to_numpy(),
-                "loss": members["loss"].to_numpy()}))
     columns = ["binning", "field", "bin", "low", "high", "rank", "image_id", "file_name", "loss"]
-    bins = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+    if not assigned:
+        return pd.DataFrame(), pd.DataFrame(columns=columns)
+    bins = pd.concat([table for *_, table, _ in assigned], ignore_index=True)
+    bins["q_value"], bins["flagged"] = buckets.flag_by_fdr(bins["p_value"], cfg["fdr"])
+    members_of = {(binning, field): index for binning, field, _, index in assigned}
+    flagged = []
+    for row in bins[bins["flagged"]].itertuples():
+        index = members_of[(row.binning, row.field)]
+        members = samples[index == row.bin].sort_values("loss", ascending=False, kind="stable")
+        flagged.append(pd.DataFrame({
+            "binning": row.binning, "field": row.field, "bin": row.bin, "low": row.low,
+            "high": row.high, "rank": np.arange(1, len(members) + 1),
+            "image_id": members["image_id"].to_numpy(),
+            "file_name": members.get("file_name", pd.Series("", members.index)).to_numpy(),
+            "loss": members["loss"].to_numpy()}))
     listed = pd.concat(flagged, ignore_index=True) if flagged else pd.DataFrame(columns=columns)
     return bins, listed
 

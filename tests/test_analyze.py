@@ -190,24 +190,70 @@ def test_bin_edges_and_assignment():
 
 
 def test_a_bucket_whose_loss_stands_out_is_flagged():
-    # 20 samples: field in [0, 1); the 4 with field >= 0.8 have loss ~3, the rest ~1
+    # 20 samples: field in [0, 1); the 4 with field >= 0.8 have loss ~3, the rest ~1 (no
+    # two losses equal: the rank test is then exact)
     field = np.arange(20) / 20
-    loss = np.where(field >= 0.8, 3.0, 1.0) + np.tile([-0.1, 0.1], 10)
+    loss = np.where(field >= 0.8, 3.0, 1.0) + np.tile([-0.1, 0.1], 10) + np.arange(20) / 1000
     samples = pd.DataFrame({"image_id": range(20), "car_fraction": field, "loss": loss,
                             "iou_car": 1 - field})
-    table, index = buckets.bucket_table(samples, "car_fraction", 5, "equal_width", z=2.0,
-                                        min_count=3)
-    assert table["flagged"].tolist() == [False, False, False, False, True]
+    table, index = buckets.bucket_table(samples, "car_fraction", 5, "equal_width", min_count=3)
+    q, flagged = buckets.flag_by_fdr(table["p_value"], 0.1)
+    assert flagged.tolist() == [False, False, False, False, True]
     last = table.iloc[-1]
-    assert last["count"] == 4 and last["mean_loss"] == pytest.approx(3.0)
+    assert last["count"] == 4 and last["mean_loss"] == pytest.approx(3.0, abs=0.02)
+    # by hand: its 4 losses are the 4 highest of 20, the one most extreme of C(20, 4)
+    # equally likely rankings under no effect (exact Mann-Whitney U)
+    assert last["p_value"] == pytest.approx(1 / 4845, rel=1e-9)
     expected_se = np.std(loss[16:], ddof=1) / 2
     assert last["se_loss"] == pytest.approx(expected_se)
-    assert last["excess_se"] == pytest.approx((3.0 - loss.mean()) / expected_se)
+    assert last["excess_se"] == pytest.approx((loss[16:].mean() - loss.mean()) / expected_se)
     assert last["mean_iou_car"] == pytest.approx(1 - field[16:].mean())
-    # with min_count above its size, the same bucket is not flagged
-    table, _ = buckets.bucket_table(samples, "car_fraction", 5, "equal_width", 2.0, 5)
-    assert not table["flagged"].any()
+    # with min_count above its size, the same bucket is not tested, so not flagged
+    table, _ = buckets.bucket_table(samples, "car_fraction", 5, "equal_width", 5)
+    assert table["p_value"].isna().all()
+    assert not buckets.flag_by_fdr(table["p_value"], 0.1)[1].any()
     assert (index == 4).sum() == 4
+
+
+def test_flags_are_benjamini_hochberg_over_the_whole_table():
+    p = pd.Series([0.01, 0.02, 0.03, 0.5, np.nan])
+    q, flagged = buckets.flag_by_fdr(p, 0.05)
+    # by hand: q_(i) = min over j >= i of p_(j) * m / j, m = 4 tested
+    np.testing.assert_allclose(q[:4], [0.04, 0.04, 0.04, 0.5])
+    assert np.isnan(q[4]) and flagged.tolist() == [True, True, True, False, False]
+    # the same three p-values alone among 40 tests no longer pass
+    many = pd.concat([p[:4], pd.Series(np.full(36, 0.6))], ignore_index=True)
+    assert not buckets.flag_by_fdr(many, 0.05)[1].any()
+
+
+@pytest.fixture(scope="module")
+def analysis_inputs(val_truth) -> pd.DataFrame:
+    """The sample's 80 val images with their real metadata (masks, person_car) and losses
+    drawn from a skewed distribution (the tests shuffle them anyway)."""
+    metadata = pd.read_csv(val_truth["root"] / "masks" / "person_car" / "metadata.csv")
+    val = metadata[metadata["split"] == "val"].reset_index(drop=True).copy()
+    return val.assign(loss=np.random.default_rng(1).gamma(2.0, 0.5, len(val)))
+
+
+def test_shuffled_losses_flag_almost_nothing_and_a_planted_bucket_is_found(analysis_inputs):
+    """No effect: the sample's real metadata with its losses shuffled across images, 20
+    times; at most 0.5 flagged buckets on average (issue 16). Planted: the same, with the
+    losses of the 20% brightest images raised by one standard deviation."""
+    samples = analysis_inputs
+    cfg = {"binning": ["equal_width", "equal_count"], "n_bins": 5, "fdr": 0.1, "min_count": 3}
+    rng = np.random.default_rng(0)
+    counts = []
+    for _ in range(20):
+        shuffled = samples.assign(loss=rng.permutation(samples["loss"].to_numpy()))
+        counts.append(int(analyze.metadata_buckets(shuffled, cfg)[0]["flagged"].sum()))
+    assert np.mean(counts) <= 0.5, counts
+    shuffled = samples.assign(loss=rng.permutation(samples["loss"].to_numpy()))
+    top = shuffled["brightness"] >= shuffled["brightness"].quantile(0.8)
+    raised = shuffled["loss"] + top * shuffled["loss"].std()
+    bins = analyze.metadata_buckets(shuffled.assign(loss=raised), cfg)[0]
+    hits = bins[bins["flagged"]]
+    assert ("brightness", "equal_count", 4) in set(zip(hits["field"], hits["binning"],
+                                                       hits["bin"])), hits
 
 
 def test_flagged_bucket_samples_are_listed_worst_first():
@@ -215,7 +261,7 @@ def test_flagged_bucket_samples_are_listed_worst_first():
     loss = np.where(field >= 0.8, 3.0, 1.0) + np.arange(20) / 100
     samples = pd.DataFrame({"image_id": range(20), "car_fraction": field, "loss": loss,
                             "file_name": [f"{i}.jpg" for i in range(20)]})
-    cfg = {"binning": ["equal_width"], "n_bins": 5, "z": 2.0, "min_count": 3}
+    cfg = {"binning": ["equal_width"], "n_bins": 5, "fdr": 0.1, "min_count": 3}
     bins, listed = analyze.metadata_buckets(samples, cfg)
     assert bins["flagged"].sum() == 1
     assert listed["image_id"].tolist() == [19, 18, 17, 16]

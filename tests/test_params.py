@@ -36,7 +36,8 @@ def test_default_params_yaml_is_valid(default_params):
 
 def test_schema_requires_every_section():
     assert set(load_schema()["required"]) == {"data", "schemes", "masks", "model", "train",
-                                              "infer", "analyze", "compare", "report"}
+                                              "infer", "evaluate", "analyze", "compare",
+                                              "report"}
 
 
 @pytest.mark.parametrize("path, key", [
@@ -325,9 +326,11 @@ def test_a_float_is_not_an_integer(params, section, key, value):
     ("  weight_decay: 0.0001\n", "  weight_decay: .inf\n", "train.weight_decay", "inf"),
     ("  backoff_s: 0.5 ", "  backoff_s: .nan ", "data.backoff_s", "nan"),
     ("  timeout_s: 60 ", "  timeout_s: .inf ", "data.timeout_s", "inf"),
-    ("  z: 2.0\n\nreport:", "  z: .inf\n\nreport:", "compare.z", "inf"),
+    ("  fdr: 0.1\n  # The uncertainty", "  fdr: .inf\n  # The uncertainty", "compare.fdr",
+     "inf"),
     # refused before too, as below 0
-    ("  z: 2.0\n\nreport:", "  z: -.inf\n\nreport:", "compare.z", "-inf"),
+    ("  fdr: 0.1\n  # The uncertainty", "  fdr: -.inf\n  # The uncertainty", "compare.fdr",
+     "-inf"),
 ])
 def test_numbers_are_finite(tmp_path, old, new, key, shown):
     path = _params_file(tmp_path, old, new)
@@ -391,9 +394,10 @@ def test_integers_have_sensible_maxima(params, path, value, maximum):
      "      car: {categories: [bus]}"),
     ("  n_examples: 6 ", "  n_examples: 6\n  n_examples: 7 ", "report.n_examples",
      "  n_examples: 6\n", "  n_examples: 7"),
-    ("\ncompare:\n", "\ncompare: {min_count: 3, z: 2.0}\ncompare:\n", "compare",
+    ("\ncompare:\n", "\ncompare: {min_count: 3, fdr: 0.1}\ncompare:\n", "compare",
      "\ncompare: {", "\ncompare:\n"),
-    ("  buckets:\n", "  buckets:\n    z: 1.0\n", "analyze.buckets.z", "    z: 1.0", "    z: 2.0"),
+    ("  buckets:\n", "  buckets:\n    fdr: 0.2\n", "analyze.buckets.fdr", "    fdr: 0.2",
+     "    fdr: 0.1"),
 ])
 def test_duplicate_key_is_refused_with_both_line_numbers(tmp_path, old, new, key, first, second):
     path = _params_file(tmp_path, old, new)

@@ -267,7 +267,8 @@ def test_metrics_json(chain, val_images):
     assert "NaN" not in text and "Infinity" not in text
     assert list(doc) == ["miou", "pixel_accuracy", "pixel_accuracy_with_ignore",
                          "mean_class_accuracy", "fw_iou", "iou", "dice", "class_accuracy",
-                         "precision", "recall", "images", "pixels_evaluated", "pixels_ignored"]
+                         "precision", "recall", "images", "pixels_evaluated", "pixels_ignored",
+                         "interval"]
     for key in ("iou", "dice", "class_accuracy", "precision", "recall"):
         assert list(doc[key]) == CLASSES
         assert all(v is None or 0 <= v <= 1 for v in doc[key].values())

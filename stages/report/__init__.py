@@ -84,7 +84,8 @@ log = logging.getLogger("report")
 # The params this stage reads: run() sees only these (stages.lib.params.select), and dvc.yaml's
 # and the rule's `params:` list the same keys. Every section: the provenance section prints the
 # whole params file and its diff against HEAD, so every value is read.
-PARAMS = ("data", "schemes", "masks", "model", "train", "infer", "analyze", "compare", "report")
+PARAMS = ("data", "schemes", "masks", "model", "train", "infer", "evaluate", "analyze", "compare",
+          "report")
 
 
 def run(params: dict, raw: Path, masks: Path, models: Path, predictions: Path, metrics: Path,

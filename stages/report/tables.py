@@ -209,8 +209,9 @@ def flagged_bins(scheme: Scheme, fields: list[str]) -> list[dict]:
 def flag_rule(params: dict) -> str:
     """How analyze chose the flagged buckets, in words."""
     buckets = params["analyze"]["buckets"]
-    return (f"at least {buckets['min_count']} samples, mean loss above the scheme's mean "
-            f"by more than {buckets['z']:g} standard errors of the bin")
+    return (f"at least {buckets['min_count']} samples, and losses higher than the other "
+            f"samples' (one-sided Mann-Whitney U) with a Benjamini-Hochberg q-value of at most "
+            f"{buckets['fdr']:g} over every bin tested")
 
 
 def charted_fields(schemes: list[Scheme], k: int = N_METADATA_FIELDS) -> list[str]:
