@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import collections
 import itertools
 import logging
 import statistics
@@ -24,13 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from stages.lib.cli import run_main, stage_parser
+from stages.lib.cli import StageError, run_main, stage_parser
 from stages.lib.data import InferenceDataset, collate_inference, list_samples
 from stages.lib.io import atomic_dir, atomic_path, write_csv, write_json
 from stages.lib.labels import IGNORE_INDEX, save_labels
 from stages.lib.metrics import confusion_matrix, per_class_iou
 from stages.lib.model import load_trained, pooled_latent, resolve_device
 from stages.lib.names import check_plain_name, inside
+from stages.lib.parallel import ordered_map
 from stages.lib.params import load_params, select
 
 log = logging.getLogger("infer")
@@ -255,14 +255,10 @@ def overlapped(work: Callable[[Prediction], dict], items: Iterable[Prediction],
     """work(item) for each item on background threads, results in order. Scoring and PNG
     encoding (numpy, zlib, torch ops: all release the GIL) then run while the next batch is
     decoded and predicted; at most `in_flight` full-size maps wait at any time."""
-    pending: collections.deque = collections.deque()
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="infer-writer") as writer:
-        for item in items:
-            pending.append(writer.submit(work, item))
-            while len(pending) > in_flight:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+        # in_flight wait besides the one handed over: ordered_map counts that one too
+        yield from ordered_map(work, items, writer, in_flight + 1,
+                               named_errors=(StageError,))
 
 
 def _sync(device: torch.device) -> None:

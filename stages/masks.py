@@ -46,6 +46,7 @@ from stages.lib.coco import (SPLITS, AnnotationError, ArrayUntilEnd, SchemeMap, 
 from stages.lib.io import atomic_dir
 from stages.lib.labels import IGNORE_INDEX, save_labels
 from stages.lib.names import FileNames, inside, plain_name_problem, safe_filename
+from stages.lib.parallel import ordered_map
 from stages.lib.params import load_params, scheme_class_names, select
 
 log = logging.getLogger("masks")
@@ -472,19 +473,9 @@ def map_ordered(jobs: dict[str, SplitJob], tasks: Iterable[Task],
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
                              initargs=(jobs,)) as pool:
-        pending: collections.deque = collections.deque()
-        try:
-            for task in tasks:
-                pending.append(pool.submit(_process_task, task))
-                if len(pending) >= 4 * workers:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            # On an error, drop what has not started; leaving the `with` waits for the rest,
-            # so no worker writes into the temporary folder after it is removed.
-            for future in pending:
-                future.cancel()
+        # A StageError already names its image's file: it surfaces as the one line it is.
+        yield from ordered_map(_process_task, tasks, pool, 4 * workers,
+                               named_errors=(StageError,))
 
 
 def worker_count(requested: int) -> int:
