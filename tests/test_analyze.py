@@ -333,7 +333,7 @@ def test_grad_cam_closed_form_for_a_linear_head():
 
 
 def test_layer_modules_output_the_latent_layers():
-    from stages.lib.model import SegNet, pooled_latent
+    from stages.lib.model import LATENT_LAYERS, SegNet, pooled_latent
 
     model = SegNet(3).eval()
     image = torch.randn(1, 3, 64, 64)
@@ -341,7 +341,8 @@ def test_layer_modules_output_the_latent_layers():
         _, features = model.forward_with_latents(image)
     pooled = pooled_latent(features)[0]
     start = 0
-    for name, feature in zip(explain.LAYERS, features):
+    assert len(LATENT_LAYERS) == len(features)
+    for name, feature in zip(LATENT_LAYERS, features):
         _, act = explain.forward_capturing(model, explain.layer_module(model, name), image)
         torch.testing.assert_close(act, feature)
         width = feature.shape[1]

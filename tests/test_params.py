@@ -609,3 +609,11 @@ def test_names_that_differ_only_in_case_are_refused(params, where):
         match = r"schemes.person_car.classes: 'car' and 'Car' differ only in case"
     with pytest.raises(ParamsError, match=match):
         validate_params(params)
+
+
+def test_schema_lists_exactly_the_models_latent_layers():
+    # JSON Schema cannot import the constant: this keeps the two in step
+    from stages.lib.model import LATENT_LAYERS
+
+    layer = load_schema()["properties"]["analyze"]["$defs"]["layer"]
+    assert layer == {"enum": list(LATENT_LAYERS)}
