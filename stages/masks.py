@@ -36,13 +36,13 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
-from PIL import Image
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from stages.lib.cli import StageError, run_main, stage_parser
 from stages.lib.coco import (SPLITS, AnnotationError, ArrayUntilEnd, SchemeMap, StreamError,
                               array_items, read_instances, resolve_scheme, stream_instances)
+from stages.lib.images import decode
 from stages.lib.io import atomic_dir
 from stages.lib.labels import IGNORE_INDEX, save_labels
 from stages.lib.names import FileNames, inside, plain_name_problem, safe_filename
@@ -414,20 +414,11 @@ class SplitJob:
 
 def read_pixels(path: Path, ann_file: Path, scale: int = 1) -> tuple[np.ndarray, tuple[int, int]]:
     """uint8 HxW (grayscale) or HxWx3, CMYK and palette made RGB, and the stored (height,
-    width). A JPEG is decoded at 1/scale of its stored size (Pillow's draft: the DCT
-    scaling of libjpeg, about a block average; the whole stream is still decoded, so a
-    damaged file fails as in full); other formats, and scale 1, at full size."""
+    width). A JPEG is decoded at 1/scale of its stored size (stages.lib.images.decode);
+    other formats, and scale 1, at full size."""
     if not path.is_file():
         raise StageError(f"{path}: missing (listed in {ann_file})")
-    try:
-        with Image.open(path) as handle:
-            stored = (handle.height, handle.width)
-            if scale > 1:
-                handle.draft(None, (max(1, handle.width // scale), max(1, handle.height // scale)))
-            mode = "L" if handle.mode in ("L", "I;16") else "RGB"
-            return np.asarray(handle if handle.mode == mode else handle.convert(mode)), stored
-    except (OSError, ValueError) as exc:
-        raise StageError(f"{path}: cannot read image: {exc}") from None
+    return decode(path, scale=scale, keep_grey=True, failure="cannot read image")
 
 
 def process_image(job: SplitJob, image: dict, anns: list[dict]) -> dict:
