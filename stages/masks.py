@@ -47,11 +47,10 @@ from stages.lib.io import atomic_dir
 from stages.lib.labels import IGNORE_INDEX, save_labels
 from stages.lib.names import FileNames, inside, plain_name_problem, safe_filename
 from stages.lib.parallel import ordered_map
-from stages.lib.params import load_params, scheme_class_names, select
+from stages.lib.params import check_scheme_rules, load_params, scheme_class_names, select
 
 log = logging.getLogger("masks")
 
-CROWD_RULES = ("ignore", "class", "background")
 # Why an annotation drew less than it claims: malformed parts dropped (polygons of fewer
 # than 3 points or an odd number of coordinates, RLEs of another size), no segmentation
 # at all, or a well-formed one that covers no pixel.
@@ -73,19 +72,19 @@ ANNOTATION_KEYS = ("category_id", "iscrowd", "segmentation", "area")
 class LabelRules:
     """What crowd regions and overlaps of claimed categories become."""
 
-    crowd: str = "ignore"                    # one of CROWD_RULES
+    crowd: str = "ignore"                    # one of params.CROWD_RULES
     priority: tuple[int, ...] | None = None  # class indices, first wins; None: overlap -> 255
 
 
 def label_rules(scheme_params: dict, scheme: SchemeMap) -> LabelRules:
+    """Raises SchemeRuleError (a ValueError) for a crowd or overlap rule params validation
+    would refuse (stages.lib.params.check_scheme_rules, with the scheme's resolved classes)."""
     crowd = scheme_params.get("crowd", "ignore")
-    if crowd not in CROWD_RULES:
-        raise ValueError(f"schemes.{scheme.name}.crowd: {crowd!r} is not one of {CROWD_RULES}")
     overlap = scheme_params.get("overlap", "ignore")
+    check_scheme_rules(scheme.name, {"classes": dict.fromkeys(scheme.class_names[1:], {}),
+                                     "crowd": crowd, "overlap": overlap})
     if overlap == "ignore":
         return LabelRules(crowd, None)
-    if sorted(overlap) != sorted(scheme.class_names[1:]):
-        raise ValueError(f"schemes.{scheme.name}.overlap: {overlap} must name every class once")
     return LabelRules(crowd, tuple(scheme.class_names.index(name) for name in overlap))
 
 
