@@ -453,12 +453,6 @@ def test_analyze_params_are_checked(params, path, value, message):
     assert message in str(info.value)
 
 
-def test_k_range_upside_down_is_a_stage_error(params, tmp_path):
-    params["analyze"]["clustering"].update(k_min=5, k_max=3)
-    with pytest.raises(analyze.StageError, match="k_min 5 is above k_max 3"):
-        analyze.run(params, tmp_path, tmp_path, tmp_path, tmp_path, tmp_path / "out")
-
-
 # ---------------------------------------------------------------- benchmark smoke run
 
 def test_benchmark_runs_at_a_tiny_scale():

@@ -688,3 +688,21 @@ def test_every_caller_of_the_scheme_rules_gives_the_same_words(params):
     with pytest.raises(ValueError) as labelling:
         masks.label_rules({"overlap": ["car"]}, scheme)
     assert str(resolving.value) == str(labelling.value) == expected
+
+
+def test_k_range_upside_down_stops_analyze_before_it_reads_anything(params, tmp_path, caplog):
+    # moved from test_analyze.py: analyze.run no longer checks it, params validation does
+    from stages import analyze
+
+    params["analyze"]["clustering"].update(k_min=5, k_max=3)
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    missing = tmp_path / "missing"
+    code = analyze.main(["--params", str(params_file), "--predictions", str(missing),
+                         "--masks", str(missing), "--model", str(missing), "--raw", str(missing),
+                         "--out", str(tmp_path / "out")])
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert code == 2 and len(errors) == 1
+    assert "k_min 5 is above k_max 3" in errors[0]   # the moved test's own assertion
+    assert errors[0] == f"{params_file}: analyze.clustering: k_min 5 is above k_max 3"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
