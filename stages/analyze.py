@@ -570,9 +570,6 @@ def run(params: dict, predictions: Path, masks: Path, model_dir: Path, raw: Path
     params = select(params, PARAMS)
     cfg = params["analyze"]
     seed = cfg["seed"]
-    if cfg["clustering"]["k_min"] > cfg["clustering"]["k_max"]:
-        raise StageError(f"analyze.clustering: k_min {cfg['clustering']['k_min']} is above "
-                         f"k_max {cfg['clustering']['k_max']}")
     samples, latents, layout = read_inputs(predictions, masks)
     for layer in (cfg["heatmaps"]["layer"], cfg["heatmaps"]["gradcam_layer"]):
         if layer not in layout:

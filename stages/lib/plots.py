@@ -61,9 +61,13 @@ def confusion_figure(cm: np.ndarray, class_names: list[str], title: str) -> byte
     return png_bytes(fig)
 
 
-def fit_width(image: Image.Image, width: int, nearest: bool = False) -> Image.Image:
-    """Scale down (never up) to at most `width` pixels wide, keeping the aspect."""
-    if image.width <= width:
+def fit_width(image: Image.Image, width: int, nearest: bool = False,
+              enlarge: bool = False) -> Image.Image:
+    """The one "resize to a width keeping the aspect" of the figures and pages: scaled down
+    to at most `width` pixels wide (and, with `enlarge`, a narrower image up to exactly
+    `width`), the height rounded, at least 1. Label maps take `nearest` so that classes
+    never blend; photographs Lanczos."""
+    if image.width == width or (image.width < width and not enlarge):
         return image
     height = max(1, round(image.height * width / image.width))
     method = Image.Resampling.NEAREST if nearest else Image.Resampling.LANCZOS
