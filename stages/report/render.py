@@ -86,13 +86,6 @@ def legend_swatches(class_names: list[str]) -> list[dict]:
     return swatches
 
 
-def thumbnail(image: Image.Image, width: int, nearest: bool) -> Image.Image:
-    """Scale to `width` keeping the aspect; label maps use nearest so classes never blend."""
-    height = max(1, round(image.height * width / image.width))
-    method = Image.Resampling.NEAREST if nearest else Image.Resampling.LANCZOS
-    return image.resize((width, height), method)
-
-
 def encode(image: Image.Image, fmt: str) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **({"quality": 85} if fmt == "JPEG" else {}))
@@ -230,7 +223,7 @@ def sample_thumbnails(raw: Path, schemes: list[Scheme], stems: list[str],
 def photo_thumbnail(path: Path, width: int) -> str:
     try:
         with Image.open(path) as image:
-            return encode(thumbnail(image.convert("RGB"), width, nearest=False), "JPEG")
+            return encode(fit_width(image.convert("RGB"), width, enlarge=True), "JPEG")
     except FileNotFoundError:
         raise StageError(f"{path}: missing") from None
     except OSError as exc:
@@ -256,7 +249,8 @@ def label_thumbnail(path: Path, width: int) -> str:
         raise StageError(f"{path}: missing") from None
     except (OSError, ValueError) as exc:
         raise StageError(f"{path}: not a label map ({exc})") from None
-    return encode(thumbnail(Image.fromarray(colourise(labels)), width, nearest=True), "PNG")
+    return encode(fit_width(Image.fromarray(colourise(labels)), width, nearest=True,
+                            enlarge=True), "PNG")
 
 
 def issue_gallery(folder: Path, scheme: Scheme, flagged_in: dict[str, list[str]],
