@@ -40,6 +40,7 @@ from stages.lib.model import (IMAGENET_MEAN, IMAGENET_STD, build_model, checkpoi
                               load_failure, load_weights_file, resolve_device,
                               state_dict_mismatch)
 from stages.lib.params import load_params, scheme_class_names, select
+from stages.lib.plots import curves_figure, png_bytes, write_png
 
 log = logging.getLogger("train")
 
@@ -474,6 +475,8 @@ def _run_seeded(params, scheme, raw, masks, out, device, checkpoints, live, rank
         write_json(tmp / "train.json", train_record(
             tmp / "model.pt", device, len(history), wall_s, len(train_loader.dataset),
             len(val_loader.dataset)))
+        write_png(tmp / "curves.png",
+                  png_bytes(curves_figure(history, f"{scheme}: training curves")))
     if checkpoint:
         for done in (checkpoint, previous_checkpoint(checkpoint)):
             done.unlink(missing_ok=True)  # finished: a rerun must train, not resume

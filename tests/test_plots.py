@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from stages.lib import plots
 from stages.lib.plots import fit_width
 
 
@@ -45,3 +46,18 @@ def test_nearest_keeps_label_values_and_lanczos_blends():
     # the same call as Pillow's resize with the method named
     expected = labels.resize((32, 4), Image.Resampling.NEAREST)
     assert np.array_equal(np.asarray(fit_width(labels, 32, nearest=True)), np.asarray(expected))
+
+
+def test_training_curves_draw_the_history_as_recorded():
+    history = [{"epoch": 1, "train_loss": 1.5, "val_loss": 1.7, "val_miou": 0.1},
+               {"epoch": 2, "train_loss": 1.2, "val_loss": 1.6, "val_miou": None},
+               {"epoch": 3, "train_loss": 0.9, "val_loss": 1.4, "val_miou": 0.3}]
+    fig = plots.curves_figure(history, "person_car: training curves")
+    loss_ax, miou_ax = fig.axes
+    train, val = loss_ax.lines
+    assert list(train.get_xdata()) == [1, 2, 3] and list(train.get_ydata()) == [1.5, 1.2, 0.9]
+    assert list(val.get_ydata()) == [1.7, 1.6, 1.4]
+    [miou] = miou_ax.lines
+    np.testing.assert_array_equal(miou.get_ydata(), [0.1, np.nan, 0.3])  # no class: a gap
+    assert fig._suptitle.get_text() == "person_car: training curves"
+    assert plots.png_bytes(fig).startswith(b"\x89PNG\r\n\x1a\n")

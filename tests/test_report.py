@@ -26,6 +26,7 @@ from stages import report
 from stages.lib import buckets
 from stages.report import inputs as report_inputs
 from stages.lib.cli import StageError
+from stages.lib.plots import curves_figure, png_bytes
 from unwritable import blocked_folder, can_mount_read_only, read_only_command
 
 EVIL = "<script>alert(1)</script>"
@@ -47,7 +48,7 @@ for s in params["schemes"]:
     train.run(params, s, raw, m, model, live=root / "metrics" / "train" / s)
     infer.run(params, model, raw, m, pred)
     evaluate.run(params, s, pred / "val", m / "val", root / "metrics" / f"{s}.json",
-                 root / "metrics" / f"{s}.confusion.csv")
+                 root / "metrics" / f"{s}.confusion.csv", root / "metrics" / f"{s}.confusion.png")
     analyze.run(params, pred, m, model, raw, root / "analysis" / s)
 compare.run(params, root / "analysis", root / "compare")
 """
@@ -181,6 +182,11 @@ def rows_by_label(table: list[list[str]]) -> dict[str, list[str]]:
 
 # ---------------------------------------------------------------- pure core, synthetic
 
+# A figure as train draws its curves (stages.lib.plots.curves_figure), for the synthetic
+# schemes' confusion and curves images.
+FIGURE = png_bytes(curves_figure(
+    [{"epoch": 1, "train_loss": 1.0, "val_loss": 1.1, "val_miou": 0.2},
+     {"epoch": 2, "train_loss": 0.8, "val_loss": 1.0, "val_miou": None}], "synthetic"))
 TRAIN_JSON = {"device": "cpu", "precision": "float32", "epochs": 2, "wall_s": 3.5,
               "torch_version": "2.0.0", "model_sha256": "ab" * 32, "train_images": 8,
               "val_images": 8}
@@ -264,7 +270,6 @@ def synthetic_scheme(name: str, classes: list[str], ious: list[float | None], se
     bins = metadata_loss_frame(samples, {
         f: [(b / 2, (b + 1) / 2, 4, 0.5 + b * (0.3 if f == "brightness" else 0.1))
             for b in range(2)] for f in ("brightness", "is_grayscale", "width")}, names)
-    curve = pd.DataFrame({"epoch": [1, 2], "value": [1.0, 0.8]})
     neighbours, distances = neighbours_of(samples)
     return report.Scheme(
         name=name, class_names=names,
@@ -273,7 +278,7 @@ def synthetic_scheme(name: str, classes: list[str], ious: list[float | None], se
                  "mean_class_accuracy": 0.5, "fw_iou": 0.6, "images": n,
                  "iou": dict(zip(names, ious))},
         confusion=rng.integers(0, 1000, (len(names), len(names))),
-        curves={"train_loss": curve, "val_loss": curve, "val_miou": curve},
+        confusion_png=FIGURE, curves_png=FIGURE,
         timing={"images": n, "device": "cpu", "batch_size": 4, "wall_s": 1.0,
                 "throughput_img_s": 8.0,
                 "latency_ms": {"total": 800.0, "mean": 100.0, "variance": 4.0, "median": 99.0}},

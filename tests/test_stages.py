@@ -121,7 +121,8 @@ def test_masks_output(chain, val_images):
 
 
 def test_model_loads_with_weights_only(chain):
-    assert sorted(p.name for p in chain["model"].iterdir()) == ["model.pt", "train.json"]
+    assert sorted(p.name for p in chain["model"].iterdir()) == ["curves.png", "model.pt",
+                                                                 "train.json"]
     payload = torch.load(chain["model"] / "model.pt", weights_only=True)
     assert payload["class_names"] == CLASSES
     assert payload["image_size"] == SIZE

@@ -459,7 +459,8 @@ def test_train_json_records_the_run(tiny, tmp_path):
     train.run(copy.deepcopy(tiny["params"]), SCHEME, tiny["raw"], tiny["masks"],
               tmp_path / "model")
     elapsed = time.perf_counter() - started
-    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["model.pt", "train.json"]
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["curves.png", "model.pt",
+                                                                      "train.json"]
     record = _train_json(tmp_path / "model")
     # the tiny fixture: 4 train / 2 val images, one epoch on the CPU
     assert {k: record[k] for k in ("device", "precision", "epochs", "torch_version",

@@ -9,9 +9,11 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 from stages.lib.io import atomic_path
+from stages.lib.labels import OKABE_ITO
 
 
 def png_bytes(fig: Figure) -> bytes:
@@ -59,6 +61,27 @@ def confusion_figure(cm: np.ndarray, class_names: list[str], title: str) -> byte
     ax.set_title(title)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the row")
     return png_bytes(fig)
+
+
+def curves_figure(history: list[dict], title: str) -> Figure:
+    """One training run's curves per epoch, from train's history records: train and val
+    loss (left), val mIoU (right; epochs where no class was present are gaps)."""
+    fig = Figure(figsize=(8, 3.2))
+    loss_ax, miou_ax = fig.subplots(1, 2)
+    epochs = [r["epoch"] for r in history]
+    blue, orange = OKABE_ITO["blue"], OKABE_ITO["orange"]
+    loss_ax.plot(epochs, [r["train_loss"] for r in history], "-o", color=blue, label="train")
+    loss_ax.plot(epochs, [r["val_loss"] for r in history], "--s", color=orange, label="val")
+    miou_ax.plot(epochs, [np.nan if r["val_miou"] is None else r["val_miou"] for r in history],
+                 "-s", color=orange, label="val")
+    for ax, ylabel in ((loss_ax, "loss (training objective)"), (miou_ax, "val mIoU")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    return fig
 
 
 def fit_width(image: Image.Image, width: int, nearest: bool = False,

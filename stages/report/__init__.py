@@ -43,7 +43,6 @@ from stages.report.provenance import (
     sha256_file,
 )
 from stages.report.render import (
-    SCHEME_COLOURS,
     app_script,
     build_context,
     environment,
@@ -71,7 +70,7 @@ from stages.report.tables import (
 )
 
 # What the tests and other tools reach as report.X (the modules hold them).
-__all__ = ["CATEGORY_COLOURS", "PARAMS", "SCHEME_COLOURS", "SUMMARY_METRICS", "Scheme",
+__all__ = ["CATEGORY_COLOURS", "PARAMS", "SUMMARY_METRICS", "Scheme",
            "app_script", "build_context", "choose_examples", "colour_ramp", "comparison_table",
            "environment", "example_candidates", "explorer_data", "explorer_fields",
            "format_number", "format_signed", "git_state", "informative_fields", "json_script",

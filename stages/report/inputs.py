@@ -21,7 +21,8 @@ class Scheme:
     claims: dict
     metrics: dict                    # evaluate's S.json
     confusion: np.ndarray            # evaluate's S.confusion.csv
-    curves: dict[str, pd.DataFrame]  # train's DVCLive plots
+    confusion_png: bytes             # evaluate's S.confusion.png
+    curves_png: bytes                # train's models/S/curves.png
     timing: dict                     # infer's timing.json
     train: dict                      # train's train.json
     samples: pd.DataFrame            # analyze's samples.csv (with a `stem` from file_name)
@@ -46,8 +47,7 @@ SUMMARY_METRICS = [
 METRICS_KEYS = [key for key, _ in SUMMARY_METRICS] + ["iou", "images"]
 
 
-CURVES = {"train_loss": ("train", "loss"), "val_loss": ("val", "loss"),
-          "val_miou": ("val", "miou")}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 SAMPLE_COLUMNS = ["image_id", "file_name", "loss", "pixel_accuracy", "miou", "x", "y", "cluster",
@@ -84,11 +84,6 @@ def read_confusion(path: Path, class_names: list[str]) -> np.ndarray:
     return frame[class_names].to_numpy(dtype=np.int64)
 
 
-def read_curve(path: Path, column: str) -> pd.DataFrame:
-    frame = read_table(path, ["step", column], sep="\t")
-    return pd.DataFrame({"epoch": frame["step"] + 1, "value": frame[column]})
-
-
 def read_samples(path: Path, class_names: list[str]) -> pd.DataFrame:
     samples = read_table(path, SAMPLE_COLUMNS + [f"iou_{c}" for c in class_names], "analyze",
                          dtype={"file_name": str})
@@ -102,10 +97,20 @@ def read_samples(path: Path, class_names: list[str]) -> pd.DataFrame:
     return samples
 
 
+def read_png(path: Path, produced_by: str) -> bytes:
+    """A figure a stage drew, inlined as it is."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise StageError(f"{path}: missing (run the {produced_by} stage first)") from None
+    if not data.startswith(PNG_SIGNATURE):
+        raise StageError(f"{path}: not a PNG; re-run {produced_by}")
+    return data
+
+
 def load_scheme(params: dict, name: str, models: Path, predictions: Path, metrics: Path,
                 analysis: Path) -> Scheme:
     class_names = scheme_class_names(params, name)
-    plots = metrics / "train" / name / "plots" / "metrics"
     folder = inside(analysis, name, resolve=False)
     binning = params["analyze"]["buckets"]["binning"][0]   # the charts show the first
     samples = read_samples(folder / "samples.csv", class_names)
@@ -114,8 +119,8 @@ def load_scheme(params: dict, name: str, models: Path, predictions: Path, metric
         name=name, class_names=class_names, claims=params["schemes"][name]["classes"],
         metrics=read_metrics(metrics / f"{name}.json", class_names),
         confusion=read_confusion(metrics / f"{name}.confusion.csv", class_names),
-        curves={key: read_curve(plots / split / f"{column}.tsv", column)
-                for key, (split, column) in CURVES.items()},
+        confusion_png=read_png(metrics / f"{name}.confusion.png", "evaluate"),
+        curves_png=read_png(models / name / "curves.png", "train"),
         timing=read_timing(predictions / name / "timing.json"),
         train=read_json(models / name / "train.json", TRAIN_KEYS, "train"),
         samples=samples, neighbours=neighbours, distances=distances,

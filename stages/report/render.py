@@ -10,14 +10,12 @@ from pathlib import Path
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from markupsafe import Markup
 from matplotlib.colors import to_hex
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 from stages.lib.cli import StageError
-from stages.lib.labels import IGNORE_INDEX, OKABE_ITO, colourise, palette_colours, read_labels
+from stages.lib.labels import IGNORE_INDEX, colourise, palette_colours, read_labels
 from stages.lib.names import inside
-from stages.lib.plots import confusion_figure, fit_width, png_bytes
+from stages.lib.plots import fit_width
 from stages.report.explorer import explorer_data, explorer_fields, image_table
 from stages.report.inputs import Scheme, listed_file
 from stages.report.provenance import NO_STAGE_TIMES
@@ -44,39 +42,10 @@ from stages.report.tables import (
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
 
 
-# Line colours per scheme: Okabe-Ito without yellow (too faint as a line on white).
-SCHEME_COLOURS = [OKABE_ITO[name] for name in ("blue", "orange", "bluish_green", "reddish_purple",
-                                               "sky_blue", "vermillion", "black")]
-
-
-MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 
 
 def data_uri(data: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
-
-
-def curves_figure(schemes: list[Scheme]) -> bytes:
-    fig = Figure(figsize=(10, 3.4))
-    loss_ax, miou_ax = fig.subplots(1, 2)
-    for i, s in enumerate(schemes):
-        colour, marker = SCHEME_COLOURS[i % len(SCHEME_COLOURS)], MARKERS[i % len(MARKERS)]
-        for key, style in (("train_loss", "-"), ("val_loss", "--")):
-            curve = s.curves[key]
-            loss_ax.plot(curve["epoch"], curve["value"], style, color=colour, marker=marker,
-                         label=f"{s.name} {key.split('_')[0]}")
-        curve = s.curves["val_miou"]
-        miou_ax.plot(curve["epoch"], curve["value"], "-", color=colour, marker=marker,
-                     label=s.name)
-    for ax, ylabel in ((loss_ax, "loss (cross-entropy)"), (miou_ax, "val mIoU")):
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(ylabel)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    loss_ax.set_title("loss: train solid, val dashed")
-    miou_ax.set_title("validation mIoU")
-    return png_bytes(fig)
 
 
 def legend_swatches(class_names: list[str]) -> list[dict]:
@@ -168,9 +137,8 @@ def build_context(params: dict, schemes: list[Scheme], provenance: dict,
         # One scheme has nothing to subtract; with three or more, each delta names its pair.
         "delta_label": (f"Δ {names[1]} − {names[0]}" if len(names) == 2
                         else "Δ (the two schemes with the class)" if len(names) > 2 else ""),
-        "confusion": [{"scheme": s.name, "src": data_uri(confusion_figure(
-            s.confusion, s.class_names, s.name))} for s in schemes],
-        "curves_src": data_uri(curves_figure(schemes)),
+        "confusion": [{"scheme": s.name, "src": data_uri(s.confusion_png)} for s in schemes],
+        "curves": [{"scheme": s.name, "src": data_uri(s.curves_png)} for s in schemes],
         "timing": timing_rows(schemes),
         "population": [{"scheme": s.name, "index": i, "n": len(s.samples),
                         "clusters": cluster_rows(s), "cards": cards[s.name]}

@@ -6,8 +6,11 @@ rule report:
         masks=expand("data/masks/{scheme}", scheme=SCHEMES),
         models=expand("models/{scheme}", scheme=SCHEMES),
         predictions=expand("predictions/{scheme}", scheme=SCHEMES),
-        metrics=expand("metrics/{scheme}.{ext}", scheme=SCHEMES, ext=["json", "confusion.csv"]),
-        curves=expand("metrics/train/{scheme}", scheme=SCHEMES),
+        metrics=expand(
+            "metrics/{scheme}.{ext}",
+            scheme=SCHEMES,
+            ext=["json", "confusion.csv", "confusion.png"],
+        ),
         analysis=expand("analysis/{scheme}", scheme=SCHEMES),
         compare="compare",
         benchmarks=upstream_benchmarks,
