@@ -1,5 +1,6 @@
 # Helpers shared by the rules; no rules here.
 import os
+from types import SimpleNamespace
 
 from snakemake.exceptions import WorkflowError
 from snakemake.io import apply_wildcards
@@ -111,15 +112,24 @@ def workflow_jobs():
             continue
         per_scheme = "scheme" in step.wildcard_names
         for scheme in SCHEMES if per_scheme else [None]:
-            paths = lambda items: [apply_wildcards(str(i), {"scheme": scheme}) for i in items]
             jobs.append(
                 Job(
                     f"{step.name}@{scheme}" if per_scheme else step.name,
-                    paths(step.input),
-                    paths(step.output),
+                    job_paths(step.input, scheme),
+                    job_paths(step.output, scheme),
                 )
             )
     return jobs
+
+
+# A rule's files for one scheme. An input function (the report's upstream_benchmarks) is
+# called for its paths: its string form is no file, and a missing input stops alignment.
+def job_paths(items, scheme):
+    paths = []
+    for item in items:
+        found = item(SimpleNamespace(scheme=scheme)) if callable(item) else [item]
+        paths += [apply_wildcards(str(i), {"scheme": scheme}) for i in found]
+    return paths
 
 
 def align_dvc_output_times():
