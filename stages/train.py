@@ -168,6 +168,24 @@ def class_statistics(raw: Path, masks: Path, cfg: dict, class_names: list[str]) 
                   else {n: float(w) for n, w in zip(class_names, weights)}, images)
 
 
+def recipe_record(cfg: dict, recipe: Recipe) -> dict:
+    """The recipe's keys of train.json: what the model was trained with, the class weights as
+    computed from this run's train split (null when the loss weighs no class)."""
+    augment = cfg["augment"]
+    return {"loss": cfg["loss"],
+            "class_weighting": cfg["class_weights"] if recipe.class_weights else None,
+            "class_weights": recipe.class_weights,
+            "sampler": cfg["sampler"],
+            "schedule": {"name": cfg["schedule"], "lr": float(cfg["lr"]),
+                         "warmup": int(cfg["warmup"]) if cfg["schedule"] == "warmup_cosine"
+                         else 0},
+            "augment": {"resize": augment["resize"],
+                        "crop_scale": [float(v) for v in augment["crop_scale"]],
+                        "hflip": bool(cfg["hflip"]),
+                        "colour_jitter": {k: float(v)
+                                          for k, v in augment["colour_jitter"].items()}}}
+
+
 # ---------------------------------------------------------------- checkpoints
 
 def run_fingerprint(params: dict, scheme: str, raw: Path, masks: Path) -> str:

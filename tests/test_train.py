@@ -431,3 +431,56 @@ def test_train_epoch_matrix_and_loss_equal_the_per_batch_host_computation(data):
     assert isinstance(result.cm, np.ndarray) and result.cm.dtype == np.int64
     assert np.array_equal(result.cm, cm) and 0 < cm.sum() <= 6 * 32 * 32
     assert result.loss == total / count
+
+
+# ---------------------------------------------------------------- the small-data recipe
+
+def test_weighted_epochs_draw_in_proportion_and_stay_a_function_of_seed_and_epoch():
+    weights = torch.tensor([0.0, 1.0, 0.0, 3.0])
+    sampler = EpochSampler(4, seed=3, shuffle=True, weights=weights)
+    drawn = []
+    for epoch in range(1000):
+        sampler.set_epoch(epoch)
+        keys = list(sampler)
+        assert len(keys) == 4 and {e for e, _ in keys} == {epoch}
+        drawn += [i for _, i in keys]
+    assert set(drawn) == {1, 3}                              # weight 0: never drawn
+    assert drawn.count(3) / len(drawn) == pytest.approx(0.75, abs=0.02)  # 3 s.d. of 4000 draws
+    again = EpochSampler(4, seed=3, shuffle=True, weights=weights)
+    again.set_epoch(999)
+    assert list(again) == keys
+    unshuffled = EpochSampler(4, seed=3, shuffle=False, weights=weights)
+    assert [i for _, i in unshuffled] == [0, 1, 2, 3]       # validation ignores weights
+
+
+def test_class_statistics_count_the_train_masks_pixels(data):
+    """The stage's class weights against a count of the same PNGs with Pillow and numpy."""
+    from PIL import Image
+
+    from stages.lib.losses import balanced_image_weights, class_weights
+
+    cfg = {**data["params"]["train"], "loss": "weighted_ce", "class_weights": "inverse_sqrt",
+           "sampler": "class_balanced"}
+    names = ["background", "person", "car"]
+    recipe = train.class_statistics(data["raw"], data["masks"], cfg, names)
+    totals = np.zeros(3, np.int64)
+    per_image = []
+    for path in sorted((data["masks"] / "train").glob("*.png")):
+        values = np.asarray(Image.open(path))
+        row = [int((values == c).sum()) for c in range(3)]
+        per_image.append(row)
+        totals += row
+    share = totals / totals.sum()
+    expected = 1 / np.sqrt(share)
+    expected /= expected.mean()
+    assert list(recipe.class_weights) == names
+    assert list(recipe.class_weights.values()) == pytest.approx(expected.tolist())
+    assert recipe.criterion.ce.weight.tolist() == pytest.approx(expected.tolist())
+    # list_samples orders by image id, the file names are the zero-padded ids: same order
+    assert recipe.image_weights.tolist() == pytest.approx(
+        balanced_image_weights(np.array(per_image)).tolist())
+    plain = train.class_statistics(data["raw"], data["masks"],
+                                   {**cfg, "loss": "ce", "sampler": "uniform"}, names)
+    assert plain.class_weights is None and plain.image_weights is None
+    assert plain.criterion.ce.weight is None
+    assert class_weights(totals, "inverse_sqrt").tolist() == pytest.approx(expected.tolist())
