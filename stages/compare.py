@@ -32,17 +32,19 @@ from stages.lib.tables import read_table
 
 log = logging.getLogger("compare")
 
-SAMPLE_COLUMNS = ["image_id", "loss", "cluster", "label_quality", "label_quality_rank"]
+# miou is infer's per-image mIoU, carried through analyze's samples.csv: compared, not
+# recomputed.
+SAMPLE_COLUMNS = ["image_id", "loss", "miou", "cluster", "label_quality", "label_quality_rank"]
 N_TOP = 5
+# The tables' columns, written as the header even when a table has no row (one scheme: no
+# pair to compare), so that a reader tells "nothing changed" from a damaged file.
+CHANGE_COLUMNS = ["images", "mean_loss_a", "mean_loss_b", "mean_delta_loss", "se_delta_loss",
+                  "z", "significant"]
+CLUSTER_COLUMNS = ["a", "b", "clusters_of", "cluster", *CHANGE_COLUMNS]
+BUCKET_COLUMNS = ["a", "b", "bins_of", "binning", "field", "bin", "low", "high", *CHANGE_COLUMNS]
 
 
 # ---------------------------------------------------------------- pure core
-
-def per_sample_miou(samples: pd.DataFrame) -> pd.Series:
-    """Mean of a sample's per-class IoUs over the classes defined for it (NaN if none)."""
-    ious = samples[[c for c in samples.columns if c.startswith("iou_")]]
-    return ious.mean(axis=1, skipna=True)
-
 
 def pair_name(a: str, b: str) -> str:
     return f"{b}_vs_{a}"
@@ -58,7 +60,7 @@ def joined_samples(tables: dict[str, pd.DataFrame], flagged: dict[str, set[int]]
         if merged is None and "file_name" in table:
             part["file_name"] = table["file_name"]
         part[f"loss_{name}"] = table["loss"]
-        part[f"miou_{name}"] = per_sample_miou(table)
+        part[f"miou_{name}"] = table["miou"]
         for cls in classes[name]:
             if f"iou_{cls}" in table:
                 part[f"iou_{cls}_{name}"] = table[f"iou_{cls}"]
@@ -105,7 +107,7 @@ def cluster_changes(joined: pd.DataFrame, schemes: list[str], z: float,
                 rows.append({"a": a, "b": b, "clusters_of": grouping, "cluster": int(cluster),
                              **group_change(delta[idx], joined.loc[idx, f"loss_{a}"],
                                             joined.loc[idx, f"loss_{b}"], z, min_count)})
-    return _ranked(pd.DataFrame(rows))
+    return _ranked(pd.DataFrame(rows, columns=CLUSTER_COLUMNS))
 
 
 def bucket_changes(joined: pd.DataFrame, samples: dict[str, pd.DataFrame],
@@ -132,7 +134,7 @@ def bucket_changes(joined: pd.DataFrame, samples: dict[str, pd.DataFrame],
                                  "field": field, "bin": int(b_index), "low": low, "high": high,
                                  **group_change(delta[members], joined.loc[members, f"loss_{a}"],
                                                 joined.loc[members, f"loss_{b}"], z, min_count)})
-    frame = pd.DataFrame(rows)
+    frame = pd.DataFrame(rows, columns=BUCKET_COLUMNS)
     if frame.empty:
         return frame
     # A field both schemes share (brightness, person_fraction...) has the same bins in

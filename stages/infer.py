@@ -1,6 +1,6 @@
 """infer: predict the val split with a trained model. Writes under --out:
   val/{stem}.png   predicted class indices as palette PNGs at each image's own size
-  samples.csv      per sample: loss, pixel accuracy, confidence, per-class IoU, latency
+  samples.csv      per sample: loss, pixel accuracy, confidence, mIoU, per-class IoU, latency
   latents.npz      image_ids, pooled latent vectors (bottleneck + decoder blocks) and their
                    layout: layer_names[i] occupies columns layer_slices[i] = [start, stop)
   timing.json      per-image latency total/mean/variance/median, throughput, device, batch
@@ -69,8 +69,8 @@ def full_size_log_probs(logits: torch.Tensor, size: tuple[int, int]) -> torch.Te
 def sample_scores(log_probs: torch.Tensor, pred: torch.Tensor, gt: torch.Tensor,
                   class_names: list[str], confidence: float | None = None) -> dict:
     """Loss (mean CE over non-ignored pixels), pixel accuracy, confidence (mean max-softmax;
-    pass it when already known), per-class IoU. log_probs may live on the GPU; pred and gt
-    are CPU tensors."""
+    pass it when already known), mIoU (image_miou) and per-class IoU. log_probs may live on
+    the GPU; pred and gt are CPU tensors."""
     valid = gt != IGNORE_INDEX
     n_valid = int(valid.sum())
     target = gt.to(log_probs.device, non_blocking=True)[None].long()
@@ -83,8 +83,17 @@ def sample_scores(log_probs: torch.Tensor, pred: torch.Tensor, gt: torch.Tensor,
         "pixel_accuracy": float(np.trace(cm) / n_valid) if n_valid else float("nan"),
         "confidence": confidence,
     }
-    row.update({f"iou_{name}": float(v) for name, v in zip(class_names, per_class_iou(cm))})
+    ious = per_class_iou(cm)
+    row["miou"] = image_miou(ious)
+    row.update({f"iou_{name}": float(v) for name, v in zip(class_names, ious)})
     return row
+
+
+def image_miou(ious: np.ndarray) -> float:
+    """An image's mIoU: the mean of its per-class IoUs over the classes defined for it (NaN,
+    a class absent from both its labels and the prediction, left out); NaN if none is."""
+    defined = ious[np.isfinite(ious)]
+    return float(defined.mean()) if len(defined) else float("nan")
 
 
 def timing_summary(latencies_s: list[float], wall_s: float, device: str, batch_size: int,

@@ -435,6 +435,94 @@ def test_corrupted_labels_rank_at_the_top(memorised, tmp_path):
             stem, "label_quality"]
 
 
+@pytest.fixture(scope="module")
+def analysed(memorised, tmp_path_factory):
+    """infer and analyze on the memorised model's 10 real val images, clean labels."""
+    from stages import infer
+
+    m = memorised
+    root = tmp_path_factory.mktemp("analysed")
+    infer.run(m["params"], m["model"], m["raw"], m["clean"], root / "pred")
+    analyze.run(m["params"], root / "pred", m["clean"], m["model"], m["raw"], root / "analysis")
+    return {"pred": root / "pred", "analysis": root / "analysis",
+            "k": m["params"]["analyze"]["similars"]["k"]}
+
+
+def test_neighbours_are_every_samples_k_nearest_by_cosine(analysed):
+    """neighbours.csv against a hand computation: standardise each latent dimension (numpy,
+    population std, a constant dimension 0), cosine distance in float64, nearest first."""
+    with np.load(analysed["pred"] / "latents.npz") as npz:
+        ids, latents = npz["image_ids"].astype(int), npz["latents"].astype(np.float64)
+    std = latents.std(0)
+    z = (latents - latents.mean(0)) / np.where(std > 0, std, 1)
+    unit = z / np.linalg.norm(z, axis=1, keepdims=True)
+    distance = 1 - unit @ unit.T
+    np.fill_diagonal(distance, np.inf)  # the sample itself is never its own neighbour
+    k = analysed["k"]
+    assert 1 <= k < len(ids)
+    table = pd.read_csv(analysed["analysis"] / "neighbours.csv")
+    assert list(table.columns) == ["image_id", "rank", "neighbour_image_id", "cosine_distance"]
+    assert len(table) == len(ids) * k
+    for i, image_id in enumerate(ids):
+        rows = table[table["image_id"] == image_id]
+        order = np.argsort(distance[i], kind="stable")[:k]
+        assert rows["rank"].tolist() == list(range(1, k + 1))
+        assert rows["neighbour_image_id"].tolist() == ids[order].tolist()
+        np.testing.assert_allclose(rows["cosine_distance"], distance[i, order], atol=1e-5)
+
+
+def test_similars_are_their_queries_rows_of_neighbours(analysed):
+    similars = pd.read_csv(analysed["analysis"] / "similars.csv")
+    neighbours = pd.read_csv(analysed["analysis"] / "neighbours.csv")
+    assert len(similars) > 0
+    joined = similars.merge(neighbours, left_on=["query_image_id", "rank"],
+                            right_on=["image_id", "rank"], how="left", suffixes=("", "_n"),
+                            validate="one_to_one")
+    assert joined["neighbour_image_id"].notna().all()
+    assert (joined["image_id"] == joined["neighbour_image_id"]).all()
+    assert (joined["cosine_distance"] == joined["cosine_distance_n"]).all()
+    # every query has all of its neighbours, not a prefix
+    per_query = similars.groupby("query_image_id").size()
+    assert (per_query == analysed["k"]).all()
+
+
+def test_bin_members_count_and_average_as_metadata_loss(analysed):
+    folder = analysed["analysis"]
+    samples = pd.read_csv(folder / "samples.csv")
+    bins = pd.read_csv(folder / "metadata_loss.csv")
+    members = pd.read_csv(folder / "bin_members.csv")
+    assert list(members.columns) == ["image_id", "binning", "field", "bin"]
+    pairs = bins[["binning", "field"]].drop_duplicates()
+    assert len(pairs) > 0 and len(members) == len(pairs) * len(samples)
+    loss = samples.set_index("image_id")["loss"]
+    for (_, field), group in members.groupby(["binning", "field"], sort=False):
+        assert sorted(group["image_id"]) == sorted(samples["image_id"])  # each sample once
+        missing = samples.loc[samples[field].isna(), "image_id"]
+        assert set(group.loc[group["bin"] == -1, "image_id"]) == set(missing)
+    for row in bins.to_dict("records"):
+        inside = members[(members["binning"] == row["binning"])
+                         & (members["field"] == row["field"]) & (members["bin"] == row["bin"])]
+        assert len(inside) == row["count"], row
+        if row["count"]:
+            assert loss[inside["image_id"]].mean() == pytest.approx(row["mean_loss"], rel=1e-12)
+
+
+def test_neighbours_table_with_fewer_samples_than_k():
+    vectors = np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
+    samples = pd.DataFrame({"image_id": [7, 8, 9]})
+    table = analyze.neighbours_table(samples, embeddings.nearest_neighbours(
+        vectors, [0, 1, 2], k=5))
+    half = 1 - np.sqrt(0.5)  # 45 degrees apart; 7 and 9 are 90 degrees apart (distance 1)
+    assert table["image_id"].tolist() == [7, 7, 8, 8, 9, 9]
+    assert table["rank"].tolist() == [1, 2, 1, 2, 1, 2]
+    # 8 is 45 degrees from both others: either order of that tie is right
+    assert table["neighbour_image_id"].tolist()[:2] + table["neighbour_image_id"].tolist()[4:] \
+        == [8, 9, 8, 7]
+    assert set(table["neighbour_image_id"][2:4]) == {7, 9}
+    np.testing.assert_allclose(table["cosine_distance"], [half, 1, half, half, half, 1],
+                               atol=1e-12)
+
+
 # ---------------------------------------------------------------- params
 
 @pytest.mark.parametrize("path, value, message", [

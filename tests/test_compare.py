@@ -26,7 +26,7 @@ def scheme_folder(root, name: str, fraction_col: str, loss, clusters, flagged_id
     fraction = np.linspace(0, 1, len(ids))
     samples = pd.DataFrame({
         "image_id": ids, "file_name": [f"{i:012d}.jpg" for i in ids], "loss": loss,
-        "iou_background": 0.9, "iou_person": 0.5, "cluster": clusters,
+        "miou": (0.9 + 0.5) / 2, "iou_background": 0.9, "iou_person": 0.5, "cluster": clusters,
         "label_quality": np.linspace(0.1, 0.9, len(ids)),
         "label_quality_rank": np.arange(1, len(ids) + 1), fraction_col: fraction,
         "brightness": np.arange(len(ids), dtype=float)})
@@ -134,4 +134,52 @@ def test_old_analysis_without_label_quality_is_refused(two_schemes):
     path = root / "analysis" / "person_car" / "samples.csv"
     pd.read_csv(path).drop(columns="label_quality").to_csv(path, index=False)
     with pytest.raises(StageError, match="missing columns label_quality; re-run analyze"):
+        compare.run(params, root / "analysis", root / "compare")
+
+
+def test_one_scheme_writes_empty_tables_with_their_header(tmp_path, params):
+    params = copy.deepcopy(params)
+    del params["schemes"]["person_vehicle"]
+    scheme_folder(tmp_path / "analysis", "person_car", "car_fraction", np.ones(N), [0] * N,
+                  {100})
+    compare.run(params, tmp_path / "analysis", tmp_path / "compare")
+    change = ["images", "mean_loss_a", "mean_loss_b", "mean_delta_loss", "se_delta_loss", "z",
+              "significant"]
+    for name, columns in (("clusters.csv", ["a", "b", "clusters_of", "cluster", *change]),
+                          ("buckets.csv", ["a", "b", "bins_of", "binning", "field", "bin", "low",
+                                           "high", *change])):
+        table = pd.read_csv(tmp_path / "compare" / name)
+        assert list(table.columns) == columns and len(table) == 0, name
+
+
+def test_two_schemes_tables_keep_the_documented_columns(two_schemes):
+    root, params = two_schemes
+    compare.run(params, root / "analysis", root / "compare")
+    assert list(pd.read_csv(root / "compare" / "clusters.csv").columns) == list(
+        compare.CLUSTER_COLUMNS)
+    assert list(pd.read_csv(root / "compare" / "buckets.csv").columns) == list(
+        compare.BUCKET_COLUMNS)
+
+
+def test_miou_is_analyzes_column_not_recomputed(two_schemes):
+    """compare carries infer's per-image miou (through analyze's samples.csv) as it is: a
+    column unlike the mean of the iou_* columns comes out unchanged, deltas from it."""
+    root, params = two_schemes
+    path = root / "analysis" / "person_vehicle" / "samples.csv"
+    table = pd.read_csv(path)
+    table["miou"] = np.linspace(0.2, 0.4, N)  # the iou_* columns still average 0.7
+    table.to_csv(path, index=False)
+    compare.run(params, root / "analysis", root / "compare")
+    samples = pd.read_csv(root / "compare" / "samples.csv").sort_values("image_id")
+    np.testing.assert_allclose(samples["miou_person_vehicle"], np.linspace(0.2, 0.4, N))
+    np.testing.assert_allclose(samples["miou_person_car"], 0.7)
+    np.testing.assert_allclose(samples["delta_miou_person_vehicle_vs_person_car"],
+                               np.linspace(0.2, 0.4, N) - 0.7, atol=1e-12)
+
+
+def test_analysis_without_miou_is_refused(two_schemes):
+    root, params = two_schemes
+    path = root / "analysis" / "person_car" / "samples.csv"
+    pd.read_csv(path).drop(columns="miou").to_csv(path, index=False)
+    with pytest.raises(StageError, match="missing columns miou; re-run analyze"):
         compare.run(params, root / "analysis", root / "compare")

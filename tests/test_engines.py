@@ -143,8 +143,9 @@ def test_snakemake_refuses_config_overrides_the_stages_would_not_see():
 ENV["SOURCE_DATE_EPOCH"] = "1700000000"
 DEFAULT_PROFILE = ["--workflow-profile", "workflow/profiles/default"]
 # What the two engines write that is not a function of params, code and data alone:
-# wall-clock timings (infer's timing.json and the latency_ms column that infer's and
-# analyze's samples.csv carry), and Snakemake's own time stamps in its output folders.
+# wall-clock timings (infer's timing.json, train.json's wall_s and the latency_ms column that
+# infer's and analyze's samples.csv carry), and Snakemake's own time stamps in its output
+# folders.
 TIMING_COLUMN = "latency_ms"
 
 
@@ -415,6 +416,8 @@ def _artifacts(root: Path) -> dict[str, str]:
                 timing = json.loads(data)
                 data = json.dumps({k: timing[k] for k in ("images", "device", "batch_size")})
                 data = data.encode()
+            elif path.name == "train.json":
+                data = json.dumps({**json.loads(data), "wall_s": None}).encode()
             elif path.name == "samples.csv":
                 frame = pd.read_csv(path)
                 data = frame.drop(columns=[TIMING_COLUMN], errors="ignore").to_csv(index=False)

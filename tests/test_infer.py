@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from conftest import ROOT, SAMPLE, small_params
 from damaged_files import DAMAGE, MODEL_REASONS, NOT_A_MODEL, damaged_model
@@ -408,6 +409,33 @@ def test_sample_scores_hand_computed():
     p3 = math.exp(10) / (1 + math.exp(10))
     assert row["confidence"] == pytest.approx((0.5 + 0.75 + p3) / 3, rel=1e-12)
     assert (row["iou_background"], row["iou_person"]) == (1.0, 1.0)
+
+
+def test_stage_miou_is_the_mean_of_the_defined_ious_of_each_image(chain):
+    """samples.csv's miou, by hand from the PNGs on disk: per class, intersection over union
+    of the predicted and labelled pixels (label 255 left out), classes in neither left out,
+    then the plain mean; and equal to the mean of the row's own iou_* columns (NaN skipped)."""
+    table = pd.read_csv(chain["pred"] / "samples.csv")
+    ious = table[[c for c in table.columns if c.startswith("iou_")]]
+    assert len(table) == N_VAL and ious.shape[1] == 3
+    for row in table.itertuples(index=False):
+        stem = f"{row.stem:012d}"
+        gt = np.asarray(Image.open(chain["masks"] / "val" / f"{stem}.png"))
+        pred = np.asarray(Image.open(chain["pred"] / "val" / f"{stem}.png"))
+        keep = gt != 255
+        by_class = []
+        for k in range(3):
+            union = np.sum(((gt == k) | (pred == k)) & keep)
+            if union:
+                by_class.append(np.sum((gt == k) & (pred == k) & keep) / union)
+        assert row.miou == pytest.approx(sum(by_class) / len(by_class), rel=1e-12)
+    np.testing.assert_allclose(table["miou"], ious.mean(axis=1, skipna=True), rtol=1e-12)
+    assert list(table.columns).index("miou") == list(table.columns).index("confidence") + 1
+
+
+def test_image_miou_skips_undefined_classes():
+    assert infer.image_miou(np.array([0.5, np.nan, 0.25])) == 0.375
+    assert np.isnan(infer.image_miou(np.array([np.nan, np.nan])))
 
 
 # ---------------------------------------------------------------- damaged model.pt

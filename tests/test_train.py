@@ -3,6 +3,8 @@ and give the same final weights, and a model that can learn (fits 16 real images
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 import os
 import re
@@ -10,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -484,3 +487,105 @@ def test_class_statistics_count_the_train_masks_pixels(data):
     assert plain.class_weights is None and plain.image_weights is None
     assert plain.criterion.ce.weight is None
     assert class_weights(totals, "inverse_sqrt").tolist() == pytest.approx(expected.tolist())
+
+
+# ---------------------------------------------------------------- train.json
+
+TRAIN_JSON_KEYS = {"device": str, "precision": str, "epochs": int, "wall_s": float,
+                   "torch_version": str, "model_sha256": str, "train_images": int,
+                   "val_images": int,
+                   # the recipe's (issue 15), for params.yaml's weighted loss
+                   "loss": str, "class_weighting": str, "class_weights": dict, "sampler": str,
+                   "schedule": dict, "augment": dict}
+
+
+def _train_json(model_dir: Path) -> dict:
+    record = json.loads((model_dir / "train.json").read_text())
+    assert set(record) == set(TRAIN_JSON_KEYS)
+    for key, kind in TRAIN_JSON_KEYS.items():
+        assert type(record[key]) is kind, (key, record[key])
+    # hashlib over the file as it lies beside train.json, not the digest train computed
+    assert record["model_sha256"] == hashlib.sha256(
+        (model_dir / "model.pt").read_bytes()).hexdigest()
+    return record
+
+
+def test_train_json_records_the_run(tiny, tmp_path):
+    started = time.perf_counter()
+    train.run(copy.deepcopy(tiny["params"]), SCHEME, tiny["raw"], tiny["masks"],
+              tmp_path / "model")
+    elapsed = time.perf_counter() - started
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["model.pt", "train.json"]
+    record = _train_json(tmp_path / "model")
+    # the tiny fixture: 4 train / 2 val images, one epoch on the CPU
+    assert {k: record[k] for k in ("device", "precision", "epochs", "torch_version",
+                                   "train_images", "val_images")} == {
+        "device": "cpu", "precision": "float32", "epochs": 1, "torch_version": torch.__version__,
+        "train_images": 4, "val_images": 2}
+    assert 0 < record["wall_s"] < elapsed  # the training loop only, within the stage's run
+
+
+def test_train_json_counts_the_epochs_of_a_resumed_run(tiny, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="train")
+    params = copy.deepcopy(tiny["params"])
+    params["train"]["epochs"] = 2
+
+    class Killed(BaseException):
+        pass
+
+    real_save = train.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise Killed  # right after epoch 1's checkpoint
+
+    checkpoints = tmp_path / "ck"
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        train.run(params, SCHEME, tiny["raw"], tiny["masks"], tmp_path / "model", checkpoints)
+    monkeypatch.undo()
+    assert not (tmp_path / "model").exists()
+    train.run(params, SCHEME, tiny["raw"], tiny["masks"], tmp_path / "model", checkpoints)
+    assert f"resuming from {checkpoints / 'last.pt'} after epoch 1" in caplog.text
+    record = _train_json(tmp_path / "model")
+    assert record["epochs"] == 2  # one trained before the kill, one after the resume
+
+
+def test_precision_is_autocasts_dtype(monkeypatch):
+    assert train.precision_name(torch.device("cpu")) == "float32"
+    for bf16, name in ((True, "bfloat16"), (False, "float16")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda bf16=bf16: bf16)
+        with warnings.catch_warnings():  # no GPU here: torch disables the autocast it builds
+            warnings.simplefilter("ignore")
+            assert train.precision_name(torch.device("cuda")) == name
+
+
+def test_train_json_records_the_recipe_and_the_class_weights_it_computed(tiny, tmp_path):
+    from PIL import Image
+
+    train.run(copy.deepcopy(tiny["params"]), SCHEME, tiny["raw"], tiny["masks"],
+              tmp_path / "model")
+    record = _train_json(tmp_path / "model")
+    cfg = tiny["params"]["train"]
+    totals = np.zeros(3, np.int64)  # the 4 train masks, counted here
+    for path in (tiny["masks"] / "train").glob("*.png"):
+        values = np.asarray(Image.open(path))
+        totals += [int((values == c).sum()) for c in range(3)]
+    share = totals[totals > 0] / totals.sum()
+    expected = np.zeros(3)
+    expected[totals > 0] = (1 / np.sqrt(share)) / (1 / np.sqrt(share)).mean()
+    assert (record["loss"], record["class_weighting"], record["sampler"]) == (
+        "weighted_ce", "inverse_sqrt", "class_balanced")
+    assert list(record["class_weights"]) == ["background", "person", "car"]
+    assert list(record["class_weights"].values()) == pytest.approx(expected.tolist())
+    assert record["schedule"] == {"name": "warmup_cosine", "lr": cfg["lr"],
+                                  "warmup": cfg["warmup"]}
+    assert record["augment"] == {"resize": "squash", "crop_scale": [0.3, 1.0], "hflip": True,
+                                 "colour_jitter": {"brightness": 0.3, "contrast": 0.3,
+                                                   "saturation": 0.3, "hue": 0.05}}
+    params = copy.deepcopy(tiny["params"])
+    params["train"].update(loss="ce", schedule="constant")
+    train.run(params, SCHEME, tiny["raw"], tiny["masks"], tmp_path / "plain")
+    plain = json.loads((tmp_path / "plain" / "train.json").read_text())
+    assert (plain["loss"], plain["class_weighting"], plain["class_weights"]) == ("ce", None, None)
+    assert plain["schedule"] == {"name": "constant", "lr": cfg["lr"], "warmup": 0}
