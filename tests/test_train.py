@@ -27,6 +27,7 @@ from stages import download, masks, train
 from stages.lib.data import EpochSampler, SegmentationDataset, joint_transform, list_samples
 from stages.lib.metrics import scores
 from stages.lib.model import IMAGENET_MEAN, IMAGENET_STD, build_model
+from stages.lib.schedule import make_scheduler
 
 SCHEME = "person_car"
 
@@ -260,8 +261,10 @@ def _checkpoint_like(fingerprint: str, num_classes: int = 3, **changes) -> dict:
     torch.manual_seed(99)
     model = build_model(num_classes, "none", False, 0.0)
     optimizer = torch.optim.AdamW(model.parameters())
-    scheduler = {**torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=1).state_dict(),
-                 "last_epoch": 1}
+    # the schedule of params.yaml's train section, as TrainState.create builds it
+    train_cfg = {**yaml.safe_load((SAMPLE.parents[1] / "params.yaml").read_text())["train"],
+                 "epochs": 1}
+    scheduler = {**make_scheduler(optimizer, train_cfg).state_dict(), "last_epoch": 1}
     record = {"epoch": 1, "train_loss": 1.0, "train_miou": 0.1, "val_loss": 1.0, "val_miou": 0.1,
               "val_iou": {"background": 0.1, "person": 0.1, "car": 0.1}}
     return {"fingerprint": fingerprint, "epoch": 1, "history": [record],
