@@ -306,7 +306,11 @@ def metadata_buckets(samples: pd.DataFrame, cfg: dict,
     if not assigned:
         return pd.DataFrame(), pd.DataFrame(columns=columns)
     bins = pd.concat([table for *_, table, _ in assigned], ignore_index=True)
-    bins["q_value"], bins["flagged"] = buckets.flag_by_fdr(bins["p_value"], cfg["fdr"])
+    q_value, flagged = buckets.flag_by_fdr(bins["p_value"], cfg["fdr"])
+    # `flagged` where it always stood (after excess_se), the test's p- and q-values beside it
+    at = bins.columns.get_loc("p_value")
+    bins.insert(at, "flagged", flagged)
+    bins.insert(at + 2, "q_value", q_value)
     members_of = {(binning, field): index for binning, field, _, index in assigned}
     flagged = []
     for row in bins[bins["flagged"]].itertuples():
