@@ -35,6 +35,16 @@ def small_params(base: dict, *, train: int = 8, val: int = 6, size: int = 64,
     return p
 
 
+def study_recipe(params: dict) -> dict:
+    """params with the study's training recipe (README, "Reproducing the study on one GPU"):
+    plain cross-entropy, every image once per epoch, a constant learning rate, no crop or
+    colour jitter. For fixtures that need a model to memorise its images exactly."""
+    params["train"].update(loss="ce", sampler="uniform", schedule="constant")
+    params["train"]["augment"].update(crop_scale=[1.0, 1.0], colour_jitter={
+        "brightness": 0, "contrast": 0, "saturation": 0, "hue": 0})
+    return params
+
+
 def copy_repo(dest: Path, params: dict | None = None) -> Path:
     """A fresh git repository at dest holding this checkout's files (tracked and new, not
     ignored), optionally with other params.yaml, committed once (DVC and DVCLive want a

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import SAMPLE, small_params
+from conftest import SAMPLE, small_params, study_recipe
 from stages import analyze
 from stages.lib import buckets, embeddings, explain
 from stages.lib.labels import IGNORE_INDEX, read_labels, save_labels
@@ -413,6 +413,7 @@ def memorised(tmp_path_factory, default_params, one_torch_thread):
     params["data"]["base_url"] = str(SAMPLE)
     params["data"]["filter"].update(scheme_categories_only=True, background_share=0.0)
     params["train"].update(device="cpu", batch_size=5, lr=0.003, hflip=False)
+    study_recipe(params)   # memorising 10 images: no augmentation, no resampling
     params["infer"]["device"] = params["analyze"]["device"] = "cpu"
     raw, clean = root / "raw", root / "masks"
     download.run(params, raw)
