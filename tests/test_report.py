@@ -25,6 +25,7 @@ from conftest import ROOT, SAMPLE, small_params
 from stages import report
 from stages.lib import buckets
 from stages.report import inputs as report_inputs
+from stages.lib.categories import category_table
 from stages.lib.cli import StageError
 from stages.lib.plots import curves_figure, png_bytes
 from unwritable import blocked_folder, can_mount_read_only, read_only_command
@@ -258,6 +259,24 @@ def analyze_samples(stems: list[str], names: list[str], rng, **columns) -> pd.Da
     return frame
 
 
+CATEGORIES = [{"id": 1, "name": "person", "supercategory": "person"},
+              {"id": 3, "name": "car", "supercategory": "vehicle"},
+              {"id": 8, "name": "truck", "supercategory": "vehicle"},
+              {"id": 17, "name": "cat", "supercategory": "animal"}]
+
+
+def evaluate_categories(names: list[str], claims: dict, rng) -> pd.DataFrame:
+    """evaluate's categories.csv, made by its own writer (stages.lib.categories) from counts."""
+    ids = {c["name"]: c["id"] for c in CATEGORIES}
+    class_of = {ids[cat]: names.index(cls) for cls, claim in claims.items() if cls in names
+                for cat in claim.get("categories", []) if cat in ids}
+    pixels = rng.integers(1, 500, (len(CATEGORIES), len(names)))
+    instances = rng.integers(1, 6, len(CATEGORIES))
+    table = category_table(CATEGORIES, names, class_of, pixels, instances,
+                           rng.integers(0, 2, len(CATEGORIES)) * instances)
+    return table.fillna({"claimed_by": ""})
+
+
 def synthetic_scheme(name: str, classes: list[str], ious: list[float | None], seed: int = 0,
                      claims: dict | None = None) -> report.Scheme:
     """A scheme as report.load_scheme returns it, from tables with the documented columns of
@@ -279,6 +298,8 @@ def synthetic_scheme(name: str, classes: list[str], ious: list[float | None], se
                  "iou": dict(zip(names, ious))},
         confusion=rng.integers(0, 1000, (len(names), len(names))),
         confusion_png=FIGURE, curves_png=FIGURE,
+        categories=evaluate_categories(names, claims or {c: {"categories": [c]} for c in classes},
+                                       rng),
         timing={"images": n, "device": "cpu", "batch_size": 4, "wall_s": 1.0,
                 "throughput_img_s": 8.0,
                 "latency_ms": {"total": 800.0, "mean": 100.0, "variance": 4.0, "median": 99.0}},
