@@ -49,9 +49,12 @@ for s in params["schemes"]:
     train.run(params, s, raw, m, model, live=root / "metrics" / "train" / s)
     infer.run(params, model, raw, m, pred)
     evaluate.run(params, s, pred / "val", m / "val", root / "metrics" / f"{s}.json",
-                 root / "metrics" / f"{s}.confusion.csv", root / "metrics" / f"{s}.confusion.png")
+                 root / "metrics" / f"{s}.confusion.csv", root / "metrics" / f"{s}.confusion.png",
+                 annotations=raw / "annotations" / "instances_val.json",
+                 categories_out=root / "metrics" / f"{s}.categories.csv",
+                 per_image_out=root / "metrics" / f"{s}.per_image.npz")
     analyze.run(params, pred, m, model, raw, root / "analysis" / s)
-compare.run(params, root / "analysis", root / "compare")
+compare.run(params, root / "analysis", root / "compare", root / "metrics")
 """
 
 _BUILT: dict[str, dict] = {}
@@ -341,21 +344,75 @@ def test_comparison_rows_union_classes_and_delta_only_for_two_schemes():
     assert three["classes"][2]["delta"] is None  # car only in one
 
 
-def test_verdicts_name_the_higher_scheme_and_flag_differently_defined_classes():
-    a = synthetic_scheme("person_car", ["person", "car"], [0.9, 0.309, 0.262],
+def pair_summary(classes: dict, categories: dict | None = None) -> dict:
+    """compare's summary.json (docs/outputs.md) for one pair, with what the report reads."""
+    return {"bootstrap": {"samples": 1000, "confidence": 0.95, "seed": 0, "method": "m"},
+            "pairs": [{"a": "person_car", "b": "person_vehicle", "classes": classes,
+                       "categories": categories or {}}]}
+
+
+def test_verdicts_say_higher_only_when_the_interval_excludes_zero():
+    entry = {"iou_a": 0.309, "iou_b": 0.319, "delta_iou": 0.010, "same_definition": True}
+    higher = report.verdicts(pair_summary({"person": {**entry, "interval": [0.004, 0.016],
+                                                      "verdict": "higher"}}))
+    assert higher == ["person: person_vehicle is higher than person_car by 0.010 IoU (0.319 vs "
+                      "0.309; 95% interval of the difference +0.004 to +0.016)."]
+    lower = report.verdicts(pair_summary({"person": {
+        **entry, "iou_b": 0.299, "delta_iou": -0.010, "interval": [-0.016, -0.004],
+        "verdict": "lower"}}))
+    assert lower == ["person: person_vehicle is lower than person_car by 0.010 IoU (0.299 vs "
+                     "0.309; 95% interval of the difference -0.016 to -0.004)."]
+    none = report.verdicts(pair_summary({"person": {**entry, "interval": [-0.002, 0.022],
+                                                    "verdict": "no detectable difference",
+                                                    "same_definition": False}}))
+    assert none == ["person: no detectable difference between person_vehicle and person_car "
+                    "(0.319 vs 0.309; the 95% interval of the difference, -0.002 to +0.022, "
+                    "includes 0); the schemes define this class differently, so this is not "
+                    "like for like."]
+    undefined = report.verdicts(pair_summary({"car": {**entry, "iou_b": None, "delta_iou": None,
+                                                      "interval": [None, None],
+                                                      "verdict": "no detectable difference"}}))
+    assert undefined == ["car: no comparison, the IoU is undefined in person_vehicle."]
+    # without compare's intervals nothing is claimed
+    assert report.verdicts(None) == [] and report.verdicts({"pairs": []}) == []
+
+
+def test_weak_classes_use_the_top_of_the_interval():
+    s = synthetic_scheme("person_car", ["person", "car"], [0.9, 0.3, 0.02])
+    assert report.weak_classes(s, 0.10) == ["car"]
+    s.metrics["interval"] = {"iou": {"background": [0.8, 0.95], "person": [0.05, 0.09],
+                                     "car": [0.0, 0.12]}}
+    assert report.weak_classes(s, 0.10) == ["person"]      # car's interval reaches 0.12
+    s.metrics["iou"]["car"] = None
+    s.metrics["interval"]["iou"]["car"] = [None, None]
+    assert report.weak_classes(s, 0.10) == ["person", "car"]   # undefined: not learned
+    assert report.weak_warning("car") == ("the model has not learned car; findings about car "
+                                          "describe the model's failure, not the data")
+
+
+def test_study_sentence_and_category_rows_read_the_category_tables():
+    a = synthetic_scheme("person_car", ["person", "car"], [0.9, 0.3, 0.2])
+    b = synthetic_scheme("person_vehicle", ["person", "vehicle"], [0.9, 0.3, 0.2],
                          claims={"person": {"categories": ["person"]},
-                                 "car": {"categories": ["car"]}})
-    b = synthetic_scheme("person_vehicle", ["person", "vehicle"], [0.9, 0.319, 0.312],
-                         claims={"person": {"categories": ["person"]},
-                                 "vehicle": {"supercategories": ["vehicle"]}})
-    background, person = report.verdicts([a, b])
-    assert person == ("person: person_vehicle is higher than person_car by 0.010 IoU "
-                      "(0.319 vs 0.309).")
-    assert background.startswith(
-        "background: person_car and person_vehicle score the same IoU (0.900)")
-    assert "define this class differently" in background
-    assert "differently" not in person
-    assert "undefined in b" in report.verdict("x", [("a", 0.5), ("b", None)], True)
+                                 "vehicle": {"categories": ["car", "truck"]}})
+    for s, shares in ((a, {"car": 0.40, "truck": 0.09}), (b, {"car": 0.61, "truck": 0.44})):
+        cls = s.class_names[2]
+        for category, share in shares.items():
+            s.categories.loc[s.categories["category"] == category, f"pred_{cls}"] = share
+    assert report.study_sentence([a, b]) == (
+        "Under person_car, 40% of car pixels and 9% of truck pixels are predicted car; under "
+        "person_vehicle, 61% of car pixels and 44% of truck pixels are predicted vehicle.")
+    summary = pair_summary({}, {"truck": {"share_a": 0.1, "share_b": 0.44, "delta_share": 0.34,
+                                          "interval": [0.2, 0.5], "verdict": "higher",
+                                          "claimed_by_a": "", "claimed_by_b": "vehicle"}})
+    rows = report.category_rows([a, b], summary)
+    # person first, then the vehicle supercategory, then the rest
+    assert [r["category"] for r in rows][:1] == ["person"]
+    assert [r["category"] for r in rows][-1] == "cat"
+    truck = next(r for r in rows if r["category"] == "truck")
+    assert [c["claimed_by"] for c in truck["cells"]] == ["", "vehicle"]
+    assert truck["difference"] == {"delta": 0.34, "verdict": "higher", "interval": [0.2, 0.5]}
+    assert next(r for r in rows if r["category"] == "cat")["difference"] is None
 
 
 def test_examples_are_deterministic_shared_and_explained():
@@ -406,7 +463,8 @@ def test_caveats_say_when_numbers_cannot_be_compared_with_the_study():
 def test_render_escapes_scheme_and_class_names():
     evil = synthetic_scheme(EVIL, [EVIL], [0.5, 0.25])
     plain = synthetic_scheme("plain", ["person"], [0.5, 0.2])
-    params = {"report": {"title": EVIL, "thumbnail_px": 64}, "analyze": ANALYZE,
+    params = {"report": {"title": EVIL, "thumbnail_px": 64, "min_class_iou": 0.1},
+              "analyze": ANALYZE,
               **TRAINING}
     provenance = {"git": {"commit": None, "dirty": None}, "date": "d", "versions": [("x", "1")],
                   "params_yaml": EVIL, "data": {"base_url": EVIL, "year": 2017, "seed": 0,
@@ -436,8 +494,8 @@ SYNTHETIC_PROVENANCE = {"git": {"commit": "abc1234", "dirty": False}, "date": "d
 
 
 def synthetic_page(schemes: list[report.Scheme]) -> Page:
-    params = {"report": {"title": "t", "thumbnail_px": 64}, "analyze": ANALYZE,
-              **TRAINING}
+    params = {"report": {"title": "t", "thumbnail_px": 64, "min_class_iou": 0.1},
+              "analyze": ANALYZE, **TRAINING}
     return Page.parse(report.render(report.build_context(params, schemes,
                                                          SYNTHETIC_PROVENANCE, [])))
 
@@ -627,7 +685,8 @@ def test_cluster_cards_and_differences_agree_with_compares_own_functions():
                                                                                   ["a", "b"]),
                               ["a", "b"], 2.0, 2)
     cards = {s.name: report.cluster_cards(s, changes, {}) for s in (a, b)}
-    params = {"report": {"title": "t", "thumbnail_px": 64}, "analyze": ANALYZE, **TRAINING}
+    params = {"report": {"title": "t", "thumbnail_px": 64, "min_class_iou": 0.1},
+              "analyze": ANALYZE, **TRAINING}
     html = report.render(report.build_context(params, [a, b], SYNTHETIC_PROVENANCE, [],
                                               summary=summary, cards=cards))
     shown = _cards(html)
@@ -837,7 +896,7 @@ def test_a_category_that_closes_the_script_stays_data_and_shows_as_text():
     a.clusters["dominant_categories"] = [PAYLOAD, "bus 60% (3.1x)"]
     page = synthetic_page([a])
     html = report.render(report.build_context(
-        {"report": {"title": "t", "thumbnail_px": 64}, "analyze": ANALYZE,
+        {"report": {"title": "t", "thumbnail_px": 64, "min_class_iou": 0.1}, "analyze": ANALYZE,
          **TRAINING}, [a], SYNTHETIC_PROVENANCE, []))
     assert PAYLOAD not in html and "</script><script>" not in html
     assert page.data()["per_scheme"][0]["clusters"][0]["dominant"] == PAYLOAD
@@ -847,7 +906,7 @@ def test_a_category_that_closes_the_script_stays_data_and_shows_as_text():
 
 def test_page_allows_only_its_own_script_by_hash():
     html = report.render(report.build_context(
-        {"report": {"title": "t", "thumbnail_px": 64}, "analyze": ANALYZE,
+        {"report": {"title": "t", "thumbnail_px": 64, "min_class_iou": 0.1}, "analyze": ANALYZE,
          **TRAINING}, [synthetic_scheme("a", ["person"], [0.5, 0.2])], SYNTHETIC_PROVENANCE, []))
     page = Page.parse(html)
     [csp] = [a["content"] for t, a in page.tags
@@ -1162,3 +1221,33 @@ def test_engine_specific_facts_stay_in_the_timing_section(pipeline, tmp_path, mo
     assert "DVC records no stage times" not in a
     timing = re.compile(r'<section id="timing">.*?</section>', re.S)
     assert timing.sub("", a) == timing.sub("", b)
+
+
+def test_comparison_leads_with_intervals_categories_and_weak_classes(rendered):
+    """On the real pipeline: every verdict carries compare's interval, the category table
+    lists evaluate's categories, and each class the tiny model has not learned is named."""
+    root, page, params = rendered["root"], rendered["page"], rendered["params"]
+    summary = json.loads((root / "compare" / "summary.json").read_text())
+    text = page.all_text()
+    [pair] = summary["pairs"]
+    assert pair["classes"], "no shared class to check"
+    for name, entry in pair["classes"].items():
+        lo, hi = entry["interval"]
+        assert lo is not None and f"{lo:+.3f} to {hi:+.3f}" in text, name
+        said = "no detectable difference" if entry["verdict"] == "no detectable difference" \
+            else f"is {entry['verdict']} than"
+        assert f"{name}: " in text and said in text
+    assert "training noise was not measured" in text
+    listed = {row[0].split()[0] for row in page.tables["category-table"][1:]}
+    weak, classes = set(), set()
+    for scheme in params["schemes"]:
+        categories = pd.read_csv(root / "metrics" / f"{scheme}.categories.csv")
+        assert set(categories["category"].str.split().str[0]) <= listed
+        doc = json.loads((root / "metrics" / f"{scheme}.json").read_text())
+        for name in list(doc["iou"])[1:]:
+            upper = doc["interval"]["iou"][name][1]
+            classes.add(name)
+            if (upper if upper is not None else doc["iou"][name] or 0) < 0.10:
+                weak.add(name)
+    for name in classes:
+        assert (f"the model has not learned {name}" in text) == (name in weak), name
