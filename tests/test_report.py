@@ -448,16 +448,35 @@ def test_numbers_format_with_fixed_precision_and_never_minus_zero():
 
 # analyze's params as committed (the flag rule and binning the page describes), PCA maps
 ANALYZE = {**yaml.safe_load((ROOT / "params.yaml").read_text())["analyze"], "projection": "pca"}
-TRAINING = {"model": {"encoder_weights": "imagenet"}, "train": {"epochs": 20, "image_size": 128}}
+STUDY_RECIPE = {"loss": "ce", "class_weights": "inverse_sqrt", "sampler": "uniform",
+                "schedule": "constant",
+                "augment": {"crop_scale": [1, 1], "colour_jitter": {"brightness": 0,
+                                                                    "contrast": 0}}}
+TRAINING = {"model": {"encoder_weights": "imagenet"},
+            "train": {"epochs": 20, "image_size": 128, **STUDY_RECIPE}}
 
 
 def test_caveats_say_when_numbers_cannot_be_compared_with_the_study():
-    scratch = {"model": {"encoder_weights": "none"}, "train": {"epochs": 3, "image_size": 64}}
+    scratch = {"model": {"encoder_weights": "none"},
+               "train": {"epochs": 3, "image_size": 64, **STUDY_RECIPE}}
     notes = " ".join(report.training_caveats(scratch, 80))
     assert "from scratch" in notes and "80 training images for 3 epochs at 64 px" in notes
     assert "not comparable with the study" in notes
     assert report.training_caveats(TRAINING, 82783) == []
     assert "20 epochs" in " ".join(report.training_caveats(TRAINING, 800))
+
+
+def test_caveats_name_the_small_data_recipe_and_how_it_differs_from_the_studys():
+    train = {**TRAINING["train"], "loss": "weighted_ce", "sampler": "class_balanced",
+             "schedule": "warmup_cosine",
+             "augment": {"crop_scale": [0.3, 1.0], "colour_jitter": {"brightness": 0.3}}}
+    [recipe, *_] = report.training_caveats({**TRAINING, "train": train}, 82783)
+    assert recipe == ("Trained with the small-data recipe (loss weighted_ce with inverse_sqrt "
+                      "class weights, class-balanced sampling of the training images, random "
+                      "resized crops of 0.3–1 of the image area, colour jitter, warmup cosine "
+                      "learning-rate schedule); the study trained with plain cross-entropy, no "
+                      "augmentation and a constant learning rate (README, \"Reproducing the "
+                      "study on one GPU\").")
 
 
 def test_render_escapes_scheme_and_class_names():

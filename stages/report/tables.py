@@ -212,6 +212,25 @@ STUDY = "ImageNet-initialised encoder on COCO 2014 (82,783 train images): person
 FEW_IMAGES = 5000
 
 
+def recipe_changes(train: dict) -> list[str]:
+    """How params.yaml's training differs from the study's recipe, in words."""
+    changes = []
+    if train["loss"] != "ce":
+        weighted = train["loss"].startswith("weighted")
+        changes.append(f"loss {train['loss']}"
+                       + (f" with {train['class_weights']} class weights" if weighted else ""))
+    if train["sampler"] != "uniform":
+        changes.append(f"{train['sampler'].replace('_', '-')} sampling of the training images")
+    low, high = train["augment"]["crop_scale"]
+    if (low, high) != (1, 1):
+        changes.append(f"random resized crops of {low:g}–{high:g} of the image area")
+    if any(v > 0 for v in train["augment"]["colour_jitter"].values()):
+        changes.append("colour jitter")
+    if train["schedule"] != "constant":
+        changes.append(f"{train['schedule'].replace('_', ' ')} learning-rate schedule")
+    return changes
+
+
 def training_caveats(params: dict, train_images: int | None) -> list[str]:
     """What a reader must know before comparing these numbers with the study's."""
     notes = []
@@ -219,6 +238,11 @@ def training_caveats(params: dict, train_images: int | None) -> list[str]:
     if weights == "none":
         notes.append("The encoder was trained from scratch (model.encoder_weights: none), not "
                      "from ImageNet weights as in the study.")
+    recipe = recipe_changes(params["train"])
+    if recipe:
+        notes.append(f"Trained with the small-data recipe ({', '.join(recipe)}); the study "
+                     "trained with plain cross-entropy, no augmentation and a constant learning "
+                     "rate (README, \"Reproducing the study on one GPU\").")
     if train_images is not None and train_images < FEW_IMAGES:
         notes.append(f"Each model saw {train_images} training images for "
                      f"{params['train']['epochs']} epochs at {params['train']['image_size']} px.")
