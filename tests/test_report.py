@@ -25,6 +25,7 @@ from conftest import ROOT, SAMPLE, small_params
 from stages import report
 from stages.lib import buckets
 from stages.report import inputs as report_inputs
+from stages.lib.categories import category_table
 from stages.lib.cli import StageError
 from stages.lib.plots import curves_figure, png_bytes
 from unwritable import blocked_folder, can_mount_read_only, read_only_command
@@ -48,9 +49,12 @@ for s in params["schemes"]:
     train.run(params, s, raw, m, model, live=root / "metrics" / "train" / s)
     infer.run(params, model, raw, m, pred)
     evaluate.run(params, s, pred / "val", m / "val", root / "metrics" / f"{s}.json",
-                 root / "metrics" / f"{s}.confusion.csv", root / "metrics" / f"{s}.confusion.png")
+                 root / "metrics" / f"{s}.confusion.csv", root / "metrics" / f"{s}.confusion.png",
+                 annotations=raw / "annotations" / "instances_val.json",
+                 categories_out=root / "metrics" / f"{s}.categories.csv",
+                 per_image_out=root / "metrics" / f"{s}.per_image.npz")
     analyze.run(params, pred, m, model, raw, root / "analysis" / s)
-compare.run(params, root / "analysis", root / "compare")
+compare.run(params, root / "analysis", root / "compare", root / "metrics")
 """
 
 _BUILT: dict[str, dict] = {}
@@ -258,6 +262,24 @@ def analyze_samples(stems: list[str], names: list[str], rng, **columns) -> pd.Da
     return frame
 
 
+CATEGORIES = [{"id": 1, "name": "person", "supercategory": "person"},
+              {"id": 3, "name": "car", "supercategory": "vehicle"},
+              {"id": 8, "name": "truck", "supercategory": "vehicle"},
+              {"id": 17, "name": "cat", "supercategory": "animal"}]
+
+
+def evaluate_categories(names: list[str], claims: dict, rng) -> pd.DataFrame:
+    """evaluate's categories.csv, made by its own writer (stages.lib.categories) from counts."""
+    ids = {c["name"]: c["id"] for c in CATEGORIES}
+    class_of = {ids[cat]: names.index(cls) for cls, claim in claims.items() if cls in names
+                for cat in claim.get("categories", []) if cat in ids}
+    pixels = rng.integers(1, 500, (len(CATEGORIES), len(names)))
+    instances = rng.integers(1, 6, len(CATEGORIES))
+    table = category_table(CATEGORIES, names, class_of, pixels, instances,
+                           rng.integers(0, 2, len(CATEGORIES)) * instances)
+    return table.fillna({"claimed_by": ""})
+
+
 def synthetic_scheme(name: str, classes: list[str], ious: list[float | None], seed: int = 0,
                      claims: dict | None = None) -> report.Scheme:
     """A scheme as report.load_scheme returns it, from tables with the documented columns of
@@ -279,6 +301,8 @@ def synthetic_scheme(name: str, classes: list[str], ious: list[float | None], se
                  "iou": dict(zip(names, ious))},
         confusion=rng.integers(0, 1000, (len(names), len(names))),
         confusion_png=FIGURE, curves_png=FIGURE,
+        categories=evaluate_categories(names, claims or {c: {"categories": [c]} for c in classes},
+                                       rng),
         timing={"images": n, "device": "cpu", "batch_size": 4, "wall_s": 1.0,
                 "throughput_img_s": 8.0,
                 "latency_ms": {"total": 800.0, "mean": 100.0, "variance": 4.0, "median": 99.0}},
@@ -320,21 +344,75 @@ def test_comparison_rows_union_classes_and_delta_only_for_two_schemes():
     assert three["classes"][2]["delta"] is None  # car only in one
 
 
-def test_verdicts_name_the_higher_scheme_and_flag_differently_defined_classes():
-    a = synthetic_scheme("person_car", ["person", "car"], [0.9, 0.309, 0.262],
+def pair_summary(classes: dict, categories: dict | None = None) -> dict:
+    """compare's summary.json (docs/outputs.md) for one pair, with what the report reads."""
+    return {"bootstrap": {"samples": 1000, "confidence": 0.95, "seed": 0, "method": "m"},
+            "pairs": [{"a": "person_car", "b": "person_vehicle", "classes": classes,
+                       "categories": categories or {}}]}
+
+
+def test_verdicts_say_higher_only_when_the_interval_excludes_zero():
+    entry = {"iou_a": 0.309, "iou_b": 0.319, "delta_iou": 0.010, "same_definition": True}
+    higher = report.verdicts(pair_summary({"person": {**entry, "interval": [0.004, 0.016],
+                                                      "verdict": "higher"}}))
+    assert higher == ["person: person_vehicle is higher than person_car by 0.010 IoU (0.319 vs "
+                      "0.309; 95% interval of the difference +0.004 to +0.016)."]
+    lower = report.verdicts(pair_summary({"person": {
+        **entry, "iou_b": 0.299, "delta_iou": -0.010, "interval": [-0.016, -0.004],
+        "verdict": "lower"}}))
+    assert lower == ["person: person_vehicle is lower than person_car by 0.010 IoU (0.299 vs "
+                     "0.309; 95% interval of the difference -0.016 to -0.004)."]
+    none = report.verdicts(pair_summary({"person": {**entry, "interval": [-0.002, 0.022],
+                                                    "verdict": "no detectable difference",
+                                                    "same_definition": False}}))
+    assert none == ["person: no detectable difference between person_vehicle and person_car "
+                    "(0.319 vs 0.309; the 95% interval of the difference, -0.002 to +0.022, "
+                    "includes 0); the schemes define this class differently, so this is not "
+                    "like for like."]
+    undefined = report.verdicts(pair_summary({"car": {**entry, "iou_b": None, "delta_iou": None,
+                                                      "interval": [None, None],
+                                                      "verdict": "no detectable difference"}}))
+    assert undefined == ["car: no comparison, the IoU is undefined in person_vehicle."]
+    # without compare's intervals nothing is claimed
+    assert report.verdicts(None) == [] and report.verdicts({"pairs": []}) == []
+
+
+def test_weak_classes_use_the_top_of_the_interval():
+    s = synthetic_scheme("person_car", ["person", "car"], [0.9, 0.3, 0.02])
+    assert report.weak_classes(s, 0.10) == ["car"]
+    s.metrics["interval"] = {"iou": {"background": [0.8, 0.95], "person": [0.05, 0.09],
+                                     "car": [0.0, 0.12]}}
+    assert report.weak_classes(s, 0.10) == ["person"]      # car's interval reaches 0.12
+    s.metrics["iou"]["car"] = None
+    s.metrics["interval"]["iou"]["car"] = [None, None]
+    assert report.weak_classes(s, 0.10) == ["person", "car"]   # undefined: not learned
+    assert report.weak_warning("car") == ("the model has not learned car; findings about car "
+                                          "describe the model's failure, not the data")
+
+
+def test_study_sentence_and_category_rows_read_the_category_tables():
+    a = synthetic_scheme("person_car", ["person", "car"], [0.9, 0.3, 0.2])
+    b = synthetic_scheme("person_vehicle", ["person", "vehicle"], [0.9, 0.3, 0.2],
                          claims={"person": {"categories": ["person"]},
-                                 "car": {"categories": ["car"]}})
-    b = synthetic_scheme("person_vehicle", ["person", "vehicle"], [0.9, 0.319, 0.312],
-                         claims={"person": {"categories": ["person"]},
-                                 "vehicle": {"supercategories": ["vehicle"]}})
-    background, person = report.verdicts([a, b])
-    assert person == ("person: person_vehicle is higher than person_car by 0.010 IoU "
-                      "(0.319 vs 0.309).")
-    assert background.startswith(
-        "background: person_car and person_vehicle score the same IoU (0.900)")
-    assert "define this class differently" in background
-    assert "differently" not in person
-    assert "undefined in b" in report.verdict("x", [("a", 0.5), ("b", None)], True)
+                                 "vehicle": {"categories": ["car", "truck"]}})
+    for s, shares in ((a, {"car": 0.40, "truck": 0.09}), (b, {"car": 0.61, "truck": 0.44})):
+        cls = s.class_names[2]
+        for category, share in shares.items():
+            s.categories.loc[s.categories["category"] == category, f"pred_{cls}"] = share
+    assert report.study_sentence([a, b]) == (
+        "Under person_car, 40% of car pixels and 9% of truck pixels are predicted car; under "
+        "person_vehicle, 61% of car pixels and 44% of truck pixels are predicted vehicle.")
+    summary = pair_summary({}, {"truck": {"share_a": 0.1, "share_b": 0.44, "delta_share": 0.34,
+                                          "interval": [0.2, 0.5], "verdict": "higher",
+                                          "claimed_by_a": "", "claimed_by_b": "vehicle"}})
+    rows = report.category_rows([a, b], summary)
+    # person first, then the vehicle supercategory, then the rest
+    assert [r["category"] for r in rows][:1] == ["person"]
+    assert [r["category"] for r in rows][-1] == "cat"
+    truck = next(r for r in rows if r["category"] == "truck")
+    assert [c["claimed_by"] for c in truck["cells"]] == ["", "vehicle"]
+    assert truck["difference"] == {"delta": 0.34, "verdict": "higher", "interval": [0.2, 0.5]}
+    assert next(r for r in rows if r["category"] == "cat")["difference"] is None
 
 
 def test_examples_are_deterministic_shared_and_explained():
@@ -370,11 +448,17 @@ def test_numbers_format_with_fixed_precision_and_never_minus_zero():
 
 # analyze's params as committed (the flag rule and binning the page describes), PCA maps
 ANALYZE = {**yaml.safe_load((ROOT / "params.yaml").read_text())["analyze"], "projection": "pca"}
-TRAINING = {"model": {"encoder_weights": "imagenet"}, "train": {"epochs": 20, "image_size": 128}}
+STUDY_RECIPE = {"loss": "ce", "class_weights": "inverse_sqrt", "sampler": "uniform",
+                "schedule": "constant",
+                "augment": {"crop_scale": [1, 1], "colour_jitter": {"brightness": 0,
+                                                                    "contrast": 0}}}
+TRAINING = {"model": {"encoder_weights": "imagenet"},
+            "train": {"epochs": 20, "image_size": 128, **STUDY_RECIPE}}
 
 
 def test_caveats_say_when_numbers_cannot_be_compared_with_the_study():
-    scratch = {"model": {"encoder_weights": "none"}, "train": {"epochs": 3, "image_size": 64}}
+    scratch = {"model": {"encoder_weights": "none"},
+               "train": {"epochs": 3, "image_size": 64, **STUDY_RECIPE}}
     notes = " ".join(report.training_caveats(scratch, 80))
     assert "from scratch" in notes and "80 training images for 3 epochs at 64 px" in notes
     assert "not comparable with the study" in notes
@@ -382,10 +466,24 @@ def test_caveats_say_when_numbers_cannot_be_compared_with_the_study():
     assert "20 epochs" in " ".join(report.training_caveats(TRAINING, 800))
 
 
+def test_caveats_name_the_small_data_recipe_and_how_it_differs_from_the_studys():
+    train = {**TRAINING["train"], "loss": "weighted_ce", "sampler": "class_balanced",
+             "schedule": "warmup_cosine",
+             "augment": {"crop_scale": [0.3, 1.0], "colour_jitter": {"brightness": 0.3}}}
+    [recipe, *_] = report.training_caveats({**TRAINING, "train": train}, 82783)
+    assert recipe == ("Trained with the small-data recipe (loss weighted_ce with inverse_sqrt "
+                      "class weights, class-balanced sampling of the training images, random "
+                      "resized crops of 0.3–1 of the image area, colour jitter, warmup cosine "
+                      "learning-rate schedule); the study trained with plain cross-entropy, no "
+                      "augmentation and a constant learning rate (README, \"Reproducing the "
+                      "study on one GPU\").")
+
+
 def test_render_escapes_scheme_and_class_names():
     evil = synthetic_scheme(EVIL, [EVIL], [0.5, 0.25])
     plain = synthetic_scheme("plain", ["person"], [0.5, 0.2])
-    params = {"report": {"title": EVIL, "thumbnail_px": 64}, "analyze": ANALYZE,
+    params = {"report": {"title": EVIL, "thumbnail_px": 64, "min_class_iou": 0.1},
+              "analyze": ANALYZE,
               **TRAINING}
     provenance = {"git": {"commit": None, "dirty": None}, "date": "d", "versions": [("x", "1")],
                   "params_yaml": EVIL, "data": {"base_url": EVIL, "year": 2017, "seed": 0,
@@ -415,8 +513,8 @@ SYNTHETIC_PROVENANCE = {"git": {"commit": "abc1234", "dirty": False}, "date": "d
 
 
 def synthetic_page(schemes: list[report.Scheme]) -> Page:
-    params = {"report": {"title": "t", "thumbnail_px": 64}, "analyze": ANALYZE,
-              **TRAINING}
+    params = {"report": {"title": "t", "thumbnail_px": 64, "min_class_iou": 0.1},
+              "analyze": ANALYZE, **TRAINING}
     return Page.parse(report.render(report.build_context(params, schemes,
                                                          SYNTHETIC_PROVENANCE, [])))
 
@@ -606,7 +704,8 @@ def test_cluster_cards_and_differences_agree_with_compares_own_functions():
                                                                                   ["a", "b"]),
                               ["a", "b"], 2.0, 2)
     cards = {s.name: report.cluster_cards(s, changes, {}) for s in (a, b)}
-    params = {"report": {"title": "t", "thumbnail_px": 64}, "analyze": ANALYZE, **TRAINING}
+    params = {"report": {"title": "t", "thumbnail_px": 64, "min_class_iou": 0.1},
+              "analyze": ANALYZE, **TRAINING}
     html = report.render(report.build_context(params, [a, b], SYNTHETIC_PROVENANCE, [],
                                               summary=summary, cards=cards))
     shown = _cards(html)
@@ -816,7 +915,7 @@ def test_a_category_that_closes_the_script_stays_data_and_shows_as_text():
     a.clusters["dominant_categories"] = [PAYLOAD, "bus 60% (3.1x)"]
     page = synthetic_page([a])
     html = report.render(report.build_context(
-        {"report": {"title": "t", "thumbnail_px": 64}, "analyze": ANALYZE,
+        {"report": {"title": "t", "thumbnail_px": 64, "min_class_iou": 0.1}, "analyze": ANALYZE,
          **TRAINING}, [a], SYNTHETIC_PROVENANCE, []))
     assert PAYLOAD not in html and "</script><script>" not in html
     assert page.data()["per_scheme"][0]["clusters"][0]["dominant"] == PAYLOAD
@@ -826,7 +925,7 @@ def test_a_category_that_closes_the_script_stays_data_and_shows_as_text():
 
 def test_page_allows_only_its_own_script_by_hash():
     html = report.render(report.build_context(
-        {"report": {"title": "t", "thumbnail_px": 64}, "analyze": ANALYZE,
+        {"report": {"title": "t", "thumbnail_px": 64, "min_class_iou": 0.1}, "analyze": ANALYZE,
          **TRAINING}, [synthetic_scheme("a", ["person"], [0.5, 0.2])], SYNTHETIC_PROVENANCE, []))
     page = Page.parse(html)
     [csp] = [a["content"] for t, a in page.tags
@@ -1141,3 +1240,33 @@ def test_engine_specific_facts_stay_in_the_timing_section(pipeline, tmp_path, mo
     assert "DVC records no stage times" not in a
     timing = re.compile(r'<section id="timing">.*?</section>', re.S)
     assert timing.sub("", a) == timing.sub("", b)
+
+
+def test_comparison_leads_with_intervals_categories_and_weak_classes(rendered):
+    """On the real pipeline: every verdict carries compare's interval, the category table
+    lists evaluate's categories, and each class the tiny model has not learned is named."""
+    root, page, params = rendered["root"], rendered["page"], rendered["params"]
+    summary = json.loads((root / "compare" / "summary.json").read_text())
+    text = page.all_text()
+    [pair] = summary["pairs"]
+    assert pair["classes"], "no shared class to check"
+    for name, entry in pair["classes"].items():
+        lo, hi = entry["interval"]
+        assert lo is not None and f"{lo:+.3f} to {hi:+.3f}" in text, name
+        said = "no detectable difference" if entry["verdict"] == "no detectable difference" \
+            else f"is {entry['verdict']} than"
+        assert f"{name}: " in text and said in text
+    assert "training noise was not measured" in text
+    listed = {row[0].split()[0] for row in page.tables["category-table"][1:]}
+    weak, classes = set(), set()
+    for scheme in params["schemes"]:
+        categories = pd.read_csv(root / "metrics" / f"{scheme}.categories.csv")
+        assert set(categories["category"].str.split().str[0]) <= listed
+        doc = json.loads((root / "metrics" / f"{scheme}.json").read_text())
+        for name in list(doc["iou"])[1:]:
+            upper = doc["interval"]["iou"][name][1]
+            classes.add(name)
+            if (upper if upper is not None else doc["iou"][name] or 0) < 0.10:
+                weak.add(name)
+    for name in classes:
+        assert (f"the model has not learned {name}" in text) == (name in weak), name

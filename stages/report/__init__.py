@@ -59,14 +59,18 @@ from stages.report.render import (
 )
 from stages.report.tables import (
     SUMMARY_METRICS,
+    category_rows,
     choose_examples,
     cluster_cards,
     comparison_table,
     example_candidates,
     informative_fields,
+    study_sentence,
     training_caveats,
     verdict,
     verdicts,
+    weak_classes,
+    weak_warning,
 )
 
 # What the tests and other tools reach as report.X (the modules hold them).
@@ -76,7 +80,8 @@ __all__ = ["CATEGORY_COLOURS", "PARAMS", "SUMMARY_METRICS", "Scheme",
            "format_number", "format_signed", "git_state", "informative_fields", "json_script",
            "legend_swatches", "load_scheme", "main", "params_diff", "photo_thumbnail",
            "porcelain_paths", "read_stage_times", "render", "run", "sha256_file",
-           "thumbnail_stems", "training_caveats", "verdict", "verdicts"]
+           "thumbnail_stems", "training_caveats", "verdict", "verdicts", "category_rows",
+           "study_sentence", "weak_classes", "weak_warning"]
 
 log = logging.getLogger("report")
 

@@ -22,6 +22,7 @@ class Scheme:
     metrics: dict                    # evaluate's S.json
     confusion: np.ndarray            # evaluate's S.confusion.csv
     confusion_png: bytes             # evaluate's S.confusion.png
+    categories: pd.DataFrame         # evaluate's S.categories.csv
     curves_png: bytes                # train's models/S/curves.png
     timing: dict                     # infer's timing.json
     train: dict                      # train's train.json
@@ -58,6 +59,8 @@ BIN_COLUMNS = ["binning", "field", "bin", "low", "high", "count", "mean_loss", "
                "flagged"]
 ISSUE_COLUMNS = ["rank", "image_id", "stem", "label_quality", "loss", "flagged",
                  "main_disagreement", "figure"]
+CATEGORY_COLUMNS = ["category", "supercategory", "claimed_by", "instances", "pixels",
+                    "instance_recall", "instance_pull"]
 TRAIN_KEYS = ["device", "precision", "epochs", "wall_s", "torch_version", "model_sha256",
               "train_images", "val_images"]
 TIMING_KEYS = ["images", "device", "batch_size", "latency_ms", "wall_s", "throughput_img_s"]
@@ -120,6 +123,9 @@ def load_scheme(params: dict, name: str, models: Path, predictions: Path, metric
         metrics=read_metrics(metrics / f"{name}.json", class_names),
         confusion=read_confusion(metrics / f"{name}.confusion.csv", class_names),
         confusion_png=read_png(metrics / f"{name}.confusion.png", "evaluate"),
+        categories=read_table(metrics / f"{name}.categories.csv",
+                              [*CATEGORY_COLUMNS, *(f"pred_{c}" for c in class_names)],
+                              "evaluate").fillna({"claimed_by": ""}),
         curves_png=read_png(models / name / "curves.png", "train"),
         timing=read_timing(predictions / name / "timing.json"),
         train=read_json(models / name / "train.json", TRAIN_KEYS, "train"),

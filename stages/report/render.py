@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import re
 from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
@@ -20,6 +21,7 @@ from stages.report.explorer import explorer_data, explorer_fields, image_table
 from stages.report.inputs import Scheme, listed_file
 from stages.report.provenance import NO_STAGE_TIMES
 from stages.report.tables import (
+    category_rows,
     charted_fields,
     choose_examples,
     cluster_agreement,
@@ -31,12 +33,16 @@ from stages.report.tables import (
     flag_rule,
     flagged_bins,
     loss_comparison,
-    scheme_differences,
     sample_scores,
+    scheme_differences,
+    seed_note,
+    study_sentence,
     timing_rows,
     training_caveats,
     unshared,
     verdicts,
+    weak_classes,
+    weak_warning,
 )
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
@@ -113,6 +119,12 @@ def app_script() -> tuple[Markup, str]:
     return Markup(code), f"sha256-{digest}"
 
 
+def named(classes: list[str], text: str) -> list[str]:
+    """The classes a label issue's disagreement names ("labelled background, model says
+    car"): where the model has not learned one, the issue is its failure, not the label's."""
+    return [c for c in classes if re.search(rf"\b{re.escape(c)}\b", text)]
+
+
 def build_context(params: dict, schemes: list[Scheme], provenance: dict,
                   examples: list[dict], issues: list[dict] | None = None,
                   summary: dict | None = None, thumbs: dict[str, str] | None = None,
@@ -122,8 +134,10 @@ def build_context(params: dict, schemes: list[Scheme], provenance: dict,
     are the inlined sample thumbnails, `cards` the cluster cards per scheme (drawn without
     heat-maps or compare's changes when not given), `summary` compare's summary.json."""
     names = [s.name for s in schemes]
+    weak = {s.name: weak_classes(s, params["report"]["min_class_iou"]) for s in schemes}
     charted = charted_fields(schemes)
-    flagged = [f for s in schemes for f in flagged_bins(s, charted)]
+    flagged = [{**f, "not_learned": [c for c in weak[s.name] if f["field"].startswith(f"{c}_")]}
+               for s in schemes for f in flagged_bins(s, charted)]
     projection = params["analyze"]["projection"]
     code, script_hash = app_script()
     cards = cards or {s.name: cluster_cards(s, None, {}) for s in schemes}
@@ -132,8 +146,11 @@ def build_context(params: dict, schemes: list[Scheme], provenance: dict,
     return {
         "title": params["report"]["title"], "schemes": names,
         "provenance": {**PROVENANCE_DEFAULTS, **provenance},
-        "comparison": comparison_table(schemes), "verdicts": verdicts(schemes),
-        "unshared": unshared(schemes),
+        "comparison": comparison_table(schemes), "verdicts": verdicts(summary),
+        "seed_note": seed_note(params), "unshared": unshared(schemes),
+        "categories": category_rows(schemes, summary), "study": study_sentence(schemes),
+        "weak": [{"scheme": s.name, "warnings": [weak_warning(c) for c in weak[s.name]]}
+                 for s in schemes if weak[s.name]],
         # One scheme has nothing to subtract; with three or more, each delta names its pair.
         "delta_label": (f"Δ {names[1]} − {names[0]}" if len(names) == 2
                         else "Δ (the two schemes with the class)" if len(names) > 2 else ""),
@@ -150,7 +167,8 @@ def build_context(params: dict, schemes: list[Scheme], provenance: dict,
                     for s in schemes],
         "examples": examples, "thumbnail_px": params["report"]["thumbnail_px"],
         "caveats": training_caveats(params, provenance["data"]["images"].get("train")),
-        "issues": [{"scheme": s.name, "rows": [i for i in issues or [] if i["scheme"] == s.name]}
+        "issues": [{"scheme": s.name, "rows": [{**i, "not_learned": named(weak[s.name], i["what"])}
+                                               for i in issues or [] if i["scheme"] == s.name]}
                    for s in schemes],
         "differences": scheme_differences(summary),
         "n_thumbs": len(explorer["thumbs"]), "n_images": len(explorer["images"]["stem"]),

@@ -71,38 +71,124 @@ def class_definition(claims: dict, name: str) -> frozenset:
     return frozenset(pairs(claims[name]))
 
 
-def verdict(name: str, scored: list[tuple[str, float | None]], same_definition: bool) -> str:
-    """One sentence saying which scheme scores a shared class higher, and by how much."""
-    known = sorted(((s, v) for s, v in scored if v is not None), key=lambda p: -p[1])
-    missing = [s for s, v in scored if v is None]
-    if len(known) < 2:
-        text = (f"{name}: no comparison, the IoU is undefined in {', '.join(missing)} "
-                f"(no {name} pixels in its ground truth or predictions)")
+def verdict(name: str, entry: dict, a: str, b: str, confidence: float) -> str:
+    """One sentence on a shared class from compare's paired bootstrap (summary.json's
+    pair["classes"][name]): "higher"/"lower" only when the interval excludes zero."""
+    va, vb, delta = finite(entry["iou_a"]), finite(entry["iou_b"]), finite(entry["delta_iou"])
+    lo, hi = (finite(v) for v in entry["interval"])
+    level = f"{confidence:.0%}"
+    if None in (va, vb, delta):
+        text = f"{name}: no comparison, the IoU is undefined in {a if va is None else b}"
+    elif lo is None or hi is None:
+        text = (f"{name}: {b} {vb:.3f}, {a} {va:.3f}; no interval (the IoU is undefined in "
+                f"most resamples of the val images), so no verdict")
+    elif entry["verdict"] == "no detectable difference":
+        text = (f"{name}: no detectable difference between {b} and {a} ({vb:.3f} vs {va:.3f}; "
+                f"the {level} interval of the difference, {lo:+.3f} to {hi:+.3f}, includes 0)")
     else:
-        (high, vh), (low, vl) = known[0], known[-1]
-        if vh - vl < SAME:
-            text = f"{name}: {' and '.join(s for s, _ in known)} score the same IoU ({vh:.3f})"
-        elif len(known) == 2:
-            text = (f"{name}: {high} is higher than {low} by {vh - vl:.3f} IoU "
-                    f"({vh:.3f} vs {vl:.3f})")
-        else:
-            text = (f"{name}: highest in {high} ({vh:.3f}), lowest in {low} ({vl:.3f}), "
-                    f"a gap of {vh - vl:.3f} IoU")
-    if not same_definition:
+        word = "higher" if entry["verdict"] == "higher" else "lower"
+        text = (f"{name}: {b} is {word} than {a} by {abs(delta):.3f} IoU ({vb:.3f} vs "
+                f"{va:.3f}; {level} interval of the difference {lo:+.3f} to {hi:+.3f})")
+    if not entry["same_definition"]:
         text += "; the schemes define this class differently, so this is not like for like"
     return text + "."
 
 
-def verdicts(schemes: list[Scheme]) -> list[str]:
-    sentences = []
-    for name in class_union(schemes):
-        having = [s for s in schemes if name in s.class_names]
-        if len(having) < 2:
+def verdicts(summary: dict | None) -> list[str]:
+    """A sentence per shared class and pair of schemes, from compare's intervals; none
+    without compare (no interval, so no claim that one scheme is better)."""
+    confidence = (summary or {}).get("bootstrap", {}).get("confidence")
+    return [verdict(name, entry, p["a"], p["b"], confidence)
+            for p in (summary or {}).get("pairs", []) if confidence is not None
+            for name, entry in p.get("classes", {}).items()]
+
+
+def seed_note(params: dict) -> str:
+    """What the intervals cover."""
+    return ("One training run per scheme: training noise was not measured, so the intervals "
+            "cover the choice of val images only (a paired bootstrap over them), not what "
+            "another training run would give.")
+
+
+def weak_classes(scheme: Scheme, threshold: float) -> list[str]:
+    """The classes (background aside) the model has not learned: val IoU, or the upper end
+    of its interval when evaluate wrote one, below report.min_class_iou."""
+    interval = scheme.metrics.get("interval", {}).get("iou", {})
+    weak = []
+    for name in scheme.class_names[1:]:
+        upper = finite((interval.get(name) or [None, None])[1])
+        value = upper if upper is not None else finite(scheme.metrics["iou"].get(name))
+        if value is None or value < threshold:
+            weak.append(name)
+    return weak
+
+
+def weak_warning(name: str) -> str:
+    return (f"the model has not learned {name}; findings about {name} describe the model's "
+            f"failure, not the data")
+
+
+CATEGORIES_FIRST = ("person",)
+CATEGORY_GROUP_FIRST = "vehicle"
+
+
+def category_order(schemes: list[Scheme]) -> list[str]:
+    """person, then the vehicle supercategory (the study's hypothesis), then the rest; by
+    counted pixels within each group."""
+    frame = pd.concat([s.categories[["category", "supercategory", "pixels"]] for s in schemes])
+    pixels = frame.groupby("category")["pixels"].max()
+    group = frame.drop_duplicates("category").set_index("category")["supercategory"]
+    rank = lambda c: (c not in CATEGORIES_FIRST, group[c] != CATEGORY_GROUP_FIRST,  # noqa: E731
+                      -pixels[c], c)
+    return sorted(pixels.index, key=rank)
+
+
+def category_rows(schemes: list[Scheme], summary: dict | None) -> list[dict]:
+    """The table "what each category becomes": per scheme the class claiming the category
+    and the shares of its pixels predicted as each class (evaluate's categories.csv); per
+    pair of two schemes, compare's found-share difference with its interval."""
+    pairs = (summary or {}).get("pairs", [])
+    differences = pairs[0].get("categories", {}) if len(pairs) == 1 else {}
+    rows = []
+    for name in category_order(schemes):
+        cells = []
+        for s in schemes:
+            found = s.categories[s.categories["category"] == name]
+            if found.empty:
+                cells.append(None)
+                continue
+            r = found.iloc[0]
+            shares = sorted(((c, finite(r[f"pred_{c}"])) for c in s.class_names),
+                            key=lambda p: -(p[1] or 0))
+            rate = r["instance_recall"] if r["claimed_by"] else r["instance_pull"]
+            cells.append({"claimed_by": r["claimed_by"], "instances": int(r["instances"]),
+                          "shares": [(c, v) for c, v in shares if v], "rate": finite(rate)})
+        diff = differences.get(name)
+        rows.append({"category": name, "supercategory": schemes[0].categories.set_index(
+            "category")["supercategory"].get(name, ""), "cells": cells,
+            "difference": None if diff is None else {
+                "delta": finite(diff["delta_share"]), "verdict": diff["verdict"],
+                "interval": [finite(v) for v in diff["interval"]]}})
+    return rows
+
+
+def study_sentence(schemes: list[Scheme]) -> str:
+    """The study's hypothesis in numbers, read from the category tables: under each scheme,
+    the share of car, truck and bus pixels predicted as the class that claims car."""
+    parts = []
+    for s in schemes:
+        table = s.categories.set_index("category")
+        if "car" not in table.index or not table.loc["car", "claimed_by"]:
             continue
-        definitions = {class_definition(s.claims, name) for s in having}
-        scored = [(s.name, finite(s.metrics["iou"].get(name))) for s in having]
-        sentences.append(verdict(name, scored, len(definitions) == 1))
-    return sentences
+        cls = table.loc["car", "claimed_by"]
+        shares = [f"{table.loc[c, f'pred_{cls}']:.0%} of {c} pixels"
+                  for c in ("car", "truck", "bus") if c in table.index]
+        listed = (", ".join(shares[:-1]) + " and " + shares[-1]) if len(shares) > 1 else shares[0]
+        parts.append(f"under {s.name}, {listed} are predicted {cls}")
+    if not parts:
+        return ""
+    sentence = "; ".join(parts) + "."
+    return sentence[0].upper() + sentence[1:]
 
 
 def unshared(schemes: list[Scheme]) -> list[str]:
@@ -126,6 +212,25 @@ STUDY = "ImageNet-initialised encoder on COCO 2014 (82,783 train images): person
 FEW_IMAGES = 5000
 
 
+def recipe_changes(train: dict) -> list[str]:
+    """How params.yaml's training differs from the study's recipe, in words."""
+    changes = []
+    if train["loss"] != "ce":
+        weighted = train["loss"].startswith("weighted")
+        changes.append(f"loss {train['loss']}"
+                       + (f" with {train['class_weights']} class weights" if weighted else ""))
+    if train["sampler"] != "uniform":
+        changes.append(f"{train['sampler'].replace('_', '-')} sampling of the training images")
+    low, high = train["augment"]["crop_scale"]
+    if (low, high) != (1, 1):
+        changes.append(f"random resized crops of {low:g}–{high:g} of the image area")
+    if any(v > 0 for v in train["augment"]["colour_jitter"].values()):
+        changes.append("colour jitter")
+    if train["schedule"] != "constant":
+        changes.append(f"{train['schedule'].replace('_', ' ')} learning-rate schedule")
+    return changes
+
+
 def training_caveats(params: dict, train_images: int | None) -> list[str]:
     """What a reader must know before comparing these numbers with the study's."""
     notes = []
@@ -133,6 +238,11 @@ def training_caveats(params: dict, train_images: int | None) -> list[str]:
     if weights == "none":
         notes.append("The encoder was trained from scratch (model.encoder_weights: none), not "
                      "from ImageNet weights as in the study.")
+    recipe = recipe_changes(params["train"])
+    if recipe:
+        notes.append(f"Trained with the small-data recipe ({', '.join(recipe)}); the study "
+                     "trained with plain cross-entropy, no augmentation and a constant learning "
+                     "rate (README, \"Reproducing the study on one GPU\").")
     if train_images is not None and train_images < FEW_IMAGES:
         notes.append(f"Each model saw {train_images} training images for "
                      f"{params['train']['epochs']} epochs at {params['train']['image_size']} px.")
