@@ -1,0 +1,139 @@
+"""`make mutate`: mutation testing of the core with mutmut (configured in pyproject.toml's
+[tool.mutmut]), then a killed/survived score per module.
+
+mutmut mutates every function of the files in only_mutate; this script runs the mutants of
+the modules below only, and of infer and the report only the functions named (infer's
+per-image scoring, the report's comparison tables), with one worker (`--max-children 1`:
+the machine's cores are shared). Not mutated (pyproject.toml's do_not_mutate_patterns):
+log calls and argparse help texts, which are not output contracts.
+
+A mutant judged equivalent (no test can tell it from the original) is listed in EQUIVALENT
+with its reason and left out of the score's denominator. mutmut numbers the mutants of a
+function in source order, so an edit to a function renumbers its mutants and the list must
+be checked again (the script fails when a listed mutant is missing or was killed).
+
+Usage: python -m benchmarks.mutate [--no-run] [--markdown FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# module -> mutant-name patterns (mutmut's names: <module>.x_<function>__mutmut_<n>)
+MODULES = {
+    "stages/lib/metrics.py": ["stages.lib.metrics.*"],
+    "stages/lib/buckets.py": ["stages.lib.buckets.*"],
+    "stages/lib/labels.py": ["stages.lib.labels.*"],
+    "stages/lib/fetch.py": ["stages.lib.fetch.*"],
+    "stages/evaluate.py": ["stages.evaluate.*"],
+    "stages/compare.py": ["stages.compare.*"],
+    "stages/infer.py (scoring)": ["stages.infer.x_full_size_log_probs__mutmut_*",
+                                  "stages.infer.x_sample_scores__mutmut_*"],
+    "stages/report.py (comparison tables)": [
+        "stages.report.x_comparison_row__mutmut_*", "stages.report.x_comparison_table__mutmut_*",
+        "stages.report.x_verdict__mutmut_*", "stages.report.x_verdicts__mutmut_*"],
+}
+
+# mutant name -> why no test can kill it (behaviour identical on every input it can get)
+EQUIVALENT: dict[str, str] = {
+}
+
+KILLED = {1, 3}  # pytest's exit codes for failed tests / internal error (mutmut's "killed")
+TIMEOUT = {36, 24, -24, 152, 255}
+
+
+def meta_path(module: str) -> Path:
+    return ROOT / "mutants" / (module.split(" ")[0] + ".meta")
+
+
+def results() -> dict[str, dict[str, int | None]]:
+    """module -> {mutant name: exit code} for the mutants in MODULES' patterns."""
+    out = {}
+    for module, patterns in MODULES.items():
+        codes = json.loads(meta_path(module).read_text())["exit_code_by_key"]
+        out[module] = {name: code for name, code in codes.items()
+                       if any(fnmatch.fnmatch(name, p) for p in patterns)}
+    return out
+
+
+def score_rows(by_module: dict[str, dict[str, int | None]]) -> list[dict]:
+    rows = []
+    for module, codes in by_module.items():
+        count = Counter()
+        survivors = []
+        for name, code in codes.items():
+            if code is None:
+                count["not_checked"] += 1
+            elif code in KILLED or code in TIMEOUT:
+                count["killed"] += 1
+                if name in EQUIVALENT:
+                    raise SystemExit(f"{name} is listed as equivalent but a test killed it")
+            elif name in EQUIVALENT:
+                count["equivalent"] += 1
+            else:
+                count["survived"] += 1
+                survivors.append(name)
+        live = len(codes) - count["equivalent"] - count["not_checked"]
+        rows.append({"module": module, "mutants": len(codes), "killed": count["killed"],
+                     "survived": count["survived"], "equivalent": count["equivalent"],
+                     "not_checked": count["not_checked"],
+                     "score": count["killed"] / live if live else float("nan"),
+                     "survivors": sorted(survivors)})
+    missing = set(EQUIVALENT) - {n for codes in by_module.values() for n in codes}
+    if missing:
+        raise SystemExit(f"listed as equivalent but no such mutant: {sorted(missing)}")
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| module | mutants | killed | survived | equivalent | not run | score |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['module']} | {r['mutants']} | {r['killed']} | {r['survived']} | "
+                     f"{r['equivalent']} | {r['not_checked']} | {100 * r['score']:.1f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def run_mutmut(modules: list[str]) -> None:
+    patterns = [p for m in modules for p in MODULES[m]]
+    mutmut = Path(sys.executable).parent / "mutmut"
+    subprocess.run([str(mutmut), "run", "--max-children", "1", *patterns], cwd=ROOT,
+                   check=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--no-run", action="store_true",
+                        help="only score the results of the last run")
+    parser.add_argument("--markdown", type=Path, help="write the score table here too")
+    parser.add_argument("--module", action="append", choices=list(MODULES),
+                        help="run only these modules' mutants (default: all)")
+    args = parser.parse_args(argv)
+    start, load = time.monotonic(), os.getloadavg()
+    if not args.no_run:
+        run_mutmut(args.module or list(MODULES))
+    rows = score_rows(results())
+    table = markdown(rows)
+    print(table)
+    for r in rows:
+        for name in r["survivors"]:
+            print(f"survived: {name}  (mutmut show {name})")
+    if not args.no_run:
+        print(f"wall {time.monotonic() - start:.0f} s; load average at start "
+              f"{load[0]:.2f}, at end {os.getloadavg()[0]:.2f}")
+    if args.markdown:
+        args.markdown.write_text(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
