@@ -273,6 +273,75 @@ def test_verdicts_name_the_higher_scheme_and_flag_differently_defined_classes():
     assert "undefined in b" in report.verdict("x", [("a", 0.5), ("b", None)], True)
 
 
+def test_comparison_row_by_hand_at_the_same_threshold():
+    """SAME = 5e-4 (two IoUs that print alike at 3 decimals): a difference of exactly SAME
+    counts (direction and best set), one of 2**-11 (< SAME) does not; a non-member's value
+    is dropped; NaN/inf are no value; with three members there is no delta but a best."""
+    row = report.comparison_row("x", [(True, 0.0), (False, 0.9), (True, 5e-4)])
+    assert row == {"label": "x", "cells": [{"member": True, "value": 0.0},
+                                           {"member": False, "value": None},
+                                           {"member": True, "value": 5e-4}],
+                   "pair": (0, 2), "delta": 5e-4, "direction": "pos", "best": 2}
+    down = report.comparison_row("y", [(True, 0.75), (True, 0.5)])
+    assert (down["pair"], down["delta"], down["direction"], down["best"]) == ((0, 1), -0.25,
+                                                                              "neg", 0)
+    alike = report.comparison_row("z", [(True, 0.25), (True, 0.25 + 2 ** -11)])
+    assert (alike["delta"], alike["direction"], alike["best"]) == (2 ** -11, "", None)
+    nan = report.comparison_row("n", [(True, float("nan")), (True, 0.5)])
+    assert [c["value"] for c in nan["cells"]] == [None, 0.5]
+    assert (nan["pair"], nan["delta"], nan["direction"], nan["best"]) == ((0, 1), None, "", None)
+    inf = report.comparison_row("i", [(True, 0.5), (True, float("inf"))])
+    assert [c["value"] for c in inf["cells"]] == [0.5, None] and inf["delta"] is None
+    three = report.comparison_row("t", [(True, 0.25), (True, 0.75), (True, 0.5)])
+    assert (three["pair"], three["delta"], three["direction"], three["best"]) == (
+        None, None, "", 1)
+    tie = report.comparison_row("u", [(True, 0.75), (True, 0.75), (True, 0.25)])
+    assert tie["best"] is None
+
+
+def test_comparison_table_summary_rows_read_each_metric():
+    a = synthetic_scheme("person_car", ["person", "car"], [0.9, 0.25, 0.5])
+    b = synthetic_scheme("person_vehicle", ["person", "vehicle"], [0.875, 0.25, 0.125])
+    b.metrics.update(miou=0.5, pixel_accuracy=0.75, pixel_accuracy_with_ignore=0.625,
+                     mean_class_accuracy=0.375, fw_iou=0.25)
+    table = report.comparison_table([a, b])
+    assert [r["label"] for r in table["summary"]] == [
+        "mIoU", "pixel accuracy (ignore excluded)", "pixel accuracy (ignore counted as error)",
+        "mean class accuracy", "frequency-weighted IoU"]
+    assert [[c["value"] for c in r["cells"]] for r in table["summary"]] == [
+        [0.4, 0.5], [0.8, 0.75], [0.7, 0.625], [0.5, 0.375], [0.6, 0.25]]
+    assert all(c["member"] for r in table["summary"] for c in r["cells"])
+    assert [[(c["member"], c["value"]) for c in r["cells"]] for r in table["classes"]] == [
+        [(True, 0.9), (True, 0.875)], [(True, 0.25), (True, 0.25)],
+        [(True, 0.5), (False, None)], [(False, None), (True, 0.125)]]
+
+
+def test_verdict_sentences_word_for_word():
+    assert report.verdict("person", [("a", 0.5), ("b", 0.75), ("c", 0.625)], True) == (
+        "person: highest in b (0.750), lowest in a (0.500), a gap of 0.250 IoU.")
+    assert report.verdict("x", [("a", None), ("b", 0.5), ("c", None)], True) == (
+        "x: no comparison, the IoU is undefined in a, c (no x pixels in its ground truth or "
+        "predictions).")
+    assert report.verdict("x", [("a", 0.25), ("b", 0.25), ("c", 0.25)], False) == (
+        "x: a and b and c score the same IoU (0.250); the schemes define this class "
+        "differently, so this is not like for like.")
+    # a gap of exactly SAME (5e-4) is a difference; 2**-11 (< SAME) is not
+    assert report.verdict("x", [("a", 0.0), ("b", 5e-4)], True) == (
+        "x: b is higher than a by 0.001 IoU (0.001 vs 0.000).")
+    assert report.verdict("x", [("a", 0.25 + 2 ** -11), ("b", 0.25)], True) == (
+        "x: a and b score the same IoU (0.250).")
+
+
+def test_verdicts_skip_one_scheme_classes_and_treat_nan_as_undefined():
+    a = synthetic_scheme("person_car", ["person", "car"], [0.5, float("nan"), 0.25])
+    b = synthetic_scheme("person_vehicle", ["person"], [0.5, 0.75])
+    assert report.verdicts([a, b]) == [
+        "background: person_car and person_vehicle score the same IoU (0.500); the schemes "
+        "define this class differently, so this is not like for like.",
+        "person: no comparison, the IoU is undefined in person_car (no person pixels in its "
+        "ground truth or predictions)."]
+
+
 def test_examples_are_deterministic_shared_and_explained():
     a = synthetic_scheme("a", ["person"], [0.9, 0.3], seed=1)
     b = synthetic_scheme("b", ["person"], [0.9, 0.3], seed=2)
