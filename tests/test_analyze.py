@@ -5,6 +5,7 @@ corrupted (a person erased, a region relabelled)."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import numpy as np
@@ -208,6 +209,72 @@ def test_a_bucket_whose_loss_stands_out_is_flagged():
     table, _ = buckets.bucket_table(samples, "car_fraction", 5, "equal_width", 2.0, 5)
     assert not table["flagged"].any()
     assert (index == 4).sum() == 4
+
+
+def test_bucket_table_every_column_by_hand():
+    """Two equal-width bins of [0, 1]: losses 1, 2, 3 (mean 2, sd 1) and 4, 6, 8 plus a
+    sample without a loss (counted, not averaged: mean 6, sd 2); overall mean 24 / 6 = 4.
+    Standard errors 1/sqrt(3) and 2/sqrt(3), so the bins lie -2 sqrt(3) and sqrt(3) standard
+    errors from the overall mean: the second is flagged at z = 1.5, not at z = 1.8."""
+    samples = pd.DataFrame({"f": [0.0, 0.1, 0.2, 0.6, 0.7, 1.0, 0.8],
+                            "loss": [1.0, 2.0, 3.0, 4.0, 6.0, 8.0, np.nan],
+                            "iou_car": [0.0, 0.5, np.nan, 1.0, 0.5, 0.0, 0.25],
+                            "other": 1.0})
+    table, index = buckets.bucket_table(samples, "f", 2, "equal_width", z=1.5, min_count=3)
+    assert index.tolist() == [0, 0, 0, 1, 1, 1, 1]
+    assert list(table.columns) == [
+        "binning", "field", "bin", "low", "high", "count", "mean_loss", "std_loss", "se_loss",
+        "overall_mean_loss", "excess_se", "flagged", "mean_iou_car"]
+    assert table[["binning", "field", "bin", "low", "high", "count", "flagged"]].to_dict(
+        "records") == [
+        {"binning": "equal_width", "field": "f", "bin": 0, "low": 0.0, "high": 0.5, "count": 3,
+         "flagged": False},
+        {"binning": "equal_width", "field": "f", "bin": 1, "low": 0.5, "high": 1.0, "count": 4,
+         "flagged": True}]
+    r3 = math.sqrt(3)
+    for column, expected in {"mean_loss": [2.0, 6.0], "std_loss": [1.0, 2.0],
+                             "se_loss": [1 / r3, 2 / r3], "overall_mean_loss": [4.0, 4.0],
+                             "excess_se": [-2 * r3, r3],
+                             "mean_iou_car": [0.25, (1.0 + 0.5 + 0.0 + 0.25) / 4]}.items():
+        np.testing.assert_allclose(table[column], expected, rtol=1e-12, err_msg=column)
+    table, _ = buckets.bucket_table(samples, "f", 2, "equal_width", z=1.8, min_count=3)
+    assert table["flagged"].tolist() == [False, False]
+
+
+def test_bucket_table_empty_and_single_sample_bins_are_nan_and_unflagged():
+    """Edges 0, .3, .6, .9: three samples, an empty bin, and one sample alone in the last
+    (closed) bin: no standard deviation from one loss, nothing at all from none."""
+    samples = pd.DataFrame({"f": [0.0, 0.05, 0.1, 0.9], "loss": [1.0, 1.0, 1.0, 9.0],
+                            "iou_car": [0.5, 0.5, 0.5, 0.0]})
+    table, index = buckets.bucket_table(samples, "f", 3, "equal_width", z=0.0, min_count=1)
+    assert index.tolist() == [0, 0, 0, 2]
+    assert table["count"].tolist() == [3, 0, 1]
+    assert table["mean_loss"].tolist()[::2] == [1.0, 9.0] and np.isnan(table["mean_loss"][1])
+    # the first bin: sd 0, so no excess in standard errors (no division by zero)
+    assert table["std_loss"][0] == 0.0 and table["se_loss"][0] == 0.0
+    for column in ("std_loss", "se_loss", "excess_se"):
+        assert table[column][1:].isna().all(), column
+    assert np.isnan(table["excess_se"][0])
+    assert table["flagged"].tolist() == [False, False, False]
+    assert table["mean_iou_car"][0] == 0.5 and np.isnan(table["mean_iou_car"][1])
+
+
+def test_bin_edges_special_cases():
+    # one repeated value: a single bin of width 1 from it
+    assert buckets.bin_edges(pd.Series([0.3, 0.3, 0.3]), 4, "equal_count").tolist() == [0.3, 1.3]
+    # 0/1 integers (with a missing value) are two-valued like booleans; 0/1/2 are not
+    assert buckets.bin_edges(pd.Series([0, 1, None, 1]), 4, "equal_width").tolist() == [
+        0, 0.5, 1]
+    assert buckets.is_two_valued(pd.Series([0, 1, np.nan]))
+    assert not buckets.is_two_valued(pd.Series([0, 1, 2]))
+    assert buckets.bin_edges(pd.Series([0.0, 1.0, 2.0]), 2, "equal_width").tolist() == [
+        0, 1, 2]
+    # equal counts over distinct values: quantiles, no special bin for the minimum
+    assert buckets.bin_edges(pd.Series([0.0, 1.0, 2.0, 3.0, 4.0]), 2,
+                             "equal_count").tolist() == [0, 2, 4]
+    with pytest.raises(ValueError, match=r"^unknown binning 'quantile' \(known: equal_width, "
+                                         r"equal_count\)$"):
+        buckets.bin_edges(pd.Series([0.0, 2.0]), 2, "quantile")
 
 
 def test_flagged_bucket_samples_are_listed_worst_first():
