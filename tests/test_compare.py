@@ -135,3 +135,75 @@ def test_old_analysis_without_label_quality_is_refused(two_schemes):
     pd.read_csv(path).drop(columns="label_quality").to_csv(path, index=False)
     with pytest.raises(StageError, match="missing columns label_quality; re-run analyze"):
         compare.run(params, root / "analysis", root / "compare")
+
+
+# ---------------------------------------------------------------- the pure core by hand
+
+def test_group_change_by_hand():
+    """Deltas 1, 2, 3 (and one missing): mean 2, sample sd 1, standard error 1/sqrt(3),
+    z = 2 sqrt(3) = 3.46; the group means of the losses over all its rows."""
+    delta = pd.Series([1.0, 2.0, 3.0, np.nan])
+    loss_a, loss_b = pd.Series([1.0, 1.0, 1.0, 1.0]), pd.Series([2.0, 3.0, 4.0, 5.0])
+    change = compare.group_change(delta, loss_a, loss_b, z=3.4, min_count=3)
+    assert list(change) == ["images", "mean_loss_a", "mean_loss_b", "mean_delta_loss",
+                            "se_delta_loss", "z", "significant"]
+    assert (change["images"], change["mean_loss_a"], change["mean_loss_b"],
+            change["mean_delta_loss"]) == (3, 1.0, 3.5, 2.0)
+    assert change["se_delta_loss"] == pytest.approx(1 / np.sqrt(3), rel=1e-12)
+    assert change["z"] == pytest.approx(2 * np.sqrt(3), rel=1e-12)
+    assert change["significant"] is True
+    assert compare.group_change(delta, loss_a, loss_b, 3.5, 3)["significant"] is False
+    assert compare.group_change(delta, loss_a, loss_b, 3.4, 4)["significant"] is False
+    down = compare.group_change(-delta, loss_b, loss_a, 3.4, 3)  # a worse group counts too
+    assert down["z"] == pytest.approx(-2 * np.sqrt(3), rel=1e-12) and down["significant"]
+
+
+def test_group_change_of_tiny_or_flat_groups_has_no_z():
+    one = compare.group_change(pd.Series([0.5]), pd.Series([1.0]), pd.Series([1.5]), 0.0, 1)
+    assert one["images"] == 1 and one["mean_delta_loss"] == 0.5
+    assert np.isnan(one["se_delta_loss"]) and np.isnan(one["z"]) and not one["significant"]
+    flat = compare.group_change(pd.Series([1.0, 1.0]), pd.Series([1.0, 1.0]),
+                                pd.Series([2.0, 2.0]), 0.0, 1)
+    assert flat["se_delta_loss"] == 0.0 and np.isnan(flat["z"]) and not flat["significant"]
+    none = compare.group_change(pd.Series([np.nan]), pd.Series([1.0]), pd.Series([2.0]), 0.0, 0)
+    assert none["images"] == 0 and not none["significant"]
+    assert all(np.isnan(none[k]) for k in ("mean_loss_a", "mean_loss_b", "mean_delta_loss",
+                                           "se_delta_loss", "z"))
+
+
+def test_ranked_puts_significant_then_biggest_changes_first_per_pair():
+    frame = pd.DataFrame({"a": ["x", "x", "x", "p", "x"], "b": ["y", "y", "y", "q", "y"],
+                          "id": [0, 1, 2, 3, 4], "significant": [False, True, False, False, True],
+                          "mean_delta_loss": [-0.9, 0.1, 0.5, 0.0, -0.2]})
+    ranked = compare._ranked(frame)
+    assert ranked["id"].tolist() == [3, 4, 1, 0, 2]
+    assert list(ranked.columns) == list(frame.columns) and ranked.index.tolist() == [0, 1, 2,
+                                                                                      3, 4]
+    assert compare._ranked(pd.DataFrame()).empty
+
+
+def test_issue_changes_by_hand():
+    joined = pd.DataFrame({
+        "image_id": [5, 3, 4, 2], "file_name": ["5.jpg", "3.jpg", "4.jpg", "2.jpg"],
+        "flagged_a": [True, False, True, False], "flagged_b": [False, True, True, False],
+        "label_quality_a": [0.1, 0.2, 0.3, 0.4], "label_quality_rank_a": [1, 2, 3, 4],
+        "label_quality_b": [0.5, 0.6, 0.7, 0.8], "label_quality_rank_b": [4, 3, 2, 1]})
+    out = compare.issue_changes(joined, ["a", "b"])
+    assert out.to_dict("records") == [
+        {"image_id": 3, "file_name": "3.jpg", "flagged_in": "b", "only_in": "b",
+         "label_quality_a": 0.2, "label_quality_rank_a": 2, "label_quality_b": 0.6,
+         "label_quality_rank_b": 3},
+        {"image_id": 5, "file_name": "5.jpg", "flagged_in": "a", "only_in": "a",
+         "label_quality_a": 0.1, "label_quality_rank_a": 1, "label_quality_b": 0.5,
+         "label_quality_rank_b": 4},
+        {"image_id": 4, "file_name": "4.jpg", "flagged_in": "a b", "only_in": "",
+         "label_quality_a": 0.3, "label_quality_rank_a": 3, "label_quality_b": 0.7,
+         "label_quality_rank_b": 2}]
+
+
+def test_per_sample_miou_and_pair_name():
+    samples = pd.DataFrame({"iou_a": [0.5, np.nan, np.nan], "iou_b": [0.25, 1.0, np.nan],
+                            "loss": [9.0, 9.0, 9.0]})
+    miou = compare.per_sample_miou(samples)
+    assert miou[:2].tolist() == [0.375, 1.0] and np.isnan(miou[2])
+    assert compare.pair_name("person_car", "person_vehicle") == "person_vehicle_vs_person_car"
