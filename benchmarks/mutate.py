@@ -55,14 +55,28 @@ def meta_path(module: str) -> Path:
     return ROOT / "mutants" / (module.split(" ")[0] + ".meta")
 
 
+RECORD = ROOT / "benchmarks" / "out" / "mutate.json"
+
+
 def results() -> dict[str, dict[str, int | None]]:
-    """module -> {mutant name: exit code} for the mutants in MODULES' patterns."""
+    """module -> {mutant name: exit code} for the mutants in MODULES' patterns: mutmut's
+    latest verdict, else the one recorded in RECORD. mutmut forgets every verdict when its
+    configuration changes (a test added to the selection), so each run's verdicts are kept
+    there: a module run earlier keeps its score while another runs."""
+    recorded = json.loads(RECORD.read_text()) if RECORD.exists() else {}
     out = {}
     for module, patterns in MODULES.items():
         codes = json.loads(meta_path(module).read_text())["exit_code_by_key"]
-        out[module] = {name: code for name, code in codes.items()
+        out[module] = {name: code if code is not None else recorded.get(name)
+                       for name, code in codes.items()
                        if any(fnmatch.fnmatch(name, p) for p in patterns)}
     return out
+
+
+def record(by_module: dict[str, dict[str, int | None]]) -> None:
+    RECORD.parent.mkdir(parents=True, exist_ok=True)
+    codes = {n: c for module in by_module.values() for n, c in module.items() if c is not None}
+    RECORD.write_text(json.dumps(codes, indent=0, sort_keys=True))
 
 
 def score_rows(by_module: dict[str, dict[str, int | None]]) -> list[dict]:
@@ -119,9 +133,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="run only these modules' mutants (default: all)")
     args = parser.parse_args(argv)
     start, load = time.monotonic(), os.getloadavg()
+    if (ROOT / "mutants").exists():
+        record(results())
     if not args.no_run:
         run_mutmut(args.module or list(MODULES))
-    rows = score_rows(results())
+    by_module = results()
+    record(by_module)
+    rows = score_rows(by_module)
     table = markdown(rows)
     print(table)
     for r in rows:
