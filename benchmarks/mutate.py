@@ -44,7 +44,28 @@ MODULES = {
 }
 
 # mutant name -> why no test can kill it (behaviour identical on every input it can get)
+_CPU_ONLY = ("log_probs and gt both live on the CPU on every machine here (no accelerator), so "
+             "gt.to(...) with another device argument or none is the same tensor")
+_NON_BLOCKING = "non_blocking is a copy-scheduling hint: the tensor's values are the same"
 EQUIVALENT: dict[str, str] = {
+    "stages.infer.x_sample_scores__mutmut_6": _CPU_ONLY,  # .to(None, ...)
+    "stages.infer.x_sample_scores__mutmut_8": _CPU_ONLY,  # .to(non_blocking=True)
+    "stages.infer.x_sample_scores__mutmut_9": _NON_BLOCKING,  # dropped
+    "stages.infer.x_sample_scores__mutmut_10": _NON_BLOCKING,  # False
+    "stages.infer.x_sample_scores__mutmut_43": 'float("NAN") is float("nan")',
+    "stages.infer.x_sample_scores__mutmut_51": 'float("NAN") is float("nan")',
+    "stages.lib.labels.x_label_image__mutmut_8": (
+        "mode=None: a 2-D uint8 array becomes an L image, and putpalette turns L into P"),
+    "stages.lib.labels.x_label_image__mutmut_10": (
+        "mode dropped: a 2-D uint8 array becomes an L image, and putpalette turns L into P"),
+    "stages.lib.labels.x_read_labels__mutmut_9": (
+        "dtype=None: a P or L image (the only modes let through) is already uint8"),
+    "stages.lib.labels.x_read_labels__mutmut_11": (
+        "dtype dropped: a P or L image (the only modes let through) is already uint8"),
+    "stages.lib.labels.x_save_labels__mutmut_9": (
+        "optimize dropped: False is Pillow's PNG default"),
+    "stages.lib.labels.x_save_labels__mutmut_13": (
+        'format="png": Pillow upper-cases format names'),
 }
 
 KILLED = {1, 3}  # pytest's exit codes for failed tests / internal error (mutmut's "killed")
@@ -114,6 +135,8 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         lines.append(f"| {r['module']} | {r['mutants']} | {r['killed']} | {r['survived']} | "
                      f"{r['equivalent']} | {r['not_checked']} | {100 * r['score']:.1f}% |")
+    lines += ["", "Equivalent mutants (left out of the score):", ""]
+    lines += [f"- `{name}`: {why}" for name, why in sorted(EQUIVALENT.items())]
     return "\n".join(lines) + "\n"
 
 
