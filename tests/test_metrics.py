@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import re
 import math
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -163,6 +164,25 @@ def test_empty_matrix_gives_nan_not_errors():
     assert s["pixel_accuracy_with_ignore"] == 0.0
     assert math.isnan(s["fw_iou"]) and math.isnan(s["mean_class_accuracy"])
 
+
+@pytest.mark.parametrize("ignored", [0, 5])
+def test_empty_matrix_scores_are_nan_without_numpy_warnings(ignored):
+    """An image with no labelled pixel (every one ignore) is scored without 0/0: NaN for
+    every figure that has no pixel, and no RuntimeWarning in the stage's log."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = scores(np.zeros((3, 3), np.int64), ignored_pixels=ignored)
+    for key in ("miou", "pixel_accuracy", "mean_class_accuracy", "fw_iou"):
+        assert math.isnan(s[key]), key
+    assert s["pixel_accuracy_with_ignore"] == 0.0 if ignored else math.isnan(
+        s["pixel_accuracy_with_ignore"])
+    for key in ("iou", "class_accuracy", "dice", "precision", "recall"):
+        assert np.isnan(s[key]).all() and len(s[key]) == 3, key
+
+
+def test_uint8_prediction_equal_to_the_class_count_is_named():
+    with pytest.raises(ValueError, match=r"^label values \[4\] outside 0\.\.3$"):
+        confusion_matrix(np.array([0, 1], np.uint8), np.array([0, 4], np.uint8), 4)
 
 def test_json_safe_turns_nan_into_null():
     safe = json_safe({"iou": scores(CM)["iou"], "x": np.float32(0.5), "n": np.int64(3),
