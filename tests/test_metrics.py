@@ -180,6 +180,10 @@ def test_empty_matrix_scores_are_nan_without_numpy_warnings(ignored):
         assert np.isnan(s[key]).all() and len(s[key]) == 3, key
 
 
+def test_accuracy_counting_ignore_when_as_many_pixels_are_ignored_as_labelled():
+    # 8 right of 10 labelled pixels, 10 more ignored: 8 / 20
+    assert scores(CM, ignored_pixels=10)["pixel_accuracy_with_ignore"] == 0.4
+
 def test_uint8_prediction_equal_to_the_class_count_is_named():
     with pytest.raises(ValueError, match=r"^label values \[4\] outside 0\.\.3$"):
         confusion_matrix(np.array([0, 1], np.uint8), np.array([0, 4], np.uint8), 4)
