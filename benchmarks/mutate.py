@@ -46,6 +46,7 @@ MODULES = {
 # mutant name -> why no test can kill it (behaviour identical on every input it can get)
 _CPU_ONLY = ("log_probs and gt both live on the CPU on every machine here (no accelerator), so "
              "gt.to(...) with another device argument or none is the same tensor")
+_ASTYPE_NONE = "astype(None) is astype(float): numpy's default dtype is float64"
 _NON_BLOCKING = "non_blocking is a copy-scheduling hint: the tensor's values are the same"
 EQUIVALENT: dict[str, str] = {
     "stages.infer.x_sample_scores__mutmut_6": _CPU_ONLY,  # .to(None, ...)
@@ -54,6 +55,11 @@ EQUIVALENT: dict[str, str] = {
     "stages.infer.x_sample_scores__mutmut_10": _NON_BLOCKING,  # False
     "stages.infer.x_sample_scores__mutmut_43": 'float("NAN") is float("nan")',
     "stages.infer.x_sample_scores__mutmut_51": 'float("NAN") is float("nan")',
+    "stages.lib.metrics.x_scores__mutmut_3": _ASTYPE_NONE,
+    "stages.lib.metrics.x_scores__mutmut_6": _ASTYPE_NONE,
+    "stages.lib.metrics.x_scores__mutmut_10": _ASTYPE_NONE,
+    "stages.lib.metrics.x_scores__mutmut_20": (
+        "np.zeros_like(None) for freq when total is 0: fw_iou is NaN then without reading freq"),
     "stages.lib.labels.x_label_image__mutmut_8": (
         "mode=None: a 2-D uint8 array becomes an L image, and putpalette turns L into P"),
     "stages.lib.labels.x_label_image__mutmut_10": (

@@ -184,6 +184,23 @@ def test_accuracy_counting_ignore_when_as_many_pixels_are_ignored_as_labelled():
     # 8 right of 10 labelled pixels, 10 more ignored: 8 / 20
     assert scores(CM, ignored_pixels=10)["pixel_accuracy_with_ignore"] == 0.4
 
+def test_one_labelled_pixel_has_a_mean_class_accuracy():
+    assert scores(np.array([[1, 0], [0, 0]]))["mean_class_accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("gt_dtype, pred_dtype", [(np.uint8, np.int64), (np.int64, np.uint8)])
+def test_mixed_dtypes_take_the_general_path(gt_dtype, pred_dtype):
+    """Only two uint8 maps take the byte-pair fast path: a uint8 map with an int64 one is
+    counted, and checked for negative values, like two int64 maps."""
+    assert confusion_matrix(GT.astype(gt_dtype), PRED.astype(pred_dtype), 4).tolist() == \
+        CM.tolist()
+    gt, pred = np.array([0, 1]), np.array([0, 1])
+    bad = (gt if gt_dtype == np.int64 else pred).copy()
+    bad[1] = -1
+    gt, pred = (bad, pred) if gt_dtype == np.int64 else (gt, bad)
+    with pytest.raises(ValueError, match=r"^label values \[-1\] outside 0\.\.3$"):
+        confusion_matrix(gt.astype(gt_dtype), pred.astype(pred_dtype), 4)
+
 def test_uint8_prediction_equal_to_the_class_count_is_named():
     with pytest.raises(ValueError, match=r"^label values \[4\] outside 0\.\.3$"):
         confusion_matrix(np.array([0, 1], np.uint8), np.array([0, 4], np.uint8), 4)
