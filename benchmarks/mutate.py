@@ -47,6 +47,8 @@ MODULES = {
 _CPU_ONLY = ("log_probs and gt both live on the CPU on every machine here (no accelerator), so "
              "gt.to(...) with another device argument or none is the same tensor")
 _ASTYPE_NONE = "astype(None) is astype(float): numpy's default dtype is float64"
+_ERRSTATE = ("_ratio divides by np.maximum(den, 1) >= 1, so no division in it can warn: the "
+             "errstate around it (a guard) changes nothing")
 _NON_BLOCKING = "non_blocking is a copy-scheduling hint: the tensor's values are the same"
 EQUIVALENT: dict[str, str] = {
     "stages.infer.x_sample_scores__mutmut_6": _CPU_ONLY,  # .to(None, ...)
@@ -55,6 +57,11 @@ EQUIVALENT: dict[str, str] = {
     "stages.infer.x_sample_scores__mutmut_10": _NON_BLOCKING,  # False
     "stages.infer.x_sample_scores__mutmut_43": 'float("NAN") is float("nan")',
     "stages.infer.x_sample_scores__mutmut_51": 'float("NAN") is float("nan")',
+    "stages.lib.metrics.x__ratio__mutmut_1": _ERRSTATE,
+    "stages.lib.metrics.x__ratio__mutmut_2": _ERRSTATE,
+    "stages.lib.metrics.x__ratio__mutmut_3": _ERRSTATE,
+    "stages.lib.metrics.x__ratio__mutmut_4": _ERRSTATE,
+    "stages.lib.metrics.x_per_class_iou__mutmut_2": _ASTYPE_NONE,
     "stages.lib.metrics.x_scores__mutmut_3": _ASTYPE_NONE,
     "stages.lib.metrics.x_scores__mutmut_6": _ASTYPE_NONE,
     "stages.lib.metrics.x_scores__mutmut_10": _ASTYPE_NONE,
