@@ -49,8 +49,12 @@ _CPU_ONLY = ("log_probs and gt both live on the CPU on every machine here (no ac
 _ASTYPE_NONE = "astype(None) is astype(float): numpy's default dtype is float64"
 _ERRSTATE = ("_ratio divides by np.maximum(den, 1) >= 1, so no division in it can warn: the "
              "errstate around it (a guard) changes nothing")
+_ALIGN = ("align_corners None or left out is F.interpolate's default, False, without a warning "
+          "(torch 2.14)")
 _NON_BLOCKING = "non_blocking is a copy-scheduling hint: the tensor's values are the same"
 EQUIVALENT: dict[str, str] = {
+    "stages.infer.x_full_size_log_probs__mutmut_5": _ALIGN,
+    "stages.infer.x_full_size_log_probs__mutmut_9": _ALIGN,
     "stages.infer.x_sample_scores__mutmut_6": _CPU_ONLY,  # .to(None, ...)
     "stages.infer.x_sample_scores__mutmut_8": _CPU_ONLY,  # .to(non_blocking=True)
     "stages.infer.x_sample_scores__mutmut_9": _NON_BLOCKING,  # dropped
