@@ -8,15 +8,16 @@ the machine's cores are shared). Not mutated (pyproject.toml's do_not_mutate_pat
 log calls and argparse help texts, which are not output contracts.
 
 A mutant judged equivalent (no test can tell it from the original) is listed in EQUIVALENT
-with its reason and left out of the score's denominator. mutmut numbers the mutants of a
-function in source order, so an edit to a function renumbers its mutants and the list must
-be checked again (the script fails when a listed mutant is missing or was killed).
+by its function and mutated line, with the reason, and left out of the score's denominator
+(the script fails when a listed mutant no longer exists or a test killed it).
 
 Usage: python -m benchmarks.mutate [--no-run] [--markdown FILE]
 """
 from __future__ import annotations
 
 import argparse
+import ast
+import difflib
 import fnmatch
 import json
 import os
@@ -51,38 +52,51 @@ _ERRSTATE = ("_ratio divides by np.maximum(den, 1) >= 1, so no division in it ca
              "errstate around it (a guard) changes nothing")
 _ALIGN = ("align_corners None or left out is F.interpolate's default, False, without a warning "
           "(torch 2.14)")
+_NAN = 'float("NAN") is float("nan") (case-insensitive)'
+_MODE_P = "a 2-D uint8 array becomes an L image, and putpalette turns L into P"
+_UINT8 = "a P or L image (the only modes let through) is already uint8"
 _NON_BLOCKING = "non_blocking is a copy-scheduling hint: the tensor's values are the same"
-EQUIVALENT: dict[str, str] = {
-    "stages.infer.x_full_size_log_probs__mutmut_5": _ALIGN,
-    "stages.infer.x_full_size_log_probs__mutmut_9": _ALIGN,
-    "stages.infer.x_sample_scores__mutmut_6": _CPU_ONLY,  # .to(None, ...)
-    "stages.infer.x_sample_scores__mutmut_8": _CPU_ONLY,  # .to(non_blocking=True)
-    "stages.infer.x_sample_scores__mutmut_9": _NON_BLOCKING,  # dropped
-    "stages.infer.x_sample_scores__mutmut_10": _NON_BLOCKING,  # False
-    "stages.infer.x_sample_scores__mutmut_43": 'float("NAN") is float("nan")',
-    "stages.infer.x_sample_scores__mutmut_51": 'float("NAN") is float("nan")',
-    "stages.lib.metrics.x__ratio__mutmut_1": _ERRSTATE,
-    "stages.lib.metrics.x__ratio__mutmut_2": _ERRSTATE,
-    "stages.lib.metrics.x__ratio__mutmut_3": _ERRSTATE,
-    "stages.lib.metrics.x__ratio__mutmut_4": _ERRSTATE,
-    "stages.lib.metrics.x_per_class_iou__mutmut_2": _ASTYPE_NONE,
-    "stages.lib.metrics.x_scores__mutmut_3": _ASTYPE_NONE,
-    "stages.lib.metrics.x_scores__mutmut_6": _ASTYPE_NONE,
-    "stages.lib.metrics.x_scores__mutmut_10": _ASTYPE_NONE,
-    "stages.lib.metrics.x_scores__mutmut_20": (
-        "np.zeros_like(None) for freq when total is 0: fw_iou is NaN then without reading freq"),
-    "stages.lib.labels.x_label_image__mutmut_8": (
-        "mode=None: a 2-D uint8 array becomes an L image, and putpalette turns L into P"),
-    "stages.lib.labels.x_label_image__mutmut_10": (
-        "mode dropped: a 2-D uint8 array becomes an L image, and putpalette turns L into P"),
-    "stages.lib.labels.x_read_labels__mutmut_9": (
-        "dtype=None: a P or L image (the only modes let through) is already uint8"),
-    "stages.lib.labels.x_read_labels__mutmut_11": (
-        "dtype dropped: a P or L image (the only modes let through) is already uint8"),
-    "stages.lib.labels.x_save_labels__mutmut_9": (
-        "optimize dropped: False is Pillow's PNG default"),
-    "stages.lib.labels.x_save_labels__mutmut_13": (
-        'format="png": Pillow upper-cases format names'),
+# (function, its mutated line(s) as mutated_lines gives them) -> why no test can kill it:
+# keyed by what the mutant is, not by mutmut's number for it
+EQUIVALENT: dict[tuple[str, str], str] = {
+    ("stages.infer.x_full_size_log_probs", 'resized = F.interpolate(logits[None].float(), '
+     'size=size, mode="bilinear", align_corners=None)'): _ALIGN,
+    ("stages.infer.x_full_size_log_probs", 'resized = F.interpolate(logits[None].float(), '
+     'size=size, mode="bilinear", )'): _ALIGN,
+    ("stages.infer.x_sample_scores",
+     "target = gt.to(None, non_blocking=True)[None].long()"): _CPU_ONLY,
+    ("stages.infer.x_sample_scores",
+     "target = gt.to(non_blocking=True)[None].long()"): _CPU_ONLY,
+    ("stages.infer.x_sample_scores",
+     "target = gt.to(log_probs.device, )[None].long()"): _NON_BLOCKING,
+    ("stages.infer.x_sample_scores",
+     "target = gt.to(log_probs.device, non_blocking=False)[None].long()"): _NON_BLOCKING,
+    ("stages.infer.x_sample_scores",
+     '"loss": float(nll) / n_valid if n_valid else float("NAN"),'): _NAN,
+    ("stages.infer.x_sample_scores", '"pixel_accuracy": float(np.trace(cm) / n_valid) if '
+     'n_valid else float("NAN"),'): _NAN,
+    ("stages.lib.metrics.x__ratio",
+     'with np.errstate(invalid=None, divide="ignore"):'): _ERRSTATE,
+    ("stages.lib.metrics.x__ratio",
+     'with np.errstate(invalid="ignore", divide=None):'): _ERRSTATE,
+    ("stages.lib.metrics.x__ratio", 'with np.errstate(divide="ignore"):'): _ERRSTATE,
+    ("stages.lib.metrics.x__ratio", 'with np.errstate(invalid="ignore", ):'): _ERRSTATE,
+    ("stages.lib.metrics.x_per_class_iou", "tp = np.diag(cm).astype(None)"): _ASTYPE_NONE,
+    ("stages.lib.metrics.x_scores", "tp = np.diag(cm).astype(None)"): _ASTYPE_NONE,
+    ("stages.lib.metrics.x_scores", "gt_count = cm.sum(1).astype(None)"): _ASTYPE_NONE,
+    ("stages.lib.metrics.x_scores", "pred_count = cm.sum(0).astype(None)"): _ASTYPE_NONE,
+    ("stages.lib.metrics.x_scores",
+     "freq = gt_count / total if total else np.zeros_like(None)"): (
+        "freq's value when total is 0 is never read: fw_iou is NaN then"),
+    ("stages.lib.labels.x_label_image", "image = Image.fromarray(labels, mode=None)"): _MODE_P,
+    ("stages.lib.labels.x_label_image", "image = Image.fromarray(labels, )"): _MODE_P,
+    ("stages.lib.labels.x_read_labels",
+     "return np.asarray(image, dtype=None).copy()"): _UINT8,
+    ("stages.lib.labels.x_read_labels", "return np.asarray(image, ).copy()"): _UINT8,
+    ("stages.lib.labels.x_save_labels", 'label_image(labels).save(tmp, format="PNG", '
+     'compress_level=compress_level)'): "optimize left out: False is Pillow's PNG default",
+    ("stages.lib.labels.x_save_labels", 'label_image(labels).save(tmp, format="png", '
+     'optimize=False, compress_level=compress_level)'): "Pillow upper-cases format names",
 }
 
 KILLED = {1, 3}  # pytest's exit codes for failed tests / internal error (mutmut's "killed")
@@ -111,6 +125,32 @@ def results() -> dict[str, dict[str, int | None]]:
     return out
 
 
+def mutated_lines(module: str, name: str, _trees: dict = {}) -> tuple[str, str]:  # noqa: B006
+    """The original and the mutated text of a mutant's function, each the lines that differ
+    joined and stripped: what a mutant is, whatever number mutmut gave it."""
+    path = ROOT / "mutants" / module.split(" ")[0]
+    if path not in _trees:
+        source = path.read_text()
+        _trees[path] = {n.name: ast.get_source_segment(source, n)
+                        for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef)}
+    functions = _trees[path]
+    short = name.rsplit(".", 1)[1]
+    orig = short.rsplit("__mutmut_", 1)[0] + "__mutmut_orig"
+    a, b = (functions[k].splitlines()[1:] for k in (orig, short))
+    diff = [line for line in difflib.ndiff(a, b) if line[:2] in ("- ", "+ ")]
+    return (" / ".join(x[2:].strip() for x in diff if x[0] == "-"),
+            " / ".join(x[2:].strip() for x in diff if x[0] == "+"))
+
+
+def equivalence(module: str, name: str) -> tuple[str, str] | None:
+    """The EQUIVALENT key this mutant matches, if any."""
+    function = name.rsplit("__mutmut_", 1)[0]
+    if not any(f == function for f, _ in EQUIVALENT):
+        return None
+    key = (function, mutated_lines(module, name)[1])
+    return key if key in EQUIVALENT else None
+
+
 def record(by_module: dict[str, dict[str, int | None]]) -> None:
     RECORD.parent.mkdir(parents=True, exist_ok=True)
     codes = {n: c for module in by_module.values() for n, c in module.items() if c is not None}
@@ -119,17 +159,20 @@ def record(by_module: dict[str, dict[str, int | None]]) -> None:
 
 def score_rows(by_module: dict[str, dict[str, int | None]]) -> list[dict]:
     rows = []
+    found = set()
     for module, codes in by_module.items():
         count = Counter()
         survivors = []
         for name, code in codes.items():
+            key = equivalence(module, name)
+            found.add(key)
             if code is None:
                 count["not_checked"] += 1
             elif code in KILLED or code in TIMEOUT:
                 count["killed"] += 1
-                if name in EQUIVALENT:
-                    raise SystemExit(f"{name} is listed as equivalent but a test killed it")
-            elif name in EQUIVALENT:
+                if key:
+                    raise SystemExit(f"{name} {key} is listed as equivalent but a test killed it")
+            elif key:
                 count["equivalent"] += 1
             else:
                 count["survived"] += 1
@@ -140,7 +183,7 @@ def score_rows(by_module: dict[str, dict[str, int | None]]) -> list[dict]:
                      "not_checked": count["not_checked"],
                      "score": count["killed"] / live if live else float("nan"),
                      "survivors": sorted(survivors)})
-    missing = set(EQUIVALENT) - {n for codes in by_module.values() for n in codes}
+    missing = set(EQUIVALENT) - found
     if missing:
         raise SystemExit(f"listed as equivalent but no such mutant: {sorted(missing)}")
     return rows
@@ -153,7 +196,8 @@ def markdown(rows: list[dict]) -> str:
         lines.append(f"| {r['module']} | {r['mutants']} | {r['killed']} | {r['survived']} | "
                      f"{r['equivalent']} | {r['not_checked']} | {100 * r['score']:.1f}% |")
     lines += ["", "Equivalent mutants (left out of the score):", ""]
-    lines += [f"- `{name}`: {why}" for name, why in sorted(EQUIVALENT.items())]
+    lines += [f"- `{function.replace('.x_', '.')}`: `{mutated}`: {why}"
+              for (function, mutated), why in sorted(EQUIVALENT.items())]
     return "\n".join(lines) + "\n"
 
 
