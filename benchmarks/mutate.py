@@ -75,6 +75,8 @@ EQUIVALENT: dict[tuple[str, str], str] = {
      '"loss": float(nll) / n_valid if n_valid else float("NAN"),'): _NAN,
     ("stages.infer.x_sample_scores", '"pixel_accuracy": float(np.trace(cm) / n_valid) if '
      'n_valid else float("NAN"),'): _NAN,
+    ("stages.report.x_comparison_row", '"pos" if row["delta"] >= 0 else "neg")'): (
+        "reached only when |delta| >= SAME, so delta is never 0 there"),
     ("stages.lib.metrics.x__ratio",
      'with np.errstate(invalid=None, divide="ignore"):'): _ERRSTATE,
     ("stages.lib.metrics.x__ratio",
@@ -131,12 +133,13 @@ def mutated_lines(module: str, name: str, _trees: dict = {}) -> tuple[str, str]:
     path = ROOT / "mutants" / module.split(" ")[0]
     if path not in _trees:
         source = path.read_text()
-        _trees[path] = {n.name: ast.get_source_segment(source, n)
+        lines = source.splitlines()
+        _trees[path] = {n.name: lines[n.lineno:n.end_lineno]  # the body, without the def line
                         for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef)}
     functions = _trees[path]
     short = name.rsplit(".", 1)[1]
     orig = short.rsplit("__mutmut_", 1)[0] + "__mutmut_orig"
-    a, b = (functions[k].splitlines()[1:] for k in (orig, short))
+    a, b = (functions[k] for k in (orig, short))
     diff = [line for line in difflib.ndiff(a, b) if line[:2] in ("- ", "+ ")]
     return (" / ".join(x[2:].strip() for x in diff if x[0] == "-"),
             " / ".join(x[2:].strip() for x in diff if x[0] == "+"))

@@ -340,6 +340,9 @@ def test_verdicts_skip_one_scheme_classes_and_treat_nan_as_undefined():
         "define this class differently, so this is not like for like.",
         "person: no comparison, the IoU is undefined in person_car (no person pixels in its "
         "ground truth or predictions)."]
+    # a one-scheme class before a shared one: skipped, and the shared one still compared
+    c = synthetic_scheme("car_person", ["car", "person"], [0.5, 0.25, 0.5])
+    assert [v.split(":")[0] for v in report.verdicts([c, b])] == ["background", "person"]
 
 
 def test_examples_are_deterministic_shared_and_explained():
