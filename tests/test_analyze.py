@@ -277,6 +277,22 @@ def test_bin_edges_special_cases():
         buckets.bin_edges(pd.Series([0.0, 2.0]), 2, "quantile")
 
 
+def test_bucket_table_two_loss_bins_at_min_count():
+    """Bins of exactly two losses (1, 3 and 5, 7): sd sqrt(2), standard error 1, overall
+    mean 4, so 2 standard errors either side; a bin holding exactly min_count is flagged."""
+    samples = pd.DataFrame({"f": [0.0, 0.1, 0.9, 1.0], "loss": [1.0, 3.0, 5.0, 7.0]})
+    table, _ = buckets.bucket_table(samples, "f", 2, "equal_width", z=1.5, min_count=2)
+    np.testing.assert_allclose(table["std_loss"], [math.sqrt(2)] * 2, rtol=1e-12)
+    np.testing.assert_allclose(table["se_loss"], [1.0, 1.0], rtol=1e-12)
+    np.testing.assert_allclose(table["excess_se"], [-2.0, 2.0], rtol=1e-12)
+    assert table["flagged"].tolist() == [False, True]
+
+
+def test_one_equal_count_bin_and_boolean_assignment():
+    assert buckets.bin_edges(pd.Series([0.0, 2.0, 4.0]), 1, "equal_count").tolist() == [0, 4]
+    assert buckets.assign(pd.Series([True, False, True]), np.array([0, 0.5, 1])).tolist() == [
+        1, 0, 1]
+
 def test_flagged_bucket_samples_are_listed_worst_first():
     field = np.arange(20) / 20
     loss = np.where(field >= 0.8, 3.0, 1.0) + np.arange(20) / 100
