@@ -47,7 +47,8 @@ MODULES = {
 # mutant name -> why no test can kill it (behaviour identical on every input it can get)
 _CPU_ONLY = ("log_probs and gt both live on the CPU on every machine here (no accelerator), so "
              "gt.to(...) with another device argument or none is the same tensor")
-_ASTYPE_NONE = "astype(None) is astype(float): numpy's default dtype is float64"
+_ASTYPE_NONE = ("astype(None) is astype(float): numpy's default dtype is float64, and "
+                "pandas' too")
 _ERRSTATE = ("_ratio divides by np.maximum(den, 1) >= 1, so no division in it can warn: the "
              "errstate around it (a guard) changes nothing")
 _ALIGN = ("align_corners None or left out is F.interpolate's default, False, without a warning "
@@ -55,6 +56,10 @@ _ALIGN = ("align_corners None or left out is F.interpolate's default, False, wit
 _NAN = 'float("NAN") is float("nan") (case-insensitive)'
 _MODE_P = "a 2-D uint8 array becomes an L image, and putpalette turns L into P"
 _UINT8 = "a P or L image (the only modes let through) is already uint8"
+_CLIP = ("searchsorted over edges[1:-1] already returns 0..len(edges) - 2: the clip's bounds "
+         "never bind")
+_EXCESS = ("se is NaN, 0 or positive and finite; for each the mutated condition picks the "
+           "same branch (NaN / NaN is NaN too)")
 _NON_BLOCKING = "non_blocking is a copy-scheduling hint: the tensor's values are the same"
 # (function, its mutated line(s) as mutated_lines gives them) -> why no test can kill it:
 # keyed by what the mutant is, not by mutmut's number for it
@@ -77,6 +82,32 @@ EQUIVALENT: dict[tuple[str, str], str] = {
      'n_valid else float("NAN"),'): _NAN,
     ("stages.report.x_comparison_row", '"pos" if row["delta"] >= 0 else "neg")'): (
         "reached only when |delta| >= SAME, so delta is never 0 there"),
+    ("stages.lib.buckets.x_assign", "index = np.clip(np.searchsorted(edges[1:-1], v, "
+     'side="right"), 0, len(edges) + 2)'): _CLIP,
+    ("stages.lib.buckets.x_assign", "index = np.clip(np.searchsorted(edges[1:-1], v, "
+     'side="right"), None, len(edges) - 2)'): _CLIP,
+    ("stages.lib.buckets.x_assign", "index = np.clip(np.searchsorted(edges[1:-1], v, "
+     'side="right"), 0, None)'): _CLIP,
+    ("stages.lib.buckets.x_bin_edges",
+     "v = values.astype(None).dropna().to_numpy()"): _ASTYPE_NONE,
+    ("stages.lib.buckets.x_bucket_table", 'loss = samples["loss"].astype(None)'): _ASTYPE_NONE,
+    ("stages.lib.buckets.x_bucket_table",
+     'losses = members["loss"].astype(None).dropna()'): _ASTYPE_NONE,
+    ("stages.lib.buckets.x_bin_edges", "edges = np.concatenate([[low], inner, inner[-2:] if "
+     "len(inner) == 1 else []])"): "inner[-2:] is inner[-1:] when inner has one element",
+    ("stages.lib.buckets.x_bucket_table", "excess = (mean - overall) / se if se and "
+     "np.isfinite(se) or se > 0 else np.nan"): _EXCESS,
+    ("stages.lib.buckets.x_bucket_table", "excess = (mean - overall) / se if se or "
+     "np.isfinite(se) and se > 0 else np.nan"): _EXCESS,
+    ("stages.lib.buckets.x_bucket_table", "excess = (mean - overall) / se if se and "
+     "np.isfinite(se) and se >= 0 else np.nan"): _EXCESS,
+    ("stages.lib.buckets.x_bucket_table", 'row.update({f"mean_{c}": members[c].mean() if (n) '
+     "or True else np.nan for c in iou_cols})"): (
+        "the mean of an empty column is NaN in pandas too, without a warning"),
+    ("stages.lib.buckets.x_is_two_valued", "return pd.api.types.is_bool_dtype(None) or "
+     "set(values.dropna().unique()) <= {0, 1}"): (
+        "a boolean column's values are a subset of {0, 1} (True == 1), so the second test "
+        "says yes for it too"),
     ("stages.lib.metrics.x__ratio",
      'with np.errstate(invalid=None, divide="ignore"):'): _ERRSTATE,
     ("stages.lib.metrics.x__ratio",
