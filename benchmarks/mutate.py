@@ -60,6 +60,10 @@ _CLIP = ("searchsorted over edges[1:-1] already returns 0..len(edges) - 2: the c
          "never bind")
 _EXCESS = ("se is NaN, 0 or positive and finite; for each the mutated condition picks the "
            "same branch (NaN / NaN is NaN too)")
+_ASARRAY = ("the values reaching assign are float, int or bool columns (compare passes "
+            "pd.to_numeric's floats), which isnan and searchsorted take as they are")
+_GUARD = ("the guard only spells out pandas' own result: the sample sd of one loss and the mean "
+          "of none are NaN, and NaN / sqrt(n) is NaN")
 _NON_BLOCKING = "non_blocking is a copy-scheduling hint: the tensor's values are the same"
 # (function, its mutated line(s) as mutated_lines gives them) -> why no test can kill it:
 # keyed by what the mutant is, not by mutmut's number for it
@@ -88,6 +92,14 @@ EQUIVALENT: dict[tuple[str, str], str] = {
      'side="right"), None, len(edges) - 2)'): _CLIP,
     ("stages.lib.buckets.x_assign", "index = np.clip(np.searchsorted(edges[1:-1], v, "
      'side="right"), 0, None)'): _CLIP,
+    ("stages.lib.buckets.x_assign", "v = np.asarray(values, dtype=None)"): _ASARRAY,
+    ("stages.lib.buckets.x_assign", "v = np.asarray(values, )"): _ASARRAY,
+    ("stages.lib.buckets.x_bucket_table", "std = float(losses.std(ddof=1)) if (len(losses) >= "
+     "2) or True else np.nan"): _GUARD,
+    ("stages.lib.buckets.x_bucket_table", "se = std / np.sqrt(len(losses)) if (len(losses) >= "
+     "2) or True else np.nan"): _GUARD,
+    ("stages.lib.buckets.x_bucket_table", "mean = float(losses.mean()) if (len(losses)) or True "
+     "else np.nan"): _GUARD,
     ("stages.lib.buckets.x_bin_edges",
      "v = values.astype(None).dropna().to_numpy()"): _ASTYPE_NONE,
     ("stages.lib.buckets.x_bucket_table", 'loss = samples["loss"].astype(None)'): _ASTYPE_NONE,

@@ -286,6 +286,10 @@ def test_bucket_table_two_loss_bins_at_min_count():
     np.testing.assert_allclose(table["se_loss"], [1.0, 1.0], rtol=1e-12)
     np.testing.assert_allclose(table["excess_se"], [-2.0, 2.0], rtol=1e-12)
     assert table["flagged"].tolist() == [False, True]
+    # a mean exactly at the overall mean plus z standard errors is not "above" it
+    level = pd.DataFrame({"f": [0.0, 0.1, 0.9, 1.0], "loss": [1.0, 3.0, 1.0, 3.0]})
+    table, _ = buckets.bucket_table(level, "f", 2, "equal_width", z=0.0, min_count=2)
+    assert table["mean_loss"].tolist() == [2.0, 2.0] and not table["flagged"].any()
 
 
 def test_one_equal_count_bin_and_boolean_assignment():
