@@ -239,8 +239,9 @@ def markdown(rows: list[dict]) -> str:
     lines = ["| module | mutants | killed | survived | equivalent | not run | score |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        score = "not run" if r["score"] != r["score"] else f"{100 * r['score']:.1f}%"
         lines.append(f"| {r['module']} | {r['mutants']} | {r['killed']} | {r['survived']} | "
-                     f"{r['equivalent']} | {r['not_checked']} | {100 * r['score']:.1f}% |")
+                     f"{r['equivalent']} | {r['not_checked']} | {score} |")
     lines += ["", "Equivalent mutants (left out of the score):", ""]
     lines += [f"- `{function.replace('.x_', '.')}`: `{mutated}`: {why}"
               for (function, mutated), why in sorted(EQUIVALENT.items())]
