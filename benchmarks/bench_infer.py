@@ -106,7 +106,7 @@ def part_costs(model: nn.Module, params: dict, raw: Path, masks: Path,
     from stages.lib.data import InferenceDataset, list_samples
     from stages.lib.io import atomic_dir
     from stages.lib.labels import save_labels
-    from stages.lib.model import IMAGENET_MEAN, IMAGENET_STD
+    from stages.lib.model import IMAGENET_MEAN, IMAGENET_STD, full_size_probs
 
     samples = list_samples(raw, masks, "val")
     dataset = InferenceDataset(samples, params["train"]["image_size"], IMAGENET_MEAN, IMAGENET_STD)
@@ -122,7 +122,7 @@ def part_costs(model: nn.Module, params: dict, raw: Path, masks: Path,
             t1 = time.perf_counter()
             logits = model(item["image"][None])[0]
             t2 = time.perf_counter()
-            log_probs = infer.full_size_log_probs(logits, item["size"])
+            log_probs = full_size_probs(logits, item["size"], log=True)
             best = log_probs.max(0)
             pred = best.indices.to(torch.uint8)
             confidence = float(best.values.exp().mean())

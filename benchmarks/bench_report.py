@@ -159,9 +159,9 @@ def notes(params: dict, rows: list[dict], built: dict) -> list[str]:
         f"extra val image, over a fixed {max(fixed_s, 0):.1f} s (imports excluded). The "
         "page's size is bounded by report.max_thumbnails (the per-sample data grows, the "
         "inlined photos stop growing past it).",
-        "The time includes the similars of every sample (nearest neighbours over the "
-        "standardised latent vectors), the thumbnails, the figures and the md5 of data/raw "
-        "and the models with DVC's code (every val image read once).",
+        "The time includes reading analyze's neighbours and bin members (the report computes "
+        "neither), the thumbnails, the figures and the sha256 of data/raw/manifest.json (the "
+        "models' come from train.json).",
     ]
 
 

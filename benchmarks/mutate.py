@@ -2,10 +2,11 @@
 [tool.mutmut]), then a killed/survived score per module.
 
 mutmut mutates every function of the files in only_mutate; this script runs the mutants of
-the modules below only, and of infer and the report only the functions named (infer's
-per-image scoring, the report's comparison tables), with one worker (`--max-children 1`:
-the machine's cores are shared). Not mutated (pyproject.toml's do_not_mutate_patterns):
-log calls and argparse help texts, which are not output contracts.
+the modules below only, and of infer, stages/lib/model.py and the report only the functions
+named (infer's per-image scoring with model's full_size_probs, the report's comparison
+tables), with one worker (`--max-children 1`: the machine's cores are shared). Not mutated
+(pyproject.toml's do_not_mutate_patterns): log calls and argparse help texts, which are not
+output contracts.
 
 A mutant judged equivalent (no test can tell it from the original) is listed in EQUIVALENT
 by its function and mutated line, with the reason, and left out of the score's denominator
@@ -37,11 +38,13 @@ MODULES = {
     "stages/lib/fetch.py": ["stages.lib.fetch.*"],
     "stages/evaluate.py": ["stages.evaluate.*"],
     "stages/compare.py": ["stages.compare.*"],
-    "stages/infer.py (scoring)": ["stages.infer.x_full_size_log_probs__mutmut_*",
-                                  "stages.infer.x_sample_scores__mutmut_*"],
-    "stages/report.py (comparison tables)": [
-        "stages.report.x_comparison_row__mutmut_*", "stages.report.x_comparison_table__mutmut_*",
-        "stages.report.x_verdict__mutmut_*", "stages.report.x_verdicts__mutmut_*"],
+    "stages/infer.py (scoring)": ["stages.infer.x_sample_scores__mutmut_*",
+                                  "stages.infer.x_image_miou__mutmut_*"],
+    "stages/lib/model.py (full_size_probs)": ["stages.lib.model.x_full_size_probs__mutmut_*"],
+    "stages/report/tables.py (comparison tables)": [
+        "stages.report.tables.x_comparison_row__mutmut_*",
+        "stages.report.tables.x_comparison_table__mutmut_*",
+        "stages.report.tables.x_verdict__mutmut_*", "stages.report.tables.x_verdicts__mutmut_*"],
 }
 
 # mutant name -> why no test can kill it (behaviour identical on every input it can get)
@@ -68,9 +71,9 @@ _NON_BLOCKING = "non_blocking is a copy-scheduling hint: the tensor's values are
 # (function, its mutated line(s) as mutated_lines gives them) -> why no test can kill it:
 # keyed by what the mutant is, not by mutmut's number for it
 EQUIVALENT: dict[tuple[str, str], str] = {
-    ("stages.infer.x_full_size_log_probs", 'resized = F.interpolate(logits[None].float(), '
+    ("stages.lib.model.x_full_size_probs", 'resized = F.interpolate(logits[None].float(), '
      'size=size, mode="bilinear", align_corners=None)'): _ALIGN,
-    ("stages.infer.x_full_size_log_probs", 'resized = F.interpolate(logits[None].float(), '
+    ("stages.lib.model.x_full_size_probs", 'resized = F.interpolate(logits[None].float(), '
      'size=size, mode="bilinear", )'): _ALIGN,
     ("stages.infer.x_sample_scores",
      "target = gt.to(None, non_blocking=True)[None].long()"): _CPU_ONLY,
@@ -84,7 +87,7 @@ EQUIVALENT: dict[tuple[str, str], str] = {
      '"loss": float(nll) / n_valid if n_valid else float("NAN"),'): _NAN,
     ("stages.infer.x_sample_scores", '"pixel_accuracy": float(np.trace(cm) / n_valid) if '
      'n_valid else float("NAN"),'): _NAN,
-    ("stages.report.x_comparison_row", '"pos" if row["delta"] >= 0 else "neg")'): (
+    ("stages.report.tables.x_comparison_row", '"pos" if row["delta"] >= 0 else "neg")'): (
         "reached only when |delta| >= SAME, so delta is never 0 there"),
     ("stages.lib.buckets.x_assign", "index = np.clip(np.searchsorted(edges[1:-1], v, "
      'side="right"), 0, len(edges) + 2)'): _CLIP,
@@ -126,7 +129,8 @@ EQUIVALENT: dict[tuple[str, str], str] = {
      'with np.errstate(invalid="ignore", divide=None):'): _ERRSTATE,
     ("stages.lib.metrics.x__ratio", 'with np.errstate(divide="ignore"):'): _ERRSTATE,
     ("stages.lib.metrics.x__ratio", 'with np.errstate(invalid="ignore", ):'): _ERRSTATE,
-    ("stages.lib.metrics.x_per_class_iou", "tp = np.diag(cm).astype(None)"): _ASTYPE_NONE,
+    ("stages.lib.metrics.x_per_class_iou",
+     "tp = np.diagonal(cm, axis1=-2, axis2=-1).astype(None)"): _ASTYPE_NONE,
     ("stages.lib.metrics.x_scores", "tp = np.diag(cm).astype(None)"): _ASTYPE_NONE,
     ("stages.lib.metrics.x_scores", "gt_count = cm.sum(1).astype(None)"): _ASTYPE_NONE,
     ("stages.lib.metrics.x_scores", "pred_count = cm.sum(0).astype(None)"): _ASTYPE_NONE,

@@ -10,9 +10,12 @@ against loss, and a ranking of label issues. Writes under --out:
                          over all samples, lift
   similars.csv           per query (cluster medoids, highest-loss samples, listed ids): its
                          k nearest neighbours by cosine distance in the latent space
+  neighbours.csv         per sample: its k nearest neighbours (the same measure; similars
+                         are the queries' rows of it)
   metadata_loss.csv      per binning, metadata field and bin: range, count, loss mean / std /
                          standard error, mean IoU per class, excess in standard errors, flag,
                          the field's figure (path, or empty)
+  bin_members.csv        per sample, binning and field: the sample's bin (-1: no value)
   metadata_flagged.csv   the samples of every flagged bin, worst loss first
   metadata/{field}.png   mean loss per bin (each binning), flagged bins marked: fields with
                          a flagged bin, the class fractions, grayscale and brightness (the
@@ -57,8 +60,8 @@ log = logging.getLogger("analyze")
 # Identifiers and bookkeeping columns that are not properties of the image.
 NOT_METADATA = {"image_id", "file_name", "split", "stem"}
 # Columns analyze itself adds, and infer's scores: never metadata either.
-NOT_FIELDS = {"loss", "pixel_accuracy", "confidence", "latency_ms", "x", "y", "cluster",
-              "label_quality", "label_quality_rank"}
+NOT_FIELDS = {"loss", "pixel_accuracy", "confidence", "miou", "latency_ms", "x", "y",
+              "cluster", "label_quality", "label_quality_rank"}
 # masks writes one count_<category> column per COCO category its scheme leaves unclaimed
 # (70+). Binning them all would bury the other fields; only categories seen in enough
 # samples to fill bins are kept, the most frequent first.
@@ -209,6 +212,20 @@ def similar_queries(samples: pd.DataFrame, medoids: dict[int, int], top_loss: in
     return list(queries.items())
 
 
+NEIGHBOUR_COLUMNS = ["image_id", "rank", "neighbour_image_id", "cosine_distance"]
+
+
+def neighbours_table(samples: pd.DataFrame,
+                     neighbours: list[list[tuple[int, float]]]) -> pd.DataFrame:
+    """Every sample's nearest neighbours (neighbours[i]: (row, cosine distance) of sample
+    row i's, nearest first, itself left out), one row each, rank 1 the nearest."""
+    ids = samples["image_id"].astype(int).to_numpy()
+    rows = [(ids[query], rank, ids[row], distance)
+            for query, found in enumerate(neighbours)
+            for rank, (row, distance) in enumerate(found, start=1)]
+    return pd.DataFrame(rows, columns=NEIGHBOUR_COLUMNS)
+
+
 def similars_table(samples: pd.DataFrame, queries: list[tuple[int, str]],
                    neighbours: list[list[tuple[int, float]]]) -> pd.DataFrame:
     rows = []
@@ -254,25 +271,53 @@ def shared_features(latents: np.ndarray, start: int, stop: int, clusters: np.nda
 
 # ---------------------------------------------------------------- pure core: metadata
 
-def metadata_buckets(samples: pd.DataFrame, cfg: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """All bins of every field under every binning, and the samples of flagged bins."""
-    tables, flagged = [], []
-    for binning in cfg["binning"]:
-        for field in metadata_fields(samples):
-            table, index = buckets.bucket_table(samples, field, cfg["n_bins"], binning,
-                                                cfg["z"], cfg["min_count"])
-            tables.append(table)
-            for row in table[table["flagged"]].itertuples():
-                members = samples[index == row.bin].sort_values("loss", ascending=False,
-                                                                kind="stable")
-                flagged.append(pd.DataFrame({
-                    "binning": binning, "field": field, "bin": row.bin, "low": row.low,
-                    "high": row.high, "rank": np.arange(1, len(members) + 1),
-                    "image_id": members["image_id"].to_numpy(),
-                    "file_name": members.get("file_name", pd.Series("", members.index)).to_numpy(),
-                    "loss": members["loss"].to_numpy()}))
+BIN_MEMBER_COLUMNS = ["image_id", "binning", "field", "bin"]
+
+
+def bucket_assignments(samples: pd.DataFrame,
+                       cfg: dict) -> list[tuple[str, str, pd.DataFrame, np.ndarray]]:
+    """(binning, field, its bins' table, each sample's bin) for every field under every
+    binning: the one place the bins are made, so that the counts of metadata_loss.csv and
+    the members of bin_members.csv cannot disagree."""
+    return [(binning, field, *buckets.bucket_table(samples, field, cfg["n_bins"], binning,
+                                                   cfg["min_count"]))
+            for binning in cfg["binning"] for field in metadata_fields(samples)]
+
+
+def bin_members(samples: pd.DataFrame,
+                assigned: list[tuple[str, str, pd.DataFrame, np.ndarray]]) -> pd.DataFrame:
+    """One row per sample, binning and field: the sample's bin (-1: its value is missing)."""
+    ids = samples["image_id"].astype(int).to_numpy()
+    parts = [pd.DataFrame({"image_id": ids, "binning": binning, "field": field,
+                           "bin": np.asarray(index, dtype=int)})
+             for binning, field, _, index in assigned]
+    return (pd.concat(parts, ignore_index=True) if parts
+            else pd.DataFrame(columns=BIN_MEMBER_COLUMNS))
+
+
+def metadata_buckets(samples: pd.DataFrame, cfg: dict,
+                     assigned: list | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """All bins of every field under every binning, flagged by their q-value over all of
+    them (buckets.flag_by_fdr), and the samples of flagged bins (`assigned`:
+    bucket_assignments(samples, cfg) when already made)."""
+    if assigned is None:
+        assigned = bucket_assignments(samples, cfg)
     columns = ["binning", "field", "bin", "low", "high", "rank", "image_id", "file_name", "loss"]
-    bins = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+    if not assigned:
+        return pd.DataFrame(), pd.DataFrame(columns=columns)
+    bins = pd.concat([table for *_, table, _ in assigned], ignore_index=True)
+    bins["q_value"], bins["flagged"] = buckets.flag_by_fdr(bins["p_value"], cfg["fdr"])
+    members_of = {(binning, field): index for binning, field, _, index in assigned}
+    flagged = []
+    for row in bins[bins["flagged"]].itertuples():
+        index = members_of[(row.binning, row.field)]
+        members = samples[index == row.bin].sort_values("loss", ascending=False, kind="stable")
+        flagged.append(pd.DataFrame({
+            "binning": row.binning, "field": row.field, "bin": row.bin, "low": row.low,
+            "high": row.high, "rank": np.arange(1, len(members) + 1),
+            "image_id": members["image_id"].to_numpy(),
+            "file_name": members.get("file_name", pd.Series("", members.index)).to_numpy(),
+            "loss": members["loss"].to_numpy()}))
     listed = pd.concat(flagged, ignore_index=True) if flagged else pd.DataFrame(columns=columns)
     return bins, listed
 
@@ -525,9 +570,6 @@ def run(params: dict, predictions: Path, masks: Path, model_dir: Path, raw: Path
     params = select(params, PARAMS)
     cfg = params["analyze"]
     seed = cfg["seed"]
-    if cfg["clustering"]["k_min"] > cfg["clustering"]["k_max"]:
-        raise StageError(f"analyze.clustering: k_min {cfg['clustering']['k_min']} is above "
-                         f"k_max {cfg['clustering']['k_max']}")
     samples, latents, layout = read_inputs(predictions, masks)
     for layer in (cfg["heatmaps"]["layer"], cfg["heatmaps"]["gradcam_layer"]):
         if layer not in layout:
@@ -551,11 +593,14 @@ def run(params: dict, predictions: Path, masks: Path, model_dir: Path, raw: Path
     categories = category_table(clusters, category_presence(samples))
     queries = similar_queries(samples, {c: r[0] for c, r in members.items()},
                               cfg["similars"]["top_loss"], cfg["similars"]["image_ids"])
-    similars = similars_table(samples, queries, embeddings.nearest_neighbours(
-        scaled, [q for q, _ in queries], cfg["similars"]["k"]))
+    # Every sample's neighbours once; the queries' similars are their rows of it.
+    neighbours = embeddings.nearest_neighbours(scaled, list(range(len(samples))),
+                                               cfg["similars"]["k"])
+    similars = similars_table(samples, queries, [neighbours[q] for q, _ in queries])
     start, stop = layout[cfg["heatmaps"]["layer"]]
     features = shared_features(latents, start, stop, clusters, cfg["heatmaps"]["channels"])
-    bins, flagged = metadata_buckets(samples, cfg["buckets"])
+    assigned = bucket_assignments(samples, cfg["buckets"])
+    bins, flagged = metadata_buckets(samples, cfg["buckets"], assigned)
 
     with atomic_dir(out) as tmp:
         issues, issue_info = label_issues(view, samples, cfg["label_issues"]["top"],
@@ -574,7 +619,9 @@ def run(params: dict, predictions: Path, masks: Path, model_dir: Path, raw: Path
         write_csv(tmp / "clusters.csv", cluster_table(samples, categories, members))
         write_csv(tmp / "cluster_categories.csv", categories)
         write_csv(tmp / "similars.csv", similars)
+        write_csv(tmp / "neighbours.csv", neighbours_table(samples, neighbours))
         write_csv(tmp / "metadata_loss.csv", bins)
+        write_csv(tmp / "bin_members.csv", bin_members(samples, assigned))
         write_csv(tmp / "metadata_flagged.csv", flagged)
         write_csv(tmp / "label_issues.csv", issues)
         write_json(tmp / "summary.json", {

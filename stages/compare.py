@@ -11,38 +11,46 @@ analysis/<scheme>/ of every scheme in params.yaml and writes under --out:
   summary.json      per pair: images, mean changes, cluster agreement (adjusted Rand
                     index), the clusters and buckets that change most, one-scheme issues
 A change counts as significant when the group holds at least compare.min_count images and
-its mean change is at least compare.z standard errors from zero.
+the Benjamini-Hochberg q-value of its paired test (over every group of its table) is at most
+compare.fdr.
 """
 from __future__ import annotations
 
 import itertools
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 from sklearn.metrics import adjusted_rand_score
 
-from stages.lib import buckets
+from stages.lib import bootstrap, buckets
 from stages.lib.cli import StageError, run_main, stage_parser
 from stages.lib.io import atomic_dir, write_csv, write_json
+from stages.lib.metrics import per_class_iou
 from stages.lib.names import inside
 from stages.lib.params import load_params, scheme_class_names, select
 from stages.lib.tables import read_table
 
 log = logging.getLogger("compare")
 
-SAMPLE_COLUMNS = ["image_id", "loss", "cluster", "label_quality", "label_quality_rank"]
+# miou is infer's per-image mIoU, carried through analyze's samples.csv: compared, not
+# recomputed.
+SAMPLE_COLUMNS = ["image_id", "loss", "miou", "cluster", "label_quality", "label_quality_rank"]
+SIGNIFICANCE_TEST = ("two-sided Wilcoxon signed-rank test of the paired loss changes, "
+                     "Benjamini-Hochberg q-value over every group of the table")
 N_TOP = 5
+# The tables' columns, written as the header even when a table has no row (one scheme: no
+# pair to compare), so that a reader tells "nothing changed" from a damaged file.
+CHANGE_COLUMNS = ["images", "mean_loss_a", "mean_loss_b", "mean_delta_loss", "se_delta_loss",
+                  "z", "p_value", "q_value", "significant"]
+CLUSTER_COLUMNS = ["a", "b", "clusters_of", "cluster", *CHANGE_COLUMNS]
+BUCKET_COLUMNS = ["a", "b", "bins_of", "binning", "field", "bin", "low", "high", *CHANGE_COLUMNS]
 
 
 # ---------------------------------------------------------------- pure core
-
-def per_sample_miou(samples: pd.DataFrame) -> pd.Series:
-    """Mean of a sample's per-class IoUs over the classes defined for it (NaN if none)."""
-    ious = samples[[c for c in samples.columns if c.startswith("iou_")]]
-    return ious.mean(axis=1, skipna=True)
-
 
 def pair_name(a: str, b: str) -> str:
     return f"{b}_vs_{a}"
@@ -58,7 +66,7 @@ def joined_samples(tables: dict[str, pd.DataFrame], flagged: dict[str, set[int]]
         if merged is None and "file_name" in table:
             part["file_name"] = table["file_name"]
         part[f"loss_{name}"] = table["loss"]
-        part[f"miou_{name}"] = per_sample_miou(table)
+        part[f"miou_{name}"] = table["miou"]
         for cls in classes[name]:
             if f"iou_{cls}" in table:
                 part[f"iou_{cls}_{name}"] = table[f"iou_{cls}"]
@@ -80,9 +88,11 @@ def joined_samples(tables: dict[str, pd.DataFrame], flagged: dict[str, set[int]]
     return pd.concat([merged, pd.DataFrame(deltas, index=merged.index)], axis=1)
 
 
-def group_change(delta: pd.Series, loss_a: pd.Series, loss_b: pd.Series, z: float,
+def group_change(delta: pd.Series, loss_a: pd.Series, loss_b: pd.Series,
                  min_count: int) -> dict:
-    """Mean change of a group, its standard error, z and whether it is significant."""
+    """Mean change of a group, its standard error, z, and the p-value of a two-sided
+    Wilcoxon signed-rank test of the paired changes (NaN under min_count images or when no
+    image changed). Whether it is significant needs the whole table's p-values: _flagged."""
     d = delta.dropna()
     n = len(d)
     mean = float(d.mean()) if n else np.nan
@@ -90,11 +100,24 @@ def group_change(delta: pd.Series, loss_a: pd.Series, loss_b: pd.Series, z: floa
     score = mean / se if n >= 2 and se > 0 else np.nan
     return {"images": n, "mean_loss_a": float(loss_a.mean()) if n else np.nan,
             "mean_loss_b": float(loss_b.mean()) if n else np.nan, "mean_delta_loss": mean,
-            "se_delta_loss": se, "z": score,
-            "significant": bool(n >= min_count and np.isfinite(score) and abs(score) >= z)}
+            "se_delta_loss": se, "z": score, "p_value": changed_p_value(d, min_count)}
 
 
-def cluster_changes(joined: pd.DataFrame, schemes: list[str], z: float,
+def changed_p_value(delta: pd.Series, min_count: int) -> float:
+    if len(delta) < min_count or not (delta != 0).any():
+        return np.nan
+    return float(stats.wilcoxon(delta).pvalue)
+
+
+def _flagged(frame: pd.DataFrame, fdr: float) -> pd.DataFrame:
+    """q-values over every group of the table (Benjamini-Hochberg), and `significant`."""
+    if frame.empty:
+        return frame
+    q, significant = buckets.flag_by_fdr(frame["p_value"], fdr)
+    return frame.assign(q_value=q, significant=significant)
+
+
+def cluster_changes(joined: pd.DataFrame, schemes: list[str], fdr: float,
                     min_count: int) -> pd.DataFrame:
     rows = []
     for a, b in itertools.combinations(schemes, 2):
@@ -104,12 +127,12 @@ def cluster_changes(joined: pd.DataFrame, schemes: list[str], z: float,
                 idx = members.index
                 rows.append({"a": a, "b": b, "clusters_of": grouping, "cluster": int(cluster),
                              **group_change(delta[idx], joined.loc[idx, f"loss_{a}"],
-                                            joined.loc[idx, f"loss_{b}"], z, min_count)})
-    return _ranked(pd.DataFrame(rows))
+                                            joined.loc[idx, f"loss_{b}"], min_count)})
+    return _ranked(_flagged(pd.DataFrame(rows, columns=CLUSTER_COLUMNS), fdr))
 
 
 def bucket_changes(joined: pd.DataFrame, samples: dict[str, pd.DataFrame],
-                   bins: dict[str, pd.DataFrame], schemes: list[str], z: float,
+                   bins: dict[str, pd.DataFrame], schemes: list[str], fdr: float,
                    min_count: int) -> pd.DataFrame:
     """Changes per bucket of each scheme's own bins (its fields: a scheme's class fractions
     exist in it only), over the images both schemes have."""
@@ -131,14 +154,14 @@ def bucket_changes(joined: pd.DataFrame, samples: dict[str, pd.DataFrame],
                     rows.append({"a": a, "b": b, "bins_of": grouping, "binning": binning,
                                  "field": field, "bin": int(b_index), "low": low, "high": high,
                                  **group_change(delta[members], joined.loc[members, f"loss_{a}"],
-                                                joined.loc[members, f"loss_{b}"], z, min_count)})
-    frame = pd.DataFrame(rows)
+                                                joined.loc[members, f"loss_{b}"], min_count)})
+    frame = pd.DataFrame(rows, columns=BUCKET_COLUMNS)
     if frame.empty:
         return frame
     # A field both schemes share (brightness, person_fraction...) has the same bins in
     # both: keep one row, the first scheme's.
     same = ["a", "b", "binning", "field", "low", "high", "images", "mean_delta_loss"]
-    return _ranked(frame.drop_duplicates(subset=same, keep="first"))
+    return _ranked(_flagged(frame.drop_duplicates(subset=same, keep="first"), fdr))
 
 
 def _ranked(frame: pd.DataFrame) -> pd.DataFrame:
@@ -169,12 +192,12 @@ def issue_changes(joined: pd.DataFrame, schemes: list[str]) -> pd.DataFrame:
 
 
 def summary(joined: pd.DataFrame, clusters: pd.DataFrame, bucket_rows: pd.DataFrame,
-            issues: pd.DataFrame, schemes: list[str], z: float, min_count: int) -> dict:
+            issues: pd.DataFrame, schemes: list[str], fdr: float, min_count: int) -> dict:
     pairs = []
     for a, b in itertools.combinations(schemes, 2):
         pair = pair_name(a, b)
         change = group_change(joined[f"delta_loss_{pair}"], joined[f"loss_{a}"],
-                              joined[f"loss_{b}"], z, min_count)
+                              joined[f"loss_{b}"], min_count)
         top = lambda frame, a=a, b=b: (frame[(frame["a"] == a) & (frame["b"] == b)]  # noqa: E731
                                        .head(N_TOP).to_dict("records") if len(frame) else [])
         pairs.append({
@@ -185,8 +208,99 @@ def summary(joined: pd.DataFrame, clusters: pd.DataFrame, bucket_rows: pd.DataFr
             "clusters_changing_most": top(clusters), "buckets_changing_most": top(bucket_rows),
             "label_issues_only_in": {s: int((issues["only_in"] == s).sum()) for s in (a, b)},
         })
-    return {"schemes": schemes, "significance": {"z": z, "min_count": min_count},
+    return {"schemes": schemes,
+            "significance": {"fdr": fdr, "min_count": min_count, "test": SIGNIFICANCE_TEST},
             "pairs": pairs}
+
+
+# ---------------------------------------------------------------- pure core: bootstrap
+
+@dataclass
+class PerImage:
+    """A scheme's per-image counts (evaluate's per_image.npz), aligned by stem."""
+
+    stems: list[str]
+    class_names: list[str]
+    confusion: np.ndarray           # (N, K, K)
+    category_names: list[str]
+    category_claims: np.ndarray     # (C,) claiming class index, 0 for none
+    category_pixels: np.ndarray     # (N, C, K)
+
+    def take(self, stems: list[str]) -> "PerImage":
+        row = {stem: i for i, stem in enumerate(self.stems)}
+        index = [row[stem] for stem in stems]
+        return PerImage(stems, self.class_names, self.confusion[index], self.category_names,
+                        self.category_claims, self.category_pixels[index])
+
+
+def found_share(pixels: np.ndarray, claims: np.ndarray) -> np.ndarray:
+    """Per category (last-but-one axis of (..., C, K) counts): the share of its pixels
+    predicted as the class that claims it, or, for a category the scheme does not claim,
+    as any class but background. NaN where a category has no pixel."""
+    total = pixels.sum(-1)
+    claimed = pixels[..., np.arange(len(claims)), claims]
+    found = np.where(claims > 0, claimed, pixels[..., 1:].sum(-1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, found / np.maximum(total, 1), np.nan)
+
+
+def difference(a_point: float, b_point: float, a_draws: np.ndarray, b_draws: np.ndarray,
+               confidence: float, names: tuple[str, str]) -> dict:
+    """b - a with its paired bootstrap interval and verdict ('higher' = b higher)."""
+    bounds = bootstrap.interval(b_draws - a_draws, confidence)
+    delta = b_point - a_point
+    return {names[0]: _number(a_point), names[1]: _number(b_point),
+            "delta": _number(delta), "interval": bounds, "verdict": bootstrap.verdict(bounds)}
+
+
+def _number(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
+
+
+def scheme_differences(per_image: dict[str, PerImage], claims: dict[str, dict],
+                       settings: bootstrap.Settings) -> dict[tuple[str, str], dict]:
+    """Per pair (a, b): every shared class's IoU difference and every category's found-share
+    difference, each with its paired interval (the same resampled images for all schemes)."""
+    names = list(per_image)
+    arrays = [per_image[n].confusion for n in names] + [per_image[n].category_pixels
+                                                          for n in names]
+    resampled = bootstrap.resampled_sums(arrays, settings)
+    draws = dict(zip(names, resampled[:len(names)]))
+    category_draws = dict(zip(names, resampled[len(names):]))
+    zeros = np.zeros(settings.samples)
+    iou = {n: (per_class_iou(per_image[n].confusion.sum(0)),
+               bootstrap.confusion_scores(draws[n], zeros)["iou"]) for n in names}
+    share = {n: (found_share(per_image[n].category_pixels.sum(0), per_image[n].category_claims),
+                 found_share(category_draws[n], per_image[n].category_claims)) for n in names}
+    out = {}
+    for a, b in itertools.combinations(names, 2):
+        classes = {}
+        for cls in per_image[a].class_names:
+            if cls not in per_image[b].class_names or cls == "background":
+                continue
+            i, j = per_image[a].class_names.index(cls), per_image[b].class_names.index(cls)
+            entry = difference(iou[a][0][i], iou[b][0][j], iou[a][1][:, i], iou[b][1][:, j],
+                               settings.confidence, ("iou_a", "iou_b"))
+            entry["delta_iou"] = entry.pop("delta")
+            entry["same_definition"] = claims[a].get(cls) == claims[b].get(cls)
+            classes[cls] = entry
+        categories = {}
+        for c, category in enumerate(per_image[a].category_names):
+            if not per_image[a].category_pixels[:, c].sum():
+                continue
+            entry = difference(share[a][0][c], share[b][0][c], share[a][1][:, c],
+                               share[b][1][:, c], settings.confidence, ("share_a", "share_b"))
+            entry["delta_share"] = entry.pop("delta")
+            entry["claimed_by_a"] = _claimer(per_image[a], c)
+            entry["claimed_by_b"] = _claimer(per_image[b], c)
+            categories[category] = entry
+        out[(a, b)] = {"classes": classes, "categories": categories}
+    return out
+
+
+def _claimer(scheme: PerImage, category: int) -> str:
+    claim = int(scheme.category_claims[category])
+    return scheme.class_names[claim] if claim else ""
 
 
 # ---------------------------------------------------------------- run
@@ -206,7 +320,41 @@ def read_scheme(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame, set[int]]:
 PARAMS = ("schemes", "compare")
 
 
-def run(params: dict, analysis: Path, out: Path) -> dict:
+def read_per_image(path: Path, class_names: list[str]) -> PerImage:
+    keys = ["stems", "class_names", "confusion", "category_names", "category_claims",
+            "category_pixels"]
+    try:
+        with np.load(path) as npz:
+            absent = [k for k in keys if k not in npz]
+            if absent:
+                raise StageError(f"{path}: missing arrays {', '.join(absent)}; re-run evaluate")
+            found = PerImage(npz["stems"].tolist(), npz["class_names"].tolist(),
+                             npz["confusion"], npz["category_names"].tolist(),
+                             npz["category_claims"], npz["category_pixels"])
+    except FileNotFoundError:
+        raise StageError(f"{path}: missing (run the evaluate stage first)") from None
+    except (OSError, ValueError) as exc:
+        raise StageError(f"{path}: not an evaluate per-image file ({exc})") from None
+    if found.class_names != class_names:
+        raise StageError(f"{path}: classes {found.class_names} differ from params.yaml "
+                         f"{class_names}; re-run evaluate")
+    return found
+
+
+def differences(params: dict, metrics: Path, schemes: list[str]) -> dict[tuple[str, str], dict]:
+    """The bootstrap comparisons of every pair, on the val images all schemes have."""
+    per_image = {s: read_per_image(inside(metrics, f"{s}.per_image.npz", resolve=False),
+                                   scheme_class_names(params, s)) for s in schemes}
+    shared = sorted(set.intersection(*(set(p.stems) for p in per_image.values())))
+    if not shared:
+        raise StageError(f"{metrics}: the schemes' per_image.npz share no val image")
+    claims = {s: params["schemes"][s]["classes"] for s in schemes}
+    settings = bootstrap.Settings.from_params(params["compare"]["bootstrap"])
+    return scheme_differences({s: p.take(shared) for s, p in per_image.items()}, claims,
+                              settings)
+
+
+def run(params: dict, analysis: Path, out: Path, metrics: Path | None = None) -> dict:
     params = select(params, PARAMS)
     cfg = params["compare"]
     schemes = list(params["schemes"])
@@ -214,14 +362,19 @@ def run(params: dict, analysis: Path, out: Path) -> dict:
     for name in schemes:
         samples[name], bins[name], flagged[name] = read_scheme(inside(analysis, name,
                                                                       resolve=False))
+    compared = differences(params, metrics, schemes) if metrics is not None else {}
     classes = {name: scheme_class_names(params, name) for name in schemes}
     joined = joined_samples(samples, flagged, classes)
     if len(schemes) > 1 and joined.empty:
         raise StageError(f"{analysis}: the schemes share no val image; nothing to compare")
-    clusters = cluster_changes(joined, schemes, cfg["z"], cfg["min_count"])
-    bucket_rows = bucket_changes(joined, samples, bins, schemes, cfg["z"], cfg["min_count"])
+    clusters = cluster_changes(joined, schemes, cfg["fdr"], cfg["min_count"])
+    bucket_rows = bucket_changes(joined, samples, bins, schemes, cfg["fdr"], cfg["min_count"])
     issues = issue_changes(joined, schemes)
-    doc = summary(joined, clusters, bucket_rows, issues, schemes, cfg["z"], cfg["min_count"])
+    doc = summary(joined, clusters, bucket_rows, issues, schemes, cfg["fdr"], cfg["min_count"])
+    if metrics is not None:
+        doc["bootstrap"] = {**cfg["bootstrap"], "method": bootstrap.METHOD}
+        for pair in doc["pairs"]:
+            pair.update(compared[(pair["a"], pair["b"])])
     with atomic_dir(out) as tmp:
         write_csv(tmp / "samples.csv", joined)
         write_csv(tmp / "clusters.csv", clusters)
@@ -242,9 +395,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = stage_parser("compare", __doc__.splitlines()[0])
     parser.add_argument("--analysis", required=True, type=Path,
                         help="folder of analysis/<scheme> (written by analyze)")
+    parser.add_argument("--metrics", type=Path,
+                        help="folder of <scheme>.per_image.npz (written by evaluate): the "
+                             "per-class and per-category differences with their intervals")
     parser.add_argument("--out", required=True, type=Path, help="comparison folder to create")
     args = parser.parse_args(argv)
-    return run_main("compare", lambda: run(load_params(args.params), args.analysis, args.out),
+    return run_main("compare", lambda: run(load_params(args.params), args.analysis, args.out,
+                                           args.metrics),
                     outputs=(args.out,))
 
 

@@ -6,17 +6,24 @@ confusion matrix; the whole-set matrix is the sum of these)."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from stages.lib.bootstrap import Settings, scheme_interval
+from stages.lib.categories import (ImageCategories, Instance, category_table,
+                                   image_categories,
+                                   instance_class_pixels, owner_map)
 from stages.lib.cli import StageError, run_main, stage_parser
-from stages.lib.io import write_csv, write_json
+from stages.lib.coco import resolve_scheme
+from stages.lib.io import atomic_path, write_csv, write_json
 from stages.lib.labels import IGNORE_INDEX, read_labels
 from stages.lib.metrics import confusion_matrix, scores
 from stages.lib.params import load_params, scheme_class_names, select
 from stages.lib.plots import confusion_figure, write_png
+from stages.masks import decode_annotation, mask_name, split_tasks
 
 log = logging.getLogger("evaluate")
 
@@ -75,45 +82,145 @@ def accumulate(pairs, num_classes: int, rows: list | None = None,
 # ---------------------------------------------------------------- run
 
 # The params this stage reads: run() sees only these (stages.lib.params.select), and dvc.yaml's
-# and the rule's `params:` list the same keys. The classes of the scheme it evaluates.
-PARAMS = ("schemes.{scheme}",)
+# and the rule's `params:` list the same keys. The classes of the scheme it evaluates, its own
+# section, and the bootstrap settings it shares with compare (the same draws of the images).
+PARAMS = ("schemes.{scheme}", "evaluate", "compare.bootstrap")
+
+
+@dataclass
+class Outputs:
+    """Where evaluate writes; those left None are not written."""
+
+    metrics: Path
+    confusion: Path
+    confusion_plot: Path | None = None
+    samples: Path | None = None
+    categories: Path | None = None
+    per_image: Path | None = None
 
 
 def run(params: dict, scheme: str, pred_dir: Path, gt_dir: Path, out: Path,
         confusion_out: Path, confusion_plot: Path | None = None,
-        samples_out: Path | None = None) -> dict:
+        samples_out: Path | None = None, annotations: Path | None = None,
+        categories_out: Path | None = None, per_image_out: Path | None = None) -> dict:
     params = select(params, PARAMS, scheme=scheme)
+    outputs = Outputs(out, confusion_out, confusion_plot, samples_out, categories_out,
+                      per_image_out)
+    if (categories_out or per_image_out) and annotations is None:
+        raise StageError("evaluate: --categories and --per-image need --annotations")
     class_names = scheme_class_names(params, scheme)
+    settings = Settings.from_params(params["compare"]["bootstrap"])
     gt_files = sorted(gt_dir.glob("*.png"))
     if not gt_files:
         raise StageError(f"{gt_dir}: no ground-truth masks")
-    rows: list[dict] = []
-    cm, ignored = accumulate(_pairs(gt_files, pred_dir), len(class_names), rows, class_names)
-    document = metrics_document(cm, ignored, class_names, len(gt_files))
-    write_csv(confusion_out, pd.DataFrame(cm, index=class_names, columns=class_names)
+    if annotations is None:
+        scored = [_scored(stem, gt, pred, class_names)
+                  for stem, gt, pred in (_image(p.stem, p, pred_dir) for p in gt_files)]
+        return _write(scheme, class_names, scored, None, settings, outputs)
+    categories, tasks = split_tasks(annotations)
+    categories = sorted(categories, key=lambda c: c["id"])
+    claims = resolve_scheme(scheme, params["schemes"][scheme], categories)
+    threshold = params["evaluate"]["instance_threshold"]
+    ids = [c["id"] for c in categories]
+    scored = []
+    for image, anns in tasks.pairs:   # by image id, streamed: one image's arrays at a time
+        stem, gt, pred = _image(Path(image["file_name"]).stem,
+                                gt_dir / mask_name(image["file_name"]), pred_dir)
+        instances = val_instances(anns, *gt.shape)
+        counts = instance_class_pixels(owner_map(instances, *gt.shape), pred, len(instances),
+                                       len(class_names))
+        scored.append(_scored(stem, gt, pred, class_names, image_categories(
+            instances, counts, ids, claims.class_of_category, threshold)))
+    unlisted = sorted({p.stem for p in gt_files} - {s.stem for s in scored})
+    if unlisted:
+        raise StageError(f"{gt_dir / unlisted[0]}.png: image not in {annotations}; re-run masks")
+    return _write(scheme, class_names, sorted(scored, key=lambda s: s.stem),
+                  (categories, claims), settings, outputs)
+
+
+@dataclass
+class Scored:
+    """What evaluate keeps of one image once its label maps are dropped."""
+
+    stem: str
+    confusion: np.ndarray
+    ignored: int
+    row: dict
+    categories: ImageCategories | None = None
+
+
+def _scored(stem: str, gt: np.ndarray, pred: np.ndarray, class_names: list[str],
+            categories: ImageCategories | None = None) -> Scored:
+    cm = confusion_matrix(gt, pred, len(class_names))
+    ignored = int((gt == IGNORE_INDEX).sum())
+    return Scored(stem, cm, ignored, sample_row(cm, ignored, class_names), categories)
+
+
+def val_instances(anns: list[dict], height: int, width: int) -> list[Instance]:
+    """The image's non-crowd instances that decode to at least one pixel."""
+    decoded = (decode_annotation(a, height, width) for a in anns)
+    return [Instance(d.category_id, d.rle) for d in decoded
+            if not d.crowd and d.rle is not None and d.pixels > 0]
+
+
+def _write(scheme: str, class_names: list[str], scored: list[Scored], categories,
+           settings: Settings, outputs: Outputs) -> dict:
+    cm = np.sum([s.confusion for s in scored], axis=0, dtype=np.int64)
+    document = metrics_document(cm, sum(s.ignored for s in scored), class_names, len(scored))
+    document["interval"] = scheme_interval(
+        np.stack([s.confusion for s in scored]), np.array([s.ignored for s in scored]),
+        class_names, settings)
+    write_csv(outputs.confusion, pd.DataFrame(cm, index=class_names, columns=class_names)
               .rename_axis("ground_truth").reset_index())
-    if confusion_plot is not None:
-        write_png(confusion_plot, confusion_figure(cm, class_names, f"{scheme}: confusion"))
-    if samples_out is not None:
-        table = pd.DataFrame(rows)
-        table.insert(0, "stem", [p.stem for p in gt_files])
-        write_csv(samples_out, table)
-    write_json(out, document)
+    if outputs.confusion_plot is not None:
+        write_png(outputs.confusion_plot,
+                  confusion_figure(cm, class_names, f"{scheme}: confusion"))
+    if outputs.samples is not None:
+        table = pd.DataFrame([s.row for s in scored])
+        table.insert(0, "stem", [s.stem for s in scored])
+        write_csv(outputs.samples, table)
+    if categories is not None:
+        _write_categories(class_names, scored, *categories, outputs)
+    write_json(outputs.metrics, document)
     log.info("%s: mIoU %.4f, pixel accuracy %.4f (%.4f counting ignore)", scheme,
              document["miou"], document["pixel_accuracy"], document["pixel_accuracy_with_ignore"])
     return document
 
 
-def _pairs(gt_files: list[Path], pred_dir: Path):
-    for gt_path in gt_files:
-        pred_path = pred_dir / gt_path.name
-        if not pred_path.is_file():
-            raise StageError(f"{pred_path}: prediction missing for ground truth {gt_path}")
-        gt, pred = read_labels(gt_path), read_labels(pred_path)
-        if gt.shape != pred.shape:
-            raise StageError(f"{pred_path}: size {pred.shape} differs from ground truth "
-                             f"{gt_path} {gt.shape}")
-        yield gt, pred
+def _write_categories(class_names: list[str], scored: list[Scored], categories: list[dict],
+                      claims, outputs: Outputs) -> None:
+    pixels = np.stack([s.categories.pixels for s in scored])
+    instances = np.stack([s.categories.instances for s in scored])
+    hits = np.stack([s.categories.hits for s in scored])
+    if outputs.categories is not None:
+        write_csv(outputs.categories, category_table(
+            categories, class_names, claims.class_of_category, pixels.sum(0),
+            instances.sum(0), hits.sum(0)))
+    if outputs.per_image is not None:
+        with atomic_path(outputs.per_image) as tmp, open(tmp, "wb") as handle:
+            np.savez_compressed(
+                handle, stems=np.array([s.stem for s in scored]),
+                class_names=np.array(class_names),
+                confusion=np.stack([s.confusion for s in scored]),
+                ignored=np.array([s.ignored for s in scored], np.int64),
+                category_ids=np.array([c["id"] for c in categories], np.int64),
+                category_names=np.array([c["name"] for c in categories]),
+                category_claims=np.array([claims.class_of_category.get(c["id"], 0)
+                                          for c in categories], np.int64),
+                category_pixels=pixels, category_instances=instances, category_hits=hits)
+
+
+def _image(stem: str, gt_path: Path, pred_dir: Path) -> tuple[str, np.ndarray, np.ndarray]:
+    pred_path = pred_dir / gt_path.name
+    if not gt_path.is_file():
+        raise StageError(f"{gt_path}: ground truth missing for an annotated image; re-run masks")
+    if not pred_path.is_file():
+        raise StageError(f"{pred_path}: prediction missing for ground truth {gt_path}")
+    gt, pred = read_labels(gt_path), read_labels(pred_path)
+    if gt.shape != pred.shape:
+        raise StageError(f"{pred_path}: size {pred.shape} differs from ground truth "
+                         f"{gt_path} {gt.shape}")
+    return stem, gt, pred
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,11 +232,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--confusion", required=True, type=Path, help="confusion CSV to write")
     parser.add_argument("--confusion-plot", type=Path, help="confusion PNG to write")
     parser.add_argument("--samples", type=Path, help="per-sample metrics CSV to write")
+    parser.add_argument("--annotations", type=Path,
+                        help="the val COCO instances JSON (download's), for --categories")
+    parser.add_argument("--categories", type=Path,
+                        help="CSV to write: where each COCO category's pixels go")
+    parser.add_argument("--per-image", type=Path,
+                        help="NPZ to write: each image's confusion matrix and category counts")
     args = parser.parse_args(argv)
+    outputs = (args.out, args.confusion, args.confusion_plot, args.samples, args.categories,
+               args.per_image)
     return run_main("evaluate", lambda: run(load_params(args.params), args.scheme, args.pred,
                                             args.gt, args.out, args.confusion,
-                                            args.confusion_plot, args.samples),
-                    outputs=(args.out, args.confusion, args.confusion_plot, args.samples))
+                                            args.confusion_plot, args.samples,
+                                            args.annotations, args.categories,
+                                            args.per_image),
+                    outputs=outputs)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """infer: predict the val split with a trained model. Writes under --out:
   val/{stem}.png   predicted class indices as palette PNGs at each image's own size
-  samples.csv      per sample: loss, pixel accuracy, confidence, per-class IoU, latency
+  samples.csv      per sample: loss, pixel accuracy, confidence, mIoU, per-class IoU, latency
   latents.npz      image_ids, pooled latent vectors (bottleneck + decoder blocks) and their
                    layout: layer_names[i] occupies columns layer_slices[i] = [start, stop)
   timing.json      per-image latency total/mean/variance/median, throughput, device, batch
@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import collections
 import itertools
 import logging
 import statistics
@@ -24,13 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from stages.lib.cli import run_main, stage_parser
+from stages.lib.cli import StageError, run_main, stage_parser
 from stages.lib.data import InferenceDataset, collate_inference, list_samples
 from stages.lib.io import atomic_dir, atomic_path, write_csv, write_json
 from stages.lib.labels import IGNORE_INDEX, save_labels
 from stages.lib.metrics import confusion_matrix, per_class_iou
-from stages.lib.model import load_trained, pooled_latent, resolve_device
+from stages.lib.model import (LATENT_LAYERS, full_size_probs, load_trained, pooled_latent,
+                              resolve_device)
 from stages.lib.names import check_plain_name, inside
+from stages.lib.parallel import ordered_map
 from stages.lib.params import load_params, select
 
 log = logging.getLogger("infer")
@@ -59,18 +60,11 @@ THROUGHPUT_DEFINITION = (
 
 # ---------------------------------------------------------------- pure core
 
-def full_size_log_probs(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize of one sample's logits (K,h,w) to its image size, then log-softmax
-    (resizing logits, not labels, keeps boundaries smooth; labels are never interpolated)."""
-    resized = F.interpolate(logits[None].float(), size=size, mode="bilinear", align_corners=False)
-    return resized[0].log_softmax(0)
-
-
 def sample_scores(log_probs: torch.Tensor, pred: torch.Tensor, gt: torch.Tensor,
                   class_names: list[str], confidence: float | None = None) -> dict:
     """Loss (mean CE over non-ignored pixels), pixel accuracy, confidence (mean max-softmax;
-    pass it when already known), per-class IoU. log_probs may live on the GPU; pred and gt
-    are CPU tensors."""
+    pass it when already known), mIoU (image_miou) and per-class IoU. log_probs may live on
+    the GPU; pred and gt are CPU tensors."""
     valid = gt != IGNORE_INDEX
     n_valid = int(valid.sum())
     target = gt.to(log_probs.device, non_blocking=True)[None].long()
@@ -83,8 +77,17 @@ def sample_scores(log_probs: torch.Tensor, pred: torch.Tensor, gt: torch.Tensor,
         "pixel_accuracy": float(np.trace(cm) / n_valid) if n_valid else float("nan"),
         "confidence": confidence,
     }
-    row.update({f"iou_{name}": float(v) for name, v in zip(class_names, per_class_iou(cm))})
+    ious = per_class_iou(cm)
+    row["miou"] = image_miou(ious)
+    row.update({f"iou_{name}": float(v) for name, v in zip(class_names, ious)})
     return row
+
+
+def image_miou(ious: np.ndarray) -> float:
+    """An image's mIoU: the mean of its per-class IoUs over the classes defined for it (NaN,
+    a class absent from both its labels and the prediction, left out); NaN if none is."""
+    defined = ious[np.isfinite(ious)]
+    return float(defined.mean()) if len(defined) else float("nan")
 
 
 def timing_summary(latencies_s: list[float], wall_s: float, device: str, batch_size: int,
@@ -110,7 +113,9 @@ def latent_layout(features: list[torch.Tensor]) -> tuple[list[str], np.ndarray]:
     """Names and [start, stop) columns of each layer in pooled_latent(features), in its
     concatenation order (forward_with_latents: bottleneck, then the decoder blocks from the
     deepest, decoder1, to the shallowest), from the tensors' own channel counts."""
-    names = ["bottleneck"] + [f"decoder{i}" for i in range(1, len(features))]
+    if len(features) > len(LATENT_LAYERS):
+        raise ValueError(f"{len(features)} latent layers, but only {len(LATENT_LAYERS)} names")
+    names = list(LATENT_LAYERS[: len(features)])
     stops = np.cumsum([int(f.shape[1]) for f in features])
     starts = np.concatenate([[0], stops[:-1]])
     return names, np.stack([starts, stops], axis=1).astype(np.int64)
@@ -168,7 +173,7 @@ class TimedInference:
             post_start = self.clock()
             # Full-size maps are made where the logits are (on a GPU, the CPU would otherwise
             # resize and normalise every image while the GPU idles); only labels come back.
-            log_probs = full_size_log_probs(logits[j], batch["size"][j])
+            log_probs = full_size_probs(logits[j], batch["size"][j], log=True)
             # max(0), not argmax(0): the same first-maximum indices, but torch's CPU argmax
             # over the leading (strided) dimension is several times slower at full image size.
             best = log_probs.max(0)
@@ -255,14 +260,10 @@ def overlapped(work: Callable[[Prediction], dict], items: Iterable[Prediction],
     """work(item) for each item on background threads, results in order. Scoring and PNG
     encoding (numpy, zlib, torch ops: all release the GIL) then run while the next batch is
     decoded and predicted; at most `in_flight` full-size maps wait at any time."""
-    pending: collections.deque = collections.deque()
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="infer-writer") as writer:
-        for item in items:
-            pending.append(writer.submit(work, item))
-            while len(pending) > in_flight:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+        # in_flight wait besides the one handed over: ordered_map counts that one too
+        yield from ordered_map(work, items, writer, in_flight + 1,
+                               named_errors=(StageError,))
 
 
 def _sync(device: torch.device) -> None:

@@ -36,21 +36,21 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
-from PIL import Image
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from stages.lib.cli import StageError, run_main, stage_parser
 from stages.lib.coco import (SPLITS, AnnotationError, ArrayUntilEnd, SchemeMap, StreamError,
                               array_items, read_instances, resolve_scheme, stream_instances)
+from stages.lib.images import decode
 from stages.lib.io import atomic_dir
 from stages.lib.labels import IGNORE_INDEX, save_labels
 from stages.lib.names import FileNames, inside, plain_name_problem, safe_filename
-from stages.lib.params import load_params, scheme_class_names, select
+from stages.lib.parallel import ordered_map
+from stages.lib.params import check_scheme_rules, load_params, scheme_class_names, select
 
 log = logging.getLogger("masks")
 
-CROWD_RULES = ("ignore", "class", "background")
 # Why an annotation drew less than it claims: malformed parts dropped (polygons of fewer
 # than 3 points or an odd number of coordinates, RLEs of another size), no segmentation
 # at all, or a well-formed one that covers no pixel.
@@ -72,19 +72,19 @@ ANNOTATION_KEYS = ("category_id", "iscrowd", "segmentation", "area")
 class LabelRules:
     """What crowd regions and overlaps of claimed categories become."""
 
-    crowd: str = "ignore"                    # one of CROWD_RULES
+    crowd: str = "ignore"                    # one of params.CROWD_RULES
     priority: tuple[int, ...] | None = None  # class indices, first wins; None: overlap -> 255
 
 
 def label_rules(scheme_params: dict, scheme: SchemeMap) -> LabelRules:
+    """Raises SchemeRuleError (a ValueError) for a crowd or overlap rule params validation
+    would refuse (stages.lib.params.check_scheme_rules, with the scheme's resolved classes)."""
     crowd = scheme_params.get("crowd", "ignore")
-    if crowd not in CROWD_RULES:
-        raise ValueError(f"schemes.{scheme.name}.crowd: {crowd!r} is not one of {CROWD_RULES}")
     overlap = scheme_params.get("overlap", "ignore")
+    check_scheme_rules(scheme.name, {"classes": dict.fromkeys(scheme.class_names[1:], {}),
+                                     "crowd": crowd, "overlap": overlap})
     if overlap == "ignore":
         return LabelRules(crowd, None)
-    if sorted(overlap) != sorted(scheme.class_names[1:]):
-        raise ValueError(f"schemes.{scheme.name}.overlap: {overlap} must name every class once")
     return LabelRules(crowd, tuple(scheme.class_names.index(name) for name in overlap))
 
 
@@ -413,20 +413,11 @@ class SplitJob:
 
 def read_pixels(path: Path, ann_file: Path, scale: int = 1) -> tuple[np.ndarray, tuple[int, int]]:
     """uint8 HxW (grayscale) or HxWx3, CMYK and palette made RGB, and the stored (height,
-    width). A JPEG is decoded at 1/scale of its stored size (Pillow's draft: the DCT
-    scaling of libjpeg, about a block average; the whole stream is still decoded, so a
-    damaged file fails as in full); other formats, and scale 1, at full size."""
+    width). A JPEG is decoded at 1/scale of its stored size (stages.lib.images.decode);
+    other formats, and scale 1, at full size."""
     if not path.is_file():
         raise StageError(f"{path}: missing (listed in {ann_file})")
-    try:
-        with Image.open(path) as handle:
-            stored = (handle.height, handle.width)
-            if scale > 1:
-                handle.draft(None, (max(1, handle.width // scale), max(1, handle.height // scale)))
-            mode = "L" if handle.mode in ("L", "I;16") else "RGB"
-            return np.asarray(handle if handle.mode == mode else handle.convert(mode)), stored
-    except (OSError, ValueError) as exc:
-        raise StageError(f"{path}: cannot read image: {exc}") from None
+    return decode(path, scale=scale, keep_grey=True, failure="cannot read image")
 
 
 def process_image(job: SplitJob, image: dict, anns: list[dict]) -> dict:
@@ -472,19 +463,9 @@ def map_ordered(jobs: dict[str, SplitJob], tasks: Iterable[Task],
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
                              initargs=(jobs,)) as pool:
-        pending: collections.deque = collections.deque()
-        try:
-            for task in tasks:
-                pending.append(pool.submit(_process_task, task))
-                if len(pending) >= 4 * workers:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            # On an error, drop what has not started; leaving the `with` waits for the rest,
-            # so no worker writes into the temporary folder after it is removed.
-            for future in pending:
-                future.cancel()
+        # A StageError already names its image's file: it surfaces as the one line it is.
+        yield from ordered_map(_process_task, tasks, pool, 4 * workers,
+                               named_errors=(StageError,))
 
 
 def worker_count(requested: int) -> int:

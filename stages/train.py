@@ -1,6 +1,7 @@
 """train: fit the MobileNetV2 + pix2pix model on one scheme's train masks; validate on
 val each epoch. Writes --out/model.pt (state dict + what rebuilds the model, loadable with
-torch.load(weights_only=True)) and --live (DVCLive: loss and IoU per epoch). With
+torch.load(weights_only=True)), --out/train.json (device, precision, epochs, wall time, torch
+version, the model's sha256, image counts) and --live (DVCLive: loss and IoU per epoch). With
 --checkpoints, saves the whole training state after every epoch (last.pt, the one before
 kept as prev.pt); a run killed at any point resumes from it and ends with the same weights
 as an uninterrupted run. A damaged checkpoint is named in a warning, renamed aside
@@ -32,13 +33,14 @@ from torch.utils.data import DataLoader
 from stages.lib.cli import StageError, run_main, stage_parser
 from stages.lib.data import (EpochSampler, SegmentationDataset, joint_transform, list_samples,
                              seed_everything)
-from stages.lib.io import atomic_dir, atomic_path
+from stages.lib.io import atomic_dir, atomic_path, write_json
 from stages.lib.labels import IGNORE_INDEX
 from stages.lib.metrics import scores
 from stages.lib.model import (IMAGENET_MEAN, IMAGENET_STD, build_model, checkpoint_payload,
                               load_failure, load_weights_file, resolve_device,
                               state_dict_mismatch)
 from stages.lib.params import load_params, scheme_class_names, select
+from stages.lib.plots import curves_figure, png_bytes, write_png
 
 log = logging.getLogger("train")
 
@@ -55,6 +57,29 @@ def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
 
 def needs_grad_scaler(device: torch.device) -> bool:
     return device.type == "cuda" and not torch.cuda.is_bf16_supported()
+
+
+def precision_name(device: torch.device) -> str:
+    """The dtype train computes in on `device`: autocast's ("bfloat16", "float16") when
+    autocast_for enables it, else "float32". Read from autocast_for itself, so the record
+    cannot drift from what training does."""
+    context = autocast_for(device)
+    dtype = getattr(context, "fast_dtype", torch.float32)
+    return str(dtype).removeprefix("torch.")
+
+
+def train_record(model_file: Path, device: torch.device, epochs: int, wall_s: float,
+                 train_images: int, val_images: int) -> dict:
+    """train.json, written beside `model_file` (model.pt): the facts of the run the report
+    shows, so that nothing reads them back from the log. `epochs` counts every epoch the
+    weights went through (those of a resumed checkpoint included), `wall_s` this process's
+    training time only."""
+    with open(model_file, "rb") as handle:
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    return {"device": str(device), "precision": precision_name(device), "epochs": int(epochs),
+            "wall_s": float(wall_s), "torch_version": torch.__version__,
+            "model_sha256": digest, "train_images": int(train_images),
+            "val_images": int(val_images)}
 
 
 class EpochResult(NamedTuple):
@@ -435,8 +460,10 @@ def _run_seeded(params, scheme, raw, masks, out, device, checkpoints, live, rank
         if checkpoint and ranks.main:
             save_checkpoint(checkpoint, fingerprint, records, state)
 
+    started = time.perf_counter()
     history = _fit(state, trained, (train_loader, val_loader), cfg["epochs"], class_names,
                    history, after_epoch)
+    wall_s = time.perf_counter() - started
     if not ranks.main:
         return history[-1] if history else {}
     if live:
@@ -445,6 +472,11 @@ def _run_seeded(params, scheme, raw, masks, out, device, checkpoints, live, rank
     with atomic_dir(out) as tmp:
         _save_torch(checkpoint_payload(model, class_names, cfg["image_size"], model_cfg),
                     tmp / "model.pt")
+        write_json(tmp / "train.json", train_record(
+            tmp / "model.pt", device, len(history), wall_s, len(train_loader.dataset),
+            len(val_loader.dataset)))
+        write_png(tmp / "curves.png",
+                  png_bytes(curves_figure(history, f"{scheme}: training curves")))
     if checkpoint:
         for done in (checkpoint, previous_checkpoint(checkpoint)):
             done.unlink(missing_ok=True)  # finished: a rerun must train, not resume

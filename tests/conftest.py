@@ -68,3 +68,34 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def val_truth(tmp_path_factory, default_params) -> dict:
+    """All 80 val images of the sample (a few train ones: download needs some) and their
+    ground truth under both schemes."""
+    root = tmp_path_factory.mktemp("evaluate")
+    params = copy.deepcopy(default_params)
+    params["data"].update(base_url=str(SAMPLE), max_images={"train": 2, "val": None})
+    raw = root / "raw"
+    from stages import download, masks
+
+    download.run(params, raw)
+    for scheme in ("person_car", "person_vehicle"):
+        masks.run(params, scheme, raw, root / "masks" / scheme)
+    return {"root": root, "params": params, "raw": raw,
+            "annotations": raw / "annotations" / "instances_val.json"}
+
+
+def write_predictions(val_truth: dict, source_scheme: str, folder: Path) -> Path:
+    """Predictions that are another scheme's ground truth (ignore as background): with
+    person_vehicle's, every truck, bus, motorcycle... is 'predicted' class 2."""
+    import numpy as np
+
+    from stages.lib.labels import IGNORE_INDEX, read_labels, save_labels
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for gt in (val_truth["root"] / "masks" / source_scheme / "val").glob("*.png"):
+        labels = read_labels(gt)
+        save_labels(folder / gt.name, np.where(labels == IGNORE_INDEX, 0, labels).astype(np.uint8))
+    return folder

@@ -191,23 +191,28 @@ def test_bin_edges_and_assignment():
 
 
 def test_a_bucket_whose_loss_stands_out_is_flagged():
-    # 20 samples: field in [0, 1); the 4 with field >= 0.8 have loss ~3, the rest ~1
+    # 20 samples: field in [0, 1); the 4 with field >= 0.8 have loss ~3, the rest ~1 (no
+    # two losses equal: the rank test is then exact)
     field = np.arange(20) / 20
-    loss = np.where(field >= 0.8, 3.0, 1.0) + np.tile([-0.1, 0.1], 10)
+    loss = np.where(field >= 0.8, 3.0, 1.0) + np.tile([-0.1, 0.1], 10) + np.arange(20) / 1000
     samples = pd.DataFrame({"image_id": range(20), "car_fraction": field, "loss": loss,
                             "iou_car": 1 - field})
-    table, index = buckets.bucket_table(samples, "car_fraction", 5, "equal_width", z=2.0,
-                                        min_count=3)
-    assert table["flagged"].tolist() == [False, False, False, False, True]
+    table, index = buckets.bucket_table(samples, "car_fraction", 5, "equal_width", min_count=3)
+    q, flagged = buckets.flag_by_fdr(table["p_value"], 0.1)
+    assert flagged.tolist() == [False, False, False, False, True]
     last = table.iloc[-1]
-    assert last["count"] == 4 and last["mean_loss"] == pytest.approx(3.0)
+    assert last["count"] == 4 and last["mean_loss"] == pytest.approx(3.0, abs=0.02)
+    # by hand: its 4 losses are the 4 highest of 20, the one most extreme of C(20, 4)
+    # equally likely rankings under no effect (exact Mann-Whitney U)
+    assert last["p_value"] == pytest.approx(1 / 4845, rel=1e-9)
     expected_se = np.std(loss[16:], ddof=1) / 2
     assert last["se_loss"] == pytest.approx(expected_se)
-    assert last["excess_se"] == pytest.approx((3.0 - loss.mean()) / expected_se)
+    assert last["excess_se"] == pytest.approx((loss[16:].mean() - loss.mean()) / expected_se)
     assert last["mean_iou_car"] == pytest.approx(1 - field[16:].mean())
-    # with min_count above its size, the same bucket is not flagged
-    table, _ = buckets.bucket_table(samples, "car_fraction", 5, "equal_width", 2.0, 5)
-    assert not table["flagged"].any()
+    # with min_count above its size, the same bucket is not tested, so not flagged
+    table, _ = buckets.bucket_table(samples, "car_fraction", 5, "equal_width", 5)
+    assert table["p_value"].isna().all()
+    assert not buckets.flag_by_fdr(table["p_value"], 0.1)[1].any()
     assert (index == 4).sum() == 4
 
 
@@ -215,38 +220,41 @@ def test_bucket_table_every_column_by_hand():
     """Two equal-width bins of [0, 1]: losses 1, 2, 3 (mean 2, sd 1) and 4, 6, 8 plus a
     sample without a loss (counted, not averaged: mean 6, sd 2); overall mean 24 / 6 = 4.
     Standard errors 1/sqrt(3) and 2/sqrt(3), so the bins lie -2 sqrt(3) and sqrt(3) standard
-    errors from the overall mean: the second is flagged at z = 1.5, not at z = 1.8."""
+    errors from the overall mean. The one-sided Mann-Whitney test of a bin against the rest,
+    exact (3 + 3 losses, no ties): U counts the pairs where the bin's loss is higher, 0 and 9
+    of 9, so p = P(U >= 0) = 1 and P(U >= 9) = 1 / C(6, 3) = 1/20. Benjamini-Hochberg over
+    the two: q = (1, 0.05 * 2 / 1 = 0.1): the second is flagged at fdr 0.1, not at 0.09."""
     samples = pd.DataFrame({"f": [0.0, 0.1, 0.2, 0.6, 0.7, 1.0, 0.8],
                             "loss": [1.0, 2.0, 3.0, 4.0, 6.0, 8.0, np.nan],
                             "iou_car": [0.0, 0.5, np.nan, 1.0, 0.5, 0.0, 0.25],
                             "other": 1.0})
-    table, index = buckets.bucket_table(samples, "f", 2, "equal_width", z=1.5, min_count=3)
+    table, index = buckets.bucket_table(samples, "f", 2, "equal_width", min_count=3)
     assert index.tolist() == [0, 0, 0, 1, 1, 1, 1]
     assert list(table.columns) == [
         "binning", "field", "bin", "low", "high", "count", "mean_loss", "std_loss", "se_loss",
-        "overall_mean_loss", "excess_se", "flagged", "mean_iou_car"]
-    assert table[["binning", "field", "bin", "low", "high", "count", "flagged"]].to_dict(
-        "records") == [
-        {"binning": "equal_width", "field": "f", "bin": 0, "low": 0.0, "high": 0.5, "count": 3,
-         "flagged": False},
-        {"binning": "equal_width", "field": "f", "bin": 1, "low": 0.5, "high": 1.0, "count": 4,
-         "flagged": True}]
+        "overall_mean_loss", "excess_se", "p_value", "mean_iou_car"]
+    assert table[["binning", "field", "bin", "low", "high", "count"]].to_dict("records") == [
+        {"binning": "equal_width", "field": "f", "bin": 0, "low": 0.0, "high": 0.5, "count": 3},
+        {"binning": "equal_width", "field": "f", "bin": 1, "low": 0.5, "high": 1.0, "count": 4}]
     r3 = math.sqrt(3)
     for column, expected in {"mean_loss": [2.0, 6.0], "std_loss": [1.0, 2.0],
                              "se_loss": [1 / r3, 2 / r3], "overall_mean_loss": [4.0, 4.0],
-                             "excess_se": [-2 * r3, r3],
+                             "excess_se": [-2 * r3, r3], "p_value": [1.0, 1 / 20],
                              "mean_iou_car": [0.25, (1.0 + 0.5 + 0.0 + 0.25) / 4]}.items():
         np.testing.assert_allclose(table[column], expected, rtol=1e-12, err_msg=column)
-    table, _ = buckets.bucket_table(samples, "f", 2, "equal_width", z=1.8, min_count=3)
-    assert table["flagged"].tolist() == [False, False]
+    q, flagged = buckets.flag_by_fdr(table["p_value"], 0.1)
+    np.testing.assert_allclose(q, [1.0, 0.1], rtol=1e-12)
+    assert flagged.tolist() == [False, True]
+    assert buckets.flag_by_fdr(table["p_value"], 0.09)[1].tolist() == [False, False]
 
 
 def test_bucket_table_empty_and_single_sample_bins_are_nan_and_unflagged():
     """Edges 0, .3, .6, .9: three samples, an empty bin, and one sample alone in the last
-    (closed) bin: no standard deviation from one loss, nothing at all from none."""
+    (closed) bin: no standard deviation from one loss, nothing at all from none, and no test
+    of the empty bin (never flagged, whatever the fdr)."""
     samples = pd.DataFrame({"f": [0.0, 0.05, 0.1, 0.9], "loss": [1.0, 1.0, 1.0, 9.0],
                             "iou_car": [0.5, 0.5, 0.5, 0.0]})
-    table, index = buckets.bucket_table(samples, "f", 3, "equal_width", z=0.0, min_count=1)
+    table, index = buckets.bucket_table(samples, "f", 3, "equal_width", min_count=1)
     assert index.tolist() == [0, 0, 0, 2]
     assert table["count"].tolist() == [3, 0, 1]
     assert table["mean_loss"].tolist()[::2] == [1.0, 9.0] and np.isnan(table["mean_loss"][1])
@@ -255,7 +263,9 @@ def test_bucket_table_empty_and_single_sample_bins_are_nan_and_unflagged():
     for column in ("std_loss", "se_loss", "excess_se"):
         assert table[column][1:].isna().all(), column
     assert np.isnan(table["excess_se"][0])
-    assert table["flagged"].tolist() == [False, False, False]
+    assert np.isnan(table["p_value"][1]) and table["p_value"].notna().tolist() == [
+        True, False, True]
+    assert not buckets.flag_by_fdr(table["p_value"], 1.0)[1][1]
     assert table["mean_iou_car"][0] == 0.5 and np.isnan(table["mean_iou_car"][1])
 
 
@@ -279,17 +289,22 @@ def test_bin_edges_special_cases():
 
 def test_bucket_table_two_loss_bins_at_min_count():
     """Bins of exactly two losses (1, 3 and 5, 7): sd sqrt(2), standard error 1, overall
-    mean 4, so 2 standard errors either side; a bin holding exactly min_count is flagged."""
+    mean 4, so 2 standard errors either side. A bin holding exactly min_count losses is
+    tested: exact Mann-Whitney, U = 0 and 4 of 4 pairs, p = 1 and 1 / C(4, 2) = 1/6; one
+    loss short of min_count, it is not."""
     samples = pd.DataFrame({"f": [0.0, 0.1, 0.9, 1.0], "loss": [1.0, 3.0, 5.0, 7.0]})
-    table, _ = buckets.bucket_table(samples, "f", 2, "equal_width", z=1.5, min_count=2)
+    table, _ = buckets.bucket_table(samples, "f", 2, "equal_width", min_count=2)
     np.testing.assert_allclose(table["std_loss"], [math.sqrt(2)] * 2, rtol=1e-12)
     np.testing.assert_allclose(table["se_loss"], [1.0, 1.0], rtol=1e-12)
     np.testing.assert_allclose(table["excess_se"], [-2.0, 2.0], rtol=1e-12)
-    assert table["flagged"].tolist() == [False, True]
-    # a mean exactly at the overall mean plus z standard errors is not "above" it
-    level = pd.DataFrame({"f": [0.0, 0.1, 0.9, 1.0], "loss": [1.0, 3.0, 1.0, 3.0]})
-    table, _ = buckets.bucket_table(level, "f", 2, "equal_width", z=0.0, min_count=2)
-    assert table["mean_loss"].tolist() == [2.0, 2.0] and not table["flagged"].any()
+    np.testing.assert_allclose(table["p_value"], [1.0, 1 / 6], rtol=1e-12)
+    table, _ = buckets.bucket_table(samples, "f", 2, "equal_width", min_count=3)
+    assert table["p_value"].isna().all()
+    # a q-value exactly at the fdr is flagged (q <= fdr): p 0.25 and 0.5 of two tests give
+    # q = min(0.25 * 2 / 1, 0.5 * 2 / 2) = 0.5 for both
+    q, flagged = buckets.flag_by_fdr(pd.Series([0.5, 0.25]), 0.5)
+    assert q.tolist() == [0.5, 0.5] and flagged.tolist() == [True, True]
+    assert not buckets.flag_by_fdr(pd.Series([0.5, 0.25]), 0.49)[1].any()
 
 
 def test_one_equal_count_bin_and_boolean_assignment():
@@ -297,12 +312,54 @@ def test_one_equal_count_bin_and_boolean_assignment():
     assert buckets.assign(pd.Series([True, False, True]), np.array([0, 0.5, 1])).tolist() == [
         1, 0, 1]
 
+
+def test_flags_are_benjamini_hochberg_over_the_whole_table():
+    p = pd.Series([0.01, 0.02, 0.03, 0.5, np.nan])
+    q, flagged = buckets.flag_by_fdr(p, 0.05)
+    # by hand: q_(i) = min over j >= i of p_(j) * m / j, m = 4 tested
+    np.testing.assert_allclose(q[:4], [0.04, 0.04, 0.04, 0.5])
+    assert np.isnan(q[4]) and flagged.tolist() == [True, True, True, False, False]
+    # the same three p-values alone among 40 tests no longer pass
+    many = pd.concat([p[:4], pd.Series(np.full(36, 0.6))], ignore_index=True)
+    assert not buckets.flag_by_fdr(many, 0.05)[1].any()
+
+
+@pytest.fixture(scope="module")
+def analysis_inputs(val_truth) -> pd.DataFrame:
+    """The sample's 80 val images with their real metadata (masks, person_car) and losses
+    drawn from a skewed distribution (the tests shuffle them anyway)."""
+    metadata = pd.read_csv(val_truth["root"] / "masks" / "person_car" / "metadata.csv")
+    val = metadata[metadata["split"] == "val"].reset_index(drop=True).copy()
+    return val.assign(loss=np.random.default_rng(1).gamma(2.0, 0.5, len(val)))
+
+
+def test_shuffled_losses_flag_almost_nothing_and_a_planted_bucket_is_found(analysis_inputs):
+    """No effect: the sample's real metadata with its losses shuffled across images, 20
+    times; at most 0.5 flagged buckets on average (issue 16). Planted: the same, with the
+    losses of the 20% brightest images raised by one standard deviation."""
+    samples = analysis_inputs
+    cfg = {"binning": ["equal_width", "equal_count"], "n_bins": 5, "fdr": 0.1, "min_count": 3}
+    rng = np.random.default_rng(0)
+    counts = []
+    for _ in range(20):
+        shuffled = samples.assign(loss=rng.permutation(samples["loss"].to_numpy()))
+        counts.append(int(analyze.metadata_buckets(shuffled, cfg)[0]["flagged"].sum()))
+    assert np.mean(counts) <= 0.5, counts
+    shuffled = samples.assign(loss=rng.permutation(samples["loss"].to_numpy()))
+    top = shuffled["brightness"] >= shuffled["brightness"].quantile(0.8)
+    raised = shuffled["loss"] + top * shuffled["loss"].std()
+    bins = analyze.metadata_buckets(shuffled.assign(loss=raised), cfg)[0]
+    hits = bins[bins["flagged"]]
+    assert ("brightness", "equal_count", 4) in set(zip(hits["field"], hits["binning"],
+                                                       hits["bin"])), hits
+
+
 def test_flagged_bucket_samples_are_listed_worst_first():
     field = np.arange(20) / 20
     loss = np.where(field >= 0.8, 3.0, 1.0) + np.arange(20) / 100
     samples = pd.DataFrame({"image_id": range(20), "car_fraction": field, "loss": loss,
                             "file_name": [f"{i}.jpg" for i in range(20)]})
-    cfg = {"binning": ["equal_width"], "n_bins": 5, "z": 2.0, "min_count": 3}
+    cfg = {"binning": ["equal_width"], "n_bins": 5, "fdr": 0.1, "min_count": 3}
     bins, listed = analyze.metadata_buckets(samples, cfg)
     assert bins["flagged"].sum() == 1
     assert listed["image_id"].tolist() == [19, 18, 17, 16]
@@ -420,7 +477,7 @@ def test_grad_cam_closed_form_for_a_linear_head():
 
 
 def test_layer_modules_output_the_latent_layers():
-    from stages.lib.model import SegNet, pooled_latent
+    from stages.lib.model import LATENT_LAYERS, SegNet, pooled_latent
 
     model = SegNet(3).eval()
     image = torch.randn(1, 3, 64, 64)
@@ -428,7 +485,8 @@ def test_layer_modules_output_the_latent_layers():
         _, features = model.forward_with_latents(image)
     pooled = pooled_latent(features)[0]
     start = 0
-    for name, feature in zip(explain.LAYERS, features):
+    assert len(LATENT_LAYERS) == len(features)
+    for name, feature in zip(LATENT_LAYERS, features):
         _, act = explain.forward_capturing(model, explain.layer_module(model, name), image)
         torch.testing.assert_close(act, feature)
         width = feature.shape[1]
@@ -522,6 +580,94 @@ def test_corrupted_labels_rank_at_the_top(memorised, tmp_path):
             stem, "label_quality"]
 
 
+@pytest.fixture(scope="module")
+def analysed(memorised, tmp_path_factory):
+    """infer and analyze on the memorised model's 10 real val images, clean labels."""
+    from stages import infer
+
+    m = memorised
+    root = tmp_path_factory.mktemp("analysed")
+    infer.run(m["params"], m["model"], m["raw"], m["clean"], root / "pred")
+    analyze.run(m["params"], root / "pred", m["clean"], m["model"], m["raw"], root / "analysis")
+    return {"pred": root / "pred", "analysis": root / "analysis",
+            "k": m["params"]["analyze"]["similars"]["k"]}
+
+
+def test_neighbours_are_every_samples_k_nearest_by_cosine(analysed):
+    """neighbours.csv against a hand computation: standardise each latent dimension (numpy,
+    population std, a constant dimension 0), cosine distance in float64, nearest first."""
+    with np.load(analysed["pred"] / "latents.npz") as npz:
+        ids, latents = npz["image_ids"].astype(int), npz["latents"].astype(np.float64)
+    std = latents.std(0)
+    z = (latents - latents.mean(0)) / np.where(std > 0, std, 1)
+    unit = z / np.linalg.norm(z, axis=1, keepdims=True)
+    distance = 1 - unit @ unit.T
+    np.fill_diagonal(distance, np.inf)  # the sample itself is never its own neighbour
+    k = analysed["k"]
+    assert 1 <= k < len(ids)
+    table = pd.read_csv(analysed["analysis"] / "neighbours.csv")
+    assert list(table.columns) == ["image_id", "rank", "neighbour_image_id", "cosine_distance"]
+    assert len(table) == len(ids) * k
+    for i, image_id in enumerate(ids):
+        rows = table[table["image_id"] == image_id]
+        order = np.argsort(distance[i], kind="stable")[:k]
+        assert rows["rank"].tolist() == list(range(1, k + 1))
+        assert rows["neighbour_image_id"].tolist() == ids[order].tolist()
+        np.testing.assert_allclose(rows["cosine_distance"], distance[i, order], atol=1e-5)
+
+
+def test_similars_are_their_queries_rows_of_neighbours(analysed):
+    similars = pd.read_csv(analysed["analysis"] / "similars.csv")
+    neighbours = pd.read_csv(analysed["analysis"] / "neighbours.csv")
+    assert len(similars) > 0
+    joined = similars.merge(neighbours, left_on=["query_image_id", "rank"],
+                            right_on=["image_id", "rank"], how="left", suffixes=("", "_n"),
+                            validate="one_to_one")
+    assert joined["neighbour_image_id"].notna().all()
+    assert (joined["image_id"] == joined["neighbour_image_id"]).all()
+    assert (joined["cosine_distance"] == joined["cosine_distance_n"]).all()
+    # every query has all of its neighbours, not a prefix
+    per_query = similars.groupby("query_image_id").size()
+    assert (per_query == analysed["k"]).all()
+
+
+def test_bin_members_count_and_average_as_metadata_loss(analysed):
+    folder = analysed["analysis"]
+    samples = pd.read_csv(folder / "samples.csv")
+    bins = pd.read_csv(folder / "metadata_loss.csv")
+    members = pd.read_csv(folder / "bin_members.csv")
+    assert list(members.columns) == ["image_id", "binning", "field", "bin"]
+    pairs = bins[["binning", "field"]].drop_duplicates()
+    assert len(pairs) > 0 and len(members) == len(pairs) * len(samples)
+    loss = samples.set_index("image_id")["loss"]
+    for (_, field), group in members.groupby(["binning", "field"], sort=False):
+        assert sorted(group["image_id"]) == sorted(samples["image_id"])  # each sample once
+        missing = samples.loc[samples[field].isna(), "image_id"]
+        assert set(group.loc[group["bin"] == -1, "image_id"]) == set(missing)
+    for row in bins.to_dict("records"):
+        inside = members[(members["binning"] == row["binning"])
+                         & (members["field"] == row["field"]) & (members["bin"] == row["bin"])]
+        assert len(inside) == row["count"], row
+        if row["count"]:
+            assert loss[inside["image_id"]].mean() == pytest.approx(row["mean_loss"], rel=1e-12)
+
+
+def test_neighbours_table_with_fewer_samples_than_k():
+    vectors = np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
+    samples = pd.DataFrame({"image_id": [7, 8, 9]})
+    table = analyze.neighbours_table(samples, embeddings.nearest_neighbours(
+        vectors, [0, 1, 2], k=5))
+    half = 1 - np.sqrt(0.5)  # 45 degrees apart; 7 and 9 are 90 degrees apart (distance 1)
+    assert table["image_id"].tolist() == [7, 7, 8, 8, 9, 9]
+    assert table["rank"].tolist() == [1, 2, 1, 2, 1, 2]
+    # 8 is 45 degrees from both others: either order of that tie is right
+    assert table["neighbour_image_id"].tolist()[:2] + table["neighbour_image_id"].tolist()[4:] \
+        == [8, 9, 8, 7]
+    assert set(table["neighbour_image_id"][2:4]) == {7, 9}
+    np.testing.assert_allclose(table["cosine_distance"], [half, 1, half, half, half, 1],
+                               atol=1e-12)
+
+
 # ---------------------------------------------------------------- params
 
 @pytest.mark.parametrize("path, value, message", [
@@ -537,12 +683,6 @@ def test_analyze_params_are_checked(params, path, value, message):
     with pytest.raises(ParamsError) as info:
         validate_params(params)
     assert message in str(info.value)
-
-
-def test_k_range_upside_down_is_a_stage_error(params, tmp_path):
-    params["analyze"]["clustering"].update(k_min=5, k_max=3)
-    with pytest.raises(analyze.StageError, match="k_min 5 is above k_max 3"):
-        analyze.run(params, tmp_path, tmp_path, tmp_path, tmp_path, tmp_path / "out")
 
 
 # ---------------------------------------------------------------- benchmark smoke run

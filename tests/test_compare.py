@@ -26,7 +26,7 @@ def scheme_folder(root, name: str, fraction_col: str, loss, clusters, flagged_id
     fraction = np.linspace(0, 1, len(ids))
     samples = pd.DataFrame({
         "image_id": ids, "file_name": [f"{i:012d}.jpg" for i in ids], "loss": loss,
-        "iou_background": 0.9, "iou_person": 0.5, "cluster": clusters,
+        "miou": (0.9 + 0.5) / 2, "iou_background": 0.9, "iou_person": 0.5, "cluster": clusters,
         "label_quality": np.linspace(0.1, 0.9, len(ids)),
         "label_quality_rank": np.arange(1, len(ids) + 1), fraction_col: fraction,
         "brightness": np.arange(len(ids), dtype=float)})
@@ -141,34 +141,52 @@ def test_old_analysis_without_label_quality_is_refused(two_schemes):
 
 def test_group_change_by_hand():
     """Deltas 1, 2, 3 (and one missing): mean 2, sample sd 1, standard error 1/sqrt(3),
-    z = 2 sqrt(3) = 3.46; the group means of the losses over all its rows."""
+    z = 2 sqrt(3) = 3.46; the group means of the losses over all its rows. The two-sided
+    Wilcoxon signed-rank test, exact: all three ranks positive, W+ = 6, the highest of the
+    2^3 equally likely sign patterns, so p = 2 / 8 = 0.25; the same for the mirrored group."""
     delta = pd.Series([1.0, 2.0, 3.0, np.nan])
     loss_a, loss_b = pd.Series([1.0, 1.0, 1.0, 1.0]), pd.Series([2.0, 3.0, 4.0, 5.0])
-    change = compare.group_change(delta, loss_a, loss_b, z=3.4, min_count=3)
+    change = compare.group_change(delta, loss_a, loss_b, min_count=3)
     assert list(change) == ["images", "mean_loss_a", "mean_loss_b", "mean_delta_loss",
-                            "se_delta_loss", "z", "significant"]
+                            "se_delta_loss", "z", "p_value"]
     assert (change["images"], change["mean_loss_a"], change["mean_loss_b"],
             change["mean_delta_loss"]) == (3, 1.0, 3.5, 2.0)
     assert change["se_delta_loss"] == pytest.approx(1 / np.sqrt(3), rel=1e-12)
     assert change["z"] == pytest.approx(2 * np.sqrt(3), rel=1e-12)
-    assert change["significant"] is True
-    assert compare.group_change(delta, loss_a, loss_b, 3.5, 3)["significant"] is False
-    assert compare.group_change(delta, loss_a, loss_b, 3.4, 4)["significant"] is False
-    down = compare.group_change(-delta, loss_b, loss_a, 3.4, 3)  # a worse group counts too
-    assert down["z"] == pytest.approx(-2 * np.sqrt(3), rel=1e-12) and down["significant"]
+    assert change["p_value"] == pytest.approx(0.25, rel=1e-12)
+    assert np.isnan(compare.group_change(delta, loss_a, loss_b, 4)["p_value"])
+    down = compare.group_change(-delta, loss_b, loss_a, 3)  # a worse group counts too
+    assert down["z"] == pytest.approx(-2 * np.sqrt(3), rel=1e-12)
+    assert down["p_value"] == pytest.approx(0.25, rel=1e-12)
+
+
+def test_flagged_is_benjamini_hochberg_over_the_whole_table():
+    """p 0.25, NaN (untested), 0.01 over two tests: q = 0.02 and min(0.25 * 2 / 2) = 0.25;
+    significant where q <= fdr, the untested group never."""
+    frame = pd.DataFrame({"id": [0, 1, 2], "p_value": [0.25, np.nan, 0.01]})
+    out = compare._flagged(frame, 0.25)
+    np.testing.assert_allclose(out["q_value"], [0.25, np.nan, 0.02], rtol=1e-12)
+    assert out["significant"].tolist() == [True, False, True]
+    assert compare._flagged(frame, 0.24)["significant"].tolist() == [False, False, True]
+    assert list(out.columns) == ["id", "p_value", "q_value", "significant"]
+    assert compare._flagged(pd.DataFrame(), 0.1).empty
 
 
 def test_group_change_of_tiny_or_flat_groups_has_no_z():
-    one = compare.group_change(pd.Series([0.5]), pd.Series([1.0]), pd.Series([1.5]), 0.0, 1)
+    one = compare.group_change(pd.Series([0.5]), pd.Series([1.0]), pd.Series([1.5]), 2)
     assert one["images"] == 1 and one["mean_delta_loss"] == 0.5
-    assert np.isnan(one["se_delta_loss"]) and np.isnan(one["z"]) and not one["significant"]
+    assert np.isnan(one["se_delta_loss"]) and np.isnan(one["z"]) and np.isnan(one["p_value"])
     flat = compare.group_change(pd.Series([1.0, 1.0]), pd.Series([1.0, 1.0]),
-                                pd.Series([2.0, 2.0]), 0.0, 1)
-    assert flat["se_delta_loss"] == 0.0 and np.isnan(flat["z"]) and not flat["significant"]
-    none = compare.group_change(pd.Series([np.nan]), pd.Series([1.0]), pd.Series([2.0]), 0.0, 0)
-    assert none["images"] == 0 and not none["significant"]
+                                pd.Series([2.0, 2.0]), 1)
+    assert flat["se_delta_loss"] == 0.0 and np.isnan(flat["z"])
+    # no image changed: nothing to test
+    still = compare.group_change(pd.Series([0.0, 0.0, 0.0]), pd.Series([1.0] * 3),
+                                 pd.Series([1.0] * 3), 1)
+    assert still["se_delta_loss"] == 0.0 and np.isnan(still["p_value"])
+    none = compare.group_change(pd.Series([np.nan]), pd.Series([1.0]), pd.Series([2.0]), 0)
+    assert none["images"] == 0
     assert all(np.isnan(none[k]) for k in ("mean_loss_a", "mean_loss_b", "mean_delta_loss",
-                                           "se_delta_loss", "z"))
+                                           "se_delta_loss", "z", "p_value"))
 
 
 def test_ranked_puts_significant_then_biggest_changes_first_per_pair():
@@ -201,9 +219,197 @@ def test_issue_changes_by_hand():
          "label_quality_rank_b": 2}]
 
 
-def test_per_sample_miou_and_pair_name():
-    samples = pd.DataFrame({"iou_a": [0.5, np.nan, np.nan], "iou_b": [0.25, 1.0, np.nan],
-                            "loss": [9.0, 9.0, 9.0]})
-    miou = compare.per_sample_miou(samples)
-    assert miou[:2].tolist() == [0.375, 1.0] and np.isnan(miou[2])
+def test_pair_name():
     assert compare.pair_name("person_car", "person_vehicle") == "person_vehicle_vs_person_car"
+
+
+# ---------------------------------------------------------------- bootstrap differences
+
+def test_found_share_by_hand():
+    # categories: claimed by class 2, unclaimed, claimed by class 1, no pixel
+    pixels = np.array([[1, 1, 2], [2, 1, 1], [3, 1, 0], [0, 0, 0]])
+    share = compare.found_share(pixels, np.array([2, 0, 1, 0]))
+    np.testing.assert_allclose(share, [0.5, 0.5, 0.25, np.nan])
+    stacked = compare.found_share(np.stack([pixels, pixels[:, ::-1]]), np.array([2, 0, 1, 0]))
+    np.testing.assert_allclose(stacked[1], [0.25, 0.75, 0.25, np.nan])
+
+
+def evaluate_scheme(val_truth, scheme, pred, metrics):
+    from stages import evaluate
+    evaluate.run(val_truth["params"], scheme, pred, val_truth["root"] / "masks" / scheme / "val",
+                 metrics / f"{scheme}.json", metrics / f"{scheme}.confusion.csv",
+                 annotations=val_truth["annotations"],
+                 per_image_out=metrics / f"{scheme}.per_image.npz")
+
+
+def erase_person(folder, keep_every: int):
+    """Predict background for person in all but every keep_every-th image (by name)."""
+    from stages.lib.labels import read_labels, save_labels
+    for i, path in enumerate(sorted(folder.glob("*.png"))):
+        if i % keep_every:
+            labels = read_labels(path)
+            save_labels(path, np.where(labels == 1, 0, labels).astype(np.uint8))
+
+
+def test_a_planted_difference_is_found_with_its_interval(val_truth, tmp_path):
+    from conftest import write_predictions
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    # person_car's model misses person in 3 of 4 images; person_vehicle's sees everything.
+    # Each predicts the other scheme's classes: under person_car, trucks and buses come out
+    # as class 2 (car), under person_vehicle they come out background.
+    erase_person(write_predictions(val_truth, "person_vehicle", tmp_path / "a"), 4)
+    write_predictions(val_truth, "person_car", tmp_path / "b")
+    evaluate_scheme(val_truth, "person_car", tmp_path / "a", metrics)
+    evaluate_scheme(val_truth, "person_vehicle", tmp_path / "b", metrics)
+    found = compare.differences(val_truth["params"], metrics, ["person_car", "person_vehicle"])
+    pair = found[("person_car", "person_vehicle")]
+    assert list(pair["classes"]) == ["person"]
+    person = pair["classes"]["person"]
+    ious = [json.loads((metrics / f"{s}.json").read_text())["iou"]["person"]
+            for s in ("person_car", "person_vehicle")]
+    assert (person["iou_a"], person["iou_b"]) == pytest.approx(ious, abs=1e-12)
+    assert person["delta_iou"] == pytest.approx(ious[1] - ious[0], abs=1e-12)
+    lo, hi = person["interval"]
+    assert 0 < lo < person["delta_iou"] < hi and person["verdict"] == "higher"
+    assert person["same_definition"]
+    truck = pair["categories"]["truck"]
+    assert (truck["claimed_by_a"], truck["claimed_by_b"]) == ("", "vehicle")
+    assert truck["share_a"] > 0.95 and truck["share_b"] == 0 and truck["verdict"] == "lower"
+    car = pair["categories"]["car"]
+    # car is found in both (a few of its pixels are another scheme's crowd or overlap: 255,
+    # predicted background here)
+    assert car["share_a"] > 0.98 and car["share_b"] > 0.98 and abs(car["delta_share"]) < 0.01
+
+
+def test_no_difference_is_found_where_none_was_planted(val_truth, tmp_path):
+    from conftest import write_predictions
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    # Both models miss person in half the images, different halves: no real difference.
+    a = write_predictions(val_truth, "person_car", tmp_path / "a")
+    b = write_predictions(val_truth, "person_vehicle", tmp_path / "b")
+    erase_person(a, 2)
+    for i, path in enumerate(sorted(b.glob("*.png"))):
+        if i % 2 == 0:
+            from stages.lib.labels import read_labels, save_labels
+            labels = read_labels(path)
+            save_labels(path, np.where(labels == 1, 0, labels).astype(np.uint8))
+    evaluate_scheme(val_truth, "person_car", a, metrics)
+    evaluate_scheme(val_truth, "person_vehicle", b, metrics)
+    pair = compare.differences(val_truth["params"], metrics,
+                               ["person_car", "person_vehicle"])[("person_car", "person_vehicle")]
+    person = pair["classes"]["person"]
+    assert person["verdict"] == "no detectable difference"
+    assert person["interval"][0] < 0 < person["interval"][1]
+    assert all(c["verdict"] == "no detectable difference" for c in pair["categories"].values()
+               if c["claimed_by_a"] and c["claimed_by_b"])
+
+
+def test_summary_carries_the_differences_and_the_bootstrap(two_schemes, val_truth, tmp_path):
+    from conftest import write_predictions
+    root, params = two_schemes
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    for scheme in ("person_car", "person_vehicle"):
+        evaluate_scheme(val_truth, scheme, write_predictions(val_truth, scheme, tmp_path / scheme),
+                        metrics)
+    doc = compare.run(params, root / "analysis", root / "compare", metrics)
+    assert doc["bootstrap"] == {"samples": 1000, "confidence": 0.95, "seed": 0,
+                                "method": "percentile bootstrap over val images, paired "
+                                          "across schemes"}
+    [pair] = json.loads((root / "compare" / "summary.json").read_text())["pairs"]
+    assert set(pair["classes"]) == {"person"}
+    assert {"car", "truck", "bus", "person"} <= set(pair["categories"])
+    assert set(pair["classes"]["person"]) == {"iou_a", "iou_b", "delta_iou", "interval",
+                                              "verdict", "same_definition"}
+
+
+def test_a_per_image_file_of_other_classes_is_refused(val_truth, tmp_path):
+    from conftest import write_predictions
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    evaluate_scheme(val_truth, "person_car", write_predictions(val_truth, "person_car",
+                                                               tmp_path / "a"), metrics)
+    (metrics / "person_car.per_image.npz").rename(metrics / "person_vehicle.per_image.npz")
+    evaluate_scheme(val_truth, "person_car", tmp_path / "a", metrics)
+    with pytest.raises(StageError, match=r"person_vehicle\.per_image\.npz: classes \['background"
+                                         r"', 'person', 'car'\] differ from params.yaml \['backg"
+                                         r"round', 'person', 'vehicle'\]; re-run evaluate"):
+        compare.differences(val_truth["params"], metrics, ["person_car", "person_vehicle"])
+
+
+def joined_frame(rng, n=80):
+    """compare's joined table for two schemes with no real difference: each image's two
+    losses are exchangeable (one noisy draw each around the image's difficulty)."""
+    difficulty = rng.gamma(2.0, 0.5, n)
+    a, b = difficulty + rng.normal(0, 0.2, n), difficulty + rng.normal(0, 0.2, n)
+    return pd.DataFrame({"image_id": range(n), "loss_person_car": a, "loss_person_vehicle": b,
+                         "delta_loss_person_vehicle_vs_person_car": b - a,
+                         "cluster_person_car": rng.integers(0, 6, n),
+                         "cluster_person_vehicle": rng.integers(0, 6, n)})
+
+
+def test_no_change_flags_almost_nothing_and_a_planted_one_is_found():
+    rng = np.random.default_rng(0)
+    schemes = ["person_car", "person_vehicle"]
+    counts = [int(compare.cluster_changes(joined_frame(rng), schemes, 0.1, 3)["significant"]
+                  .sum()) for _ in range(20)]
+    assert np.mean(counts) <= 0.5, counts
+    joined = joined_frame(rng)
+    hit = joined["cluster_person_car"] == 2
+    joined.loc[hit, "loss_person_vehicle"] += 0.5
+    joined["delta_loss_person_vehicle_vs_person_car"] = (joined["loss_person_vehicle"]
+                                                         - joined["loss_person_car"])
+    table = compare.cluster_changes(joined, schemes, 0.1, 3)
+    found = table[table["significant"]]
+    assert list(zip(found["clusters_of"], found["cluster"])) == [("person_car", 2)]
+    assert found["q_value"].iloc[0] <= 0.1 and found["p_value"].iloc[0] < found["q_value"].iloc[0]
+
+
+def test_one_scheme_writes_empty_tables_with_their_header(tmp_path, params):
+    params = copy.deepcopy(params)
+    del params["schemes"]["person_vehicle"]
+    scheme_folder(tmp_path / "analysis", "person_car", "car_fraction", np.ones(N), [0] * N,
+                  {100})
+    compare.run(params, tmp_path / "analysis", tmp_path / "compare")
+    change = ["images", "mean_loss_a", "mean_loss_b", "mean_delta_loss", "se_delta_loss", "z",
+              "p_value", "q_value", "significant"]
+    for name, columns in (("clusters.csv", ["a", "b", "clusters_of", "cluster", *change]),
+                          ("buckets.csv", ["a", "b", "bins_of", "binning", "field", "bin", "low",
+                                           "high", *change])):
+        table = pd.read_csv(tmp_path / "compare" / name)
+        assert list(table.columns) == columns and len(table) == 0, name
+
+
+def test_two_schemes_tables_keep_the_documented_columns(two_schemes):
+    root, params = two_schemes
+    compare.run(params, root / "analysis", root / "compare")
+    assert list(pd.read_csv(root / "compare" / "clusters.csv").columns) == list(
+        compare.CLUSTER_COLUMNS)
+    assert list(pd.read_csv(root / "compare" / "buckets.csv").columns) == list(
+        compare.BUCKET_COLUMNS)
+
+
+def test_miou_is_analyzes_column_not_recomputed(two_schemes):
+    """compare carries infer's per-image miou (through analyze's samples.csv) as it is: a
+    column unlike the mean of the iou_* columns comes out unchanged, deltas from it."""
+    root, params = two_schemes
+    path = root / "analysis" / "person_vehicle" / "samples.csv"
+    table = pd.read_csv(path)
+    table["miou"] = np.linspace(0.2, 0.4, N)  # the iou_* columns still average 0.7
+    table.to_csv(path, index=False)
+    compare.run(params, root / "analysis", root / "compare")
+    samples = pd.read_csv(root / "compare" / "samples.csv").sort_values("image_id")
+    np.testing.assert_allclose(samples["miou_person_vehicle"], np.linspace(0.2, 0.4, N))
+    np.testing.assert_allclose(samples["miou_person_car"], 0.7)
+    np.testing.assert_allclose(samples["delta_miou_person_vehicle_vs_person_car"],
+                               np.linspace(0.2, 0.4, N) - 0.7, atol=1e-12)
+
+
+def test_analysis_without_miou_is_refused(two_schemes):
+    root, params = two_schemes
+    path = root / "analysis" / "person_car" / "samples.csv"
+    pd.read_csv(path).drop(columns="miou").to_csv(path, index=False)
+    with pytest.raises(StageError, match="missing columns miou; re-run analyze"):
+        compare.run(params, root / "analysis", root / "compare")

@@ -21,6 +21,9 @@ from stages.lib.codedeps import stage_code
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
 LOG_REDIRECT = re.compile(r"\s*>\s*\S+\s+2>&1\s*$")
+# Snakemake's own stage times: the report's rule passes every upstream job's benchmark file
+# (declared inputs); DVC records none, so its command has no such argument.
+BENCHMARKS = re.compile(r" --benchmarks((?: logs/benchmark/\S+)+)")
 
 
 def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -34,18 +37,27 @@ def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedPr
 # ---------------------------------------------------------------- parity (no computation)
 
 def snakemake_jobs(root: Path) -> dict[str, dict]:
-    """Every job of a forced dry run: command (log redirect removed), inputs, outputs."""
+    """Every job of a forced dry run: command (log redirect and the Snakemake-only
+    --benchmarks removed), inputs (benchmark files apart), outputs, benchmark file."""
     out = run(["snakemake", "-n", "-p", "-F", "--cores", "1"], root).stdout
     jobs, current = {}, {}
     for line in out.splitlines():
         stripped = line.strip()
         if re.match(r"^(localrule|rule) \w+:$", stripped):
-            current = {"rule": stripped.split()[1][:-1], "input": [], "output": []}
-        elif stripped.startswith(("input:", "output:")) and current:
+            current = {"rule": stripped.split()[1][:-1], "input": [], "output": [],
+                       "benchmark": [], "benchmarks_given": []}
+        elif stripped.startswith(("input:", "output:", "benchmark:")) and current:
             key, _, values = stripped.partition(":")
             current[key] = [v.strip() for v in values.split(",") if v.strip()]
         elif line.startswith("Shell command:") and current.get("rule") != "all":
             cmd = LOG_REDIRECT.sub("", line.split(":", 1)[1].strip())
+            given = BENCHMARKS.search(cmd)
+            if given:
+                current["benchmarks_given"] = given.group(1).split()
+                cmd = BENCHMARKS.sub("", cmd)
+            current["input"], current["benchmark_inputs"] = (
+                [i for i in current["input"] if not i.startswith("logs/benchmark/")],
+                [i for i in current["input"] if i.startswith("logs/benchmark/")])
             jobs[cmd] = current
     return jobs
 
@@ -72,6 +84,18 @@ def test_both_engines_run_the_same_commands(both_engines):
     schemes = yaml.safe_load((ROOT / "params.yaml").read_text())["schemes"]
     assert len(smk) == 1 + 5 * len(schemes) + 2
     assert set(smk) == set(dvc)
+
+
+def test_the_report_gets_every_upstream_jobs_benchmark_under_snakemake(both_engines):
+    """The report's stage times: each upstream job's benchmark file is a declared input of
+    the report's rule and is passed to it; no other job reads one."""
+    smk, _ = both_engines
+    [report] = [job for job in smk.values() if job["rule"] == "report"]
+    upstream = sorted(f for job in smk.values() if job["rule"] != "report"
+                      for f in job["benchmark"])
+    assert len(upstream) == len(smk) - 1
+    assert sorted(report["benchmark_inputs"]) == sorted(report["benchmarks_given"]) == upstream
+    assert [job["rule"] for job in smk.values() if job["benchmark_inputs"]] == ["report"]
 
 
 def _covered(path: str, folders: list[str]) -> bool:
@@ -143,8 +167,9 @@ def test_snakemake_refuses_config_overrides_the_stages_would_not_see():
 ENV["SOURCE_DATE_EPOCH"] = "1700000000"
 DEFAULT_PROFILE = ["--workflow-profile", "workflow/profiles/default"]
 # What the two engines write that is not a function of params, code and data alone:
-# wall-clock timings (infer's timing.json and the latency_ms column that infer's and
-# analyze's samples.csv carry), and Snakemake's own time stamps in its output folders.
+# wall-clock timings (infer's timing.json, train.json's wall_s and the latency_ms column that
+# infer's and analyze's samples.csv carry), and Snakemake's own time stamps in its output
+# folders.
 TIMING_COLUMN = "latency_ms"
 
 
@@ -415,6 +440,8 @@ def _artifacts(root: Path) -> dict[str, str]:
                 timing = json.loads(data)
                 data = json.dumps({k: timing[k] for k in ("images", "device", "batch_size")})
                 data = data.encode()
+            elif path.name == "train.json":
+                data = json.dumps({**json.loads(data), "wall_s": None}).encode()
             elif path.name == "samples.csv":
                 frame = pd.read_csv(path)
                 data = frame.drop(columns=[TIMING_COLUMN], errors="ignore").to_csv(index=False)
@@ -427,12 +454,9 @@ def _artifacts(root: Path) -> dict[str, str]:
 
 def _deterministic_report(html: str) -> str:
     """The report without what depends on the checkout, the engine and the clock: the git
-    commit (each test repository has its own), the inference timing table, and the folder
-    hashes, which the report takes from dvc.lock alone (under Snakemake there is none:
-    "not recorded")."""
+    commit (each test repository has its own) and the timing section (inference and
+    training wall times; stage times from Snakemake's benchmark files, none under DVC)."""
     html = re.sub(r'<section id="timing">.*?</section>', "", html, flags=re.S)
-    html = re.sub(r"<code>(?:[0-9a-f]{32}\.dir|not recorded)</code>", "<code><folder md5></code>",
-                  html)
     html = re.sub(r"commit [0-9a-f]{7,40}", "commit <commit>", html)
     return re.sub(r"<code>[0-9a-f]{7,40}</code>", "<code><commit></code>", html)
 

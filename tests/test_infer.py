@@ -20,13 +20,14 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from conftest import ROOT, SAMPLE, small_params
 from damaged_files import DAMAGE, MODEL_REASONS, NOT_A_MODEL, damaged_model
 from stages import download, infer, masks, train
 from stages.lib.data import collate_inference
 from stages.lib.io import json_safe
-from stages.lib.model import SegNet, pooled_latent
+from stages.lib.model import SegNet, full_size_probs, pooled_latent
 
 SCHEME = "person_car"
 N_TRAIN, N_VAL, SIZE, INFER_BATCH = 8, 4, 64, 3
@@ -420,8 +421,9 @@ def test_sample_scores_of_an_all_ignore_mask_are_nan_not_an_error():
         warnings.simplefilter("error")  # no numpy 0/0 RuntimeWarning in the stage's log
         row = infer.sample_scores(log_probs, torch.zeros(1, 3, dtype=torch.uint8), gt,
                                   ["background", "person"])
-    assert set(row) == {"loss", "pixel_accuracy", "confidence", "iou_background", "iou_person"}
-    assert all(np.isnan(row[k]) for k in ("loss", "pixel_accuracy", "iou_background",
+    assert set(row) == {"loss", "pixel_accuracy", "confidence", "miou", "iou_background",
+                        "iou_person"}
+    assert all(np.isnan(row[k]) for k in ("loss", "pixel_accuracy", "miou", "iou_background",
                                           "iou_person"))
     assert row["confidence"] == pytest.approx(0.5, rel=1e-12)
 
@@ -436,19 +438,49 @@ def test_sample_scores_refuses_a_prediction_outside_the_classes():
                             ["background", "person"])
 
 
-def test_full_size_log_probs_by_hand():
+def test_full_size_probs_by_hand():
     """Logits of one 1x2 image resized to 2x4 (half-pixel bilinear, as F.interpolate with
     align_corners=False): along a row, output pixel i samples the input at x = (i + .5) / 2
     - .5 = -.25, .25, .75, 1.25, clamped to [0, 1], so class 0's logits (0, 4) become
     (0, 1, 3, 4); class 1 stays 0. Then the log-softmax over the classes, by hand:
     log p0 = x - ln(e^x + 1), log p1 = -ln(e^x + 1). Half-precision logits come back float32."""
     logits = torch.tensor([[[0.0, 4.0]], [[0.0, 0.0]]], dtype=torch.float16)
-    out = infer.full_size_log_probs(logits, (2, 4))
+    out = full_size_probs(logits, (2, 4), log=True)
     assert out.dtype == torch.float32 and out.shape == (2, 2, 4)
     x = np.array([0.0, 1.0, 3.0, 4.0])
     expected = np.stack([np.tile(x - np.log(np.exp(x) + 1), (2, 1)),
                          np.tile(-np.log(np.exp(x) + 1), (2, 1))])
     np.testing.assert_allclose(out.numpy(), expected, rtol=0, atol=1e-6)
+    # without log: the probabilities themselves, e^x / (e^x + 1) and 1 / (e^x + 1)
+    probs = full_size_probs(logits, (2, 4))
+    assert probs.dtype == torch.float32
+    np.testing.assert_allclose(probs.numpy(), np.exp(expected), rtol=0, atol=1e-6)
+
+def test_stage_miou_is_the_mean_of_the_defined_ious_of_each_image(chain):
+    """samples.csv's miou, by hand from the PNGs on disk: per class, intersection over union
+    of the predicted and labelled pixels (label 255 left out), classes in neither left out,
+    then the plain mean; and equal to the mean of the row's own iou_* columns (NaN skipped)."""
+    table = pd.read_csv(chain["pred"] / "samples.csv")
+    ious = table[[c for c in table.columns if c.startswith("iou_")]]
+    assert len(table) == N_VAL and ious.shape[1] == 3
+    for row in table.itertuples(index=False):
+        stem = f"{row.stem:012d}"
+        gt = np.asarray(Image.open(chain["masks"] / "val" / f"{stem}.png"))
+        pred = np.asarray(Image.open(chain["pred"] / "val" / f"{stem}.png"))
+        keep = gt != 255
+        by_class = []
+        for k in range(3):
+            union = np.sum(((gt == k) | (pred == k)) & keep)
+            if union:
+                by_class.append(np.sum((gt == k) & (pred == k) & keep) / union)
+        assert row.miou == pytest.approx(sum(by_class) / len(by_class), rel=1e-12)
+    np.testing.assert_allclose(table["miou"], ious.mean(axis=1, skipna=True), rtol=1e-12)
+    assert list(table.columns).index("miou") == list(table.columns).index("confidence") + 1
+
+
+def test_image_miou_skips_undefined_classes():
+    assert infer.image_miou(np.array([0.5, np.nan, 0.25])) == 0.375
+    assert np.isnan(infer.image_miou(np.array([np.nan, np.nan])))
 
 
 # ---------------------------------------------------------------- damaged model.pt

@@ -626,8 +626,6 @@ def test_every_categorical_colour_comes_from_the_one_okabe_ito_list():
     assert palette_colours()[:9].tolist() == [
         [0, 0, 0], [230, 159, 0], [86, 180, 233], [0, 158, 115], [240, 228, 66],
         [0, 114, 178], [213, 94, 0], [204, 121, 167], [153, 153, 153]]
-    assert report.SCHEME_COLOURS == ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9",
-                                     "#D55E00", "#000000"]
     assert report.CATEGORY_COLOURS == ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9",
                                        "#D55E00", "#F0E442", "#000000"]
     # matplotlib's to_hex gives what the hand-written "#%02x%02x%02x" gave

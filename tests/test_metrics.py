@@ -529,10 +529,18 @@ def test_per_sample_rows_sum_to_the_whole_set(folders, tmp_path, params):
 
 def test_metrics_json_keys_for_dvc(params, folders, tmp_path):
     """`dvc metrics` flattens nested keys with dots: summary figures at the top, one
-    `<figure>.<class>` key per class, nothing else nested deeper."""
+    `<figure>.<class>` key per class, nothing else nested deeper, but for the bootstrap
+    `interval` (issue 16's contract): [lo, hi] pairs under the same names."""
     gt, pred = folders
     evaluate.run(params, "person_car", pred, gt, tmp_path / "m.json", tmp_path / "cm.csv")
     doc = json.loads((tmp_path / "m.json").read_text())
+    interval = doc.pop("interval")
+    assert list(interval) == ["confidence", "method", "samples", "seed", "miou",
+                              "pixel_accuracy", "pixel_accuracy_with_ignore", "iou"]
+    assert list(interval["iou"]) == ["background", "person", "car"]
+    for pair in [interval[k] for k in ("miou", "pixel_accuracy", "pixel_accuracy_with_ignore")
+                 ] + list(interval["iou"].values()):
+        assert len(pair) == 2 and (pair == [None, None] or pair[0] <= pair[1])
     for key, value in doc.items():
         if isinstance(value, dict):
             assert key in {"iou", "dice", "class_accuracy", "precision", "recall"}

@@ -277,3 +277,30 @@ def test_encoder_weights_of_other_shapes_or_dtypes_are_weights_error(tmp_path, k
                                            rf"weights\.pth': not a MobileNetV2 state dict \(wrong "
                                            rf"e\.g\. \[{wrong}, "):
         build_model(3, str(tmp_path / "weights.pth"), False, 0.0)
+
+
+# ---------------------------------------------------------------- full-size probabilities
+
+def test_full_size_probs_resize_logits_half_pixel_then_softmax():
+    from stages.lib.model import full_size_probs
+
+    # class 0's logit goes 0 -> 4 across two pixels, class 1's stays 0; at four pixels the
+    # half-pixel bilinear weights give 0, 1, 3, 4 (edges clamped), softmax by hand.
+    logits = torch.tensor([[[0.0, 4.0]], [[0.0, 0.0]]])
+    probs = full_size_probs(logits, (1, 4))
+    expected = [1 / (1 + torch.exp(-torch.tensor(v))).item() for v in (0.0, 1.0, 3.0, 4.0)]
+    assert probs.shape == (2, 1, 4) and probs.dtype == torch.float32
+    torch.testing.assert_close(probs[0, 0], torch.tensor(expected))
+    torch.testing.assert_close(probs[1, 0], 1 - torch.tensor(expected))
+    log_probs = full_size_probs(logits, (1, 4), log=True)
+    torch.testing.assert_close(log_probs, torch.log(torch.tensor([expected, [1 - e for e in
+                                                                            expected]]))[:, None])
+
+
+def test_full_size_probs_takes_half_precision_logits():
+    from stages.lib.model import full_size_probs
+
+    logits = torch.randn(3, 4, 5, dtype=torch.float16)
+    probs = full_size_probs(logits, (8, 10))
+    assert probs.dtype == torch.float32 and probs.shape == (3, 8, 10)
+    torch.testing.assert_close(probs.sum(0), torch.ones(8, 10))

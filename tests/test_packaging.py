@@ -33,6 +33,9 @@ DATA_FILES = {
     "stages/schemas/params.schema.yaml": "workflow/schemas/params.schema.yaml",
     "stages/templates/report.html.j2": "stages/templates/report.html.j2",
     "stages/templates/report.js": "stages/templates/report.js",
+    "stages/templates/report.css": "stages/templates/report.css",
+    **{p.relative_to(ROOT).as_posix(): p.relative_to(ROOT).as_posix()
+       for p in sorted((ROOT / "stages" / "templates" / "report").glob("*.html.j2"))},
 }
 
 

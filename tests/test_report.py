@@ -11,17 +11,23 @@ import re
 import shutil
 import subprocess
 import sys
+from html import unescape
 from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import jinja2
 import pytest
 import yaml
 
 from conftest import ROOT, SAMPLE, small_params
 from stages import report
+from stages.lib import buckets
+from stages.report import inputs as report_inputs
+from stages.report import tables as report_tables
 from stages.lib.cli import StageError
+from stages.lib.plots import curves_figure, png_bytes
 from unwritable import blocked_folder, can_mount_read_only, read_only_command
 
 EVIL = "<script>alert(1)</script>"
@@ -43,7 +49,7 @@ for s in params["schemes"]:
     train.run(params, s, raw, m, model, live=root / "metrics" / "train" / s)
     infer.run(params, model, raw, m, pred)
     evaluate.run(params, s, pred / "val", m / "val", root / "metrics" / f"{s}.json",
-                 root / "metrics" / f"{s}.confusion.csv")
+                 root / "metrics" / f"{s}.confusion.csv", root / "metrics" / f"{s}.confusion.png")
     analyze.run(params, pred, m, model, raw, root / "analysis" / s)
 compare.run(params, root / "analysis", root / "compare")
 """
@@ -84,38 +90,12 @@ def cli_argv(params_path: Path, paths: dict) -> list[str]:
     return argv
 
 
-def record_with_dvc(root: Path, rels: dict[str, str], scratch: Path) -> Path:
-    """root/dvc.lock recording the folders rels (stage name -> path under root) as DVC
-    does: the records `dvc add` writes for copies of them in a scratch project with the
-    same .dvcignore. The report shows a hash only from a dvc.lock current for it."""
-    for folder in (root, scratch):
-        folder.mkdir(parents=True, exist_ok=True)
-        shutil.copy(ROOT / ".dvcignore", folder / ".dvcignore")
-    for rel in rels.values():
-        shutil.copytree(root / rel, scratch / rel)
-    dvc = [str(Path(sys.executable).with_name("dvc"))]
-    subprocess.run(dvc + ["init", "--no-scm", "-q"], cwd=scratch, check=True)
-    subprocess.run(dvc + ["add", "-q", *rels.values()], cwd=scratch, check=True)
-    stages = {}
-    for stage, rel in rels.items():
-        [out] = yaml.safe_load((scratch / f"{rel}.dvc").read_text())["outs"]
-        stages[stage] = {"cmd": "made by the test", "outs": [{**out, "path": rel}]}
-    lock = root / "dvc.lock"
-    lock.write_text(yaml.safe_dump({"schema": "2.0", "stages": stages}))
-    return lock
-
-
 def render_report(tmp_path_factory) -> dict:
-    """The report rendered through the CLI, as a user (or DVC/Snakemake) runs it, with a
-    dvc.lock current for its data and models (as under `dvc repro`)."""
+    """The report rendered through the CLI, as a user (or DVC) runs it."""
     if "rendered" not in _BUILT:
         inputs = build_pipeline(tmp_path_factory)
         args = inputs["args"]
-        lock = record_with_dvc(
-            inputs["root"], {"download": "data/raw",
-                             **{f"train@{s}": f"models/{s}" for s in inputs["params"]["schemes"]}},
-            tmp_path_factory.mktemp("dvc-records"))
-        argv = cli_argv(inputs["root"] / "params.yaml", args) + ["--dvc-lock", str(lock)]
+        argv = cli_argv(inputs["root"] / "params.yaml", args)
         assert report.main(argv) == 0
         html = args["out"].read_text(encoding="utf-8")
         _BUILT["rendered"] = {**inputs, "html": html, "page": Page.parse(html)}
@@ -203,22 +183,95 @@ def rows_by_label(table: list[list[str]]) -> dict[str, list[str]]:
 
 # ---------------------------------------------------------------- pure core, synthetic
 
+# A figure as train draws its curves (stages.lib.plots.curves_figure), for the synthetic
+# schemes' confusion and curves images.
+FIGURE = png_bytes(curves_figure(
+    [{"epoch": 1, "train_loss": 1.0, "val_loss": 1.1, "val_miou": 0.2},
+     {"epoch": 2, "train_loss": 0.8, "val_loss": 1.0, "val_miou": None}], "synthetic"))
+TRAIN_JSON = {"device": "cpu", "precision": "float32", "epochs": 2, "wall_s": 3.5,
+              "torch_version": "2.0.0", "model_sha256": "ab" * 32, "train_images": 8,
+              "val_images": 8}
+
+
+def metadata_loss_frame(samples: pd.DataFrame, spec: dict[str, list[tuple]],
+                        class_names: list[str], binning: str = "equal_width") -> pd.DataFrame:
+    """analyze's metadata_loss.csv, every documented column; spec: field -> (low, high,
+    count, mean_loss[, flagged]) per bin."""
+    overall = float(samples["loss"].mean())
+    rows = []
+    for name, bins in spec.items():
+        for b, (low, high, count, mean, *flag) in enumerate(bins):
+            rows.append({"binning": binning, "field": name, "bin": b, "low": low, "high": high,
+                         "count": count, "mean_loss": mean, "std_loss": 0.1,
+                         "se_loss": 0.05, "overall_mean_loss": overall,
+                         "excess_se": (mean - overall) / 0.05, "flagged": bool(flag and flag[0]),
+                         **{f"mean_iou_{c}": 0.5 for c in class_names}, "figure": ""})
+    return pd.DataFrame(rows)
+
+
+def members_of(samples: pd.DataFrame, bins: pd.DataFrame) -> dict[str, list[int]]:
+    """analyze's bin_members.csv (one row per sample and field, its bin by the table's edges,
+    -1 outside them), read as report reads it."""
+    rows = []
+    for name, part in bins.groupby("field", sort=False):
+        if name not in samples:
+            continue
+        edges = np.append(part["low"].to_numpy(float), part["high"].to_numpy(float)[-1])
+        index = buckets.assign(pd.to_numeric(samples[name], errors="coerce"), edges)
+        rows.append(pd.DataFrame({"image_id": samples["image_id"], "binning": "equal_width",
+                                  "field": name, "bin": index}))
+    table = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(
+        columns=["image_id", "binning", "field", "bin"])
+    return report_inputs.member_lists(table, samples, Path("bin_members.csv"))
+
+
+def neighbours_of(samples: pd.DataFrame, k: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """analyze's neighbours.csv (nearest by distance on the map here), read as report does."""
+    xy = samples[["x", "y"]].to_numpy()
+    ids = samples["image_id"].to_numpy()
+    rows = []
+    for i in range(len(samples)):
+        d = np.hypot(*(xy - xy[i]).T)
+        order = [j for j in np.argsort(d, kind="stable") if j != i][:k]
+        rows += [(ids[i], rank, ids[j], d[j]) for rank, j in enumerate(order, start=1)]
+    table = pd.DataFrame(rows, columns=["image_id", "rank", "neighbour_image_id",
+                                        "cosine_distance"])
+    return report_inputs.neighbour_matrix(table, samples, Path("neighbours.csv"))
+
+
+def analyze_samples(stems: list[str], names: list[str], rng, **columns) -> pd.DataFrame:
+    """analyze's samples.csv: infer's columns, masks metadata, map, cluster, label quality."""
+    n = len(stems)
+    ious = {f"iou_{c}": rng.uniform(0, 1, n) for c in names}
+    frame = pd.DataFrame({
+        "image_id": np.arange(n) + 1, "stem": stems, "loss": rng.uniform(0.2, 1.5, n),
+        "pixel_accuracy": rng.uniform(0.5, 1, n), "confidence": rng.uniform(0.4, 1, n),
+        "miou": np.mean(list(ious.values()), axis=0), **ious,
+        "latency_ms": rng.uniform(5, 10, n), "file_name": [f"{s}.jpg" for s in stems],
+        "split": "val", "width": 640, "height": 480, "is_grayscale": np.arange(n) % 3 == 0,
+        "brightness": rng.uniform(0, 255, n), "n_annotations": rng.integers(0, 9, n),
+        "background_fraction": rng.uniform(0, 1, n),
+        "x": rng.normal(size=n), "y": rng.normal(size=n), "cluster": np.arange(n) % 2,
+        "label_quality": rng.uniform(0, 1, n)})
+    frame["label_quality_rank"] = frame["label_quality"].rank(method="first").astype(int)
+    for name, values in columns.items():
+        frame[name] = values
+    return frame
+
+
 def synthetic_scheme(name: str, classes: list[str], ious: list[float | None], seed: int = 0,
                      claims: dict | None = None) -> report.Scheme:
+    """A scheme as report.load_scheme returns it, from tables with the documented columns of
+    docs/outputs.md (evaluate, train, infer, analyze)."""
     rng = np.random.default_rng(seed)
     names = ["background", *classes]
     n = 8
     stems = [f"{i:012d}" for i in range(n)]
-    samples = pd.DataFrame({
-        "stem": stems, "file_name": [f"{s}.jpg" for s in stems],
-        "loss": rng.uniform(0.2, 1.5, n), "pixel_accuracy": rng.uniform(0.5, 1, n),
-        "x": rng.normal(size=n), "y": rng.normal(size=n), "cluster": np.arange(n) % 2,
-        "background_fraction": rng.uniform(0, 1, n), "is_grayscale": np.arange(n) % 3 == 0,
-        **{f"iou_{c}": rng.uniform(0, 1, n) for c in names}})
-    bins = pd.DataFrame([{"field": f, "bin": b, "low": b / 2, "high": (b + 1) / 2,
-                          "count": 4, "mean_loss": 0.5 + b * (0.3 if f == "brightness" else 0.1)}
-                         for f in ("brightness", "is_grayscale", "width") for b in range(2)])
-    curve = pd.DataFrame({"epoch": [1, 2], "value": [1.0, 0.8]})
+    samples = analyze_samples(stems, names, rng)
+    bins = metadata_loss_frame(samples, {
+        f: [(b / 2, (b + 1) / 2, 4, 0.5 + b * (0.3 if f == "brightness" else 0.1))
+            for b in range(2)] for f in ("brightness", "is_grayscale", "width")}, names)
+    neighbours, distances = neighbours_of(samples)
     return report.Scheme(
         name=name, class_names=names,
         claims=claims or {c: {"categories": [c]} for c in classes},
@@ -226,15 +279,27 @@ def synthetic_scheme(name: str, classes: list[str], ious: list[float | None], se
                  "mean_class_accuracy": 0.5, "fw_iou": 0.6, "images": n,
                  "iou": dict(zip(names, ious))},
         confusion=rng.integers(0, 1000, (len(names), len(names))),
-        curves={"train_loss": curve, "val_loss": curve, "val_miou": curve},
+        confusion_png=FIGURE, curves_png=FIGURE,
         timing={"images": n, "device": "cpu", "batch_size": 4, "wall_s": 1.0,
                 "throughput_img_s": 8.0,
                 "latency_ms": {"total": 800.0, "mean": 100.0, "variance": 4.0, "median": 99.0}},
+        train=dict(TRAIN_JSON),
         samples=samples,
         clusters=pd.DataFrame({"cluster": [0, 1], "size": [4, 4], "mean_loss": [0.5, 0.7],
                                "mean_pixel_accuracy": [0.8, 0.7], "grayscale_share": [0.5, 0.0],
-                               **{f"mean_iou_{c}": [0.1, 0.2] for c in names}}),
-        metadata_loss=bins)
+                               **{f"mean_iou_{c}": [0.1, 0.2] for c in names},
+                               "dominant_categories": ["bus 60% (3.1x)", np.nan],
+                               "medoid_image_id": [1, 2],
+                               "representative_image_ids": ["1 3", "2"]}),
+        metadata_loss=bins, neighbours=neighbours, distances=distances,
+        bin_members=members_of(samples, bins),
+        label_issues=pd.DataFrame({
+            "rank": np.arange(1, n + 1), "image_id": samples["image_id"], "stem": stems,
+            "label_quality": np.sort(samples["label_quality"]), "loss": samples["loss"],
+            "flagged": False, "disagreement_pixels": np.nan, "disagreement_fraction": np.nan,
+            "main_disagreement": np.nan, "figure": np.nan, "region": np.nan}),
+        heatmaps=pd.DataFrame(columns=["file", "kind", "cluster", "image_id", "stem", "class",
+                                       "layer", "channels", "target", "peak", "reason"]))
 
 
 def test_comparison_rows_union_classes_and_delta_only_for_two_schemes():
@@ -277,25 +342,25 @@ def test_comparison_row_by_hand_at_the_same_threshold():
     """SAME = 5e-4 (two IoUs that print alike at 3 decimals): a difference of exactly SAME
     counts (direction and best set), one of 2**-11 (< SAME) does not; a non-member's value
     is dropped; NaN/inf are no value; with three members there is no delta but a best."""
-    row = report.comparison_row("x", [(True, 0.0), (False, 0.9), (True, 5e-4)])
+    row = report_tables.comparison_row("x", [(True, 0.0), (False, 0.9), (True, 5e-4)])
     assert row == {"label": "x", "cells": [{"member": True, "value": 0.0},
                                            {"member": False, "value": None},
                                            {"member": True, "value": 5e-4}],
                    "pair": (0, 2), "delta": 5e-4, "direction": "pos", "best": 2}
-    down = report.comparison_row("y", [(True, 0.75), (True, 0.5)])
+    down = report_tables.comparison_row("y", [(True, 0.75), (True, 0.5)])
     assert (down["pair"], down["delta"], down["direction"], down["best"]) == ((0, 1), -0.25,
                                                                               "neg", 0)
-    alike = report.comparison_row("z", [(True, 0.25), (True, 0.25 + 2 ** -11)])
+    alike = report_tables.comparison_row("z", [(True, 0.25), (True, 0.25 + 2 ** -11)])
     assert (alike["delta"], alike["direction"], alike["best"]) == (2 ** -11, "", None)
-    nan = report.comparison_row("n", [(True, float("nan")), (True, 0.5)])
+    nan = report_tables.comparison_row("n", [(True, float("nan")), (True, 0.5)])
     assert [c["value"] for c in nan["cells"]] == [None, 0.5]
     assert (nan["pair"], nan["delta"], nan["direction"], nan["best"]) == ((0, 1), None, "", None)
-    inf = report.comparison_row("i", [(True, 0.5), (True, float("inf"))])
+    inf = report_tables.comparison_row("i", [(True, 0.5), (True, float("inf"))])
     assert [c["value"] for c in inf["cells"]] == [0.5, None] and inf["delta"] is None
-    three = report.comparison_row("t", [(True, 0.25), (True, 0.75), (True, 0.5)])
+    three = report_tables.comparison_row("t", [(True, 0.25), (True, 0.75), (True, 0.5)])
     assert (three["pair"], three["delta"], three["direction"], three["best"]) == (
         None, None, "", 1)
-    tie = report.comparison_row("u", [(True, 0.75), (True, 0.75), (True, 0.25)])
+    tie = report_tables.comparison_row("u", [(True, 0.75), (True, 0.75), (True, 0.25)])
     assert tie["best"] is None
 
 
@@ -376,6 +441,8 @@ def test_numbers_format_with_fixed_precision_and_never_minus_zero():
     assert report.format_signed(-0.02) == "-0.020"
 
 
+# analyze's params as committed (the flag rule and binning the page describes), PCA maps
+ANALYZE = {**yaml.safe_load((ROOT / "params.yaml").read_text())["analyze"], "projection": "pca"}
 TRAINING = {"model": {"encoder_weights": "imagenet"}, "train": {"epochs": 20, "image_size": 128}}
 
 
@@ -391,12 +458,15 @@ def test_caveats_say_when_numbers_cannot_be_compared_with_the_study():
 def test_render_escapes_scheme_and_class_names():
     evil = synthetic_scheme(EVIL, [EVIL], [0.5, 0.25])
     plain = synthetic_scheme("plain", ["person"], [0.5, 0.2])
-    params = {"report": {"title": EVIL, "thumbnail_px": 64}, "analyze": {"projection": "pca"},
+    params = {"report": {"title": EVIL, "thumbnail_px": 64}, "analyze": ANALYZE,
               **TRAINING}
     provenance = {"git": {"commit": None, "dirty": None}, "date": "d", "versions": [("x", "1")],
                   "params_yaml": EVIL, "data": {"base_url": EVIL, "year": 2017, "seed": 0,
-                                                "sha256": None, "images": {"val": 8}},
-                  "models": [{"scheme": EVIL, "device": "cpu", "sha256": None}]}
+                                                "manifest_sha256": "0" * 64,
+                                                "images": {"val": 8}},
+                  "models": [{"scheme": EVIL, "device": "cpu", "device_train": EVIL,
+                              **{k: TRAIN_JSON[k] for k in ("precision", "epochs", "wall_s",
+                                                            "torch_version", "model_sha256")}}]}
     html = report.render(report.build_context(params, [evil, plain], provenance, []))
     assert EVIL not in html and "<script>alert" not in html
     assert html.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 8
@@ -412,12 +482,13 @@ def test_render_escapes_scheme_and_class_names():
 
 SYNTHETIC_PROVENANCE = {"git": {"commit": "abc1234", "dirty": False}, "date": "d",
                         "versions": [], "params_yaml": "",
-                        "data": {"base_url": "x", "year": 2017, "seed": 0, "images": {}},
+                        "data": {"base_url": "x", "year": 2017, "seed": 0,
+                                 "manifest_sha256": "0" * 64, "images": {}},
                         "models": []}
 
 
 def synthetic_page(schemes: list[report.Scheme]) -> Page:
-    params = {"report": {"title": "t", "thumbnail_px": 64}, "analyze": {"projection": "pca"},
+    params = {"report": {"title": "t", "thumbnail_px": 64}, "analyze": ANALYZE,
               **TRAINING}
     return Page.parse(report.render(report.build_context(params, schemes,
                                                          SYNTHETIC_PROVENANCE, [])))
@@ -436,7 +507,7 @@ def test_one_scheme_has_no_delta_column_and_three_schemes_label_it():
 
 
 def test_render_refuses_a_missing_value():
-    with pytest.raises(Exception, match="undefined"):
+    with pytest.raises(jinja2.exceptions.UndefinedError, match=r"^'script_hash' is undefined$"):
         report.render({"title": "t"})
 
 
@@ -451,17 +522,24 @@ def test_comparison_table_has_a_row_per_class_with_the_metrics_values(rendered):
     rows = rows_by_label(table)
     classes = ["background", "person", "car", "vehicle"]
     assert [label for label in rows if label in classes] == classes
+    # the page's formats, written out here: three decimals, a dash for undefined, a sign on
+    # differences
+    three = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
     for name in classes:
         for i, s in enumerate(schemes):
-            expected = (report.format_number(metrics[s]["iou"][name])
+            expected = (three(metrics[s]["iou"][name])
                         if name in metrics[s]["iou"] else "not a class")
             assert rows[name][i] == expected, (name, s)
     person = [metrics[s]["iou"]["person"] for s in schemes]
-    if None not in person:
-        assert rows["person"][2] == report.format_signed(person[1] - person[0])
+    assert None not in person
+    delta = round(person[1] - person[0], 3)
+    assert rows["person"][2] == ("0.000" if delta == 0 else f"{delta:+.3f}")
     assert rows["car"][2] == rows["vehicle"][2] == ""
-    for key, label in report.SUMMARY_METRICS:
-        assert rows[label][:2] == [report.format_number(metrics[s][key]) for s in schemes]
+    labels = {"miou": "mIoU", "pixel_accuracy": "pixel accuracy (ignore excluded)",
+              "pixel_accuracy_with_ignore": "pixel accuracy (ignore counted as error)",
+              "mean_class_accuracy": "mean class accuracy", "fw_iou": "frequency-weighted IoU"}
+    for key, label in labels.items():
+        assert rows[label][:2] == [three(metrics[s][key]) for s in schemes]
 
 
 def test_escapes_the_title_everywhere(rendered):
@@ -532,6 +610,100 @@ def test_label_issues_and_scheme_differences(rendered):
     assert f"adjusted Rand index {pair['cluster_agreement_ari']:.3f}" in text
 
 
+def _visible(html: str) -> str:
+    return " ".join(unescape(re.sub(r"<[^>]+>", "", html)).split())
+
+
+def _z(value: float) -> str:
+    return "—" if pd.isna(value) else f"{value:.1f}"
+
+
+def _change_line(r, kind: str) -> str:
+    """compare's row as the page words it, written out here."""
+    where = (f"cluster {r.cluster} of {r.clusters_of}" if kind == "cluster" else
+             f"{r.field} {r.low:.3g}–{r.high:.3g} ({r.binning}, bins of {r.bins_of})")
+    return (f"{where}: {r.images} images, mean loss {r.mean_loss_a:.3f} → {r.mean_loss_b:.3f} "
+            f"(z {_z(r.z)}{', significant' if r.significant else ''})")
+
+
+def _card_lines(changes: pd.DataFrame) -> list[tuple[str, int, str]]:
+    """(scheme, cluster, line) of every row of compare's clusters.csv, as the card of that
+    scheme's cluster words it: its own mean loss first, and z from its side (compare's z is
+    of b - a, so it changes sign for the second scheme's cards)."""
+    lines = []
+    for r in changes.itertuples():
+        mine = r.clusters_of
+        other, here, there, z = ((r.b, r.mean_loss_a, r.mean_loss_b, r.z) if mine == r.a
+                                 else (r.a, r.mean_loss_b, r.mean_loss_a, -r.z))
+        lines.append((mine, r.cluster, f"Under {other}: mean loss {here:.3f} → {there:.3f} on "
+                      f"{r.images} images (z {_z(z)}{', significant' if r.significant else ''})."))
+    return lines
+
+
+def _assert_differences_list(html: str, changes: pd.DataFrame, bucket_rows: pd.DataFrame):
+    """The scheme differences show compare's first three cluster and bucket rows (its
+    ranking: biggest change first), worded as written out here."""
+    differences = _visible(html.split('id="differences"')[1].split('id="confusion"')[0])
+    lines = [_change_line(r, "cluster") for r in changes.head(3).itertuples()]
+    lines += [_change_line(r, "bucket") for r in bucket_rows.head(3).itertuples()]
+    assert len(lines) == 6
+    for line in lines:
+        assert line in differences, (line, differences)
+
+
+def _cards(html: str) -> dict[tuple[str, int], str]:
+    return {(m.group(1), int(m.group(2))): _visible(m.group(3)) for m in re.finditer(
+        r'<article class="ccard[^"]*" data-scheme="([^"]+)" data-cluster="(-?\d+)">(.*?)'
+        r"</article>", html, re.S)}
+
+
+def test_cluster_cards_and_differences_agree_with_compares_own_functions():
+    """Planted defect 5 (issue 18): compare's real cluster_changes, bucket_changes and
+    summary on two schemes whose losses differ (b = a + 0.3, so mean losses and z tell the
+    sides apart); each card's line and the differences' lines are written out here from
+    compare's rows. Without the cards' a/b swap, with z's sign flipped, or without the
+    cluster lines in the differences, this fails."""
+    from stages import compare
+    a = synthetic_scheme("a", ["person"], [0.5, 0.2], seed=1)
+    b = synthetic_scheme("b", ["person"], [0.5, 0.3], seed=2)
+    rng = np.random.default_rng(5)
+    b.samples["loss"] = a.samples["loss"] + 0.3 + rng.normal(0, 0.05, len(a.samples))
+    b.samples["cluster"] = [0, 0, 0, 1, 1, 1, 1, 0]
+    samples = {"a": a.samples, "b": b.samples}
+    joined = compare.joined_samples(samples, {"a": set(), "b": set()},
+                                    {"a": a.class_names, "b": b.class_names})
+    changes = compare.cluster_changes(joined, ["a", "b"], 2.0, 2)
+    bins = {"a": a.metadata_loss, "b": b.metadata_loss}
+    bucket_rows = compare.bucket_changes(joined, samples, bins, ["a", "b"], 2.0, 2)
+    summary = compare.summary(joined, changes, bucket_rows, compare.issue_changes(joined,
+                                                                                  ["a", "b"]),
+                              ["a", "b"], 2.0, 2)
+    cards = {s.name: report.cluster_cards(s, changes, {}) for s in (a, b)}
+    params = {"report": {"title": "t", "thumbnail_px": 64}, "analyze": ANALYZE, **TRAINING}
+    html = report.render(report.build_context(params, [a, b], SYNTHETIC_PROVENANCE, [],
+                                              summary=summary, cards=cards))
+    shown = _cards(html)
+    lines = _card_lines(changes)
+    assert len(lines) == 4 and {m for m, _, _ in lines} == {"a", "b"}
+    for mine, cluster, line in lines:
+        assert line in shown[(mine, cluster)], (line, shown[(mine, cluster)])
+    _assert_differences_list(html, changes, bucket_rows)
+
+
+def test_cluster_cards_and_scheme_differences_follow_compares_tables(rendered):
+    """On the real pipeline's outputs: every row of compare's clusters.csv is on its card,
+    from the card's scheme's side, and the differences list the first three cluster and
+    bucket rows (compare ranks them biggest change first). Expected lines are built from
+    compare's CSVs."""
+    root, html = rendered["root"], rendered["html"]
+    changes = pd.read_csv(root / "compare" / "clusters.csv")
+    assert len(changes)
+    cards = _cards(html)
+    for mine, cluster, line in _card_lines(changes):
+        assert line in cards[(mine, cluster)], (line, cards[(mine, cluster)])
+    _assert_differences_list(html, changes, pd.read_csv(root / "compare" / "buckets.csv"))
+
+
 def test_provenance_lists_commit_params_versions_and_data(rendered):
     text = rendered["page"].all_text()
     assert "git commit" in text and "generated" in text
@@ -547,21 +719,31 @@ def test_provenance_lists_commit_params_versions_and_data(rendered):
     committed = yaml.safe_load(subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=ROOT,
                                               capture_output=True, text=True).stdout)
     diff = rows_by_label(rendered["page"].tables["params-diff-table"])
-    expected = report.params_diff(committed, rendered["params"])
-    assert "train.image_size" in diff and "report.title" in diff
-    assert set(diff) == {"key", *(r["key"] for r in expected)}
-    assert diff["train.image_size"] == [str(committed["train"]["image_size"]), "64"]
+    # Written out by hand: what small_params and this fixture change (values as JSON, a
+    # dash for null).
+    c = committed
+    assert diff.pop("key")[1] == "used"
+    assert diff == {
+        "data.max_images.train": ["—", "8"], "data.max_images.val": ["—", "6"],
+        "data.base_url": [f'"{c["data"]["base_url"]}"', f'"{SAMPLE}"'],
+        "train.image_size": [str(c["train"]["image_size"]), "64"],
+        "train.epochs": [str(c["train"]["epochs"]), "1"],
+        "train.batch_size": [str(c["train"]["batch_size"]), "4"],
+        "analyze.clustering.k_max": [str(c["analyze"]["clustering"]["k_max"]), "2"],
+        "report.n_examples": [str(c["report"]["n_examples"]), "2"],
+        "report.title": [f'"{c["report"]["title"]}"',
+                         '"segflow <script>alert(1)</script> & \\"co\\""']}
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in rendered["html"].split(
         'id="params-diff-table"')[1].split("</table>")[0]
-    # hashes as DVC records them: the manifest file's md5 and the folders' .dir md5s
+    # identities: the manifest's sha256 (it lists every image's) and each model.pt's, both
+    # recomputed here from the files
     raw = rendered["args"]["raw"]
-    manifest_md5 = hashlib.md5((raw / "manifest.json").read_bytes()).hexdigest()
-    assert f"manifest.json md5 {manifest_md5}" in text
-    assert re.search(r"data folder ?md5 [0-9a-f]{32}\.dir", text)
+    manifest = hashlib.sha256((raw / "manifest.json").read_bytes()).hexdigest()
+    assert f"manifest.json sha256 {manifest} (it lists every image's sha256" in text
     for s in rendered["params"]["schemes"]:
-        model_md5 = hashlib.md5((rendered["args"]["models"] / s / "model.pt").read_bytes())
-        assert re.search(rf"model {s} inference device cpu; folder md5 [0-9a-f]{{32}}\.dir; "
-                         rf"model.pt md5 {model_md5.hexdigest()}", text)
+        model = hashlib.sha256((rendered["args"]["models"] / s / "model.pt").read_bytes())
+        assert (f"model {s} model.pt sha256 {model.hexdigest()}; trained on cpu, inference "
+                "on cpu") in text
 
 
 def test_page_data_matches_the_analysis(rendered):
@@ -695,6 +877,11 @@ def test_json_script_keeps_the_data_and_cannot_close_its_element():
     text = str(report.json_script({"category": PAYLOAD, "n": [1, 0.25, None], "amp": "a & b"}))
     assert "<" not in text and ">" not in text and "&" not in text
     assert json.loads(text) == {"category": PAYLOAD, "n": [1, 0.25, None], "amp": "a & b"}
+    # Jinja's tojson, with the environment's policies: ' escaped too, the data in its order,
+    # non-ASCII kept, and NaN refused (JSON has none)
+    assert str(report.json_script({"z": "it's", "a": "é"})) == '{"z":"it\\u0027s","a":"é"}'
+    with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
+        report.json_script({"n": float("nan")})
 
 
 def test_a_category_that_closes_the_script_stays_data_and_shows_as_text():
@@ -702,7 +889,7 @@ def test_a_category_that_closes_the_script_stays_data_and_shows_as_text():
     a.clusters["dominant_categories"] = [PAYLOAD, "bus 60% (3.1x)"]
     page = synthetic_page([a])
     html = report.render(report.build_context(
-        {"report": {"title": "t", "thumbnail_px": 64}, "analyze": {"projection": "pca"},
+        {"report": {"title": "t", "thumbnail_px": 64}, "analyze": ANALYZE,
          **TRAINING}, [a], SYNTHETIC_PROVENANCE, []))
     assert PAYLOAD not in html and "</script><script>" not in html
     assert page.data()["per_scheme"][0]["clusters"][0]["dominant"] == PAYLOAD
@@ -712,7 +899,7 @@ def test_a_category_that_closes_the_script_stays_data_and_shows_as_text():
 
 def test_page_allows_only_its_own_script_by_hash():
     html = report.render(report.build_context(
-        {"report": {"title": "t", "thumbnail_px": 64}, "analyze": {"projection": "pca"},
+        {"report": {"title": "t", "thumbnail_px": 64}, "analyze": ANALYZE,
          **TRAINING}, [synthetic_scheme("a", ["person"], [0.5, 0.2])], SYNTHETIC_PROVENANCE, []))
     page = Page.parse(html)
     [csp] = [a["content"] for t, a in page.tags
@@ -744,25 +931,22 @@ def test_params_diff_lists_changed_added_and_removed_keys():
 
 
 def big_scheme(name: str, n: int, seed: int) -> report.Scheme:
-    """A scheme with n synthetic samples (the shape of analyze's tables), for bounds."""
+    """A scheme with n synthetic samples (analyze's documented tables), for bounds."""
     rng = np.random.default_rng(seed)
     s = synthetic_scheme(name, ["person", "car"], [0.9, 0.3, 0.2], seed=seed)
     stems = [f"{i:012d}" for i in range(n)]
-    s.samples = pd.DataFrame({
-        "image_id": np.arange(n), "stem": stems, "file_name": [f"{t}.jpg" for t in stems],
-        "loss": rng.gamma(2.0, 0.3, n), "pixel_accuracy": rng.uniform(0.5, 1, n),
-        "x": rng.normal(size=n), "y": rng.normal(size=n), "cluster": rng.integers(0, 8, n),
-        "label_quality": rng.uniform(0, 1, n), "brightness": rng.uniform(0, 255, n),
-        "is_grayscale": rng.uniform(size=n) < 0.05, "person_fraction": rng.uniform(0, 1, n),
-        "car_fraction": rng.uniform(0, 1, n) ** 4, "n_annotations": rng.integers(0, 30, n),
-        **{f"iou_{c}": rng.uniform(0, 1, n) for c in ["background", "person", "car"]}})
-    s.metadata_loss = pd.DataFrame([
-        {"field": f, "bin": b, "low": lo, "high": lo + step, "count": n // 5, "mean_loss": 0.6,
-         "se_loss": 0.01, "flagged": f == "car_fraction" and b == 4}
+    s.samples = analyze_samples(
+        stems, s.class_names, rng, loss=rng.gamma(2.0, 0.3, n),
+        cluster=rng.integers(0, 8, n), is_grayscale=rng.uniform(size=n) < 0.05,
+        person_fraction=rng.uniform(0, 1, n), car_fraction=rng.uniform(0, 1, n) ** 4,
+        n_annotations=rng.integers(0, 30, n))
+    s.metadata_loss = metadata_loss_frame(s.samples, {
+        f: [(lo, lo + step, n // 5, 0.6, f == "car_fraction" and b == 4)
+            for b, lo in enumerate(lo0 + step * np.arange(5 if f != "is_grayscale" else 2))]
         for f, lo0, step in [("brightness", 0, 51), ("person_fraction", 0, 0.2),
                              ("car_fraction", 0, 0.2), ("is_grayscale", 0, 0.5),
-                             ("n_annotations", 0, 6)]
-        for b, lo in enumerate(lo0 + step * np.arange(5 if f != "is_grayscale" else 2))])
+                             ("n_annotations", 0, 6)]}, s.class_names)
+    s.bin_members = members_of(s.samples, s.metadata_loss)
     s.neighbours = rng.integers(0, n, (n, 5))
     s.distances = rng.uniform(0, 1, (n, 5))
     return s
@@ -806,14 +990,24 @@ def test_explorer_data_for_40k_images_holds_at_most_max_thumbnails():
     assert len(text) < 25_000_000  # about 18 MB: columnar, 4 significant digits
 
 
-def test_bucket_members_reproduce_the_bins_counts():
-    samples = pd.DataFrame({"v": [0.0, 0.0, 0.1, 0.5, 0.5, 1.0, np.nan]})
-    from stages.lib import buckets
-    edges = buckets.bin_edges(samples["v"], 3, "equal_width")
-    table, index = buckets.bucket_table(samples.assign(loss=1.0), "v", 3, "equal_width", 2, 2)
-    members = report.bin_members(samples, table)["v"]
-    assert members == [int(i) for i in index]
-    assert [members.count(b) for b in range(len(edges) - 1)] == table["count"].tolist()
+def test_bin_members_and_neighbours_are_looked_up_by_sample_row():
+    """analyze's bin_members.csv and neighbours.csv, in any row order, become per-row lists
+    the page indexes by sample row; an image the samples do not have is refused."""
+    samples = pd.DataFrame({"image_id": [10, 20, 30]})
+    members = pd.DataFrame({"image_id": [30, 10, 20, 10], "binning": "equal_width",
+                            "field": ["v", "v", "v", "u"], "bin": [1, 0, -1, 2]})
+    path = Path("analysis/a/bin_members.csv")
+    assert report_inputs.member_lists(members, samples, path) == {"v": [0, -1, 1],
+                                                                  "u": [2, -1, -1]}
+    with pytest.raises(StageError, match=re.escape(
+            f"{path}: image 99 is not in samples.csv beside it; re-run analyze")):
+        report_inputs.member_lists(members.assign(image_id=[30, 10, 20, 99]), samples, path)
+    table = pd.DataFrame({"image_id": [10, 20, 10], "rank": [2, 1, 1],
+                          "neighbour_image_id": [20, 10, 30],
+                          "cosine_distance": [0.5, 0.2, 0.1]})
+    rows, distances = report_inputs.neighbour_matrix(table, samples, Path("n.csv"))
+    assert rows.tolist() == [[2, 1], [0, -1], [-1, -1]]
+    np.testing.assert_array_equal(distances, [[0.1, 0.5], [0.2, np.nan], [np.nan, np.nan]])
 
 
 def write_tsv(path: Path, text: str) -> None:
@@ -821,58 +1015,61 @@ def write_tsv(path: Path, text: str) -> None:
     path.write_text(text)
 
 
-def test_stage_times_from_benchmarks_else_log_timestamps(tmp_path):
-    header = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
-    write_tsv(tmp_path / "benchmark" / "train" / "a.tsv",
-              header + "61.5\t0:01:01\t900.2\t1\t1\t1\t1\t1\t1\t110.0\n")
-    write_tsv(tmp_path / "benchmark" / "download.tsv",
-              header + "2.0\t0:00:02\t80\t1\t1\t1\t1\t1\t1\t1.5\n")
-    write_tsv(tmp_path / "benchmark" / "report.tsv",
-              header + "9\t0:00:09\t80\t1\t1\t1\t1\t1\t1\t9\n")
-    write_tsv(tmp_path / "masks" / "a.log", "2026-01-01 10:00:00,000 masks INFO start\n"
-                                            "2026-01-01 10:00:03,250 masks INFO done\n")
-    write_tsv(tmp_path / "infer" / "a.log", "2026-01-01 10:00:00,000 infer INFO one line\n")
-    rows = report.read_stage_times(tmp_path)
-    assert [(r["stage"], r["scheme"]) for r in rows] == [("download", ""), ("masks", "a"),
-                                                          ("train", "a")]
-    assert (rows[2]["wall_s"] == 61.5 and rows[2]["cpu_s"] == 110.0
-            and rows[2]["max_rss_mb"] == 900.2)
-    assert rows[1]["wall_s"] == 3.25 and rows[1]["source"].startswith("log timestamps")
-    assert report.read_stage_times(None) == [] == report.read_stage_times(tmp_path / "absent")
+BENCH_HEADER = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
 
 
-def test_dvc_hashes_are_those_dvc_records(tmp_path):
-    """dvc.lock's record of a folder (what `dvc add` writes, same .dvcignore) is shown
-    while the folder still has the size and file count it records; otherwise the hash is
-    "not recorded" and the record named stale. No DVC hash is computed."""
-    repo = tmp_path / "repo"
-    data = repo / "d"
-    (data / "sub").mkdir(parents=True)
-    (data / "manifest.json").write_text('{"images": ["a"]}')
-    (data / "sub" / "x.bin").write_bytes(bytes(range(256)) * 3)
-    (data / ".snakemake_timestamp").write_text("")  # .dvcignore: not counted
-    lock = record_with_dvc(repo, {"download": "d"}, tmp_path / "scratch")
-    recorded = yaml.safe_load(lock.read_text())["stages"]["download"]["outs"][0]
-    assert recorded["nfiles"] == 2 and recorded["md5"].endswith(".dir")
-    outs = report.dvc_lock_outs(lock)
-    assert report.dvc_hash(data, outs) == {"md5": recorded["md5"], "source": "dvc.lock",
-                                           "stale": None}
-    assert report.dvc_hash(data, {}) == {"md5": None, "source": "not recorded", "stale": None}
-    assert report.dvc_hash(repo / "gone", outs) == {"md5": None, "source": "missing",
-                                                   "stale": None}
-    (data / "sub" / "y.bin").write_bytes(b"new")  # another file: the record is stale
-    assert report.dvc_hash(data, outs) == {"md5": None, "source": "not recorded",
-                                           "stale": recorded["md5"]}
-    (data / "sub" / "y.bin").unlink()
-    (data / "manifest.json").write_text('{"images": ["bb"]}')  # another size: stale
-    assert report.dvc_hash(data, outs)["stale"] == recorded["md5"]
-    # a file output: its md5 is that of its bytes (DVC 3)
-    file_md5 = hashlib.md5(b'{"images": ["bb"]}').hexdigest()
-    assert report.md5_file(data / "manifest.json") == file_md5
-    file_outs = {(data / "manifest.json").resolve(): {"md5": file_md5, "root": repo.resolve()}}
-    assert report.dvc_hash(data / "manifest.json", file_outs)["source"] == "dvc.lock"
-    (data / "manifest.json").write_text('{"images": ["cc"]}')  # same size, other bytes
-    assert report.dvc_hash(data / "manifest.json", file_outs)["stale"] == file_md5
+def test_stage_times_come_only_from_snakemake_benchmark_files(tmp_path):
+    """Replaces test_stage_times_from_benchmarks_else_log_timestamps: the stage times are
+    the benchmark files given (the rule's declared inputs; the last row is the last run),
+    none are scraped from logs, and without files (DVC) there are none."""
+    bench = tmp_path / "logs" / "benchmark"
+    write_tsv(bench / "train" / "a.tsv", BENCH_HEADER
+              + "70.0\t0:01:10\t800\t1\t1\t1\t1\t1\t1\t100.0\n"
+              + "61.5\t0:01:01\t900.2\t1\t1\t1\t1\t1\t1\t110.0\n")
+    write_tsv(bench / "download.tsv", BENCH_HEADER + "2.0\t0:00:02\t80\t1\t1\t1\t1\t1\t1\t1.5\n")
+    write_tsv(bench / "masks" / "a.tsv", BENCH_HEADER + "3.25\t0:00:03\t50\t1\t1\t1\t1\t1\t1\t3\n")
+    write_tsv(tmp_path / "logs" / "infer" / "a.log",
+              "2026-01-01 10:00:00,000 infer INFO start\n2026-01-01 10:00:09,000 infer INFO done\n")
+    rows = report.read_stage_times([bench / "train" / "a.tsv", bench / "download.tsv",
+                                    bench / "masks" / "a.tsv"])
+    assert rows == [
+        {"stage": "download", "scheme": "", "wall_s": 2.0, "cpu_s": 1.5, "max_rss_mb": 80.0},
+        {"stage": "masks", "scheme": "a", "wall_s": 3.25, "cpu_s": 3.0, "max_rss_mb": 50.0},
+        {"stage": "train", "scheme": "a", "wall_s": 61.5, "cpu_s": 110.0, "max_rss_mb": 900.2}]
+    assert report.read_stage_times(None) is None
+    assert report.read_stage_times([]) == []
+    write_tsv(bench / "evaluate" / "a.tsv", BENCH_HEADER)
+    with pytest.raises(StageError, match=re.escape(
+            f"{bench / 'evaluate' / 'a.tsv'}: no benchmark row; re-run its Snakemake job")):
+        report.read_stage_times([bench / "evaluate" / "a.tsv"])
+    with pytest.raises(StageError, match=re.escape(f"{bench / 'absent.tsv'}: missing")):
+        report.read_stage_times([bench / "absent.tsv"])
+
+
+def test_the_data_and_models_are_identified_by_sha256(tmp_path):
+    """Replaces test_dvc_hashes_are_those_dvc_records: no dvc.lock is read; the data's
+    identity is the sha256 of its manifest (which lists every image's sha256), a model's is
+    the model_sha256 train wrote in train.json."""
+    from stages.report import provenance as report_provenance
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    text = json.dumps({"base_url": "u", "year": 2017, "seed": 3,
+                       "splits": {"train": {"images": [1, 2]}, "val": {"images": [3]}}})
+    (raw / "manifest.json").write_text(text)
+    assert report_provenance.data_source(raw) == {
+        "base_url": "u", "year": 2017, "seed": 3,
+        "manifest_sha256": hashlib.sha256(text.encode()).hexdigest(),
+        "images": {"train": 2, "val": 1}}
+    a = synthetic_scheme("a", ["person"], [0.5, 0.2])
+    a.train["model_sha256"] = "cd" * 32
+    [model] = report_provenance.record({"x": 1}, raw, [a])["models"]
+    assert model == {"scheme": "a", "device": "cpu", "device_train": "cpu",
+                     "precision": "float32", "epochs": 2, "wall_s": 3.5,
+                     "torch_version": "2.0.0", "model_sha256": "cd" * 32}
+    (raw / "manifest.json").write_text(json.dumps({"base_url": "u"}))
+    with pytest.raises(StageError, match=re.escape(
+            f"{raw / 'manifest.json'}: missing keys year, seed, splits")):
+        report_provenance.data_source(raw)
 
 
 def _git_repo(root: Path) -> Path:
@@ -937,7 +1134,8 @@ def test_porcelain_paths_reads_renames_and_spaces():
 
 def inflate(pipeline: dict, dest: Path, n_extra: int) -> dict:
     """The pipeline's outputs with n_extra more val images: the real samples repeated under
-    new ids and file names (symlinks to the real files, latent vectors with a little noise).
+    new ids and file names (symlinks to the real files), each with its original's
+    neighbours and bins.
     What the report reads of a val set of any size, without running the pipeline on it."""
     src, rng = pipeline["root"], np.random.default_rng(0)
     for sub in ("metrics", "compare", "models"):
@@ -957,15 +1155,12 @@ def inflate(pipeline: dict, dest: Path, n_extra: int) -> dict:
         extra["file_name"] = [f"synthetic{i:06d}.jpg" for i in range(n_extra)]
         extra["loss"] = extra["loss"] * rng.uniform(0.5, 1.5, n_extra)
         pd.concat([samples, extra]).to_csv(path, index=False)
-        npz = dest / "predictions" / s / "latents.npz"
-        with np.load(npz) as f:
-            arrays = dict(f)
-        row = {int(v): i for i, v in enumerate(arrays["image_ids"])}
-        base = arrays["latents"][[row[int(v)] for v in samples["image_id"].iloc[picks]]]
-        arrays["image_ids"] = np.concatenate([arrays["image_ids"], extra["image_id"]])
-        arrays["latents"] = np.concatenate(
-            [arrays["latents"], base + rng.normal(0, 0.01, base.shape).astype(base.dtype)])
-        np.savez(npz, **arrays)
+        new_id = dict(zip(extra["image_id"], samples["image_id"].iloc[picks]))
+        for table in ("neighbours.csv", "bin_members.csv"):
+            frame = pd.read_csv(dest / "analysis" / s / table)
+            copies = [frame[frame["image_id"] == old].assign(image_id=new)
+                      for new, old in new_id.items()]
+            pd.concat([frame, *copies]).to_csv(dest / "analysis" / s / table, index=False)
         for i, original in enumerate(samples["file_name"].iloc[picks]):
             stem, new = Path(original).stem, f"synthetic{i:06d}"
             for folder in (dest / "data" / "masks" / s / "val", dest / "predictions" / s / "val"):
@@ -1001,23 +1196,21 @@ def test_a_large_val_set_inlines_at_most_max_thumbnails(pipeline, rendered, tmp_
 
 
 def test_engine_specific_facts_stay_in_the_timing_section(pipeline, tmp_path, monkeypatch):
-    """Snakemake keeps logs and benchmarks, DVC a dvc.lock: what the report takes from them
-    (stage times, training device) lives in the timing section, which the engines' parity
-    test leaves out; the rest of the page is the same bytes under both engines."""
+    """Snakemake gives the report its benchmark files, DVC none: the stage times live in the
+    timing section, which the engines' parity test leaves out; the rest of the page is the
+    same bytes under both engines."""
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
-    logs = tmp_path / "logs"
-    write_tsv(logs / "benchmark" / "train" / "person_car.tsv",
-              "s\th:m:s\tmax_rss\tcpu_time\n12.5\t0:00:12\t300\t20\n")
-    write_tsv(logs / "train" / "person_car.log",
-              "2026-01-01 10:00:00,000 train INFO person_car: 8 train, device cpu\n")
-    lock = tmp_path / "dvc.lock"
-    lock.write_text(yaml.safe_dump({"schema": "2.0", "stages": {}}))
+    bench = tmp_path / "logs" / "benchmark" / "train" / "person_car.tsv"
+    write_tsv(bench, "s\th:m:s\tmax_rss\tcpu_time\n12.5\t0:00:12\t300\t20\n")
     smk = stage_args(pipeline["root"], out=tmp_path / "smk.html")
-    report.run(pipeline["params"], **smk, logs=logs)
+    report.run(pipeline["params"], **smk, benchmarks=[bench])
     dvc = stage_args(pipeline["root"], out=tmp_path / "dvc.html")
-    report.run(pipeline["params"], **dvc, dvc_lock=lock)
+    report.run(pipeline["params"], **dvc)
     a, b = (p.read_text(encoding="utf-8") for p in (smk["out"], dvc["out"]))
-    assert '<span class="scheme-name">person_car</span> <code>cpu</code>' in a
-    assert '<td class="num">12.5</td>' in a and "Not recorded" in b and a != b
+    times = Page.parse(a).tables["stage-times-table"]
+    assert times[1:] == [["train", "person_car", "12.5", "20.0", "300"]]
+    assert "stage-times-table" not in b
+    assert "DVC records no stage times; run through Snakemake for them." in b
+    assert "DVC records no stage times" not in a
     timing = re.compile(r'<section id="timing">.*?</section>', re.S)
     assert timing.sub("", a) == timing.sub("", b)

@@ -8,14 +8,12 @@ import copy
 import os
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 from playwright.sync_api import sync_playwright
 
 from conftest import ROOT
 from stages import report
-from stages.lib import embeddings
 from test_report import build_pipeline, inflate, render_report, stage_args
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -97,16 +95,15 @@ def point(page, scheme: str, stem: str) -> tuple[float, float]:
 
 
 def expected_neighbours(root: Path, scheme: str, stem: str, k: int) -> list[str]:
-    """The k nearest samples by cosine distance of the standardised latent vectors, computed
-    here from infer's latents as analyze defines similars."""
+    """The sample's k nearest samples as analyze wrote them (neighbours.csv, rank order), read
+    here from the file, not from the page's data."""
     samples = pd.read_csv(root / "analysis" / scheme / "samples.csv", dtype={"file_name": str})
-    stems = [Path(f).stem for f in samples["file_name"]]
-    with np.load(root / "predictions" / scheme / "latents.npz") as npz:
-        row = {int(v): i for i, v in enumerate(npz["image_ids"])}
-        latents = npz["latents"][[row[int(v)] for v in samples["image_id"]]]
-    [found] = embeddings.nearest_neighbours(embeddings.standardise(latents),
-                                            [stems.index(stem)], k)
-    return [stems[i] for i, _ in found]
+    stem_of = {int(i): Path(f).stem for i, f in zip(samples["image_id"], samples["file_name"])}
+    [image_id] = [i for i, s in stem_of.items() if s == stem]
+    table = pd.read_csv(root / "analysis" / scheme / "neighbours.csv")
+    mine = table[table["image_id"] == image_id].sort_values("rank")
+    assert 0 < len(mine) <= k
+    return [stem_of[int(i)] for i in mine["neighbour_image_id"]]
 
 
 # ---------------------------------------------------------------- the sample's report

@@ -121,7 +121,8 @@ def test_masks_output(chain, val_images):
 
 
 def test_model_loads_with_weights_only(chain):
-    assert sorted(p.name for p in chain["model"].iterdir()) == ["model.pt"]
+    assert sorted(p.name for p in chain["model"].iterdir()) == ["curves.png", "model.pt",
+                                                                 "train.json"]
     payload = torch.load(chain["model"] / "model.pt", weights_only=True)
     assert payload["class_names"] == CLASSES
     assert payload["image_size"] == SIZE
@@ -203,7 +204,8 @@ def test_predictions_are_palette_pngs_at_image_size(chain, val_images):
 def test_infer_samples_csv(chain, val_images):
     table = pd.read_csv(chain["pred"] / "samples.csv")
     assert list(table.columns) == ["image_id", "stem", "loss", "pixel_accuracy", "confidence",
-                                   "iou_background", "iou_person", "iou_car", "latency_ms"]
+                                   "miou", "iou_background", "iou_person", "iou_car",
+                                   "latency_ms"]
     assert table["image_id"].tolist() == [im["id"] for im in val_images]
     assert table["stem"].tolist() == [int(Path(im["file_name"]).stem) for im in val_images]
     assert (table["loss"] > 0).all() and np.isfinite(table["loss"]).all()
@@ -266,7 +268,8 @@ def test_metrics_json(chain, val_images):
     assert "NaN" not in text and "Infinity" not in text
     assert list(doc) == ["miou", "pixel_accuracy", "pixel_accuracy_with_ignore",
                          "mean_class_accuracy", "fw_iou", "iou", "dice", "class_accuracy",
-                         "precision", "recall", "images", "pixels_evaluated", "pixels_ignored"]
+                         "precision", "recall", "images", "pixels_evaluated", "pixels_ignored",
+                         "interval"]
     for key in ("iou", "dice", "class_accuracy", "precision", "recall"):
         assert list(doc[key]) == CLASSES
         assert all(v is None or 0 <= v <= 1 for v in doc[key].values())
@@ -317,9 +320,10 @@ def test_metrics_match_torchmetrics_on_the_real_predictions(chain, val_images):
         assert image.format == "PNG"
 
 
-ANALYSIS_FILES = ["cluster_categories.csv", "clusters.csv", "heatmaps", "label_issues",
-                  "label_issues.csv", "metadata", "metadata_flagged.csv", "metadata_loss.csv",
-                  "samples.csv", "similars.csv", "summary.json"]
+ANALYSIS_FILES = ["bin_members.csv", "cluster_categories.csv", "clusters.csv", "heatmaps",
+                  "label_issues", "label_issues.csv", "metadata", "metadata_flagged.csv",
+                  "metadata_loss.csv", "neighbours.csv", "samples.csv", "similars.csv",
+                  "summary.json"]
 
 
 def test_analysis_files(chain):

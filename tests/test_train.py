@@ -3,6 +3,8 @@ and give the same final weights, and a model that can learn (fits 16 real images
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 import os
 import re
@@ -10,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -431,3 +434,72 @@ def test_train_epoch_matrix_and_loss_equal_the_per_batch_host_computation(data):
     assert isinstance(result.cm, np.ndarray) and result.cm.dtype == np.int64
     assert np.array_equal(result.cm, cm) and 0 < cm.sum() <= 6 * 32 * 32
     assert result.loss == total / count
+
+
+# ---------------------------------------------------------------- train.json
+
+TRAIN_JSON_KEYS = {"device": str, "precision": str, "epochs": int, "wall_s": float,
+                   "torch_version": str, "model_sha256": str, "train_images": int,
+                   "val_images": int}
+
+
+def _train_json(model_dir: Path) -> dict:
+    record = json.loads((model_dir / "train.json").read_text())
+    assert set(record) == set(TRAIN_JSON_KEYS)
+    for key, kind in TRAIN_JSON_KEYS.items():
+        assert type(record[key]) is kind, (key, record[key])
+    # hashlib over the file as it lies beside train.json, not the digest train computed
+    assert record["model_sha256"] == hashlib.sha256(
+        (model_dir / "model.pt").read_bytes()).hexdigest()
+    return record
+
+
+def test_train_json_records_the_run(tiny, tmp_path):
+    started = time.perf_counter()
+    train.run(copy.deepcopy(tiny["params"]), SCHEME, tiny["raw"], tiny["masks"],
+              tmp_path / "model")
+    elapsed = time.perf_counter() - started
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["curves.png", "model.pt",
+                                                                      "train.json"]
+    record = _train_json(tmp_path / "model")
+    # the tiny fixture: 4 train / 2 val images, one epoch on the CPU
+    assert {k: record[k] for k in ("device", "precision", "epochs", "torch_version",
+                                   "train_images", "val_images")} == {
+        "device": "cpu", "precision": "float32", "epochs": 1, "torch_version": torch.__version__,
+        "train_images": 4, "val_images": 2}
+    assert 0 < record["wall_s"] < elapsed  # the training loop only, within the stage's run
+
+
+def test_train_json_counts_the_epochs_of_a_resumed_run(tiny, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="train")
+    params = copy.deepcopy(tiny["params"])
+    params["train"]["epochs"] = 2
+
+    class Killed(BaseException):
+        pass
+
+    real_save = train.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise Killed  # right after epoch 1's checkpoint
+
+    checkpoints = tmp_path / "ck"
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        train.run(params, SCHEME, tiny["raw"], tiny["masks"], tmp_path / "model", checkpoints)
+    monkeypatch.undo()
+    assert not (tmp_path / "model").exists()
+    train.run(params, SCHEME, tiny["raw"], tiny["masks"], tmp_path / "model", checkpoints)
+    assert f"resuming from {checkpoints / 'last.pt'} after epoch 1" in caplog.text
+    record = _train_json(tmp_path / "model")
+    assert record["epochs"] == 2  # one trained before the kill, one after the resume
+
+
+def test_precision_is_autocasts_dtype(monkeypatch):
+    assert train.precision_name(torch.device("cpu")) == "float32"
+    for bf16, name in ((True, "bfloat16"), (False, "float16")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda bf16=bf16: bf16)
+        with warnings.catch_warnings():  # no GPU here: torch disables the autocast it builds
+            warnings.simplefilter("ignore")
+            assert train.precision_name(torch.device("cuda")) == name

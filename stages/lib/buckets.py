@@ -1,15 +1,18 @@
 """Metadata against loss: bins of one numeric field, their loss statistics, and the test
 that flags a bucket whose loss stands out (the study's "~80% car pixels" bucket).
 
-A bucket is flagged when it holds at least `min_count` samples and its mean loss exceeds
-the mean loss of all samples by more than `z` times its own standard error (the sample
-standard deviation of its losses over the square root of its count): a one-sample test of
-"this bucket is harder than the data set", with `z` ~ 2 for about 95% one-sided.
+Each bucket of at least `min_count` samples is tested against the other samples: a one-sided
+Mann-Whitney U test (scipy.stats.mannwhitneyu) that its losses tend to be higher. Rank-based,
+so a few huge losses do not decide it and its p-value is exact when losses are exchangeable
+(no effect). Hundreds of buckets are tested at once (every field, every binning), so the
+flag is on the Benjamini-Hochberg q-value over all of them (flag_by_fdr), not on the single
+test: a bucket is flagged when its q-value is at most the false discovery rate asked for.
 """
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 BINNINGS = ("equal_width", "equal_count")
 
@@ -48,10 +51,11 @@ def assign(values: pd.Series | np.ndarray, edges: np.ndarray) -> np.ndarray:
 
 
 def bucket_table(samples: pd.DataFrame, field: str, n_bins: int, binning: str,
-                 z: float, min_count: int) -> tuple[pd.DataFrame, np.ndarray]:
+                 min_count: int) -> tuple[pd.DataFrame, np.ndarray]:
     """Per bin: range, count, loss mean/std/standard error, mean IoU per class, how many
-    standard errors its mean loss lies above the overall mean, and the flag. Also returns
-    each sample's bin (for listing the samples of flagged bins)."""
+    standard errors its mean loss lies above the overall mean, and the p-value of its test
+    (NaN for a bin under min_count). Also returns each sample's bin (for listing the samples
+    of flagged bins). The flag needs every bin's p-value: flag_by_fdr."""
     edges = bin_edges(samples[field], n_bins, binning)
     index = assign(samples[field], edges)
     loss = samples["loss"].astype(float)
@@ -66,12 +70,29 @@ def bucket_table(samples: pd.DataFrame, field: str, n_bins: int, binning: str,
         se = std / np.sqrt(len(losses)) if len(losses) >= 2 else np.nan
         mean = float(losses.mean()) if len(losses) else np.nan
         excess = (mean - overall) / se if se and np.isfinite(se) and se > 0 else np.nan
-        flagged = bool(n >= min_count and np.isfinite(mean) and np.isfinite(se)
-                       and mean > overall + z * se)
         row = {"binning": binning, "field": field, "bin": b, "low": float(edges[b]),
                "high": float(edges[b + 1]), "count": n, "mean_loss": mean, "std_loss": std,
                "se_loss": se, "overall_mean_loss": float(overall), "excess_se": excess,
-               "flagged": flagged}
+               "p_value": higher_p_value(losses, loss[(index != b)].dropna(), min_count)}
         row.update({f"mean_{c}": members[c].mean() if n else np.nan for c in iou_cols})
         rows.append(row)
     return pd.DataFrame(rows), index
+
+
+def higher_p_value(group: pd.Series, rest: pd.Series, min_count: int) -> float:
+    """One-sided p-value that the group's losses are higher than the rest's; NaN when the
+    group is under min_count or there is no rest to compare with."""
+    if len(group) < min_count or len(rest) == 0:
+        return np.nan
+    return float(stats.mannwhitneyu(group, rest, alternative="greater").pvalue)
+
+
+def flag_by_fdr(p_values: pd.Series, fdr: float) -> tuple[pd.Series, pd.Series]:
+    """(q_value, flagged) for a table's groups: Benjamini-Hochberg over every group with a
+    p-value (scipy.stats.false_discovery_control), flagged where q <= fdr; untested groups
+    (NaN p) get NaN and are never flagged."""
+    q = pd.Series(np.nan, index=p_values.index)
+    tested = p_values.notna()
+    if tested.any():
+        q[tested] = stats.false_discovery_control(p_values[tested].to_numpy(float), method="bh")
+    return q, tested & (q <= fdr)

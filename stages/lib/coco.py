@@ -497,24 +497,27 @@ class SchemeMap:
 
 def resolve_scheme(name: str, scheme: dict, categories: list[dict]) -> SchemeMap:
     """Turn a params scheme (names of categories/supercategories) into category ids."""
+    # Imported here: params imports this module's category tables at its top.
+    from stages.lib.params import SchemeRuleError, check_scheme_rules
+
     by_name = {c["name"]: c for c in categories}
-    by_super: dict[str, list[dict]] = {}
+    by_super: dict[str, list[str]] = {}
     for cat in categories:
-        by_super.setdefault(cat["supercategory"], []).append(cat)
-    class_of: dict[int, int] = {}
-    for index, (cls, claim) in enumerate(scheme["classes"].items(), start=1):
-        claimed = [_lookup(by_name, n, "category", name, cls) for n in claim.get("categories", [])]
+        by_super.setdefault(cat["supercategory"], []).append(cat["name"])
+    for cls, claim in scheme["classes"].items():
+        for category in claim.get("categories", []):
+            _lookup(by_name, category, "category", name, cls)
         for sup in claim.get("supercategories", []):
             if sup not in by_super:
                 raise AnnotationError(
                     f"schemes.{name}.classes.{cls}: supercategory {sup!r} not in the annotations "
                     f"(valid: {', '.join(sorted(by_super))})")
-            claimed.extend(by_super[sup])
-        for cat in claimed:
-            if class_of.get(cat["id"], index) != index:
-                raise AnnotationError(
-                    f"schemes.{name}: category {cat['name']!r} is claimed by two classes")
-            class_of[cat["id"]] = index
+    try:   # with the file's own supercategories, which need not be COCO's
+        owner = check_scheme_rules(name, scheme, by_super)
+    except SchemeRuleError as exc:
+        raise AnnotationError(str(exc)) from None
+    index = {cls: i for i, cls in enumerate(scheme["classes"], start=1)}
+    class_of = {c["id"]: index[owner[c["name"]]] for c in categories if c["name"] in owner}
     return SchemeMap(name, ("background", *scheme["classes"]), class_of)
 
 

@@ -10,21 +10,28 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-TEMPLATES = {"report": ["stages/templates/report.html.j2", "stages/templates/report.js"]}
+# The files a stage renders besides its modules (globs, relative to the repo).
+TEMPLATES = {"report": ["stages/templates/report.html.j2", "stages/templates/report.js",
+                        "stages/templates/report.css", "stages/templates/report/*.html.j2"]}
 
 
 def stage_code(stage: str, root: Path = ROOT) -> list[str]:
-    """Repo-relative paths of stages/<stage>.py, every stages.* module it imports
-    (transitively) and the templates it renders, sorted."""
+    """Repo-relative paths of stages/<stage>.py (or, for a package, every module of
+    stages/<stage>/), every stages.* module it imports (transitively) and the templates it
+    renders, sorted."""
     seen: set[str] = set()
-    pending = [f"stages/{stage}.py"]
+    package = root / "stages" / stage
+    pending = ([p.relative_to(root).as_posix() for p in sorted(package.glob("*.py"))]
+               if package.is_dir() else [f"stages/{stage}.py"])
     while pending:
         rel = pending.pop()
         if rel in seen:
             continue
         seen.add(rel)
         pending.extend(_imported_stage_modules(root / rel, root))
-    return sorted(seen | set(TEMPLATES.get(stage, [])))
+    templates = {p.relative_to(root).as_posix() for pattern in TEMPLATES.get(stage, [])
+                 for p in root.glob(pattern)}
+    return sorted(seen | templates)
 
 
 def _imported_stage_modules(path: Path, root: Path) -> list[str]:
@@ -38,18 +45,22 @@ def _imported_stage_modules(path: Path, root: Path) -> list[str]:
             modules.extend(alias.name for alias in node.names)
     files = []
     for module in modules:
-        if module == "stages" or not module.startswith("stages."):
+        # stages/__init__.py and stages/lib/__init__.py hold no code (docstrings only).
+        if module in ("stages", "stages.lib") or not module.startswith("stages."):
             continue
-        candidate = root / (module.replace(".", "/") + ".py")
-        if candidate.is_file():
-            files.append(candidate.relative_to(root).as_posix())
+        base = root / module.replace(".", "/")
+        for candidate in (base.with_name(base.name + ".py"), base / "__init__.py"):
+            if candidate.is_file():
+                files.append(candidate.relative_to(root).as_posix())
     return files
 
 
 def declared_params(stage: str, root: Path = ROOT) -> tuple[str, ...]:
     """The PARAMS a stage module declares (stages.lib.params.select), read from its source
     so the Snakefile need not import the stages (train and infer import torch)."""
-    path = root / "stages" / f"{stage}.py"
+    path = root / "stages" / stage / "__init__.py"
+    if not path.is_file():
+        path = root / "stages" / f"{stage}.py"
     for node in ast.parse(path.read_text(), filename=str(path)).body:
         if (isinstance(node, ast.Assign) and len(node.targets) == 1
                 and isinstance(node.targets[0], ast.Name) and node.targets[0].id == "PARAMS"):

@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from stages.lib.labels import IGNORE_INDEX
-
-LAYERS = ("bottleneck", "decoder1", "decoder2", "decoder3", "decoder4")
+from stages.lib.model import LATENT_LAYERS, full_size_probs
 
 
 def layer_module(model: torch.nn.Module, name: str) -> torch.nn.Module:
@@ -23,9 +22,9 @@ def layer_module(model: torch.nn.Module, name: str) -> torch.nn.Module:
     same tensors, channel for channel, that infer pools into latents.npz)."""
     if name == "bottleneck":
         return model.encoder[len(model.encoder) - 1]
-    if name in LAYERS:
-        return model.ups[int(name.removeprefix("decoder")) - 1]
-    raise ValueError(f"unknown layer {name!r} (known: {', '.join(LAYERS)})")
+    if name in LATENT_LAYERS:
+        return model.ups[LATENT_LAYERS.index(name) - 1]
+    raise ValueError(f"unknown layer {name!r} (known: {', '.join(LATENT_LAYERS)})")
 
 
 def forward_capturing(forward: Callable[[torch.Tensor], torch.Tensor], module: torch.nn.Module,
@@ -38,12 +37,6 @@ def forward_capturing(forward: Callable[[torch.Tensor], torch.Tensor], module: t
     finally:
         handle.remove()
     return logits, store["out"]
-
-
-def full_size_probs(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(K, H, W) softmax at the image's own size: bilinear on logits, as infer does."""
-    resized = F.interpolate(logits[None].float(), size=size, mode="bilinear", align_corners=False)
-    return resized[0].softmax(0)
 
 
 # ---------------------------------------------------------------- label quality

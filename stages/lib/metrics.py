@@ -50,9 +50,10 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
 
 
 def per_class_iou(cm: np.ndarray) -> np.ndarray:
-    """NaN for a class absent from both ground truth and prediction."""
-    tp = np.diag(cm).astype(float)
-    return _ratio(tp, cm.sum(0) + cm.sum(1) - tp)
+    """NaN for a class absent from both ground truth and prediction. cm is K x K, or a
+    stack of them (..., K, K): the bootstrap scores a thousand resampled matrices at once."""
+    tp = np.diagonal(cm, axis1=-2, axis2=-1).astype(float)
+    return _ratio(tp, cm.sum(-2) + cm.sum(-1) - tp)
 
 
 def scores(cm: np.ndarray, ignored_pixels: int = 0) -> dict[str, object]:

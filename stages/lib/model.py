@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
 
@@ -26,6 +27,11 @@ BOTTLENECK_CHANNELS = 320
 UP_FILTERS = (512, 256, 128, 64)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The latent layers of forward_with_latents, in its order: the bottleneck, then the decoder
+# blocks from the deepest (decoder1) to the shallowest. infer names latents.npz's column
+# ranges with them, explain finds their modules, params.yaml's analyze.heatmaps picks one
+# (tests/test_params.py checks the schema's list against this one).
+LATENT_LAYERS = ("bottleneck", "decoder1", "decoder2", "decoder3", "decoder4")
 
 
 TRAINED_ARCH = "mobilenet_v2-pix2pix"
@@ -115,6 +121,15 @@ class SegNet(nn.Module):
 def pooled_latent(features: list[torch.Tensor]) -> torch.Tensor:
     """Global-average-pooled bottleneck and decoder activations, concatenated per sample."""
     return torch.cat([f.float().mean(dim=(2, 3)) for f in features], dim=1)
+
+
+def full_size_probs(logits: torch.Tensor, size: tuple[int, int],
+                    log: bool = False) -> torch.Tensor:
+    """(K, H, W) class probabilities (log-probabilities with `log`) of one sample's logits
+    (K, h, w) at its image's own size: bilinear resize of the logits, then (log-)softmax.
+    Resizing logits, not labels, keeps boundaries smooth; labels are never interpolated."""
+    resized = F.interpolate(logits[None].float(), size=size, mode="bilinear", align_corners=False)
+    return resized[0].log_softmax(0) if log else resized[0].softmax(0)
 
 
 def build_model(num_classes: int, encoder_weights: str, freeze_encoder: bool,

@@ -5,6 +5,7 @@ import functools
 import math
 from importlib import resources
 from pathlib import Path
+from typing import Iterable, Mapping
 
 import jsonschema
 import yaml
@@ -29,6 +30,10 @@ REPR_CHARS = 80      # longest value quoted in a message
 
 class ParamsError(ValueError):
     """params.yaml is unreadable or does not match the schema."""
+
+
+class SchemeRuleError(ParamsError):
+    """A label scheme breaks one of check_scheme_rules' rules: "<dotted key>: <problem>"."""
 
 
 def short_repr(value: object, limit: int = REPR_CHARS) -> str:
@@ -156,6 +161,44 @@ def _describe(error: jsonschema.ValidationError) -> str:
     return f"{path}: {message}"
 
 
+CROWD_RULES = ("ignore", "class", "background")
+
+
+def check_scheme_rules(name: str, scheme: dict,
+                       members: Mapping[str, Iterable[str]] = COCO_SUPERCATEGORIES) -> dict:
+    """The rules of one label scheme that JSON Schema cannot state, checked in one place for
+    params validation, for resolving a scheme against an annotation file (coco.resolve_scheme,
+    `members` then from the file) and for masks' crowd and overlap rules. In this order:
+    no two class names (background included) differ only in case; no category is claimed
+    by two classes, directly or through a supercategory (`members`: supercategory -> its
+    category names); crowd is one of CROWD_RULES; overlap is "ignore" or a priority list
+    naming every class exactly once. Returns {category name: class name} of every claimed
+    category; raises SchemeRuleError naming the key of the first rule broken."""
+    classes = scheme["classes"]
+    _refuse_case_twins(["background", *classes], f"schemes.{name}.classes")
+    owner: dict[str, str] = {}
+    for cls, claim in classes.items():
+        claimed = list(claim.get("categories", []))
+        for sup in claim.get("supercategories", []):
+            claimed += members.get(sup, ())
+        for category in claimed:
+            if owner.get(category, cls) != cls:
+                raise SchemeRuleError(
+                    f"schemes.{name}.classes.{cls}: COCO category {category!r} is already "
+                    f"claimed by class {owner[category]!r}")
+            owner[category] = cls
+    crowd = scheme.get("crowd", "ignore")
+    if crowd not in CROWD_RULES:
+        raise SchemeRuleError(f"schemes.{name}.crowd: {short_repr(crowd)} is not one of "
+                              f"{CROWD_RULES}")
+    overlap = scheme.get("overlap", "ignore")
+    if overlap != "ignore" and sorted(overlap) != sorted(classes):
+        raise SchemeRuleError(
+            f"schemes.{name}.overlap: the priority list {short_repr(overlap)} must name every "
+            f"class of the scheme exactly once ({_cut(', '.join(classes), 200)})")
+    return owner
+
+
 def _refuse_case_twins(names, where: str) -> None:
     # scheme names become folders and class names file names (DVCLive's val/iou/<class>):
     # two that differ only in case would be one file on macOS and Windows
@@ -163,33 +206,18 @@ def _refuse_case_twins(names, where: str) -> None:
     for name in names:
         first = seen.setdefault(name.casefold(), name)
         if first != name:
-            raise ParamsError(f"{where}: {first!r} and {name!r} differ only in case; they "
-                              "would name the same file where case is folded (macOS, Windows)")
+            raise SchemeRuleError(f"{where}: {first!r} and {name!r} differ only in case; they "
+                                  "would name the same file where case is folded (macOS, "
+                                  "Windows)")
 
 
 def _check_scheme_semantics(params: dict, source: str) -> None:
-    # JSON Schema cannot say "no COCO category claimed twice within one scheme", directly
-    # or through a supercategory.
-    _refuse_case_twins(params["schemes"], f"{source}: schemes")
-    for name, scheme in params["schemes"].items():
-        _refuse_case_twins(["background", *scheme["classes"]], f"{source}: schemes.{name}.classes")
-        owner: dict[str, str] = {}
-        for cls, claim in scheme["classes"].items():
-            claimed = list(claim.get("categories", []))
-            for sup in claim.get("supercategories", []):
-                claimed += COCO_SUPERCATEGORIES[sup]
-            for category in claimed:
-                if owner.get(category, cls) != cls:
-                    raise ParamsError(
-                        f"{source}: schemes.{name}.classes.{cls}: COCO category {category!r} "
-                        f"is already claimed by class {owner[category]!r}")
-                owner[category] = cls
-        overlap = scheme["overlap"]
-        if overlap != "ignore" and sorted(overlap) != sorted(scheme["classes"]):
-            raise ParamsError(
-                f"{source}: schemes.{name}.overlap: the priority list {short_repr(overlap)} must "
-                f"name every class of the scheme exactly once "
-                f"({_cut(', '.join(scheme['classes']), 200)})")
+    try:
+        _refuse_case_twins(params["schemes"], "schemes")
+        for name, scheme in params["schemes"].items():
+            check_scheme_rules(name, scheme)
+    except SchemeRuleError as exc:
+        raise ParamsError(f"{source}: {exc}") from None
 
 
 def _check_ranges(params: dict, source: str) -> None:

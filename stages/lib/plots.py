@@ -9,9 +9,11 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 from stages.lib.io import atomic_path
+from stages.lib.labels import OKABE_ITO
 
 
 def png_bytes(fig: Figure) -> bytes:
@@ -61,9 +63,34 @@ def confusion_figure(cm: np.ndarray, class_names: list[str], title: str) -> byte
     return png_bytes(fig)
 
 
-def fit_width(image: Image.Image, width: int, nearest: bool = False) -> Image.Image:
-    """Scale down (never up) to at most `width` pixels wide, keeping the aspect."""
-    if image.width <= width:
+def curves_figure(history: list[dict], title: str) -> Figure:
+    """One training run's curves per epoch, from train's history records: train and val
+    loss (left), val mIoU (right; epochs where no class was present are gaps)."""
+    fig = Figure(figsize=(8, 3.2))
+    loss_ax, miou_ax = fig.subplots(1, 2)
+    epochs = [r["epoch"] for r in history]
+    blue, orange = OKABE_ITO["blue"], OKABE_ITO["orange"]
+    loss_ax.plot(epochs, [r["train_loss"] for r in history], "-o", color=blue, label="train")
+    loss_ax.plot(epochs, [r["val_loss"] for r in history], "--s", color=orange, label="val")
+    miou_ax.plot(epochs, [np.nan if r["val_miou"] is None else r["val_miou"] for r in history],
+                 "-s", color=orange, label="val")
+    for ax, ylabel in ((loss_ax, "loss (training objective)"), (miou_ax, "val mIoU")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    return fig
+
+
+def fit_width(image: Image.Image, width: int, nearest: bool = False,
+              enlarge: bool = False) -> Image.Image:
+    """The one "resize to a width keeping the aspect" of the figures and pages: scaled down
+    to at most `width` pixels wide (and, with `enlarge`, a narrower image up to exactly
+    `width`), the height rounded, at least 1. Label maps take `nearest` so that classes
+    never blend; photographs Lanczos."""
+    if image.width == width or (image.width < width and not enlarge):
         return image
     height = max(1, round(image.height * width / image.width))
     method = Image.Resampling.NEAREST if nearest else Image.Resampling.LANCZOS

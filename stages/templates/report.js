@@ -485,7 +485,7 @@
     const defs = sv("defs");
     const hatch = "hatch-" + (hatchCounter++);
     const pattern = sv("pattern", { id: hatch, width: 6, height: 6, patternUnits: "userSpaceOnUse", patternTransform: "rotate(45)" });
-    pattern.append(sv("rect", { width: 6, height: 6, fill: "#E69F00" }), sv("line", { x1: 0, y1: 0, x2: 0, y2: 6, stroke: "#7a4b00", "stroke-width": 2 }));
+    pattern.append(sv("rect", { width: 6, height: 6, fill: D.flag }), sv("line", { x1: 0, y1: 0, x2: 0, y2: 6, stroke: "#7a4b00", "stroke-width": 2 }));
     defs.append(pattern);
     svg.append(defs, sv("text", { x: left, y: 12, "font-size": 12, "font-weight": 600, text: sc.name }));
     if (!bins.length) {
@@ -520,7 +520,7 @@
         if (b.flagged) g.append(sv("text", { x: x + w / 2, y: y(b.loss) - 4, "text-anchor": "middle", "font-size": 11, "font-weight": 700, fill: "#7a4b00", text: "!" }));
       }
       const ch = (b.count / maxCount) * countH;
-      g.append(sv("rect", { x: x, y: countTop + countH - ch, width: w, height: Math.max(ch, 0.5), fill: b.flagged ? "#E69F00" : "#8c95a3" }));
+      g.append(sv("rect", { x: x, y: countTop + countH - ch, width: w, height: Math.max(ch, 0.5), fill: b.flagged ? D.flag : "#8c95a3" }));
       g.append(sv("text", { x: x + w / 2, y: countTop - 2, "text-anchor": "middle", "font-size": 9.5, fill: "#333", text: String(b.count) }));
       g.append(sv("text", { x: x + w / 2, y: countTop + countH + 12, "text-anchor": "middle", "font-size": Math.min(10, slot / 5.2), fill: "#333", text: bucketLabel(field, b) }));
       g.addEventListener("click", function () { setBucket(s, field, b); });

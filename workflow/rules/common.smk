@@ -1,4 +1,7 @@
 # Helpers shared by the rules; no rules here.
+import os
+from types import SimpleNamespace
+
 from snakemake.exceptions import WorkflowError
 from snakemake.io import apply_wildcards
 
@@ -66,6 +69,35 @@ def benchmark_path(rule_name, per_scheme=True):
     )
 
 
+# The stages the report shows the wall time of, and whether each runs once per scheme.
+UPSTREAM_JOBS = {
+    "download": False,
+    "masks": True,
+    "train": True,
+    "infer": True,
+    "evaluate": True,
+    "analyze": True,
+    "compare": False,
+}
+
+
+# The upstream jobs' benchmark files: the report's stage times, declared inputs (a rule's
+# benchmark file is one of its products, so Snakemake knows which job writes it). A job whose
+# outputs exist without a benchmark file ran under DVC, which records no times: demanding
+# its file would make Snakemake rerun that job only to time it, so it is left out.
+def upstream_benchmarks(wildcards):
+    paths = []
+    for stage, per_scheme in UPSTREAM_JOBS.items():
+        outputs = getattr(rules, stage).output
+        for scheme in SCHEMES if per_scheme else [None]:
+            values = {"scheme": scheme} if per_scheme else {}
+            path = benchmark_path(stage, per_scheme).format(**values)
+            made = all(os.path.exists(o.format(**values)) for o in outputs)
+            if os.path.exists(path) or not made:
+                paths.append(path)
+    return paths
+
+
 # ---------------------------------------------------------------- file times of DVC's outputs
 # Snakemake reruns a job when an input is newer than its oldest output, and `dvc pull`,
 # `dvc checkout` and `dvc repro` write outputs at times that say nothing about the
@@ -80,15 +112,24 @@ def workflow_jobs():
             continue
         per_scheme = "scheme" in step.wildcard_names
         for scheme in SCHEMES if per_scheme else [None]:
-            paths = lambda items: [apply_wildcards(str(i), {"scheme": scheme}) for i in items]
             jobs.append(
                 Job(
                     f"{step.name}@{scheme}" if per_scheme else step.name,
-                    paths(step.input),
-                    paths(step.output),
+                    job_paths(step.input, scheme),
+                    job_paths(step.output, scheme),
                 )
             )
     return jobs
+
+
+# A rule's files for one scheme. An input function (the report's upstream_benchmarks) is
+# called for its paths: its string form is no file, and a missing input stops alignment.
+def job_paths(items, scheme):
+    paths = []
+    for item in items:
+        found = item(SimpleNamespace(scheme=scheme)) if callable(item) else [item]
+        paths += [apply_wildcards(str(i), {"scheme": scheme}) for i in found]
+    return paths
 
 
 def align_dvc_output_times():

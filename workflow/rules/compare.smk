@@ -3,6 +3,7 @@
 rule compare:
     input:
         analysis=expand("analysis/{scheme}", scheme=SCHEMES),
+        per_image=expand("metrics/{scheme}.per_image.npz", scheme=SCHEMES),
         code=stage_code("compare"),
     output:
         directory("compare"),
@@ -19,5 +20,5 @@ rule compare:
         mem_mb=2000,
         runtime=30,
     shell:
-        "python -m stages.compare --params params.yaml --analysis analysis --out {output} "
-        "> {log} 2>&1"
+        "python -m stages.compare --params params.yaml --analysis analysis --metrics metrics "
+        "--out {output} > {log} 2>&1"

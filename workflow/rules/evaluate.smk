@@ -2,12 +2,15 @@ rule evaluate:
     input:
         pred="predictions/{scheme}",
         gt="data/masks/{scheme}",
+        raw="data/raw",
         code=stage_code("evaluate"),
     output:
         metrics="metrics/{scheme}.json",
         confusion="metrics/{scheme}.confusion.csv",
         confusion_plot="metrics/{scheme}.confusion.png",
         samples="metrics/{scheme}.samples.csv",
+        categories="metrics/{scheme}.categories.csv",
+        per_image="metrics/{scheme}.per_image.npz",
     params:
         **stage_params("evaluate"),
     log:
@@ -24,4 +27,5 @@ rule evaluate:
         "python -m stages.evaluate --params params.yaml --scheme {wildcards.scheme} "
         "--pred {input.pred}/val --gt {input.gt}/val --out {output.metrics} "
         "--confusion {output.confusion} --confusion-plot {output.confusion_plot} "
-        "--samples {output.samples} > {log} 2>&1"
+        "--samples {output.samples} --annotations {input.raw}/annotations/instances_val.json "
+        "--categories {output.categories} --per-image {output.per_image} > {log} 2>&1"

@@ -6,10 +6,14 @@ rule report:
         masks=expand("data/masks/{scheme}", scheme=SCHEMES),
         models=expand("models/{scheme}", scheme=SCHEMES),
         predictions=expand("predictions/{scheme}", scheme=SCHEMES),
-        metrics=expand("metrics/{scheme}.{ext}", scheme=SCHEMES, ext=["json", "confusion.csv"]),
-        curves=expand("metrics/train/{scheme}", scheme=SCHEMES),
+        metrics=expand(
+            "metrics/{scheme}.{ext}",
+            scheme=SCHEMES,
+            ext=["json", "confusion.csv", "confusion.png"],
+        ),
         analysis=expand("analysis/{scheme}", scheme=SCHEMES),
         compare="compare",
+        benchmarks=upstream_benchmarks,
         code=stage_code("report"),
     output:
         "reports/index.html",
@@ -28,4 +32,5 @@ rule report:
     shell:
         "python -m stages.report --params params.yaml --raw data/raw --masks data/masks "
         "--models models --predictions predictions --metrics metrics --analysis analysis "
-        "--compare compare --logs logs --dvc-lock dvc.lock --out {output} > {log} 2>&1"
+        "--compare compare --benchmarks {input.benchmarks} --engine-paths dvc.lock logs "
+        "--out {output} > {log} 2>&1"

@@ -1,0 +1,113 @@
+"""A paired percentile bootstrap over val images, on per-image counts.
+
+Every score segflow reports (IoU, pixel accuracy, a category's predicted shares) is a ratio
+of sums over images, so a resample is a weighted sum: the weights are how often each image
+was drawn, and one matrix product per batch of resamples scores all of them, with no pass
+over the label maps. Several arrays resampled with the same weights (two schemes' matrices
+of the same images) give paired differences: image difficulty, shared by both schemes,
+cancels, and the interval of a difference is narrower than two separate intervals suggest.
+
+Written by hand because scipy.stats.bootstrap resamples by materialising every resample of
+the data (n_resamples x N x K x K here) or calls the statistic per resample; this needs
+neither and keeps memory flat in both N and the number of resamples (batches of at most
+BATCH_CELLS weights).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from stages.lib.metrics import per_class_iou
+
+BATCH_CELLS = 4_000_000   # weights held at once: 32 MB of int64, whatever N and samples
+METHOD = "percentile bootstrap over val images, paired across schemes"
+
+
+@dataclass(frozen=True)
+class Settings:
+    samples: int = 1000
+    confidence: float = 0.95
+    seed: int = 0
+
+    @classmethod
+    def from_params(cls, section: dict) -> "Settings":
+        return cls(section["samples"], section["confidence"], section["seed"])
+
+
+def resample_weights(rng: np.random.Generator, n: int, batch: int) -> np.ndarray:
+    """(batch, n) int64: how many times each of n images is drawn, n draws with
+    replacement per resample."""
+    drawn = rng.integers(0, n, size=(batch, n))
+    offsets = (np.arange(batch) * n)[:, None]
+    return np.bincount((drawn + offsets).ravel(), minlength=batch * n).reshape(batch, n)
+
+
+def resampled_sums(arrays: list[np.ndarray], settings: Settings) -> list[np.ndarray]:
+    """For each (N, ...) array, its sum over the images of every resample:
+    (settings.samples, ...). All arrays share the resamples (paired)."""
+    n = len(arrays[0])
+    if n == 0 or any(len(a) != n for a in arrays):
+        raise ValueError(f"arrays of {[len(a) for a in arrays]} images; need the same, > 0")
+    flat = [a.reshape(n, -1).astype(np.float64) for a in arrays]
+    out = [np.empty((settings.samples, f.shape[1])) for f in flat]
+    rng = np.random.default_rng(settings.seed)
+    batch = max(1, min(settings.samples, BATCH_CELLS // n))
+    for start in range(0, settings.samples, batch):
+        stop = min(start + batch, settings.samples)
+        weights = resample_weights(rng, n, stop - start).astype(np.float64)
+        for f, o in zip(flat, out):
+            o[start:stop] = weights @ f
+    return [o.reshape((settings.samples, *a.shape[1:])) for o, a in zip(out, arrays)]
+
+
+def interval(values: np.ndarray, confidence: float) -> list[float | None]:
+    """The percentile interval of resampled values (NaN resamples, where the score is
+    undefined, left out); [None, None] when fewer than half are defined."""
+    values = np.asarray(values, float)
+    defined = values[np.isfinite(values)]
+    if len(defined) < max(1, len(values) / 2):
+        return [None, None]
+    tail = (1 - confidence) / 2 * 100
+    lo, hi = np.percentile(defined, [tail, 100 - tail])
+    return [float(lo), float(hi)]
+
+
+def verdict(bounds: list[float | None]) -> str:
+    """'higher' / 'lower' only when the interval of b - a excludes zero."""
+    lo, hi = bounds
+    if lo is not None and lo > 0:
+        return "higher"
+    if hi is not None and hi < 0:
+        return "lower"
+    return "no detectable difference"
+
+
+def confusion_scores(cms: np.ndarray, ignored: np.ndarray) -> dict[str, np.ndarray]:
+    """The scores evaluate reports, for a stack of confusion matrices (B, K, K) and their
+    ignore counts (B,): as metrics.scores computes them for one."""
+    iou = per_class_iou(cms)
+    tp = np.diagonal(cms, axis1=-2, axis2=-1).sum(-1)
+    total = cms.sum((-2, -1))
+    with warnings.catch_warnings():   # a resample with no class present: NaN, as scores()
+        warnings.simplefilter("ignore", RuntimeWarning)
+        miou = np.nanmean(iou, axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {"iou": iou, "miou": miou,
+                "pixel_accuracy": np.where(total > 0, tp / np.maximum(total, 1), np.nan),
+                "pixel_accuracy_with_ignore": np.where(
+                    total + ignored > 0, tp / np.maximum(total + ignored, 1), np.nan)}
+
+
+def scheme_interval(confusion: np.ndarray, ignored: np.ndarray, class_names: list[str],
+                    settings: Settings) -> dict:
+    """metrics/<scheme>.json's "interval" from the per-image matrices (N, K, K)."""
+    cms, ign = resampled_sums([confusion, ignored], settings)
+    scored = confusion_scores(cms, ign)
+    return {"confidence": settings.confidence, "method": METHOD, "samples": settings.samples,
+            "seed": settings.seed,
+            **{key: interval(scored[key], settings.confidence)
+               for key in ("miou", "pixel_accuracy", "pixel_accuracy_with_ignore")},
+            "iou": {name: interval(scored["iou"][:, k], settings.confidence)
+                    for k, name in enumerate(class_names)}}

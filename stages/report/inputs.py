@@ -1,0 +1,226 @@
+"""Reading the report's inputs: the documented files of docs/outputs.md, each checked for the
+columns or keys the page uses (stages.lib.tables), one StageError naming the file otherwise."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from stages.lib.cli import StageError
+from stages.lib.names import check_plain_name, inside
+from stages.lib.params import scheme_class_names
+from stages.lib.tables import read_json, read_table
+
+@dataclass
+class Scheme:
+    """Everything the report shows about one scheme, as read from the documented files."""
+    name: str
+    class_names: list[str]
+    claims: dict
+    metrics: dict                    # evaluate's S.json
+    confusion: np.ndarray            # evaluate's S.confusion.csv
+    confusion_png: bytes             # evaluate's S.confusion.png
+    curves_png: bytes                # train's models/S/curves.png
+    timing: dict                     # infer's timing.json
+    train: dict                      # train's train.json
+    samples: pd.DataFrame            # analyze's samples.csv (with a `stem` from file_name)
+    clusters: pd.DataFrame           # analyze's clusters.csv
+    metadata_loss: pd.DataFrame      # analyze's metadata_loss.csv, first binning
+    # analyze's neighbours.csv as each sample's nearest samples (row indices into samples,
+    # -1 where fewer) and their cosine distances, n x k
+    neighbours: np.ndarray
+    distances: np.ndarray
+    bin_members: dict[str, list[int]]  # analyze's bin_members.csv: field -> each row's bin
+    label_issues: pd.DataFrame       # analyze's label_issues.csv
+    heatmaps: pd.DataFrame           # analyze's heatmaps/index.csv
+
+
+SUMMARY_METRICS = [
+    ("miou", "mIoU"),
+    ("pixel_accuracy", "pixel accuracy (ignore excluded)"),
+    ("pixel_accuracy_with_ignore", "pixel accuracy (ignore counted as error)"),
+    ("mean_class_accuracy", "mean class accuracy"),
+    ("fw_iou", "frequency-weighted IoU"),
+]
+METRICS_KEYS = [key for key, _ in SUMMARY_METRICS] + ["iou", "images"]
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+SAMPLE_COLUMNS = ["image_id", "file_name", "loss", "pixel_accuracy", "miou", "x", "y", "cluster",
+                  "label_quality", "background_fraction"]
+CLUSTER_COLUMNS = ["cluster", "size", "mean_loss", "mean_pixel_accuracy", "grayscale_share",
+                   "dominant_categories", "representative_image_ids"]
+BIN_COLUMNS = ["binning", "field", "bin", "low", "high", "count", "mean_loss", "se_loss",
+               "flagged"]
+ISSUE_COLUMNS = ["rank", "image_id", "stem", "label_quality", "loss", "flagged",
+                 "main_disagreement", "figure"]
+TRAIN_KEYS = ["device", "precision", "epochs", "wall_s", "torch_version", "model_sha256",
+              "train_images", "val_images"]
+TIMING_KEYS = ["images", "device", "batch_size", "latency_ms", "wall_s", "throughput_img_s"]
+LATENCY_KEYS = ["total", "mean", "variance", "median"]
+
+
+def read_metrics(path: Path, class_names: list[str]) -> dict:
+    metrics = read_json(path)
+    missing = [k for k in METRICS_KEYS if k not in metrics]
+    if missing:
+        raise StageError(f"{path}: missing keys {', '.join(missing)}")
+    if list(metrics["iou"]) != class_names:
+        raise StageError(f"{path}: classes {list(metrics['iou'])} differ from params.yaml "
+                         f"{class_names}; re-run evaluate")
+    return metrics
+
+
+def read_confusion(path: Path, class_names: list[str]) -> np.ndarray:
+    frame = read_table(path, ["ground_truth", *class_names])
+    if list(frame.columns) != ["ground_truth", *class_names] or \
+            frame["ground_truth"].tolist() != class_names:
+        raise StageError(f"{path}: rows/columns are not the classes {class_names}; "
+                         "re-run evaluate")
+    return frame[class_names].to_numpy(dtype=np.int64)
+
+
+def read_samples(path: Path, class_names: list[str]) -> pd.DataFrame:
+    samples = read_table(path, SAMPLE_COLUMNS + [f"iou_{c}" for c in class_names], "analyze",
+                         dtype={"file_name": str})
+    for image_id, file_name in zip(samples["image_id"], samples["file_name"]):
+        check_plain_name(file_name, f"{path}: image {image_id}")   # read as files below
+    # The stem comes from file_name: a numeric-looking stem column loses its zeros in CSV.
+    samples["stem"] = samples["file_name"].map(lambda name: Path(name).stem)
+    duplicated = samples["stem"][samples["stem"].duplicated()]
+    if len(duplicated):
+        raise StageError(f"{path}: file_name {duplicated.iloc[0]!r} listed twice")
+    return samples
+
+
+def read_png(path: Path, produced_by: str) -> bytes:
+    """A figure a stage drew, inlined as it is."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise StageError(f"{path}: missing (run the {produced_by} stage first)") from None
+    if not data.startswith(PNG_SIGNATURE):
+        raise StageError(f"{path}: not a PNG; re-run {produced_by}")
+    return data
+
+
+def load_scheme(params: dict, name: str, models: Path, predictions: Path, metrics: Path,
+                analysis: Path) -> Scheme:
+    class_names = scheme_class_names(params, name)
+    folder = inside(analysis, name, resolve=False)
+    binning = params["analyze"]["buckets"]["binning"][0]   # the charts show the first
+    samples = read_samples(folder / "samples.csv", class_names)
+    neighbours, distances = read_neighbours(folder / "neighbours.csv", samples)
+    return Scheme(
+        name=name, class_names=class_names, claims=params["schemes"][name]["classes"],
+        metrics=read_metrics(metrics / f"{name}.json", class_names),
+        confusion=read_confusion(metrics / f"{name}.confusion.csv", class_names),
+        confusion_png=read_png(metrics / f"{name}.confusion.png", "evaluate"),
+        curves_png=read_png(models / name / "curves.png", "train"),
+        timing=read_timing(predictions / name / "timing.json"),
+        train=read_json(models / name / "train.json", TRAIN_KEYS, "train"),
+        samples=samples, neighbours=neighbours, distances=distances,
+        bin_members=read_bin_members(folder / "bin_members.csv", samples, binning),
+        clusters=read_table(folder / "clusters.csv", CLUSTER_COLUMNS, "analyze"),
+        metadata_loss=one_binning(read_table(folder / "metadata_loss.csv", BIN_COLUMNS,
+                                             "analyze"), binning),
+        label_issues=read_table(folder / "label_issues.csv", ISSUE_COLUMNS, "analyze",
+                                dtype={"stem": str}),
+        heatmaps=read_table(folder / "heatmaps" / "index.csv", ["file", "kind", "cluster", "stem"],
+                            "analyze", dtype={"stem": str}),
+    )
+
+
+def _rows(path: Path, ids: pd.Series, samples: pd.DataFrame) -> np.ndarray:
+    """Row positions in samples of the image ids a table of the same analyze run lists."""
+    row_of = pd.Series(np.arange(len(samples)), index=samples["image_id"].astype(np.int64))
+    unknown = sorted(set(ids.astype(np.int64)) - set(row_of.index))
+    if unknown:
+        raise StageError(f"{path}: image {unknown[0]} is not in samples.csv beside it; "
+                         "re-run analyze")
+    return row_of.loc[ids.astype(np.int64)].to_numpy()
+
+
+def read_neighbours(path: Path, samples: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    return neighbour_matrix(read_table(path, ["image_id", "rank", "neighbour_image_id",
+                                              "cosine_distance"], "analyze"), samples, path)
+
+
+def neighbour_matrix(table: pd.DataFrame, samples: pd.DataFrame,
+                     path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """neighbours.csv as an n x k matrix of row indices (and one of distances), rank order:
+    the page looks a sample's similars up by row."""
+    table = table.sort_values(["image_id", "rank"], kind="stable")
+    rows, found = _rows(path, table["image_id"], samples), \
+        _rows(path, table["neighbour_image_id"], samples)
+    slot = table.groupby("image_id").cumcount().to_numpy()
+    width = int(slot.max()) + 1 if len(slot) else 0
+    neighbours = np.full((len(samples), width), -1, dtype=np.int64)
+    distances = np.full((len(samples), width), np.nan)
+    neighbours[rows, slot] = found
+    distances[rows, slot] = table["cosine_distance"].to_numpy(dtype=float)
+    return neighbours, distances
+
+
+def read_bin_members(path: Path, samples: pd.DataFrame, binning: str) -> dict[str, list[int]]:
+    return member_lists(one_binning(read_table(path, ["image_id", "binning", "field", "bin"],
+                                               "analyze"), binning), samples, path)
+
+
+def member_lists(table: pd.DataFrame, samples: pd.DataFrame, path: Path) -> dict[str, list[int]]:
+    """bin_members.csv (one binning) as field -> each sample row's bin, -1 for none."""
+    members = {}
+    for name, part in table.groupby("field", sort=False):
+        column = np.full(len(samples), -1, dtype=np.int64)
+        column[_rows(path, part["image_id"], samples)] = part["bin"].to_numpy(dtype=np.int64)
+        members[name] = column.tolist()
+    return members
+
+
+def one_binning(frame: pd.DataFrame, binning: str) -> pd.DataFrame:
+    return frame[frame["binning"] == binning].reset_index(drop=True)
+
+
+def read_timing(path: Path) -> dict:
+    timing = read_json(path, TIMING_KEYS, "infer")
+    missing = [f"latency_ms.{k}" for k in LATENCY_KEYS if k not in timing["latency_ms"]]
+    if missing:
+        raise StageError(f"{path}: missing keys {', '.join(missing)}")
+    return timing
+
+
+def read_flagged_in(compare: Path | None, schemes: list[Scheme]) -> dict[str, list[str]]:
+    """stem -> the schemes in which compare found the image flagged as a label issue."""
+    if compare is None:
+        return {}
+    table = read_table(compare / "label_issues.csv", ["image_id", "flagged_in"], "compare")
+    stems = {}
+    for s in schemes:
+        stems.update(zip(s.samples["image_id"].astype(int), s.samples["stem"]))
+    return {stems[int(r.image_id)]: str(r.flagged_in).split()
+            for r in table.itertuples() if int(r.image_id) in stems}
+
+
+def read_cluster_changes(compare: Path | None) -> pd.DataFrame | None:
+    if compare is None:
+        return None
+    return read_table(compare / "clusters.csv", ["a", "b", "clusters_of", "cluster", "images",
+                                                 "mean_loss_a", "mean_loss_b", "z",
+                                                 "significant"], "compare")
+
+
+def listed_file(folder: Path, name: object, table: Path) -> Path:
+    """A file an analysis table lists by its path relative to the folder: read from there,
+    never from outside it (the table is input like any other)."""
+    try:
+        return inside(folder, str(name), resolve=False)
+    except StageError as exc:
+        raise StageError(f"{table}: lists {name!r}: {exc}") from None
+
+
+def read_compare_summary(compare: Path | None) -> dict | None:
+    return None if compare is None else read_json(compare / "summary.json", ["pairs"], "compare")
