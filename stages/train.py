@@ -30,17 +30,21 @@ from dvclive import Live
 from torch import nn
 from torch.utils.data import DataLoader
 
+from stages.lib.augment import train_transform, work_size
 from stages.lib.cli import StageError, run_main, stage_parser
 from stages.lib.data import (EpochSampler, SegmentationDataset, joint_transform, list_samples,
                              seed_everything)
 from stages.lib.io import atomic_dir, atomic_path, write_json
 from stages.lib.labels import IGNORE_INDEX
+from stages.lib.losses import (SegmentationLoss, balanced_image_weights, class_weights,
+                               pixel_counts)
 from stages.lib.metrics import scores
 from stages.lib.model import (IMAGENET_MEAN, IMAGENET_STD, build_model, checkpoint_payload,
                               load_failure, load_weights_file, resolve_device,
                               state_dict_mismatch)
 from stages.lib.params import load_params, scheme_class_names, select
 from stages.lib.plots import curves_figure, png_bytes, write_png
+from stages.lib.schedule import make_scheduler
 
 log = logging.getLogger("train")
 
@@ -83,7 +87,7 @@ def train_record(model_file: Path, device: torch.device, epochs: int, wall_s: fl
 
 
 class EpochResult(NamedTuple):
-    loss: float       # mean CE over the epoch's batches (every rank's samples)
+    loss: float       # mean training loss over the epoch's batches (every rank's samples)
     cm: np.ndarray    # confusion matrix of the training batches' predictions, as trained
 
 
@@ -99,14 +103,16 @@ def confusion_counts(gt: torch.Tensor, pred: torch.Tensor, num_classes: int) -> 
 
 def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                 scaler: torch.amp.GradScaler, device: torch.device,
-                num_classes: int | None = None) -> EpochResult:
+                num_classes: int | None = None,
+                criterion: nn.Module | None = None) -> EpochResult:
     """One pass over the loader. With num_classes, the predictions made for the loss are also
     counted into a confusion matrix: a running train mIoU (augmented inputs, weights changing
     within the epoch) at the cost of an argmax per batch, not a second pass. The loss sum
     and the matrix stay on the device until the epoch ends (no per-batch synchronisation);
-    the sum is float64, as the Python float it replaces, so the figures are the same."""
+    the sum is float64, as the Python float it replaces, so the figures are the same.
+    `criterion` is train.loss's (SegmentationLoss, on `device`); plain CE without it."""
     model.train()
-    criterion = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
+    criterion = criterion or nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.int64, device=device)
     cm = torch.zeros((num_classes or 0,) * 2, dtype=torch.int64, device=device)
@@ -158,6 +164,53 @@ def _memory_format(device: torch.device) -> torch.memory_format:
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
 
+class Recipe(NamedTuple):
+    """What train.loss and train.sampler need from the train split's label maps."""
+
+    criterion: nn.Module
+    class_weights: dict[str, float] | None   # the weighted losses' weights, by class name
+    image_weights: torch.Tensor | None       # class_balanced: each train image's draw weight
+
+
+def class_statistics(raw: Path, masks: Path, cfg: dict, class_names: list[str]) -> Recipe:
+    """The loss and sampling weights of train.loss / class_weights / sampler, from the
+    train label maps' pixel counts (read only when a weighted loss or sampler needs them)."""
+    loss, sampler = cfg["loss"], cfg["sampler"]
+    weighted = loss.startswith("weighted")
+    if not weighted and sampler == "uniform":
+        return Recipe(SegmentationLoss(loss), None, None)
+    samples = list_samples(raw, masks, "train")
+    counts = pixel_counts([s.mask_path for s in samples], len(class_names))
+    weights = class_weights(counts.sum(0), cfg["class_weights"]) if weighted else None
+    if weights is not None:
+        log.info("class weights (%s): %s", cfg["class_weights"],
+                 ", ".join(f"{n} {w:.3f}" for n, w in zip(class_names, weights)))
+    images = (torch.from_numpy(balanced_image_weights(counts))
+              if sampler == "class_balanced" else None)
+    criterion = SegmentationLoss(loss, None if weights is None
+                                 else torch.tensor(weights, dtype=torch.float32))
+    return Recipe(criterion, None if weights is None
+                  else {n: float(w) for n, w in zip(class_names, weights)}, images)
+
+
+def recipe_record(cfg: dict, recipe: Recipe) -> dict:
+    """The recipe's keys of train.json: what the model was trained with, the class weights as
+    computed from this run's train split (null when the loss weighs no class)."""
+    augment = cfg["augment"]
+    return {"loss": cfg["loss"],
+            "class_weighting": cfg["class_weights"] if recipe.class_weights else None,
+            "class_weights": recipe.class_weights,
+            "sampler": cfg["sampler"],
+            "schedule": {"name": cfg["schedule"], "lr": float(cfg["lr"]),
+                         "warmup": int(cfg["warmup"]) if cfg["schedule"] == "warmup_cosine"
+                         else 0},
+            "augment": {"resize": augment["resize"],
+                        "crop_scale": [float(v) for v in augment["crop_scale"]],
+                        "hflip": bool(cfg["hflip"]),
+                        "colour_jitter": {k: float(v)
+                                          for k, v in augment["colour_jitter"].items()}}}
+
+
 # ---------------------------------------------------------------- checkpoints
 
 def run_fingerprint(params: dict, scheme: str, raw: Path, masks: Path) -> str:
@@ -201,7 +254,7 @@ class TrainState:
         """A fresh state for `model` (already on `device`) from params.yaml's train section."""
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                       lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg["epochs"])
+        scheduler = make_scheduler(optimizer, cfg)
         scaler = torch.amp.GradScaler(device.type, enabled=needs_grad_scaler(device))
         return cls(model, optimizer, scheduler, scaler)
 
@@ -439,7 +492,9 @@ def _deterministic(enabled: bool):
 def _run_seeded(params, scheme, raw, masks, out, device, checkpoints, live, ranks) -> dict:
     cfg, model_cfg = params["train"], params["model"]
     class_names = scheme_class_names(params, scheme)
-    train_loader = data_loader(raw, masks, "train", cfg, train=True, device=device, ranks=ranks)
+    recipe = class_statistics(raw, masks, cfg, class_names)
+    train_loader = data_loader(raw, masks, "train", cfg, train=True, device=device, ranks=ranks,
+                               image_weights=recipe.image_weights)
     val_loader = data_loader(raw, masks, "val", cfg, train=False, device=device)
     model = build_model(len(class_names), model_cfg["encoder_weights"], model_cfg["freeze_encoder"],
                         model_cfg["dropout"])
@@ -462,7 +517,7 @@ def _run_seeded(params, scheme, raw, masks, out, device, checkpoints, live, rank
 
     started = time.perf_counter()
     history = _fit(state, trained, (train_loader, val_loader), cfg["epochs"], class_names,
-                   history, after_epoch)
+                   history, after_epoch, recipe.criterion.to(device))
     wall_s = time.perf_counter() - started
     if not ranks.main:
         return history[-1] if history else {}
@@ -474,7 +529,7 @@ def _run_seeded(params, scheme, raw, masks, out, device, checkpoints, live, rank
                     tmp / "model.pt")
         write_json(tmp / "train.json", train_record(
             tmp / "model.pt", device, len(history), wall_s, len(train_loader.dataset),
-            len(val_loader.dataset)))
+            len(val_loader.dataset)) | recipe_record(cfg, recipe))
         write_png(tmp / "curves.png",
                   png_bytes(curves_figure(history, f"{scheme}: training curves")))
     if checkpoint:
@@ -491,10 +546,12 @@ def _wrap_ddp(model: nn.Module, device: torch.device, ranks: Ranks) -> nn.Module
 
 
 def _fit(state: TrainState, trained: nn.Module, loaders: tuple[DataLoader, DataLoader],
-         epochs: int, class_names: list[str], history: list[dict], after_epoch) -> list[dict]:
+         epochs: int, class_names: list[str], history: list[dict], after_epoch,
+         criterion: nn.Module | None = None) -> list[dict]:
     """`trained` is the model as optimised (DDP-wrapped under torchrun), state.model the bare
     one validated (every rank validates the whole val split alike: no collective needed).
-    `loaders` are the train and val loaders."""
+    `loaders` are the train and val loaders; `criterion` the training loss (validation
+    always reports plain CE, comparable between recipes)."""
     train_loader, val_loader = loaders
     device, num_classes = state.device, len(class_names)
     history = list(history)
@@ -502,7 +559,7 @@ def _fit(state: TrainState, trained: nn.Module, loaders: tuple[DataLoader, DataL
         start = time.perf_counter()
         train_loader.sampler.set_epoch(epoch)
         train_loss, train_cm = train_epoch(trained, train_loader, state.optimizer, state.scaler,
-                                           device, num_classes)
+                                           device, num_classes, criterion)
         val_loss, cm = validate(state.model, val_loader, device, num_classes)
         state.scheduler.step()
         val = scores(cm)
@@ -540,16 +597,24 @@ def _finite_or_none(value: float) -> float | None:
 
 
 def data_loader(raw: Path, masks: Path, split: str, cfg: dict, train: bool,
-                device: torch.device, ranks: Ranks = Ranks()) -> DataLoader:
-    """The batches the stage trains (`train`: augmented, shuffled per epoch, this rank's share
-    of the global batch) or validates on, for one split of download's `raw` and masks'
-    `masks` folders, as params.yaml's train section `cfg` sets them. Call
-    loader.sampler.set_epoch(epoch) before each epoch: the order depends on seed and epoch."""
-    transform = joint_transform(cfg["image_size"], IMAGENET_MEAN, IMAGENET_STD, train, cfg["hflip"])
+                device: torch.device, ranks: Ranks = Ranks(),
+                image_weights: torch.Tensor | None = None) -> DataLoader:
+    """The batches the stage trains (`train`: augmented as train.augment says, shuffled per
+    epoch, this rank's share of the global batch; drawn in proportion to `image_weights` if
+    given) or validates on, for one split of download's `raw` and masks' `masks` folders, as
+    params.yaml's train section `cfg` sets them. Call loader.sampler.set_epoch(epoch) before
+    each epoch: the order depends on seed and epoch."""
+    size = cfg["image_size"]
+    if train:
+        augment = cfg["augment"]
+        transform = train_transform(size, IMAGENET_MEAN, IMAGENET_STD, augment, cfg["hflip"])
+        decode = work_size(size, augment)
+    else:
+        transform, decode = joint_transform(size, IMAGENET_MEAN, IMAGENET_STD, False, False), size
     dataset = SegmentationDataset(list_samples(raw, masks, split), transform, cfg["seed"],
-                                  decode_size=cfg["image_size"])
+                                  decode_size=decode)
     sampler = EpochSampler(len(dataset), cfg["seed"], shuffle=train, rank=ranks.rank,
-                           world=ranks.world)
+                           world=ranks.world, weights=image_weights if train else None)
     batch = per_rank_batch(cfg["batch_size"], ranks.world) if train else cfg["batch_size"]
     workers = cfg["num_workers"]
     # BatchNorm cannot train on a batch of one image (one value per channel at the

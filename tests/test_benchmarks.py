@@ -358,3 +358,30 @@ def test_hostile_benchmark_smoke(tmp_path, monkeypatch):
     assert rows["val archive: a member unpacking to 3 GiB of zeros"]["written to files MiB"] < 2
     assert result["notes"][0] == ("11 of 11 hostile inputs refused with exit code 2, one "
                                   "error line and no traceback.")
+
+
+def test_recipe_benchmark_swaps_the_splits_and_tabulates_what_was_measured(tmp_path):
+    from benchmarks import bench_recipe
+
+    raw, masks = tmp_path / "raw", tmp_path / "masks"
+    for split in ("train", "val"):
+        (raw / "images" / split).mkdir(parents=True)
+        (raw / "images" / split / f"{split}.jpg").write_text(split)
+        (masks / split).mkdir(parents=True)
+        (masks / split / f"{split}.png").write_text(split)
+        (raw / "annotations").mkdir(exist_ok=True)
+        (raw / "annotations" / f"instances_{split}.json").write_text(split)
+    new_raw, new_masks = bench_recipe.swapped(raw, masks, tmp_path / "swap")
+    assert (new_raw / "annotations" / "instances_train.json").read_text() == "val"
+    assert (new_raw / "annotations" / "instances_val.json").read_text() == "train"
+    assert (new_raw / "images" / "train" / "val.jpg").read_text() == "val"
+    assert (new_masks / "val" / "train.png").read_text() == "train"
+    result = {"iou": {"background": 0.9, "person": 0.1564, "car": None}, "miou": 0.5,
+              "iqr": {"background": 0.1, "person": 0.25, "car": float("nan")},
+              "train_cpu_s": 100.4, "train_wall_s": 120.6}
+    rows = bench_recipe.table({(1, "person_car", "held-out"): result}, ["person_car"])
+    assert rows == [{"recipe": bench_recipe.CANDIDATES[1][0], "scheme": "person_car",
+                     "trained on / scored on": "val / train (held-out)",
+                     "person IoU": "0.156", "person per-image IQR": "0.250",
+                     "car / vehicle IoU": "n/a", "car / vehicle per-image IQR": "n/a",
+                     "mIoU": "0.500", "train CPU s": 100, "train wall s (1 thread)": 121}]

@@ -324,8 +324,8 @@ def test_a_float_is_not_an_integer(params, section, key, value):
 
 
 @pytest.mark.parametrize("old, new, key, shown", [
-    ("  lr: 0.001\n", "  lr: .nan\n", "train.lr", "nan"),
-    ("  lr: 0.001\n", "  lr: .NaN\n", "train.lr", "nan"),
+    ("  lr: 0.002\n", "  lr: .nan\n", "train.lr", "nan"),
+    ("  lr: 0.002\n", "  lr: .NaN\n", "train.lr", "nan"),
     ("  weight_decay: 0.0001\n", "  weight_decay: .inf\n", "train.weight_decay", "inf"),
     ("  backoff_s: 0.5 ", "  backoff_s: .nan ", "data.backoff_s", "nan"),
     ("  timeout_s: 60 ", "  timeout_s: .inf ", "data.timeout_s", "inf"),
@@ -387,9 +387,9 @@ def test_integers_have_sensible_maxima(params, path, value, maximum):
 
 
 @pytest.mark.parametrize("old, new, key, first, second", [
-    ("  epochs: 15\n", "  epochs: 1\n  epochs: 500\n", "train.epochs",
+    ("  epochs: 24\n", "  epochs: 1\n  epochs: 500\n", "train.epochs",
      "  epochs: 1\n", "  epochs: 500"),
-    ("  epochs: 15\n", '  epochs: 1\n  "epochs": 500\n', "train.epochs",
+    ("  epochs: 24\n", '  epochs: 1\n  "epochs": 500\n', "train.epochs",
      "  epochs: 1\n", '  "epochs": 500'),
     ("      car: {categories: [car]}\n",
      "      car: {categories: [car]}\n      car: {categories: [bus]}\n",
@@ -454,7 +454,7 @@ def test_unreadable_values_are_one_error_line(tmp_path):
     line = _line_of(path, "image_ids")
     assert _load_error(path) == (f"{path}: analyze.similars.image_ids{'.0' * 14}: "
                                  f"line {line}: nested deeper than 16 levels")
-    path = _params_file(tmp_path, "  epochs: 15\n", "  epochs: 1" + "0" * 5000 + "\n")
+    path = _params_file(tmp_path, "  epochs: 24\n", "  epochs: 1" + "0" * 5000 + "\n")
     line = _line_of(path, "  epochs:")
     assert _load_error(path).startswith(f"{path}: line {line}: unreadable value: Exceeds the "
                                         "limit (4300 digits) for integer string conversion")
@@ -476,7 +476,8 @@ LONG = "x" * 100_000
      f"params.yaml: train.epochs: '{'x' * 79}... (100002 chars) is not of type 'integer'"),
     (lambda p: p["train"].update({LONG: 1}),
      f"params.yaml: train.{'x' * 80}... (100000 chars): unknown key (allowed here: device, "
-     "nproc, image_size, epochs, batch_size, lr, weight_decay, seed, num_workers, hflip)"),
+     "nproc, image_size, epochs, batch_size, lr, weight_decay, seed, num_workers, hflip, "
+     "loss, class_weights, sampler, schedule, warmup, augment)"),
     (lambda p: p["report"].update(title=list(range(20_000))),
      f"params.yaml: report.title: {repr(list(range(20_000)))[:80]}... "
      f"({len(repr(list(range(20_000))))} chars) is not of type 'string'"),
@@ -535,9 +536,9 @@ HOSTILE = {
     "alias_bomb": (TITLE_LINE, "title: *l8", _alias_bomb(levels=9),
                    "bomb.3: line 5: more than 10000 values with aliases expanded (an alias "
                    "bomb?); params.yaml has about 200"),
-    "duplicate_key": ("  epochs: 15\n", "  epochs: 1\n  epochs: 500\n", "",
+    "duplicate_key": ("  epochs: 24\n", "  epochs: 1\n  epochs: 500\n", "",
                       "train.epochs: duplicate key at lines {line} and {next}"),
-    "float_epochs": ("  epochs: 15\n", "  epochs: 1.0\n", "",
+    "float_epochs": ("  epochs: 24\n", "  epochs: 1.0\n", "",
                      "train.epochs: 1.0 is not of type 'integer'"),
     "deep_nesting": ("  image_ids: []", "  image_ids: " + "[" * 1000 + "]" * 1000, "",
                      "analyze.similars.image_ids" + ".0" * 14 + ": line {line}: nested "

@@ -27,6 +27,7 @@ from stages import download, masks, train
 from stages.lib.data import EpochSampler, SegmentationDataset, joint_transform, list_samples
 from stages.lib.metrics import scores
 from stages.lib.model import IMAGENET_MEAN, IMAGENET_STD, build_model
+from stages.lib.schedule import make_scheduler
 
 SCHEME = "person_car"
 
@@ -260,8 +261,10 @@ def _checkpoint_like(fingerprint: str, num_classes: int = 3, **changes) -> dict:
     torch.manual_seed(99)
     model = build_model(num_classes, "none", False, 0.0)
     optimizer = torch.optim.AdamW(model.parameters())
-    scheduler = {**torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=1).state_dict(),
-                 "last_epoch": 1}
+    # the schedule of params.yaml's train section, as TrainState.create builds it
+    train_cfg = {**yaml.safe_load((SAMPLE.parents[1] / "params.yaml").read_text())["train"],
+                 "epochs": 1}
+    scheduler = {**make_scheduler(optimizer, train_cfg).state_dict(), "last_epoch": 1}
     record = {"epoch": 1, "train_loss": 1.0, "train_miou": 0.1, "val_loss": 1.0, "val_miou": 0.1,
               "val_iou": {"background": 0.1, "person": 0.1, "car": 0.1}}
     return {"fingerprint": fingerprint, "epoch": 1, "history": [record],
@@ -436,11 +439,67 @@ def test_train_epoch_matrix_and_loss_equal_the_per_batch_host_computation(data):
     assert result.loss == total / count
 
 
+# ---------------------------------------------------------------- the small-data recipe
+
+def test_weighted_epochs_draw_in_proportion_and_stay_a_function_of_seed_and_epoch():
+    weights = torch.tensor([0.0, 1.0, 0.0, 3.0])
+    sampler = EpochSampler(4, seed=3, shuffle=True, weights=weights)
+    drawn = []
+    for epoch in range(1000):
+        sampler.set_epoch(epoch)
+        keys = list(sampler)
+        assert len(keys) == 4 and {e for e, _ in keys} == {epoch}
+        drawn += [i for _, i in keys]
+    assert set(drawn) == {1, 3}                              # weight 0: never drawn
+    assert drawn.count(3) / len(drawn) == pytest.approx(0.75, abs=0.02)  # 3 s.d. of 4000 draws
+    again = EpochSampler(4, seed=3, shuffle=True, weights=weights)
+    again.set_epoch(999)
+    assert list(again) == keys
+    unshuffled = EpochSampler(4, seed=3, shuffle=False, weights=weights)
+    assert [i for _, i in unshuffled] == [0, 1, 2, 3]       # validation ignores weights
+
+
+def test_class_statistics_count_the_train_masks_pixels(data):
+    """The stage's class weights against a count of the same PNGs with Pillow and numpy."""
+    from PIL import Image
+
+    from stages.lib.losses import balanced_image_weights, class_weights
+
+    cfg = {**data["params"]["train"], "loss": "weighted_ce", "class_weights": "inverse_sqrt",
+           "sampler": "class_balanced"}
+    names = ["background", "person", "car"]
+    recipe = train.class_statistics(data["raw"], data["masks"], cfg, names)
+    totals = np.zeros(3, np.int64)
+    per_image = []
+    for path in sorted((data["masks"] / "train").glob("*.png")):
+        values = np.asarray(Image.open(path))
+        row = [int((values == c).sum()) for c in range(3)]
+        per_image.append(row)
+        totals += row
+    share = totals / totals.sum()
+    expected = 1 / np.sqrt(share)
+    expected /= expected.mean()
+    assert list(recipe.class_weights) == names
+    assert list(recipe.class_weights.values()) == pytest.approx(expected.tolist())
+    assert recipe.criterion.ce.weight.tolist() == pytest.approx(expected.tolist())
+    # list_samples orders by image id, the file names are the zero-padded ids: same order
+    assert recipe.image_weights.tolist() == pytest.approx(
+        balanced_image_weights(np.array(per_image)).tolist())
+    plain = train.class_statistics(data["raw"], data["masks"],
+                                   {**cfg, "loss": "ce", "sampler": "uniform"}, names)
+    assert plain.class_weights is None and plain.image_weights is None
+    assert plain.criterion.ce.weight is None
+    assert class_weights(totals, "inverse_sqrt").tolist() == pytest.approx(expected.tolist())
+
+
 # ---------------------------------------------------------------- train.json
 
 TRAIN_JSON_KEYS = {"device": str, "precision": str, "epochs": int, "wall_s": float,
                    "torch_version": str, "model_sha256": str, "train_images": int,
-                   "val_images": int}
+                   "val_images": int,
+                   # the recipe's (issue 15), for params.yaml's weighted loss
+                   "loss": str, "class_weighting": str, "class_weights": dict, "sampler": str,
+                   "schedule": dict, "augment": dict}
 
 
 def _train_json(model_dir: Path) -> dict:
@@ -503,3 +562,34 @@ def test_precision_is_autocasts_dtype(monkeypatch):
         with warnings.catch_warnings():  # no GPU here: torch disables the autocast it builds
             warnings.simplefilter("ignore")
             assert train.precision_name(torch.device("cuda")) == name
+
+
+def test_train_json_records_the_recipe_and_the_class_weights_it_computed(tiny, tmp_path):
+    from PIL import Image
+
+    train.run(copy.deepcopy(tiny["params"]), SCHEME, tiny["raw"], tiny["masks"],
+              tmp_path / "model")
+    record = _train_json(tmp_path / "model")
+    cfg = tiny["params"]["train"]
+    totals = np.zeros(3, np.int64)  # the 4 train masks, counted here
+    for path in (tiny["masks"] / "train").glob("*.png"):
+        values = np.asarray(Image.open(path))
+        totals += [int((values == c).sum()) for c in range(3)]
+    share = totals[totals > 0] / totals.sum()
+    expected = np.zeros(3)
+    expected[totals > 0] = (1 / np.sqrt(share)) / (1 / np.sqrt(share)).mean()
+    assert (record["loss"], record["class_weighting"], record["sampler"]) == (
+        "weighted_ce", "inverse_sqrt", "class_balanced")
+    assert list(record["class_weights"]) == ["background", "person", "car"]
+    assert list(record["class_weights"].values()) == pytest.approx(expected.tolist())
+    assert record["schedule"] == {"name": "warmup_cosine", "lr": cfg["lr"],
+                                  "warmup": cfg["warmup"]}
+    assert record["augment"] == {"resize": "squash", "crop_scale": [0.3, 1.0], "hflip": True,
+                                 "colour_jitter": {"brightness": 0.3, "contrast": 0.3,
+                                                   "saturation": 0.3, "hue": 0.05}}
+    params = copy.deepcopy(tiny["params"])
+    params["train"].update(loss="ce", schedule="constant")
+    train.run(params, SCHEME, tiny["raw"], tiny["masks"], tmp_path / "plain")
+    plain = json.loads((tmp_path / "plain" / "train.json").read_text())
+    assert (plain["loss"], plain["class_weighting"], plain["class_weights"]) == ("ce", None, None)
+    assert plain["schedule"] == {"name": "constant", "lr": cfg["lr"], "warmup": 0}

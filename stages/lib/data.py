@@ -82,10 +82,14 @@ class EpochSampler(Sampler):
     """Yields (epoch, index) keys in an order fixed by (seed, epoch) alone, sharded over DDP
     ranks like DistributedSampler. With the per-sample seeds of SegmentationDataset, every
     batch is the same whatever the number of workers, whether they persist, whether the run
-    was resumed from a checkpoint, and over how many processes it is split."""
+    was resumed from a checkpoint, and over how many processes it is split. With `weights`
+    (one per sample), an epoch draws n samples with replacement in proportion to them
+    (WeightedRandomSampler's draw, seeded the same way) instead of a permutation."""
 
-    def __init__(self, n: int, seed: int, shuffle: bool, rank: int = 0, world: int = 1):
+    def __init__(self, n: int, seed: int, shuffle: bool, rank: int = 0, world: int = 1,
+                 weights: torch.Tensor | None = None):
         self.n, self.seed, self.shuffle, self.rank, self.world = n, seed, shuffle, rank, world
+        self.weights = weights
         self.epoch = 0
         self.per_rank = -(-n // world)  # ceil: ranks take equal shares, padding by wrapping
 
@@ -96,9 +100,12 @@ class EpochSampler(Sampler):
         return self.per_rank
 
     def __iter__(self):
-        if self.shuffle:
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(
-                derived_seed(self.seed, self.epoch))).tolist()
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch))
+        if self.shuffle and self.weights is not None:
+            order = torch.multinomial(self.weights.double(), self.n, replacement=True,
+                                      generator=generator).tolist()
+        elif self.shuffle:
+            order = torch.randperm(self.n, generator=generator).tolist()
         else:
             order = list(range(self.n))
         order += order[: self.per_rank * self.world - self.n]

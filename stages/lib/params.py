@@ -226,6 +226,9 @@ def _check_ranges(params: dict, source: str) -> None:
     if clustering["k_min"] > clustering["k_max"]:
         raise ParamsError(f"{source}: analyze.clustering: k_min {clustering['k_min']} is above "
                           f"k_max {clustering['k_max']}")
+    low, high = params["train"]["augment"]["crop_scale"]
+    if low > high:
+        raise ParamsError(f"{source}: train.augment.crop_scale: low {low} is above high {high}")
 
 
 # ---------------------------------------------------------------- reading
