@@ -6,7 +6,7 @@ BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.segflow-installed
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run repro test test-fast lint bench clean
+.PHONY: setup run repro test test-fast lint bench mutate clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -37,6 +37,12 @@ lint: setup
 # All benchmarks (benchmarks/bench_*.py); their tables land in BENCHMARKS.md.
 bench: setup
 	$(BIN)/python -m benchmarks
+
+# Mutation testing of the core (mutmut, pyproject.toml's [tool.mutmut]; one worker, niced):
+# a killed/survived score per module. A harness command, not part of CI (over an hour).
+mutate: setup
+	$(BIN)/pip install --quiet -e '.[test,mutate]'
+	nice -n 10 $(BIN)/python -m benchmarks.mutate
 
 clean:
 	rm -rf data/raw data/masks models predictions metrics analysis compare reports/index.html logs .snakemake

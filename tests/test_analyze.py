@@ -5,6 +5,7 @@ corrupted (a person erased, a region relabelled)."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import numpy as np
@@ -213,6 +214,103 @@ def test_a_bucket_whose_loss_stands_out_is_flagged():
     assert table["p_value"].isna().all()
     assert not buckets.flag_by_fdr(table["p_value"], 0.1)[1].any()
     assert (index == 4).sum() == 4
+
+
+def test_bucket_table_every_column_by_hand():
+    """Two equal-width bins of [0, 1]: losses 1, 2, 3 (mean 2, sd 1) and 4, 6, 8 plus a
+    sample without a loss (counted, not averaged: mean 6, sd 2); overall mean 24 / 6 = 4.
+    Standard errors 1/sqrt(3) and 2/sqrt(3), so the bins lie -2 sqrt(3) and sqrt(3) standard
+    errors from the overall mean. The one-sided Mann-Whitney test of a bin against the rest,
+    exact (3 + 3 losses, no ties): U counts the pairs where the bin's loss is higher, 0 and 9
+    of 9, so p = P(U >= 0) = 1 and P(U >= 9) = 1 / C(6, 3) = 1/20. Benjamini-Hochberg over
+    the two: q = (1, 0.05 * 2 / 1 = 0.1): the second is flagged at fdr 0.1, not at 0.09."""
+    samples = pd.DataFrame({"f": [0.0, 0.1, 0.2, 0.6, 0.7, 1.0, 0.8],
+                            "loss": [1.0, 2.0, 3.0, 4.0, 6.0, 8.0, np.nan],
+                            "iou_car": [0.0, 0.5, np.nan, 1.0, 0.5, 0.0, 0.25],
+                            "other": 1.0})
+    table, index = buckets.bucket_table(samples, "f", 2, "equal_width", min_count=3)
+    assert index.tolist() == [0, 0, 0, 1, 1, 1, 1]
+    assert list(table.columns) == [
+        "binning", "field", "bin", "low", "high", "count", "mean_loss", "std_loss", "se_loss",
+        "overall_mean_loss", "excess_se", "p_value", "mean_iou_car"]
+    assert table[["binning", "field", "bin", "low", "high", "count"]].to_dict("records") == [
+        {"binning": "equal_width", "field": "f", "bin": 0, "low": 0.0, "high": 0.5, "count": 3},
+        {"binning": "equal_width", "field": "f", "bin": 1, "low": 0.5, "high": 1.0, "count": 4}]
+    r3 = math.sqrt(3)
+    for column, expected in {"mean_loss": [2.0, 6.0], "std_loss": [1.0, 2.0],
+                             "se_loss": [1 / r3, 2 / r3], "overall_mean_loss": [4.0, 4.0],
+                             "excess_se": [-2 * r3, r3], "p_value": [1.0, 1 / 20],
+                             "mean_iou_car": [0.25, (1.0 + 0.5 + 0.0 + 0.25) / 4]}.items():
+        np.testing.assert_allclose(table[column], expected, rtol=1e-12, err_msg=column)
+    q, flagged = buckets.flag_by_fdr(table["p_value"], 0.1)
+    np.testing.assert_allclose(q, [1.0, 0.1], rtol=1e-12)
+    assert flagged.tolist() == [False, True]
+    assert buckets.flag_by_fdr(table["p_value"], 0.09)[1].tolist() == [False, False]
+
+
+def test_bucket_table_empty_and_single_sample_bins_are_nan_and_unflagged():
+    """Edges 0, .3, .6, .9: three samples, an empty bin, and one sample alone in the last
+    (closed) bin: no standard deviation from one loss, nothing at all from none, and no test
+    of the empty bin (never flagged, whatever the fdr)."""
+    samples = pd.DataFrame({"f": [0.0, 0.05, 0.1, 0.9], "loss": [1.0, 1.0, 1.0, 9.0],
+                            "iou_car": [0.5, 0.5, 0.5, 0.0]})
+    table, index = buckets.bucket_table(samples, "f", 3, "equal_width", min_count=1)
+    assert index.tolist() == [0, 0, 0, 2]
+    assert table["count"].tolist() == [3, 0, 1]
+    assert table["mean_loss"].tolist()[::2] == [1.0, 9.0] and np.isnan(table["mean_loss"][1])
+    # the first bin: sd 0, so no excess in standard errors (no division by zero)
+    assert table["std_loss"][0] == 0.0 and table["se_loss"][0] == 0.0
+    for column in ("std_loss", "se_loss", "excess_se"):
+        assert table[column][1:].isna().all(), column
+    assert np.isnan(table["excess_se"][0])
+    assert np.isnan(table["p_value"][1]) and table["p_value"].notna().tolist() == [
+        True, False, True]
+    assert not buckets.flag_by_fdr(table["p_value"], 1.0)[1][1]
+    assert table["mean_iou_car"][0] == 0.5 and np.isnan(table["mean_iou_car"][1])
+
+
+def test_bin_edges_special_cases():
+    # one repeated value: a single bin of width 1 from it
+    assert buckets.bin_edges(pd.Series([0.3, 0.3, 0.3]), 4, "equal_count").tolist() == [0.3, 1.3]
+    # 0/1 integers (with a missing value) are two-valued like booleans; 0/1/2 are not
+    assert buckets.bin_edges(pd.Series([0, 1, None, 1]), 4, "equal_width").tolist() == [
+        0, 0.5, 1]
+    assert buckets.is_two_valued(pd.Series([0, 1, np.nan]))
+    assert not buckets.is_two_valued(pd.Series([0, 1, 2]))
+    assert buckets.bin_edges(pd.Series([0.0, 1.0, 2.0]), 2, "equal_width").tolist() == [
+        0, 1, 2]
+    # equal counts over distinct values: quantiles, no special bin for the minimum
+    assert buckets.bin_edges(pd.Series([0.0, 1.0, 2.0, 3.0, 4.0]), 2,
+                             "equal_count").tolist() == [0, 2, 4]
+    with pytest.raises(ValueError, match=r"^unknown binning 'quantile' \(known: equal_width, "
+                                         r"equal_count\)$"):
+        buckets.bin_edges(pd.Series([0.0, 2.0]), 2, "quantile")
+
+
+def test_bucket_table_two_loss_bins_at_min_count():
+    """Bins of exactly two losses (1, 3 and 5, 7): sd sqrt(2), standard error 1, overall
+    mean 4, so 2 standard errors either side. A bin holding exactly min_count losses is
+    tested: exact Mann-Whitney, U = 0 and 4 of 4 pairs, p = 1 and 1 / C(4, 2) = 1/6; one
+    loss short of min_count, it is not."""
+    samples = pd.DataFrame({"f": [0.0, 0.1, 0.9, 1.0], "loss": [1.0, 3.0, 5.0, 7.0]})
+    table, _ = buckets.bucket_table(samples, "f", 2, "equal_width", min_count=2)
+    np.testing.assert_allclose(table["std_loss"], [math.sqrt(2)] * 2, rtol=1e-12)
+    np.testing.assert_allclose(table["se_loss"], [1.0, 1.0], rtol=1e-12)
+    np.testing.assert_allclose(table["excess_se"], [-2.0, 2.0], rtol=1e-12)
+    np.testing.assert_allclose(table["p_value"], [1.0, 1 / 6], rtol=1e-12)
+    table, _ = buckets.bucket_table(samples, "f", 2, "equal_width", min_count=3)
+    assert table["p_value"].isna().all()
+    # a q-value exactly at the fdr is flagged (q <= fdr): p 0.25 and 0.5 of two tests give
+    # q = min(0.25 * 2 / 1, 0.5 * 2 / 2) = 0.5 for both
+    q, flagged = buckets.flag_by_fdr(pd.Series([0.5, 0.25]), 0.5)
+    assert q.tolist() == [0.5, 0.5] and flagged.tolist() == [True, True]
+    assert not buckets.flag_by_fdr(pd.Series([0.5, 0.25]), 0.49)[1].any()
+
+
+def test_one_equal_count_bin_and_boolean_assignment():
+    assert buckets.bin_edges(pd.Series([0.0, 2.0, 4.0]), 1, "equal_count").tolist() == [0, 4]
+    assert buckets.assign(pd.Series([True, False, True]), np.array([0, 0.5, 1])).tolist() == [
+        1, 0, 1]
 
 
 def test_flags_are_benjamini_hochberg_over_the_whole_table():

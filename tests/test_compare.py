@@ -137,6 +137,92 @@ def test_old_analysis_without_label_quality_is_refused(two_schemes):
         compare.run(params, root / "analysis", root / "compare")
 
 
+# ---------------------------------------------------------------- the pure core by hand
+
+def test_group_change_by_hand():
+    """Deltas 1, 2, 3 (and one missing): mean 2, sample sd 1, standard error 1/sqrt(3),
+    z = 2 sqrt(3) = 3.46; the group means of the losses over all its rows. The two-sided
+    Wilcoxon signed-rank test, exact: all three ranks positive, W+ = 6, the highest of the
+    2^3 equally likely sign patterns, so p = 2 / 8 = 0.25; the same for the mirrored group."""
+    delta = pd.Series([1.0, 2.0, 3.0, np.nan])
+    loss_a, loss_b = pd.Series([1.0, 1.0, 1.0, 1.0]), pd.Series([2.0, 3.0, 4.0, 5.0])
+    change = compare.group_change(delta, loss_a, loss_b, min_count=3)
+    assert list(change) == ["images", "mean_loss_a", "mean_loss_b", "mean_delta_loss",
+                            "se_delta_loss", "z", "p_value"]
+    assert (change["images"], change["mean_loss_a"], change["mean_loss_b"],
+            change["mean_delta_loss"]) == (3, 1.0, 3.5, 2.0)
+    assert change["se_delta_loss"] == pytest.approx(1 / np.sqrt(3), rel=1e-12)
+    assert change["z"] == pytest.approx(2 * np.sqrt(3), rel=1e-12)
+    assert change["p_value"] == pytest.approx(0.25, rel=1e-12)
+    assert np.isnan(compare.group_change(delta, loss_a, loss_b, 4)["p_value"])
+    down = compare.group_change(-delta, loss_b, loss_a, 3)  # a worse group counts too
+    assert down["z"] == pytest.approx(-2 * np.sqrt(3), rel=1e-12)
+    assert down["p_value"] == pytest.approx(0.25, rel=1e-12)
+
+
+def test_flagged_is_benjamini_hochberg_over_the_whole_table():
+    """p 0.25, NaN (untested), 0.01 over two tests: q = 0.02 and min(0.25 * 2 / 2) = 0.25;
+    significant where q <= fdr, the untested group never."""
+    frame = pd.DataFrame({"id": [0, 1, 2], "p_value": [0.25, np.nan, 0.01]})
+    out = compare._flagged(frame, 0.25)
+    np.testing.assert_allclose(out["q_value"], [0.25, np.nan, 0.02], rtol=1e-12)
+    assert out["significant"].tolist() == [True, False, True]
+    assert compare._flagged(frame, 0.24)["significant"].tolist() == [False, False, True]
+    assert list(out.columns) == ["id", "p_value", "q_value", "significant"]
+    assert compare._flagged(pd.DataFrame(), 0.1).empty
+
+
+def test_group_change_of_tiny_or_flat_groups_has_no_z():
+    one = compare.group_change(pd.Series([0.5]), pd.Series([1.0]), pd.Series([1.5]), 2)
+    assert one["images"] == 1 and one["mean_delta_loss"] == 0.5
+    assert np.isnan(one["se_delta_loss"]) and np.isnan(one["z"]) and np.isnan(one["p_value"])
+    flat = compare.group_change(pd.Series([1.0, 1.0]), pd.Series([1.0, 1.0]),
+                                pd.Series([2.0, 2.0]), 1)
+    assert flat["se_delta_loss"] == 0.0 and np.isnan(flat["z"])
+    # no image changed: nothing to test
+    still = compare.group_change(pd.Series([0.0, 0.0, 0.0]), pd.Series([1.0] * 3),
+                                 pd.Series([1.0] * 3), 1)
+    assert still["se_delta_loss"] == 0.0 and np.isnan(still["p_value"])
+    none = compare.group_change(pd.Series([np.nan]), pd.Series([1.0]), pd.Series([2.0]), 0)
+    assert none["images"] == 0
+    assert all(np.isnan(none[k]) for k in ("mean_loss_a", "mean_loss_b", "mean_delta_loss",
+                                           "se_delta_loss", "z", "p_value"))
+
+
+def test_ranked_puts_significant_then_biggest_changes_first_per_pair():
+    frame = pd.DataFrame({"a": ["x", "x", "x", "p", "x"], "b": ["y", "y", "y", "q", "y"],
+                          "id": [0, 1, 2, 3, 4], "significant": [False, True, False, False, True],
+                          "mean_delta_loss": [-0.9, 0.1, 0.5, 0.0, -0.2]})
+    ranked = compare._ranked(frame)
+    assert ranked["id"].tolist() == [3, 4, 1, 0, 2]
+    assert list(ranked.columns) == list(frame.columns) and ranked.index.tolist() == [0, 1, 2,
+                                                                                      3, 4]
+    assert compare._ranked(pd.DataFrame()).empty
+
+
+def test_issue_changes_by_hand():
+    joined = pd.DataFrame({
+        "image_id": [5, 3, 4, 2], "file_name": ["5.jpg", "3.jpg", "4.jpg", "2.jpg"],
+        "flagged_a": [True, False, True, False], "flagged_b": [False, True, True, False],
+        "label_quality_a": [0.1, 0.2, 0.3, 0.4], "label_quality_rank_a": [1, 2, 3, 4],
+        "label_quality_b": [0.5, 0.6, 0.7, 0.8], "label_quality_rank_b": [4, 3, 2, 1]})
+    out = compare.issue_changes(joined, ["a", "b"])
+    assert out.to_dict("records") == [
+        {"image_id": 3, "file_name": "3.jpg", "flagged_in": "b", "only_in": "b",
+         "label_quality_a": 0.2, "label_quality_rank_a": 2, "label_quality_b": 0.6,
+         "label_quality_rank_b": 3},
+        {"image_id": 5, "file_name": "5.jpg", "flagged_in": "a", "only_in": "a",
+         "label_quality_a": 0.1, "label_quality_rank_a": 1, "label_quality_b": 0.5,
+         "label_quality_rank_b": 4},
+        {"image_id": 4, "file_name": "4.jpg", "flagged_in": "a b", "only_in": "",
+         "label_quality_a": 0.3, "label_quality_rank_a": 3, "label_quality_b": 0.7,
+         "label_quality_rank_b": 2}]
+
+
+def test_pair_name():
+    assert compare.pair_name("person_car", "person_vehicle") == "person_vehicle_vs_person_car"
+
+
 # ---------------------------------------------------------------- bootstrap differences
 
 def test_found_share_by_hand():

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 import weakref
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from damaged_files import DAMAGE, MODEL_REASONS, NOT_A_MODEL, damaged_model
 from stages import download, infer, masks, train
 from stages.lib.data import collate_inference
 from stages.lib.io import json_safe
-from stages.lib.model import SegNet, pooled_latent
+from stages.lib.model import SegNet, full_size_probs, pooled_latent
 
 SCHEME = "person_car"
 N_TRAIN, N_VAL, SIZE, INFER_BATCH = 8, 4, 64, 3
@@ -410,6 +411,50 @@ def test_sample_scores_hand_computed():
     assert row["confidence"] == pytest.approx((0.5 + 0.75 + p3) / 3, rel=1e-12)
     assert (row["iou_background"], row["iou_person"]) == (1.0, 1.0)
 
+
+def test_sample_scores_of_an_all_ignore_mask_are_nan_not_an_error():
+    """No labelled pixel: the loss and pixel accuracy have no pixel to average over (NaN,
+    like the IoUs of classes absent from both maps), rather than a division by zero."""
+    log_probs = torch.zeros(2, 1, 3, dtype=torch.float64).log_softmax(0)
+    gt = torch.full((1, 3), 255, dtype=torch.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no numpy 0/0 RuntimeWarning in the stage's log
+        row = infer.sample_scores(log_probs, torch.zeros(1, 3, dtype=torch.uint8), gt,
+                                  ["background", "person"])
+    assert set(row) == {"loss", "pixel_accuracy", "confidence", "miou", "iou_background",
+                        "iou_person"}
+    assert all(np.isnan(row[k]) for k in ("loss", "pixel_accuracy", "miou", "iou_background",
+                                          "iou_person"))
+    assert row["confidence"] == pytest.approx(0.5, rel=1e-12)
+
+
+def test_sample_scores_refuses_a_prediction_outside_the_classes():
+    """A prediction of class 2 with two class names is a model/scheme mismatch: the scores
+    must not be computed over a wider matrix that silently drops it."""
+    log_probs = torch.zeros(2, 1, 2, dtype=torch.float64).log_softmax(0)
+    gt = torch.tensor([[0, 1]], dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"^label values \[2\] outside 0\.\.1$"):
+        infer.sample_scores(log_probs, torch.tensor([[0, 2]], dtype=torch.uint8), gt,
+                            ["background", "person"])
+
+
+def test_full_size_probs_by_hand():
+    """Logits of one 1x2 image resized to 2x4 (half-pixel bilinear, as F.interpolate with
+    align_corners=False): along a row, output pixel i samples the input at x = (i + .5) / 2
+    - .5 = -.25, .25, .75, 1.25, clamped to [0, 1], so class 0's logits (0, 4) become
+    (0, 1, 3, 4); class 1 stays 0. Then the log-softmax over the classes, by hand:
+    log p0 = x - ln(e^x + 1), log p1 = -ln(e^x + 1). Half-precision logits come back float32."""
+    logits = torch.tensor([[[0.0, 4.0]], [[0.0, 0.0]]], dtype=torch.float16)
+    out = full_size_probs(logits, (2, 4), log=True)
+    assert out.dtype == torch.float32 and out.shape == (2, 2, 4)
+    x = np.array([0.0, 1.0, 3.0, 4.0])
+    expected = np.stack([np.tile(x - np.log(np.exp(x) + 1), (2, 1)),
+                         np.tile(-np.log(np.exp(x) + 1), (2, 1))])
+    np.testing.assert_allclose(out.numpy(), expected, rtol=0, atol=1e-6)
+    # without log: the probabilities themselves, e^x / (e^x + 1) and 1 / (e^x + 1)
+    probs = full_size_probs(logits, (2, 4))
+    assert probs.dtype == torch.float32
+    np.testing.assert_allclose(probs.numpy(), np.exp(expected), rtol=0, atol=1e-6)
 
 def test_stage_miou_is_the_mean_of_the_defined_ious_of_each_image(chain):
     """samples.csv's miou, by hand from the PNGs on disk: per class, intersection over union

@@ -582,6 +582,37 @@ def test_palette_colours_distinct_for_first_classes():
     assert colours.shape == (256, 3) and colours.dtype == np.uint8
     assert len({tuple(c) for c in colours[:9]}) == 9
     assert np.array_equal(palette_colours(), colours)  # deterministic
+    # The spread after the fixed colours: values in [40, 255] (never near-black), and the
+    # same colours as when the masks were first written (written down from that run: a
+    # changed seed or range would recolour every saved mask and figure).
+    assert colours[9:255].min() == 40 and colours[9:255].max() == 255
+    assert colours[[9, 10, 254]].tolist() == [[89, 43, 89], [108, 227, 141], [150, 156, 149]]
+    assert colours[255].tolist() == [255, 255, 255]
+
+
+@pytest.mark.parametrize("level", [None, 1])
+def test_save_labels_encodes_like_pillow_at_its_level(tmp_path, level):
+    """The PNG's bytes are Pillow's own encoding of the palette image at zlib level 6 (the
+    default) or the level asked for, without Pillow's optimize pass; a noisy map so that
+    the levels differ."""
+    import io
+
+    labels = np.random.default_rng(0).integers(0, 9, (64, 64)).astype(np.uint8)
+    path = tmp_path / "x.png"
+    save_labels(path, labels) if level is None else save_labels(path, labels, level)
+    image = Image.fromarray(labels)
+    image.putpalette(palette_colours().tobytes())
+    expected = io.BytesIO()
+    image.save(expected, format="PNG", compress_level=6 if level is None else level)
+    assert path.read_bytes() == expected.getvalue()
+
+
+def test_read_labels_reads_grey_maps_and_returns_a_writable_copy(tmp_path):
+    labels = np.array([[0, 1], [2, 255]], np.uint8)
+    Image.fromarray(labels, mode="L").save(tmp_path / "grey.png")
+    back = read_labels(tmp_path / "grey.png")
+    assert back.dtype == np.uint8 and back.tolist() == labels.tolist()
+    back[0, 0] = 3  # callers edit maps in place; Pillow's array view is read-only
 
 
 def test_every_categorical_colour_comes_from_the_one_okabe_ito_list():

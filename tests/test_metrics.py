@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import re
 import math
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -164,6 +165,46 @@ def test_empty_matrix_gives_nan_not_errors():
     assert math.isnan(s["fw_iou"]) and math.isnan(s["mean_class_accuracy"])
 
 
+@pytest.mark.parametrize("ignored", [0, 5])
+def test_empty_matrix_scores_are_nan_without_numpy_warnings(ignored):
+    """An image with no labelled pixel (every one ignore) is scored without 0/0: NaN for
+    every figure that has no pixel, and no RuntimeWarning in the stage's log."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = scores(np.zeros((3, 3), np.int64), ignored_pixels=ignored)
+    for key in ("miou", "pixel_accuracy", "mean_class_accuracy", "fw_iou"):
+        assert math.isnan(s[key]), key
+    assert s["pixel_accuracy_with_ignore"] == 0.0 if ignored else math.isnan(
+        s["pixel_accuracy_with_ignore"])
+    for key in ("iou", "class_accuracy", "dice", "precision", "recall"):
+        assert np.isnan(s[key]).all() and len(s[key]) == 3, key
+
+
+def test_accuracy_counting_ignore_when_as_many_pixels_are_ignored_as_labelled():
+    # 8 right of 10 labelled pixels, 10 more ignored: 8 / 20
+    assert scores(CM, ignored_pixels=10)["pixel_accuracy_with_ignore"] == 0.4
+
+def test_one_labelled_pixel_has_a_mean_class_accuracy():
+    assert scores(np.array([[1, 0], [0, 0]]))["mean_class_accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("gt_dtype, pred_dtype", [(np.uint8, np.int64), (np.int64, np.uint8)])
+def test_mixed_dtypes_take_the_general_path(gt_dtype, pred_dtype):
+    """Only two uint8 maps take the byte-pair fast path: a uint8 map with an int64 one is
+    counted, and checked for negative values, like two int64 maps."""
+    assert confusion_matrix(GT.astype(gt_dtype), PRED.astype(pred_dtype), 4).tolist() == \
+        CM.tolist()
+    gt, pred = np.array([0, 1]), np.array([0, 1])
+    bad = (gt if gt_dtype == np.int64 else pred).copy()
+    bad[1] = -1
+    gt, pred = (bad, pred) if gt_dtype == np.int64 else (gt, bad)
+    with pytest.raises(ValueError, match=r"^label values \[-1\] outside 0\.\.3$"):
+        confusion_matrix(gt.astype(gt_dtype), pred.astype(pred_dtype), 4)
+
+def test_uint8_prediction_equal_to_the_class_count_is_named():
+    with pytest.raises(ValueError, match=r"^label values \[4\] outside 0\.\.3$"):
+        confusion_matrix(np.array([0, 1], np.uint8), np.array([0, 4], np.uint8), 4)
+
 def test_json_safe_turns_nan_into_null():
     safe = json_safe({"iou": scores(CM)["iou"], "x": np.float32(0.5), "n": np.int64(3),
                       "inf": float("inf"), 1: (math.nan,)})
@@ -200,6 +241,36 @@ def test_metrics_document_by_hand():
     assert doc["class_accuracy"]["car"] == pytest.approx(2 / 3)
     assert (doc["images"], doc["pixels_evaluated"], doc["pixels_ignored"]) == (1, 10, 2)
 
+
+PRECISION = [3 / 3, 3 / 5, 2 / 2, math.nan]  # tp / predicted count; bus never predicted
+
+
+def test_metrics_document_precision_recall_and_keys_by_hand():
+    names = ["background", "person", "car", "bus"]
+    doc = evaluate.metrics_document(CM, 2, names, images=3)
+    assert list(doc) == ["miou", "pixel_accuracy", "pixel_accuracy_with_ignore",
+                         "mean_class_accuracy", "fw_iou", "iou", "dice", "class_accuracy",
+                         "precision", "recall", "images", "pixels_evaluated", "pixels_ignored"]
+    for key, expected in {"iou": IOU, "dice": DICE, "class_accuracy": CLASS_ACCURACY,
+                          "precision": PRECISION, "recall": CLASS_ACCURACY}.items():
+        assert list(doc[key]) == names and all(type(v) is float for v in doc[key].values())
+        _close(list(doc[key].values()), expected)
+    assert (doc["images"], doc["pixels_evaluated"], doc["pixels_ignored"]) == (3, 10, 2)
+
+
+def test_sample_row_by_hand():
+    names = ["background", "person", "car", "bus"]
+    row = evaluate.sample_row(CM, 2, names)
+    per_class = {"iou": IOU, "dice": DICE, "precision": PRECISION, "recall": CLASS_ACCURACY}
+    assert list(row) == ["pixels_evaluated", "pixels_ignored", "miou", "pixel_accuracy",
+                         "pixel_accuracy_with_ignore", "mean_class_accuracy", "fw_iou"] + [
+        f"{key}_{name}" for key in per_class for name in names]
+    assert (row["pixels_evaluated"], row["pixels_ignored"]) == (10, 2)
+    _close([row[k] for k in ("miou", "pixel_accuracy", "pixel_accuracy_with_ignore",
+                             "mean_class_accuracy", "fw_iou")],
+           [MIOU, PIXEL_ACCURACY, PIXEL_ACCURACY_WITH_IGNORE, MEAN_CLASS_ACCURACY, FW_IOU])
+    for key, expected in per_class.items():
+        _close([row[f"{key}_{name}"] for name in names], expected)
 
 def test_metrics_document_json_has_null_for_absent_class(tmp_path):
     doc = evaluate.metrics_document(CM, 2, ["background", "person", "car", "bus"], images=1)
@@ -271,6 +342,43 @@ def test_main_cli(params, folders, tmp_path):
     assert code == 0
     assert json.loads(out.read_text())["pixel_accuracy"] == pytest.approx(0.75)
 
+
+def _main_argv(params, folders, tmp_path, out_dir):
+    gt, pred = folders
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    return ["--params", str(params_file), "--scheme", "person_car", "--pred", str(pred),
+            "--gt", str(gt), "--out", str(out_dir / "m.json"), "--confusion",
+            str(out_dir / "cm.csv"), "--confusion-plot", str(out_dir / "cm.png"), "--samples",
+            str(out_dir / "samples.csv")]
+
+
+def test_main_cli_writes_every_output(params, folders, tmp_path):
+    out = tmp_path / "out"
+    assert evaluate.main(_main_argv(params, folders, tmp_path, out)) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["cm.csv", "cm.png", "m.json",
+                                                     "samples.csv"]
+    assert json.loads((out / "m.json").read_text())["images"] == 2
+    assert pd.read_csv(out / "samples.csv", dtype={"stem": str})["stem"].tolist() == [
+        "000000000001", "000000000002"]
+    assert pd.read_csv(out / "cm.csv")["ground_truth"].tolist() == ["background", "person",
+                                                                     "car"]
+
+
+@pytest.mark.parametrize("name", ["m.json", "cm.csv", "cm.png", "samples.csv"])
+def test_main_checks_each_output_folder_before_evaluating(params, folders, tmp_path, caplog,
+                                                          name):
+    """Each output goes to its own folder; the one whose folder is a regular file stops the
+    stage with exit code 2 and one line naming it, before anything is written."""
+    argv = _main_argv(params, folders, tmp_path, tmp_path / "out")
+    i = argv.index(str(tmp_path / "out" / name))
+    blocked = tmp_path / "blocked"
+    blocked.write_text("")
+    argv[i] = str(blocked / name)
+    assert evaluate.main(argv) == 2
+    assert f"{blocked}: output folder not writable, {name} cannot be written there (a file, " \
+           "not a folder)" in caplog.text
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 def test_missing_prediction_names_the_file(params, folders, tmp_path):
     gt, pred = folders

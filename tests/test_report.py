@@ -26,6 +26,7 @@ from stages import report
 from stages.lib import buckets
 from stages.report import inputs as report_inputs
 from stages.lib.categories import category_table
+from stages.report import tables as report_tables
 from stages.lib.cli import StageError
 from stages.lib.plots import curves_figure, png_bytes
 from unwritable import blocked_folder, can_mount_read_only, read_only_command
@@ -413,6 +414,68 @@ def test_study_sentence_and_category_rows_read_the_category_tables():
     assert [c["claimed_by"] for c in truck["cells"]] == ["", "vehicle"]
     assert truck["difference"] == {"delta": 0.34, "verdict": "higher", "interval": [0.2, 0.5]}
     assert next(r for r in rows if r["category"] == "cat")["difference"] is None
+
+
+def test_comparison_row_by_hand_at_the_same_threshold():
+    """SAME = 5e-4 (two IoUs that print alike at 3 decimals): a difference of exactly SAME
+    counts (direction and best set), one of 2**-11 (< SAME) does not; a non-member's value
+    is dropped; NaN/inf are no value; with three members there is no delta but a best."""
+    row = report_tables.comparison_row("x", [(True, 0.0), (False, 0.9), (True, 5e-4)])
+    assert row == {"label": "x", "cells": [{"member": True, "value": 0.0},
+                                           {"member": False, "value": None},
+                                           {"member": True, "value": 5e-4}],
+                   "pair": (0, 2), "delta": 5e-4, "direction": "pos", "best": 2}
+    down = report_tables.comparison_row("y", [(True, 0.75), (True, 0.5)])
+    assert (down["pair"], down["delta"], down["direction"], down["best"]) == ((0, 1), -0.25,
+                                                                              "neg", 0)
+    alike = report_tables.comparison_row("z", [(True, 0.25), (True, 0.25 + 2 ** -11)])
+    assert (alike["delta"], alike["direction"], alike["best"]) == (2 ** -11, "", None)
+    nan = report_tables.comparison_row("n", [(True, float("nan")), (True, 0.5)])
+    assert [c["value"] for c in nan["cells"]] == [None, 0.5]
+    assert (nan["pair"], nan["delta"], nan["direction"], nan["best"]) == ((0, 1), None, "", None)
+    inf = report_tables.comparison_row("i", [(True, 0.5), (True, float("inf"))])
+    assert [c["value"] for c in inf["cells"]] == [0.5, None] and inf["delta"] is None
+    three = report_tables.comparison_row("t", [(True, 0.25), (True, 0.75), (True, 0.5)])
+    assert (three["pair"], three["delta"], three["direction"], three["best"]) == (
+        None, None, "", 1)
+    tie = report_tables.comparison_row("u", [(True, 0.75), (True, 0.75), (True, 0.25)])
+    assert tie["best"] is None
+
+
+def test_comparison_table_summary_rows_read_each_metric():
+    a = synthetic_scheme("person_car", ["person", "car"], [0.9, 0.25, 0.5])
+    b = synthetic_scheme("person_vehicle", ["person", "vehicle"], [0.875, 0.25, 0.125])
+    b.metrics.update(miou=0.5, pixel_accuracy=0.75, pixel_accuracy_with_ignore=0.625,
+                     mean_class_accuracy=0.375, fw_iou=0.25)
+    table = report.comparison_table([a, b])
+    assert [r["label"] for r in table["summary"]] == [
+        "mIoU", "pixel accuracy (ignore excluded)", "pixel accuracy (ignore counted as error)",
+        "mean class accuracy", "frequency-weighted IoU"]
+    assert [[c["value"] for c in r["cells"]] for r in table["summary"]] == [
+        [0.4, 0.5], [0.8, 0.75], [0.7, 0.625], [0.5, 0.375], [0.6, 0.25]]
+    assert all(c["member"] for r in table["summary"] for c in r["cells"])
+    assert [[(c["member"], c["value"]) for c in r["cells"]] for r in table["classes"]] == [
+        [(True, 0.9), (True, 0.875)], [(True, 0.25), (True, 0.25)],
+        [(True, 0.5), (False, None)], [(False, None), (True, 0.125)]]
+
+
+def test_verdicts_of_every_pair_in_order_at_the_summarys_confidence():
+    entry = {"iou_a": 0.5, "iou_b": 0.75, "delta_iou": 0.25, "interval": [0.125, 0.375],
+             "verdict": "higher", "same_definition": True}
+    summary = {"bootstrap": {"confidence": 0.9},
+               "pairs": [{"a": "a", "b": "b", "classes": {"person": entry, "car": entry}},
+                         {"a": "a", "b": "c", "classes": {"person": {
+                             **entry, "iou_b": 0.5, "delta_iou": 0.0, "interval": [0.0, 0.0],
+                             "verdict": "no detectable difference"}}}]}
+    assert report.verdicts(summary) == [
+        "person: b is higher than a by 0.250 IoU (0.750 vs 0.500; 90% interval of the "
+        "difference +0.125 to +0.375).",
+        "car: b is higher than a by 0.250 IoU (0.750 vs 0.500; 90% interval of the "
+        "difference +0.125 to +0.375).",
+        "person: no detectable difference between c and a (0.500 vs 0.500; the 90% interval "
+        "of the difference, +0.000 to +0.000, includes 0)."]
+    # no bootstrap settings: no interval to quote, so no verdict
+    assert report.verdicts({"pairs": summary["pairs"]}) == []
 
 
 def test_examples_are_deterministic_shared_and_explained():
