@@ -2,7 +2,11 @@
 Writes --out (metrics JSON for `dvc metrics`, null where a class is absent), --confusion
 (CSV, rows ground truth, columns prediction, in class order), --confusion-plot (the same
 matrix as a PNG, row-normalised) and --samples (per image: the same scores from its own
-confusion matrix; the whole-set matrix is the sum of these)."""
+confusion matrix; the whole-set matrix is the sum of these). The metrics JSON carries a
+bootstrap interval of each headline score (stages/lib/bootstrap.py). With --annotations
+(the val COCO instances), also --categories (where each COCO category's pixels go, claimed
+by the scheme or not) and --per-image (each image's matrix and category counts, which
+compare resamples)."""
 from __future__ import annotations
 
 import logging
