@@ -345,6 +345,11 @@ def differences(params: dict, metrics: Path, schemes: list[str]) -> dict[tuple[s
     """The bootstrap comparisons of every pair, on the val images all schemes have."""
     per_image = {s: read_per_image(inside(metrics, f"{s}.per_image.npz", resolve=False),
                                    scheme_class_names(params, s)) for s in schemes}
+    first = per_image[schemes[0]]
+    for name, found in per_image.items():
+        if found.category_names != first.category_names:
+            raise StageError(f"{metrics}/{name}.per_image.npz: its COCO categories differ from "
+                             f"{schemes[0]}'s; evaluate both on the same val annotations")
     shared = sorted(set.intersection(*(set(p.stems) for p in per_image.values())))
     if not shared:
         raise StageError(f"{metrics}: the schemes' per_image.npz share no val image")

@@ -413,3 +413,22 @@ def test_analysis_without_miou_is_refused(two_schemes):
     pd.read_csv(path).drop(columns="miou").to_csv(path, index=False)
     with pytest.raises(StageError, match="missing columns miou; re-run analyze"):
         compare.run(params, root / "analysis", root / "compare")
+
+
+def test_per_image_files_of_other_annotations_are_refused(val_truth, tmp_path):
+    from conftest import write_predictions
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    for scheme in ("person_car", "person_vehicle"):
+        evaluate_scheme(val_truth, scheme, write_predictions(val_truth, scheme, tmp_path / scheme),
+                        metrics)
+    path = metrics / "person_vehicle.per_image.npz"
+    with np.load(path) as npz:
+        arrays = dict(npz)
+    arrays["category_names"] = arrays["category_names"][::-1]
+    with open(path, "wb") as handle:
+        np.savez_compressed(handle, **arrays)
+    with pytest.raises(StageError, match=r"person_vehicle\.per_image\.npz: its COCO categories "
+                                         r"differ from person_car's; evaluate both on the same "
+                                         r"val annotations"):
+        compare.differences(val_truth["params"], metrics, ["person_car", "person_vehicle"])
