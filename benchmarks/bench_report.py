@@ -86,9 +86,13 @@ def build(params: dict, root: Path, base: Path | None, factor: int) -> dict:
             replicate_masks(b["masks"] / s, m, factor)
             replicate_predictions(b["predictions"] / s, pred, factor)
         timed("evaluate", evaluate.run, params, s, pred / "val", m / "val",
-              p["metrics"] / f"{s}.json", p["metrics"] / f"{s}.confusion.csv")
+              p["metrics"] / f"{s}.json", p["metrics"] / f"{s}.confusion.csv",
+              p["metrics"] / f"{s}.confusion.png",
+              annotations=p["raw"] / "annotations" / "instances_val.json",
+              categories_out=p["metrics"] / f"{s}.categories.csv",
+              per_image_out=p["metrics"] / f"{s}.per_image.npz")
         timed("analyze", analyze.run, params, pred, m, model, p["raw"], p["analysis"] / s)
-    timed("compare", compare.run, params, p["analysis"], p["compare"])
+    timed("compare", compare.run, params, p["analysis"], p["compare"], p["metrics"])
     return seconds
 
 
