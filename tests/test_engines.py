@@ -295,7 +295,7 @@ def test_snakemake_reruns_what_a_change_affects_and_nothing_else(smk_run, tiny_p
         _check_plan(_planned(smk_run),
                     _chain(["masks", "train", "infer", "evaluate", "analyze"], schemes[1:]))
     with _Edited(smk_run) as edit:  # training params: not download, not masks
-        edit.params(lambda p: p["train"].update(lr=0.002))
+        edit.params(lambda p: p["train"].update(lr=0.005))  # the default is 0.002
         _check_plan(_planned(smk_run), _chain(["train", "infer", "evaluate", "analyze"], schemes))
     # A stage's code (behind a shell: command, so Snakemake's own code trigger cannot see
     # it; the rules list it as input, stage_code()): that stage and everything after it.
@@ -403,7 +403,7 @@ def test_dvc_reruns_what_a_change_affects_and_nothing_else(dvc_run, tiny_params)
         assert mine == _chain(["masks", "train", "evaluate"], [second])
         assert "report" in shared and "download" not in shared
     with _Edited(root) as edit:
-        edit.params(lambda p: p["train"].update(lr=0.002))
+        edit.params(lambda p: p["train"].update(lr=0.005))  # the default is 0.002
         mine, shared = changed()
         assert mine == _chain(["train"], [first, second])
         assert "report" in shared and "download" not in shared
