@@ -54,6 +54,7 @@ from stages.lib.names import FileNames, check_plain_name, inside, safe_filename
 from stages.lib.params import load_params, select
 from stages.lib.plots import (fit_width, heat_overlay, mask_overlay, png_bytes, save_image,
                               side_by_side, write_png)
+from stages.lib.tables import read_table
 
 log = logging.getLogger("analyze")
 
@@ -541,10 +542,10 @@ def metadata_figures(bins: pd.DataFrame, class_names: list[str], folder: Path) -
 
 
 def read_inputs(predictions: Path, masks: Path) -> tuple[pd.DataFrame, np.ndarray, dict]:
-    for name in ("samples.csv", "latents.npz"):
-        if not (predictions / name).is_file():
-            raise StageError(f"{predictions / name}: missing (run the infer stage first)")
-    samples = pd.read_csv(predictions / "samples.csv", dtype={"stem": str})
+    if not (predictions / "latents.npz").is_file():
+        raise StageError(f"{predictions / 'latents.npz'}: missing (run the infer stage first)")
+    samples = read_table(predictions / "samples.csv", ["image_id", "loss"], "infer",
+                         dtype={"stem": str})
     with np.load(predictions / "latents.npz") as npz:
         ids, latents = npz["image_ids"], npz["latents"]
         layout = {str(n): (int(a), int(b)) for n, (a, b) in
@@ -554,11 +555,7 @@ def read_inputs(predictions: Path, masks: Path) -> tuple[pd.DataFrame, np.ndarra
     if len(samples) < 3:
         raise StageError(
             f"{predictions / 'samples.csv'}: {len(samples)} samples; analysis needs 3+")
-    if not (masks / "metadata.csv").is_file():
-        raise StageError(f"{masks / 'metadata.csv'}: missing (run the masks stage first)")
-    metadata = pd.read_csv(masks / "metadata.csv")
-    if "image_id" not in metadata:
-        raise StageError(f"{masks / 'metadata.csv'}: no image_id column")
+    metadata = read_table(masks / "metadata.csv", ["image_id"], "masks")
     merged = merge_inputs(samples, ids, metadata, str(predictions / "latents.npz"))
     return merged, latents, layout
 

@@ -714,3 +714,26 @@ def test_heat_overlay_lightness_rises_with_heat():
     assert np.all(np.diff(luminance) > 0)
     half = heat_overlay(np.full((1, 64, 3), 200, np.uint8), heat, alpha=0.5).astype(float)[0]
     assert np.allclose(half, (200 + coloured) / 2, atol=1)
+
+
+def test_inputs_missing_a_column_name_the_file_and_the_stage(tmp_path):
+    pred, masks_dir = tmp_path / "pred", tmp_path / "masks"
+    pred.mkdir()
+    masks_dir.mkdir()
+    pd.DataFrame({"image_id": [1, 2, 3], "stem": ["a", "b", "c"], "loss": [1.0, 2.0, 3.0]}
+                 ).to_csv(pred / "samples.csv", index=False)
+    np.savez(pred / "latents.npz", image_ids=np.array([1, 2, 3]), latents=np.zeros((3, 4)))
+    pd.DataFrame({"id": [1, 2, 3]}).to_csv(masks_dir / "metadata.csv", index=False)
+    with pytest.raises(analyze.StageError, match=r"metadata\.csv: missing columns image_id; "
+                                                 r"re-run masks$"):
+        analyze.read_inputs(pred, masks_dir)
+    pd.DataFrame({"image_id": [1, 2, 3]}).to_csv(pred / "samples.csv", index=False)
+    with pytest.raises(analyze.StageError, match=r"samples\.csv: missing columns loss; "
+                                                 r"re-run infer$"):
+        analyze.read_inputs(pred, masks_dir)
+    (masks_dir / "metadata.csv").unlink()
+    pd.DataFrame({"image_id": [1, 2, 3], "loss": [1.0, 2.0, 3.0]}).to_csv(pred / "samples.csv",
+                                                                         index=False)
+    with pytest.raises(analyze.StageError, match=r"metadata\.csv: missing \(run the masks "
+                                                 r"stage first\)$"):
+        analyze.read_inputs(pred, masks_dir)
