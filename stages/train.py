@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from stages.lib.augment import train_transform, work_size
-from stages.lib.cli import StageError, run_main, stage_parser
+from stages.lib.cli import StageError, run_main, seed_value, stage_parser
 from stages.lib.data import (EpochSampler, SegmentationDataset, joint_transform, list_samples,
                              seed_everything)
 from stages.lib.io import atomic_dir, atomic_path, write_json
@@ -197,7 +197,7 @@ def recipe_record(cfg: dict, recipe: Recipe) -> dict:
     """The recipe's keys of train.json: what the model was trained with, the class weights as
     computed from this run's train split (null when the loss weighs no class)."""
     augment = cfg["augment"]
-    return {"loss": cfg["loss"],
+    return {"seed": int(cfg["seed"]), "loss": cfg["loss"],
             "class_weighting": cfg["class_weights"] if recipe.class_weights else None,
             "class_weights": recipe.class_weights,
             "sampler": cfg["sampler"],
@@ -446,14 +446,19 @@ def per_rank_batch(batch_size: int, world: int) -> int:
 
 
 # The params this stage reads: run() sees only these (stages.lib.params.select), and dvc.yaml's
-# and the rule's `params:` list the same keys. The scheme's classes, the model and the training
-# settings.
-PARAMS = ("schemes.{scheme}", "model", "train")
+# and the rule's `params:` list the same keys. The scheme's classes, the model and every
+# training setting but train.seeds: a job trains for the one seed on its command line, so
+# adding a seed to the list adds jobs and reruns none of those already trained.
+PARAMS = ("schemes.{scheme}", "model", "train.device", "train.nproc", "train.image_size",
+          "train.epochs", "train.batch_size", "train.lr", "train.weight_decay",
+          "train.num_workers", "train.hflip", "train.loss", "train.class_weights",
+          "train.sampler", "train.schedule", "train.warmup", "train.augment")
 
 
 def run(params: dict, scheme: str, raw: Path, masks: Path, out: Path,
-        checkpoints: Path | None = None, live: Path | None = None) -> dict:
+        checkpoints: Path | None = None, live: Path | None = None, seed: int = 0) -> dict:
     params = select(params, PARAMS, scheme=scheme)
+    params["train"]["seed"] = seed   # select() built this dict: the caller's is untouched
     ranks = Ranks.from_env()
     device = resolve_device(params["train"]["device"])
     if device.type == "cuda" and ranks.world > 1:
@@ -628,6 +633,9 @@ def data_loader(raw: Path, masks: Path, split: str, cfg: dict, train: bool,
 def main(argv: list[str] | None = None) -> int:
     parser = stage_parser("train", __doc__.splitlines()[0])
     parser.add_argument("--scheme", required=True)
+    parser.add_argument("--seed", required=True, type=seed_value,
+                        help="the training seed (one of train.seeds: the engines run one job "
+                             "per scheme and seed)")
     parser.add_argument("--raw", required=True, type=Path, help="folder written by download")
     parser.add_argument("--masks", required=True, type=Path, help="folder written by masks")
     parser.add_argument("--out", required=True, type=Path, help="model folder to create")
@@ -644,7 +652,8 @@ def main(argv: list[str] | None = None) -> int:
     # Checked before training, not after: the first checkpoint comes after a whole epoch.
     checkpoint = args.checkpoints / "last.pt" if args.checkpoints else None
     return run_main("train", lambda: run(load_params(args.params), args.scheme, args.raw,
-                                         args.masks, args.out, args.checkpoints, args.live),
+                                         args.masks, args.out, args.checkpoints, args.live,
+                                         args.seed),
                     outputs=(args.out, args.live, checkpoint))
 
 

@@ -93,12 +93,15 @@ def test_per_image_counts_sum_to_the_tables(val_truth, tmp_path):
     with np.load(tmp_path / "out" / "per_image.npz") as npz:
         stems, confusion = npz["stems"], npz["confusion"]
         names, pixels = list(npz["category_names"]), npz["category_pixels"]
-        instances = npz["category_instances"]
+        instances, seeds = npz["category_instances"], npz["seeds"]
     assert len(stems) == 80 and list(stems) == sorted(stems)
+    # image axis first, then one entry per train seed (a one-seed study here)
+    assert list(seeds) == [0] and confusion.shape == (80, 1, 3, 3)
+    assert pixels.shape == (80, 1, len(names), 3) and instances.shape == (80, len(names))
     cm = pd.read_csv(tmp_path / "out" / "c.csv")[["background", "person", "car"]].to_numpy()
-    np.testing.assert_array_equal(confusion.sum(0), cm)
+    np.testing.assert_array_equal(confusion[:, 0].sum(0), cm)
     truck = names.index("truck")
-    assert pixels[:, truck].sum() == table.loc["truck", "pixels"]
+    assert pixels[:, 0, truck].sum() == table.loc["truck", "pixels"]
     assert instances[:, truck].sum() == table.loc["truck", "instances"]
     assert json.loads((tmp_path / "out" / "m.json").read_text())["images"] == 80
 

@@ -299,7 +299,9 @@ PRED_B = np.array([[1, 0], [0, 0]], np.uint8)
 
 @pytest.fixture
 def folders(tmp_path):
-    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    """gt and seed 0's val predictions, laid out as infer writes them (pred/seed0/val):
+    run() takes the val folder, the command line the scheme's predictions folder."""
+    gt, pred = tmp_path / "gt", tmp_path / "pred" / "seed0" / "val"
     save_labels(gt / "000000000001.png", GT_A)
     save_labels(gt / "000000000002.png", GT_B)
     save_labels(pred / "000000000001.png", PRED_A)
@@ -337,7 +339,7 @@ def test_main_cli(params, folders, tmp_path):
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     out = tmp_path / "m.json"
     code = evaluate.main(["--params", str(params_file), "--scheme", "person_car", "--pred",
-                          str(pred), "--gt", str(gt), "--out", str(out), "--confusion",
+                          str(tmp_path / "pred"), "--gt", str(gt), "--out", str(out), "--confusion",
                           str(tmp_path / "cm.csv")])
     assert code == 0
     assert json.loads(out.read_text())["pixel_accuracy"] == pytest.approx(0.75)
@@ -347,7 +349,8 @@ def _main_argv(params, folders, tmp_path, out_dir):
     gt, pred = folders
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-    return ["--params", str(params_file), "--scheme", "person_car", "--pred", str(pred),
+    return ["--params", str(params_file), "--scheme", "person_car", "--pred",
+            str(pred.parent.parent),
             "--gt", str(gt), "--out", str(out_dir / "m.json"), "--confusion",
             str(out_dir / "cm.csv"), "--confusion-plot", str(out_dir / "cm.png"), "--samples",
             str(out_dir / "samples.csv")]
@@ -384,7 +387,7 @@ def test_missing_prediction_names_the_file(params, folders, tmp_path):
     gt, pred = folders
     (pred / "000000000002.png").unlink()
     out = tmp_path / "m.json"
-    with pytest.raises(StageError, match=r"pred/000000000002\.png: prediction missing"):
+    with pytest.raises(StageError, match=r"pred/seed0/val/000000000002\.png: prediction missing"):
         evaluate.run(params, "person_car", pred, gt, out, tmp_path / "cm.csv")
     assert not out.exists()
 
@@ -541,6 +544,7 @@ def test_metrics_json_keys_for_dvc(params, folders, tmp_path):
     for pair in [interval[k] for k in ("miou", "pixel_accuracy", "pixel_accuracy_with_ignore")
                  ] + list(interval["iou"].values()):
         assert len(pair) == 2 and (pair == [None, None] or pair[0] <= pair[1])
+    assert doc.pop("seeds")["seeds"] == [0]   # its own test: below
     for key, value in doc.items():
         if isinstance(value, dict):
             assert key in {"iou", "dice", "class_accuracy", "precision", "recall"}
@@ -548,6 +552,46 @@ def test_metrics_json_keys_for_dvc(params, folders, tmp_path):
             assert all(v is None or isinstance(v, float) for v in value.values())
         else:
             assert isinstance(value, (int, float)), key
+
+
+def test_two_seeds_each_score_per_seed_with_mean_spread_and_interval(params, folders, tmp_path):
+    """Seed 0 as in test_run_on_png_folders (mIoU 0.6); seed 1 predicts every labelled pixel
+    right (mIoU 1). The top level stays seed 0's model, the one analysed; "seeds" gives
+    both, their mean 0.8, min 0.6, max 1, and an interval of the mean between the seeds'
+    own extremes (each resample's mean of two mIoUs in [0.6-ish, 1])."""
+    gt, pred = folders
+    perfect = pred.parent.parent / "seed1" / "val"
+    for name, truth in (("000000000001.png", GT_A), ("000000000002.png", GT_B)):
+        save_labels(perfect / name, np.where(truth == I, 0, truth).astype(np.uint8))
+    params = {**params, "train": {**params["train"], "seeds": [0, 1]}}
+    evaluate.run(params, "person_car", {0: pred, 1: perfect}, gt, tmp_path / "m.json",
+                 tmp_path / "cm.csv")
+    doc = json.loads((tmp_path / "m.json").read_text())
+    assert doc["miou"] == pytest.approx(0.6)
+    block = doc["seeds"]
+    assert block["seeds"] == [0, 1]
+    miou = block["miou"]
+    assert miou["per_seed"] == [pytest.approx(0.6), pytest.approx(1.0)]
+    assert (miou["mean"], miou["min"], miou["max"]) == (pytest.approx(0.8), pytest.approx(0.6),
+                                                        pytest.approx(1.0))
+    assert 0.5 <= miou["interval"][0] <= 0.8 <= miou["interval"][1] <= 1.0
+    assert block["pixel_accuracy"]["per_seed"] == [pytest.approx(6 / 8), pytest.approx(1.0)]
+    assert block["iou"]["person"]["per_seed"] == [pytest.approx(0.6), pytest.approx(1.0)]
+    assert block["iou"]["car"] == {"per_seed": [None, None], "mean": None, "min": None,
+                                   "max": None, "interval": [None, None]}
+
+
+def test_seeds_must_match_train_seeds(params, folders, tmp_path):
+    gt, pred = folders
+    two = {**params, "train": {**params["train"], "seeds": [0, 1]}}
+    with pytest.raises(StageError, match=rf"^{pred}: one prediction folder, but train.seeds "
+                                         r"lists 2 seeds \[0, 1\]$"):
+        evaluate.run(two, "person_car", pred, gt, tmp_path / "m.json", tmp_path / "cm.csv")
+    with pytest.raises(StageError, match=r"^predictions of seeds \[1\], but train.seeds is "
+                                         r"\[0\]$"):
+        evaluate.run(params, "person_car", {1: pred}, gt, tmp_path / "m.json",
+                     tmp_path / "cm.csv")
+    assert not (tmp_path / "m.json").exists()
 
 
 def test_dvc_metrics_diff_between_two_schemes(params, folders, tmp_path):

@@ -111,3 +111,36 @@ def scheme_interval(confusion: np.ndarray, ignored: np.ndarray, class_names: lis
                for key in ("miou", "pixel_accuracy", "pixel_accuracy_with_ignore")},
             "iou": {name: interval(scored["iou"][:, k], settings.confidence)
                     for k, name in enumerate(class_names)}}
+
+
+HEADLINE = ("miou", "pixel_accuracy", "pixel_accuracy_with_ignore")
+
+
+def seed_summary(per_seed: np.ndarray, draws: np.ndarray, confidence: float) -> dict:
+    """One score over the seeds: each seed's value (null where undefined), their mean, min
+    and max, and the interval of the mean from its resampled values (B, S)."""
+    with warnings.catch_warnings():   # a score no seed defines: NaN mean, null
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean, lo, hi = np.nanmean(per_seed), np.nanmin(per_seed), np.nanmax(per_seed)
+        mean_draws = np.nanmean(draws, axis=1)
+    number = lambda v: float(v) if np.isfinite(v) else None  # noqa: E731
+    return {"per_seed": [number(v) for v in per_seed], "mean": number(mean),
+            "min": number(lo), "max": number(hi),
+            "interval": interval(mean_draws, confidence)}
+
+
+def seeds_block(confusion: np.ndarray, ignored: np.ndarray, class_names: list[str],
+                seeds: list[int], settings: Settings) -> dict:
+    """metrics/<scheme>.json's "seeds": the headline scores and each class's IoU per training
+    seed, from the per-image matrices of every seed (N, S, K, K); the interval is of the
+    mean over seeds, every seed scored on the same resampled images."""
+    point = confusion_scores(confusion.sum(0), np.broadcast_to(ignored.sum(), len(seeds)))
+    cms, ign = resampled_sums([confusion, ignored], settings)
+    draws = confusion_scores(cms, np.repeat(ign[:, None], len(seeds), axis=1))
+    block = {"seeds": [int(s) for s in seeds]}
+    for key in HEADLINE:
+        block[key] = seed_summary(point[key], draws[key], settings.confidence)
+    block["iou"] = {name: seed_summary(point["iou"][:, k], draws["iou"][:, :, k],
+                                       settings.confidence)
+                    for k, name in enumerate(class_names)}
+    return block

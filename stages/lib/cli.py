@@ -21,6 +21,20 @@ def stage_parser(name: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
+SEED_MAX = 2**32 - 1   # numpy's and torch's seeds: as params.schema.yaml's $defs.seed
+
+
+def seed_value(text: str) -> int:
+    """argparse type of --seed: one of train.seeds, which the engines pass one per job."""
+    try:
+        seed = int(text)
+    except ValueError:
+        seed = -1
+    if not 0 <= seed <= SEED_MAX or str(seed) != text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer seed in 0..{SEED_MAX}")
+    return seed
+
+
 def run_main(name: str, body: Callable[[], None],
              outputs: Iterable[str | Path | None] = ()) -> int:
     """Run a stage body with logging set up; turn expected errors into exit code 2. Before

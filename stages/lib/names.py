@@ -125,3 +125,9 @@ def inside(folder: str | Path, *names: str, resolve: bool = True) -> Path:
     if target == root or not target.is_relative_to(root):
         raise StageError(f"{path}: resolves to {target}, outside {folder}; refused")
     return path
+
+
+def seed_dir(seed: int) -> str:
+    """The folder of one training seed's files under a scheme's models/ and predictions/
+    folders (the rules and dvc.yaml write the same: tests/test_engines.py)."""
+    return f"seed{int(seed)}"

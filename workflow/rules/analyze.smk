@@ -1,8 +1,9 @@
 rule analyze:
     input:
-        predictions="predictions/{scheme}",
+        # the first seed's model and predictions: the one analysed
+        predictions=f"predictions/{{scheme}}/seed{FIRST_SEED}",
         masks="data/masks/{scheme}",
-        model="models/{scheme}",
+        model=f"models/{{scheme}}/seed{FIRST_SEED}",
         raw="data/raw",
         code=stage_code("analyze"),
     output:

@@ -21,6 +21,10 @@ from workflow.lib.engines import (
 )
 
 SCHEMES = list(config["schemes"])
+# Each scheme is trained, inferred and evaluated once per seed; the first seed's model is the
+# one analysed (and the report's).
+SEEDS = list(config["train"]["seeds"])
+FIRST_SEED = SEEDS[0]
 
 
 # Each rule's `params:` are the keys its stage module declares in PARAMS (the stage reads
@@ -55,30 +59,37 @@ _refuse_config_overrides()
 
 wildcard_constraints:
     scheme="|".join(SCHEMES),
+    seed="|".join(str(seed) for seed in SEEDS),
 
 
-def log_path(rule_name, per_scheme=True):
-    return f"logs/{rule_name}/{{scheme}}.log" if per_scheme else f"logs/{rule_name}.log"
+# A job's file name: per scheme and seed, per scheme, or one for the rule.
+def _job_name(per_scheme, per_seed):
+    if per_seed:
+        return "{scheme}/seed{seed}"
+    return "{scheme}" if per_scheme else None
 
 
-def benchmark_path(rule_name, per_scheme=True):
-    return (
-        f"logs/benchmark/{rule_name}/{{scheme}}.tsv"
-        if per_scheme
-        else f"logs/benchmark/{rule_name}.tsv"
-    )
+def log_path(rule_name, per_scheme=True, per_seed=False):
+    name = _job_name(per_scheme, per_seed)
+    return f"logs/{rule_name}/{name}.log" if name else f"logs/{rule_name}.log"
 
 
-# The stages the report shows the wall time of, and whether each runs once per scheme.
-UPSTREAM_JOBS = {
-    "download": False,
-    "masks": True,
-    "train": True,
-    "infer": True,
-    "evaluate": True,
-    "analyze": True,
-    "compare": False,
-}
+def benchmark_path(rule_name, per_scheme=True, per_seed=False):
+    name = _job_name(per_scheme, per_seed)
+    return f"logs/benchmark/{rule_name}/{name}.tsv" if name else f"logs/benchmark/{rule_name}.tsv"
+
+
+# The wildcard values of every job of a rule: per scheme and seed, per scheme, or one job.
+def job_wildcards(wildcard_names):
+    if "seed" in wildcard_names:
+        return [{"scheme": sc, "seed": str(se)} for sc in SCHEMES for se in SEEDS]
+    if "scheme" in wildcard_names:
+        return [{"scheme": sc} for sc in SCHEMES]
+    return [{}]
+
+
+# The stages the report shows the wall time of (the report reads them per job).
+UPSTREAM_JOBS = ["download", "masks", "train", "infer", "evaluate", "analyze", "compare"]
 
 
 # The upstream jobs' benchmark files: the report's stage times, declared inputs (a rule's
@@ -87,12 +98,11 @@ UPSTREAM_JOBS = {
 # its file would make Snakemake rerun that job only to time it, so it is left out.
 def upstream_benchmarks(wildcards):
     paths = []
-    for stage, per_scheme in UPSTREAM_JOBS.items():
-        outputs = getattr(rules, stage).output
-        for scheme in SCHEMES if per_scheme else [None]:
-            values = {"scheme": scheme} if per_scheme else {}
-            path = benchmark_path(stage, per_scheme).format(**values)
-            made = all(os.path.exists(o.format(**values)) for o in outputs)
+    for stage in UPSTREAM_JOBS:
+        step = getattr(rules, stage).rule
+        for values in job_wildcards(step.wildcard_names):
+            path = apply_wildcards(str(step.benchmark), values)
+            made = all(os.path.exists(apply_wildcards(str(o), values)) for o in step.output)
             if os.path.exists(path) or not made:
                 paths.append(path)
     return paths
@@ -110,25 +120,25 @@ def workflow_jobs():
     for step in workflow.rules:
         if step.name == "all":
             continue
-        per_scheme = "scheme" in step.wildcard_names
-        for scheme in SCHEMES if per_scheme else [None]:
+        for values in job_wildcards(step.wildcard_names):
+            name = "-".join(values[k] for k in ("scheme", "seed") if k in values)
             jobs.append(
                 Job(
-                    f"{step.name}@{scheme}" if per_scheme else step.name,
-                    job_paths(step.input, scheme),
-                    job_paths(step.output, scheme),
+                    f"{step.name}@{name}" if name else step.name,
+                    job_paths(step.input, values),
+                    job_paths(step.output, values),
                 )
             )
     return jobs
 
 
-# A rule's files for one scheme. An input function (the report's upstream_benchmarks) is
+# A rule's files for one job. An input function (the report's upstream_benchmarks) is
 # called for its paths: its string form is no file, and a missing input stops alignment.
-def job_paths(items, scheme):
+def job_paths(items, values):
     paths = []
     for item in items:
-        found = item(SimpleNamespace(scheme=scheme)) if callable(item) else [item]
-        paths += [apply_wildcards(str(i), {"scheme": scheme}) for i in found]
+        found = item(SimpleNamespace(**values)) if callable(item) else [item]
+        paths += [apply_wildcards(str(i), values) for i in found]
     return paths
 
 

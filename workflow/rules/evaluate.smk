@@ -1,6 +1,7 @@
 rule evaluate:
     input:
-        pred="predictions/{scheme}",
+        # every seed's predictions (train.seeds): evaluate scores each of them
+        pred=expand("predictions/{{scheme}}/seed{seed}", seed=SEEDS),
         gt="data/masks/{scheme}",
         raw="data/raw",
         code=stage_code("evaluate"),
@@ -25,7 +26,7 @@ rule evaluate:
         runtime=60,
     shell:
         "python -m stages.evaluate --params params.yaml --scheme {wildcards.scheme} "
-        "--pred {input.pred}/val --gt {input.gt}/val --out {output.metrics} "
+        "--pred predictions/{wildcards.scheme} --gt {input.gt}/val --out {output.metrics} "
         "--confusion {output.confusion} --confusion-plot {output.confusion_plot} "
         "--samples {output.samples} --annotations {input.raw}/annotations/instances_val.json "
         "--categories {output.categories} --per-image {output.per_image} > {log} 2>&1"

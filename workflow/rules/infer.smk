@@ -1,17 +1,17 @@
 rule infer:
     input:
-        model="models/{scheme}",
+        model="models/{scheme}/seed{seed}",
         raw="data/raw",
         masks="data/masks/{scheme}",
         code=stage_code("infer"),
     output:
-        directory("predictions/{scheme}"),
+        directory("predictions/{scheme}/seed{seed}"),
     params:
         **stage_params("infer"),
     log:
-        log_path("infer"),
+        log_path("infer", per_seed=True),
     benchmark:
-        benchmark_path("infer")
+        benchmark_path("infer", per_seed=True)
     conda:
         "../envs/segflow.yaml"
     threads: 2

@@ -4,8 +4,8 @@ rule report:
     input:
         raw="data/raw",
         masks=expand("data/masks/{scheme}", scheme=SCHEMES),
-        models=expand("models/{scheme}", scheme=SCHEMES),
-        predictions=expand("predictions/{scheme}", scheme=SCHEMES),
+        models=expand("models/{scheme}/seed{seed}", scheme=SCHEMES, seed=SEEDS),
+        predictions=expand("predictions/{scheme}/seed{seed}", scheme=SCHEMES, seed=SEEDS),
         metrics=expand(
             "metrics/{scheme}.{ext}",
             scheme=SCHEMES,

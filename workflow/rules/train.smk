@@ -1,4 +1,5 @@
-# Checkpoints (checkpoints/train/{scheme}/last.pt and prev.pt) are deliberately no output of either engine:
+# One job per scheme and seed (train.seeds). Checkpoints (checkpoints/train/{scheme}/seed{seed}/
+# last.pt and prev.pt) are deliberately no output of either engine:
 # both delete a job's outputs before rerunning it, which would defeat resuming. The stage
 # resumes only from a checkpoint of the same params and data, and deletes it on success.
 rule train:
@@ -7,14 +8,14 @@ rule train:
         masks="data/masks/{scheme}",
         code=stage_code("train"),
     output:
-        model=directory("models/{scheme}"),
-        live=directory("metrics/train/{scheme}"),
+        model=directory("models/{scheme}/seed{seed}"),
+        live=directory("metrics/train/{scheme}/seed{seed}"),
     params:
         **stage_params("train"),
     log:
-        log_path("train"),
+        log_path("train", per_seed=True),
     benchmark:
-        benchmark_path("train")
+        benchmark_path("train", per_seed=True)
     conda:
         "../envs/segflow.yaml"
     threads: 2
@@ -26,5 +27,6 @@ rule train:
         gpu=1,
     shell:
         "python -m stages.train --params params.yaml --scheme {wildcards.scheme} "
-        "--raw {input.raw} --masks {input.masks} --out {output.model} "
-        "--live {output.live} --checkpoints checkpoints/train/{wildcards.scheme} > {log} 2>&1"
+        "--seed {wildcards.seed} --raw {input.raw} --masks {input.masks} --out {output.model} "
+        "--live {output.live} --checkpoints checkpoints/train/{wildcards.scheme}/seed{wildcards.seed} "
+        "> {log} 2>&1"
