@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -217,20 +218,22 @@ def summary(joined: pd.DataFrame, clusters: pd.DataFrame, bucket_rows: pd.DataFr
 
 @dataclass
 class PerImage:
-    """A scheme's per-image counts (evaluate's per_image.npz), aligned by stem."""
+    """A scheme's per-image counts (evaluate's per_image.npz), aligned by stem, one entry
+    per training seed (train.seeds order) on the second axis."""
 
     stems: list[str]
     class_names: list[str]
-    confusion: np.ndarray           # (N, K, K)
+    confusion: np.ndarray           # (N, S, K, K)
     category_names: list[str]
     category_claims: np.ndarray     # (C,) claiming class index, 0 for none
-    category_pixels: np.ndarray     # (N, C, K)
+    category_pixels: np.ndarray     # (N, S, C, K)
+    seeds: list[int]
 
     def take(self, stems: list[str]) -> "PerImage":
         row = {stem: i for i, stem in enumerate(self.stems)}
         index = [row[stem] for stem in stems]
         return PerImage(stems, self.class_names, self.confusion[index], self.category_names,
-                        self.category_claims, self.category_pixels[index])
+                        self.category_claims, self.category_pixels[index], self.seeds)
 
 
 def found_share(pixels: np.ndarray, claims: np.ndarray) -> np.ndarray:
@@ -244,13 +247,36 @@ def found_share(pixels: np.ndarray, claims: np.ndarray) -> np.ndarray:
         return np.where(total > 0, found / np.maximum(total, 1), np.nan)
 
 
-def difference(a_point: float, b_point: float, a_draws: np.ndarray, b_draws: np.ndarray,
-               confidence: float, names: tuple[str, str]) -> dict:
-    """b - a with its paired bootstrap interval and verdict ('higher' = b higher)."""
-    bounds = bootstrap.interval(b_draws - a_draws, confidence)
-    delta = b_point - a_point
-    return {names[0]: _number(a_point), names[1]: _number(b_point),
-            "delta": _number(delta), "interval": bounds, "verdict": bootstrap.verdict(bounds)}
+NOT_TESTED = "no detectable difference"
+# Why a difference is not called, when its interval alone would call it.
+FEW_IMAGES = "fewer than compare.min_count val images show it"
+SEEDS_DISAGREE = "the seeds disagree on its sign"
+
+
+def difference(a_points: np.ndarray, b_points: np.ndarray, a_draws: np.ndarray,
+               b_draws: np.ndarray, confidence: float, names: tuple[str, str],
+               images: int, min_count: int) -> dict:
+    """b - a of a score's mean over the training seeds (per seed points (S,), resampled
+    (B, S)), with the paired bootstrap interval of that mean and a verdict ('higher' = b
+    higher). A verdict other than 'no detectable difference' needs the interval to exclude
+    zero, every seed's own difference to have that sign, and at least min_count images
+    showing the class or category: a percentile bootstrap over one or two images has no
+    spread to speak of, and would call any difference."""
+    with warnings.catch_warnings():   # a score no seed defines: NaN, written as null
+        warnings.simplefilter("ignore", RuntimeWarning)
+        a_mean, b_mean = np.nanmean(a_points), np.nanmean(b_points)
+        bounds = bootstrap.interval(np.nanmean(b_draws - a_draws, axis=1), confidence)
+    per_seed = b_points - a_points
+    verdict, reason = bootstrap.verdict(bounds), None
+    if verdict != NOT_TESTED and images < min_count:
+        verdict, reason = NOT_TESTED, FEW_IMAGES
+    elif verdict != NOT_TESTED and not np.all(np.sign(per_seed) == (1 if verdict == "higher"
+                                                                      else -1)):
+        verdict, reason = NOT_TESTED, SEEDS_DISAGREE
+    return {names[0]: _number(a_mean), names[1]: _number(b_mean),
+            "delta": _number(b_mean - a_mean), "interval": bounds, "verdict": verdict,
+            "reason": reason, "images": int(images),
+            "per_seed": [_number(d) for d in per_seed]}
 
 
 def _number(value: float) -> float | None:
@@ -258,18 +284,19 @@ def _number(value: float) -> float | None:
 
 
 def scheme_differences(per_image: dict[str, PerImage], claims: dict[str, dict],
-                       settings: bootstrap.Settings) -> dict[tuple[str, str], dict]:
+                       settings: bootstrap.Settings,
+                       min_count: int) -> dict[tuple[str, str], dict]:
     """Per pair (a, b): every shared class's IoU difference and every category's found-share
-    difference, each with its paired interval (the same resampled images for all schemes)."""
+    difference, each of the mean over the training seeds, with its paired interval (the
+    same resampled images for all schemes and seeds)."""
     names = list(per_image)
     arrays = [per_image[n].confusion for n in names] + [per_image[n].category_pixels
                                                           for n in names]
     resampled = bootstrap.resampled_sums(arrays, settings)
     draws = dict(zip(names, resampled[:len(names)]))
     category_draws = dict(zip(names, resampled[len(names):]))
-    zeros = np.zeros(settings.samples)
-    iou = {n: (per_class_iou(per_image[n].confusion.sum(0)),
-               bootstrap.confusion_scores(draws[n], zeros)["iou"]) for n in names}
+    iou = {n: (per_class_iou(per_image[n].confusion.sum(0)),              # (S, K)
+               per_class_iou(draws[n])) for n in names}                   # (B, S, K)
     share = {n: (found_share(per_image[n].category_pixels.sum(0), per_image[n].category_claims),
                  found_share(category_draws[n], per_image[n].category_claims)) for n in names}
     out = {}
@@ -279,23 +306,34 @@ def scheme_differences(per_image: dict[str, PerImage], claims: dict[str, dict],
             if cls not in per_image[b].class_names or cls == "background":
                 continue
             i, j = per_image[a].class_names.index(cls), per_image[b].class_names.index(cls)
-            entry = difference(iou[a][0][i], iou[b][0][j], iou[a][1][:, i], iou[b][1][:, j],
-                               settings.confidence, ("iou_a", "iou_b"))
+            entry = difference(iou[a][0][:, i], iou[b][0][:, j], iou[a][1][..., i],
+                               iou[b][1][..., j], settings.confidence, ("iou_a", "iou_b"),
+                               _images_showing_class(per_image[a], per_image[b], i, j),
+                               min_count)
             entry["delta_iou"] = entry.pop("delta")
             entry["same_definition"] = claims[a].get(cls) == claims[b].get(cls)
             classes[cls] = entry
         categories = {}
         for c, category in enumerate(per_image[a].category_names):
-            if not per_image[a].category_pixels[:, c].sum():
+            shown = per_image[a].category_pixels[:, 0, c].sum(-1) > 0   # ground truth: any seed
+            if not shown.any():
                 continue
-            entry = difference(share[a][0][c], share[b][0][c], share[a][1][:, c],
-                               share[b][1][:, c], settings.confidence, ("share_a", "share_b"))
+            entry = difference(share[a][0][:, c], share[b][0][:, c], share[a][1][..., c],
+                               share[b][1][..., c], settings.confidence,
+                               ("share_a", "share_b"), int(shown.sum()), min_count)
             entry["delta_share"] = entry.pop("delta")
             entry["claimed_by_a"] = _claimer(per_image[a], c)
             entry["claimed_by_b"] = _claimer(per_image[b], c)
             categories[category] = entry
         out[(a, b)] = {"classes": classes, "categories": categories}
     return out
+
+
+def _images_showing_class(a: PerImage, b: PerImage, i: int, j: int) -> int:
+    """Val images whose ground truth holds class i of a or class j of b (a confusion row
+    is ground truth, the same for every seed)."""
+    shown = (a.confusion[:, 0, i, :].sum(-1) > 0) | (b.confusion[:, 0, j, :].sum(-1) > 0)
+    return int(shown.sum())
 
 
 def _claimer(scheme: PerImage, category: int) -> str:
@@ -321,7 +359,7 @@ PARAMS = ("schemes", "compare")
 
 
 def read_per_image(path: Path, class_names: list[str]) -> PerImage:
-    keys = ["stems", "class_names", "confusion", "category_names", "category_claims",
+    keys = ["stems", "class_names", "seeds", "confusion", "category_names", "category_claims",
             "category_pixels"]
     try:
         with np.load(path) as npz:
@@ -330,7 +368,8 @@ def read_per_image(path: Path, class_names: list[str]) -> PerImage:
                 raise StageError(f"{path}: missing arrays {', '.join(absent)}; re-run evaluate")
             found = PerImage(npz["stems"].tolist(), npz["class_names"].tolist(),
                              npz["confusion"], npz["category_names"].tolist(),
-                             npz["category_claims"], npz["category_pixels"])
+                             npz["category_claims"], npz["category_pixels"],
+                             npz["seeds"].tolist())
     except FileNotFoundError:
         raise StageError(f"{path}: missing (run the evaluate stage first)") from None
     except (OSError, ValueError) as exc:
@@ -338,11 +377,16 @@ def read_per_image(path: Path, class_names: list[str]) -> PerImage:
     if found.class_names != class_names:
         raise StageError(f"{path}: classes {found.class_names} differ from params.yaml "
                          f"{class_names}; re-run evaluate")
+    if found.confusion.ndim != 4 or found.confusion.shape[1] != len(found.seeds):
+        raise StageError(f"{path}: confusion of shape {found.confusion.shape}, expected "
+                         f"(images, {len(found.seeds)} seeds, K, K); re-run evaluate")
     return found
 
 
-def differences(params: dict, metrics: Path, schemes: list[str]) -> dict[tuple[str, str], dict]:
-    """The bootstrap comparisons of every pair, on the val images all schemes have."""
+def differences(params: dict, metrics: Path,
+                schemes: list[str]) -> tuple[list[int], dict[tuple[str, str], dict]]:
+    """The training seeds, and the bootstrap comparisons of every pair, on the val images all
+    schemes have."""
     per_image = {s: read_per_image(inside(metrics, f"{s}.per_image.npz", resolve=False),
                                    scheme_class_names(params, s)) for s in schemes}
     first = per_image[schemes[0]]
@@ -350,13 +394,16 @@ def differences(params: dict, metrics: Path, schemes: list[str]) -> dict[tuple[s
         if found.category_names != first.category_names:
             raise StageError(f"{metrics}/{name}.per_image.npz: its COCO categories differ from "
                              f"{schemes[0]}'s; evaluate both on the same val annotations")
+        if found.seeds != first.seeds:
+            raise StageError(f"{metrics}/{name}.per_image.npz: seeds {found.seeds} differ from "
+                             f"{schemes[0]}'s {first.seeds}; re-run evaluate for both")
     shared = sorted(set.intersection(*(set(p.stems) for p in per_image.values())))
     if not shared:
         raise StageError(f"{metrics}: the schemes' per_image.npz share no val image")
     claims = {s: params["schemes"][s]["classes"] for s in schemes}
     settings = bootstrap.Settings.from_params(params["compare"]["bootstrap"])
-    return scheme_differences({s: p.take(shared) for s, p in per_image.items()}, claims,
-                              settings)
+    return first.seeds, scheme_differences({s: p.take(shared) for s, p in per_image.items()},
+                                           claims, settings, params["compare"]["min_count"])
 
 
 def run(params: dict, analysis: Path, out: Path, metrics: Path | None = None) -> dict:
@@ -367,7 +414,7 @@ def run(params: dict, analysis: Path, out: Path, metrics: Path | None = None) ->
     for name in schemes:
         samples[name], bins[name], flagged[name] = read_scheme(inside(analysis, name,
                                                                       resolve=False))
-    compared = differences(params, metrics, schemes) if metrics is not None else {}
+    seeds, compared = differences(params, metrics, schemes) if metrics is not None else ([], {})
     classes = {name: scheme_class_names(params, name) for name in schemes}
     joined = joined_samples(samples, flagged, classes)
     if len(schemes) > 1 and joined.empty:
@@ -378,6 +425,8 @@ def run(params: dict, analysis: Path, out: Path, metrics: Path | None = None) ->
     doc = summary(joined, clusters, bucket_rows, issues, schemes, cfg["fdr"], cfg["min_count"])
     if metrics is not None:
         doc["bootstrap"] = {**cfg["bootstrap"], "method": bootstrap.METHOD}
+        # One seed: the intervals hold the val images' sampling noise, not training noise.
+        doc["seeds"] = {"seeds": seeds, "training_noise_measured": len(seeds) > 1}
         for pair in doc["pairs"]:
             pair.update(compared[(pair["a"], pair["b"])])
     with atomic_dir(out) as tmp:

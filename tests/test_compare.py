@@ -12,6 +12,7 @@ import yaml
 from sklearn.metrics import adjusted_rand_score
 
 from stages import compare
+from stages.lib import bootstrap
 from stages.lib.cli import StageError
 
 N = 12
@@ -265,7 +266,9 @@ def test_a_planted_difference_is_found_with_its_interval(val_truth, tmp_path):
     write_predictions(val_truth, "person_car", tmp_path / "b")
     evaluate_scheme(val_truth, "person_car", tmp_path / "a", metrics)
     evaluate_scheme(val_truth, "person_vehicle", tmp_path / "b", metrics)
-    found = compare.differences(val_truth["params"], metrics, ["person_car", "person_vehicle"])
+    seeds, found = compare.differences(val_truth["params"], metrics,
+                                       ["person_car", "person_vehicle"])
+    assert seeds == [0]
     pair = found[("person_car", "person_vehicle")]
     assert list(pair["classes"]) == ["person"]
     person = pair["classes"]["person"]
@@ -296,8 +299,8 @@ def test_no_difference_is_found_where_none_was_planted(val_truth, tmp_path):
     erase_person(b, 2, phase=1)
     evaluate_scheme(val_truth, "person_car", a, metrics)
     evaluate_scheme(val_truth, "person_vehicle", b, metrics)
-    pair = compare.differences(val_truth["params"], metrics,
-                               ["person_car", "person_vehicle"])[("person_car", "person_vehicle")]
+    _, found = compare.differences(val_truth["params"], metrics, ["person_car", "person_vehicle"])
+    pair = found[("person_car", "person_vehicle")]
     person = pair["classes"]["person"]
     assert person["verdict"] == "no detectable difference"
     assert person["interval"][0] < 0 < person["interval"][1]
@@ -321,7 +324,9 @@ def test_summary_carries_the_differences_and_the_bootstrap(two_schemes, val_trut
     assert set(pair["classes"]) == {"person"}
     assert {"car", "truck", "bus", "person"} <= set(pair["categories"])
     assert set(pair["classes"]["person"]) == {"iou_a", "iou_b", "delta_iou", "interval",
-                                              "verdict", "same_definition"}
+                                              "verdict", "reason", "images", "per_seed",
+                                              "same_definition"}
+    assert doc["seeds"] == {"seeds": [0], "training_noise_measured": False}
 
 
 def test_a_per_image_file_of_other_classes_is_refused(val_truth, tmp_path):
@@ -336,6 +341,73 @@ def test_a_per_image_file_of_other_classes_is_refused(val_truth, tmp_path):
                                          r"', 'person', 'car'\] differ from params.yaml \['backg"
                                          r"round', 'person', 'vehicle'\]; re-run evaluate"):
         compare.differences(val_truth["params"], metrics, ["person_car", "person_vehicle"])
+
+
+def synthetic_per_image(person_hits: np.ndarray, shown: int | None = None) -> compare.PerImage:
+    """Two classes (background, person), N images x S seeds: each image has 100 person
+    pixels, of which person_hits[n, s] are predicted person (the rest background), and 100
+    background pixels predicted right. With `shown`, only the first `shown` images hold
+    person at all. One category, person, claimed by class 1."""
+    n, seeds = person_hits.shape
+    confusion = np.zeros((n, seeds, 2, 2), np.int64)
+    confusion[..., 0, 0] = 100
+    confusion[..., 1, 1] = person_hits
+    confusion[..., 1, 0] = 100 - person_hits
+    if shown is not None:
+        confusion[shown:, :, 1, :] = 0
+    pixels = confusion[:, :, None, 1, :]        # the person row: (N, S, 1, K)
+    return compare.PerImage([f"{i:012d}" for i in range(n)], ["background", "person"],
+                            confusion, ["person"], np.array([1]), pixels, list(range(seeds)))
+
+
+SETTINGS = bootstrap.Settings(samples=400, confidence=0.95, seed=0)
+CLAIMS = {"a": {"person": {"categories": ["person"]}}, "b": {"person": {"categories": ["person"]}}}
+
+
+def _person(a_hits, b_hits, shown=None, min_count=3) -> dict:
+    pair = compare.scheme_differences({"a": synthetic_per_image(a_hits, shown),
+                                       "b": synthetic_per_image(b_hits, shown)},
+                                      CLAIMS, SETTINGS, min_count)[("a", "b")]
+    return pair["classes"]["person"]
+
+
+def test_two_seeds_that_agree_give_the_mean_difference_and_a_verdict():
+    rng = np.random.default_rng(0)
+    a = rng.integers(30, 50, (40, 2))
+    b = a + rng.integers(10, 20, (40, 2))           # b finds more person pixels, both seeds
+    person = _person(a, b)
+    # hand: tp / (gt + pred - tp), with 4000 person pixels and none predicted from background
+    iou = lambda h: h.sum(0) / 4000   # noqa: E731
+    a_iou, b_iou = iou(a), iou(b)
+    assert person["per_seed"] == pytest.approx(list(b_iou - a_iou))
+    assert person["delta_iou"] == pytest.approx(np.mean(b_iou - a_iou))
+    assert (person["iou_a"], person["iou_b"]) == pytest.approx((a_iou.mean(), b_iou.mean()))
+    assert person["verdict"] == "higher" and person["reason"] is None
+    assert 0 < person["interval"][0] < person["delta_iou"] < person["interval"][1]
+    assert person["images"] == 40
+
+
+def test_seeds_that_disagree_in_sign_give_no_verdict_even_when_the_mean_is_clear():
+    rng = np.random.default_rng(1)
+    a = rng.integers(30, 50, (40, 2))
+    b = a.copy()
+    b[:, 0] += 40                                   # seed 0: b far better
+    b[:, 1] -= 5                                    # seed 1: b a little worse
+    person = _person(a, b)
+    assert person["per_seed"][0] > 0 > person["per_seed"][1]
+    assert person["interval"][0] > 0                 # the mean alone would say "higher"
+    assert person["verdict"] == "no detectable difference"
+    assert person["reason"] == "the seeds disagree on its sign"
+
+
+def test_a_class_shown_in_too_few_images_gets_no_verdict():
+    a = np.full((40, 1), 30)
+    b = np.full((40, 1), 90)                        # b far better, but in 2 images only
+    person = _person(a, b, shown=2)
+    assert person["images"] == 2 and person["interval"][0] > 0
+    assert person["verdict"] == "no detectable difference"
+    assert person["reason"] == "fewer than compare.min_count val images show it"
+    assert _person(a, b, shown=3)["verdict"] == "higher"   # at min_count: called
 
 
 def joined_frame(rng, n=80):
