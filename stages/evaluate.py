@@ -125,6 +125,9 @@ def _predictions(pred: Path | dict[int, Path], seeds: list[int]) -> list[Path]:
         return [pred]
     if list(pred) != list(seeds):
         raise StageError(f"predictions of seeds {list(pred)}, but train.seeds is {seeds}")
+    for seed, folder in pred.items():
+        if not folder.is_dir():
+            raise StageError(f"{folder}: no predictions of seed {seed} (run infer for it)")
     return [pred[seed] for seed in seeds]
 
 

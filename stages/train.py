@@ -499,8 +499,9 @@ def _run_seeded(params, scheme, raw, masks, out, device, checkpoints, live, rank
     class_names = scheme_class_names(params, scheme)
     recipe = class_statistics(raw, masks, cfg, class_names)
     train_loader = data_loader(raw, masks, "train", cfg, train=True, device=device, ranks=ranks,
-                               image_weights=recipe.image_weights)
-    val_loader = data_loader(raw, masks, "val", cfg, train=False, device=device)
+                               image_weights=recipe.image_weights, seed=cfg["seed"])
+    val_loader = data_loader(raw, masks, "val", cfg, train=False, device=device,
+                             seed=cfg["seed"])
     model = build_model(len(class_names), model_cfg["encoder_weights"], model_cfg["freeze_encoder"],
                         model_cfg["dropout"])
     if ranks.world > 1 and device.type == "cuda":
@@ -603,12 +604,12 @@ def _finite_or_none(value: float) -> float | None:
 
 def data_loader(raw: Path, masks: Path, split: str, cfg: dict, train: bool,
                 device: torch.device, ranks: Ranks = Ranks(),
-                image_weights: torch.Tensor | None = None) -> DataLoader:
+                image_weights: torch.Tensor | None = None, seed: int = 0) -> DataLoader:
     """The batches the stage trains (`train`: augmented as train.augment says, shuffled per
     epoch, this rank's share of the global batch; drawn in proportion to `image_weights` if
     given) or validates on, for one split of download's `raw` and masks' `masks` folders, as
     params.yaml's train section `cfg` sets them. Call loader.sampler.set_epoch(epoch) before
-    each epoch: the order depends on seed and epoch."""
+    each epoch: the order depends on `seed` (the training seed) and epoch."""
     size = cfg["image_size"]
     if train:
         augment = cfg["augment"]
@@ -616,9 +617,9 @@ def data_loader(raw: Path, masks: Path, split: str, cfg: dict, train: bool,
         decode = work_size(size, augment)
     else:
         transform, decode = joint_transform(size, IMAGENET_MEAN, IMAGENET_STD, False, False), size
-    dataset = SegmentationDataset(list_samples(raw, masks, split), transform, cfg["seed"],
+    dataset = SegmentationDataset(list_samples(raw, masks, split), transform, seed,
                                   decode_size=decode)
-    sampler = EpochSampler(len(dataset), cfg["seed"], shuffle=train, rank=ranks.rank,
+    sampler = EpochSampler(len(dataset), seed, shuffle=train, rank=ranks.rank,
                            world=ranks.world, weights=image_weights if train else None)
     batch = per_rank_batch(cfg["batch_size"], ranks.world) if train else cfg["batch_size"]
     workers = cfg["num_workers"]

@@ -285,7 +285,7 @@ def chain(tmp_path_factory, default_params):
         codes["download"] = download.main(["--params", str(p), "--out", str(paths["raw"])])
         codes["masks"] = masks.main(["--params", str(p), "--scheme", SCHEME, "--raw",
                                      str(paths["raw"]), "--out", str(paths["masks"])])
-        codes["train"] = train.main(["--params", str(p), "--scheme", SCHEME, "--raw",
+        codes["train"] = train.main(["--params", str(p), "--scheme", SCHEME, "--seed", "0", "--raw",
                                      str(paths["raw"]), "--masks", str(paths["masks"]),
                                      "--out", str(paths["model"]),
                                      "--live", str(root / "live")])

@@ -248,7 +248,7 @@ def tiny_data(tmp_path_factory, default_params):
 
 
 def train_argv(data: Path, out: Path, live: Path, checkpoints: Path) -> list[str]:
-    return ["--params", str(data / "params.yaml"), "--scheme", "person_car",
+    return ["--params", str(data / "params.yaml"), "--scheme", "person_car", "--seed", "0",
             "--raw", str(data / "raw"), "--masks", str(data / "masks"), "--out", str(out),
             "--live", str(live), "--checkpoints", str(checkpoints)]
 

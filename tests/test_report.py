@@ -45,9 +45,10 @@ params, root = load_params(sys.argv[1]), Path(sys.argv[2])
 raw = root / "data" / "raw"
 download.run(params, raw)
 for s in params["schemes"]:
-    m, model, pred = root / "data" / "masks" / s, root / "models" / s, root / "predictions" / s
+    m = root / "data" / "masks" / s
+    model, pred = root / "models" / s / "seed0", root / "predictions" / s / "seed0"
     masks.run(params, s, raw, m)
-    train.run(params, s, raw, m, model, live=root / "metrics" / "train" / s)
+    train.run(params, s, raw, m, model, live=root / "metrics" / "train" / s / "seed0")
     infer.run(params, model, raw, m, pred)
     evaluate.run(params, s, pred / "val", m / "val", root / "metrics" / f"{s}.json",
                  root / "metrics" / f"{s}.confusion.csv", root / "metrics" / f"{s}.confusion.png",
@@ -299,7 +300,10 @@ def synthetic_scheme(name: str, classes: list[str], ious: list[float | None], se
         claims=claims or {c: {"categories": [c]} for c in classes},
         metrics={"miou": 0.4, "pixel_accuracy": 0.8, "pixel_accuracy_with_ignore": 0.7,
                  "mean_class_accuracy": 0.5, "fw_iou": 0.6, "images": n,
-                 "iou": dict(zip(names, ious))},
+                 "iou": dict(zip(names, ious)),
+                 "seeds": seeds_block([{"miou": 0.4, "pixel_accuracy": 0.8,
+                                        "pixel_accuracy_with_ignore": 0.7,
+                                        "iou": dict(zip(names, ious))}])},
         confusion=rng.integers(0, 1000, (len(names), len(names))),
         confusion_png=FIGURE, curves_png=FIGURE,
         categories=evaluate_categories(names, claims or {c: {"categories": [c]} for c in classes},
@@ -324,6 +328,20 @@ def synthetic_scheme(name: str, classes: list[str], ious: list[float | None], se
             "main_disagreement": np.nan, "figure": np.nan, "region": np.nan}),
         heatmaps=pd.DataFrame(columns=["file", "kind", "cluster", "image_id", "stem", "class",
                                        "layer", "channels", "target", "peak", "reason"]))
+
+
+def seeds_block(per_seed: list[dict], seeds: list[int] | None = None) -> dict:
+    """evaluate's "seeds" block (docs/outputs.md) from each seed's scores, spread by hand."""
+    def summary(values):
+        defined = [v for v in values if v is not None]
+        return {"per_seed": values, "mean": sum(defined) / len(defined) if defined else None,
+                "min": min(defined, default=None), "max": max(defined, default=None),
+                "interval": [None, None]}
+    block = {"seeds": seeds or list(range(len(per_seed)))}
+    for key in ("miou", "pixel_accuracy", "pixel_accuracy_with_ignore"):
+        block[key] = summary([p[key] for p in per_seed])
+    block["iou"] = {c: summary([p["iou"][c] for p in per_seed]) for c in per_seed[0]["iou"]}
+    return block
 
 
 def test_comparison_rows_union_classes_and_delta_only_for_two_schemes():
@@ -376,6 +394,55 @@ def test_verdicts_say_higher_only_when_the_interval_excludes_zero():
     assert undefined == ["car: no comparison, the IoU is undefined in person_vehicle."]
     # without compare's intervals nothing is claimed
     assert report.verdicts(None) == [] and report.verdicts({"pairs": []}) == []
+
+
+def test_verdicts_over_seeds_quote_each_seed_and_say_why_none_is_called():
+    entry = {"iou_a": 0.30, "iou_b": 0.33, "delta_iou": 0.03, "same_definition": True,
+             "interval": [0.01, 0.05], "per_seed": [0.02, 0.04], "images": 40, "reason": None,
+             "verdict": "higher"}
+    assert report.verdicts(pair_summary({"person": entry})) == [
+        "person: person_vehicle is higher than person_car by 0.030 IoU (0.330 vs 0.300, means "
+        "over 2 seeds; the difference per seed +0.020 and +0.040; 95% interval of the "
+        "difference +0.010 to +0.050)."]
+    disagree = {**entry, "per_seed": [0.08, -0.02], "verdict": "no detectable difference",
+                "reason": "the seeds disagree on its sign"}
+    assert report.verdicts(pair_summary({"person": disagree})) == [
+        "person: no detectable difference between person_vehicle and person_car (0.330 vs "
+        "0.300, means over 2 seeds; the difference per seed +0.080 and -0.020; the 95% "
+        "interval of the difference, +0.010 to +0.050, excludes 0, but the seeds disagree on "
+        "its sign)."]
+    few = {**entry, "per_seed": [0.03], "images": 2, "verdict": "no detectable difference",
+           "reason": "fewer than compare.min_count val images show it"}
+    assert report.verdicts(pair_summary({"person": few})) == [
+        "person: no detectable difference between person_vehicle and person_car (0.330 vs "
+        "0.300; the 95% interval of the difference, +0.010 to +0.050, comes from 2 val images "
+        "showing it, too few to call a difference)."]
+
+
+def test_seed_spread_and_note_with_two_seeds_and_with_one():
+    a = synthetic_scheme("person_car", ["person", "car"], [0.9, 0.3, 0.1])
+    b = synthetic_scheme("person_vehicle", ["person", "vehicle"], [0.9, 0.2, 0.15])
+    assert report_tables.seed_spread([a, b]) == []
+    assert report_tables.seed_note(None, [a, b]).startswith(
+        "One training run per scheme: training noise was not measured")
+    for s, second in ((a, 0.5), (b, 0.1)):
+        first = {"miou": 0.4, "pixel_accuracy": 0.8, "pixel_accuracy_with_ignore": 0.7,
+                 "iou": s.metrics["iou"]}
+        other = {**first, "miou": 0.6, "iou": {**s.metrics["iou"], "person": second}}
+        s.metrics["seeds"] = seeds_block([first, other], seeds=[3, 7])
+    rows = {r["label"]: r["cells"] for r in report_tables.seed_spread([a, b])}
+    assert list(rows) == ["IoU background", "IoU person", "IoU car", "IoU vehicle", "mIoU",
+                          "pixel accuracy (ignore excluded)",
+                          "pixel accuracy (ignore counted as error)"]
+    assert rows["IoU person"] == [
+        {"mean": pytest.approx(0.4), "min": 0.3, "max": 0.5, "per_seed": [0.3, 0.5]},
+        {"mean": pytest.approx(0.15), "min": 0.1, "max": 0.2, "per_seed": [0.2, 0.1]}]
+    assert rows["IoU car"][1] is None and rows["IoU vehicle"][0] is None
+    assert rows["mIoU"][0]["min"] == 0.4 and rows["mIoU"][0]["max"] == 0.6
+    note = report_tables.seed_note({"seeds": {"seeds": [3, 7]}}, [a, b])
+    assert note.startswith("2 training runs per scheme (seeds 3, 7): the verdicts compare the "
+                           "mean over seeds")
+    assert note.endswith("The other sections show the model of seed 3.")
 
 
 def test_weak_classes_use_the_top_of_the_interval():
@@ -676,7 +743,7 @@ def test_sections_toc_timing_and_examples(rendered):
     assert len(anchors) >= 9 and set(anchors) <= ids
     timing = rows_by_label(page.tables["timing-table"])
     for s in params["schemes"]:
-        t = json.loads((root / "predictions" / s / "timing.json").read_text())
+        t = json.loads((root / "predictions" / s / "seed0" / "timing.json").read_text())
         assert timing[s][:3] == [str(t["images"]), t["device"], str(t["batch_size"])]
         assert timing[s][4] == f"{t['latency_ms']['mean']:.1f}"
         assert timing[s][6] == f"{t['latency_ms']['median']:.1f}"
@@ -830,7 +897,7 @@ def test_provenance_lists_commit_params_versions_and_data(rendered):
     manifest = hashlib.sha256((raw / "manifest.json").read_bytes()).hexdigest()
     assert f"manifest.json sha256 {manifest} (it lists every image's sha256" in text
     for s in rendered["params"]["schemes"]:
-        model = hashlib.sha256((rendered["args"]["models"] / s / "model.pt").read_bytes())
+        model = hashlib.sha256((rendered["args"]["models"] / s / "seed0" / "model.pt").read_bytes())
         assert (f"model {s} model.pt sha256 {model.hexdigest()}; trained on cpu, inference "
                 "on cpu") in text
 
@@ -893,12 +960,13 @@ def test_confusion_for_other_classes_is_rejected(pipeline, tmp_path):
 def test_missing_prediction_mask_is_named(pipeline, tmp_path):
     predictions = tmp_path / "predictions"
     for s in pipeline["params"]["schemes"]:
-        src = pipeline["root"] / "predictions" / s
-        (predictions / s / "val").mkdir(parents=True)
+        src = pipeline["root"] / "predictions" / s / "seed0"
+        (predictions / s / "seed0" / "val").mkdir(parents=True)
         for name in ("timing.json", "latents.npz"):
-            (predictions / s / name).write_bytes((src / name).read_bytes())
+            (predictions / s / "seed0" / name).write_bytes((src / name).read_bytes())
     params = copy.deepcopy(pipeline["params"])
-    with pytest.raises(StageError, match=r"predictions/person_car/val/\d{12}\.png: missing"):
+    with pytest.raises(StageError,
+                       match=r"predictions/person_car/seed0/val/\d{12}\.png: missing"):
         report.run(params, **stage_args(pipeline["root"], predictions=predictions,
                                         out=tmp_path / "index.html"))
 
@@ -1252,7 +1320,8 @@ def inflate(pipeline: dict, dest: Path, n_extra: int) -> dict:
             pd.concat([frame, *copies]).to_csv(dest / "analysis" / s / table, index=False)
         for i, original in enumerate(samples["file_name"].iloc[picks]):
             stem, new = Path(original).stem, f"synthetic{i:06d}"
-            for folder in (dest / "data" / "masks" / s / "val", dest / "predictions" / s / "val"):
+            for folder in (dest / "data" / "masks" / s / "val",
+                           dest / "predictions" / s / "seed0" / "val"):
                 (folder / f"{new}.png").symlink_to(folder / f"{stem}.png")
             first.setdefault(new, original)
     images = raw / "images" / "val"

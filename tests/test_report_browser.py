@@ -339,7 +339,8 @@ def hostile(tmp_path_factory, browser):
     images = dest / "data" / "raw" / "images" / "val"
     (images / f"{victim}.jpg").rename(images / f"{new}.jpg")
     for s in schemes:
-        for folder in (dest / "data" / "masks" / s / "val", dest / "predictions" / s / "val"):
+        for folder in (dest / "data" / "masks" / s / "val",
+                       dest / "predictions" / s / "seed0" / "val"):
             (folder / f"{victim}.png").rename(folder / f"{new}.png")
         path = dest / "analysis" / s / "samples.csv"
         samples = pd.read_csv(path, dtype={"file_name": str})

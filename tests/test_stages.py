@@ -48,7 +48,8 @@ def chain(tmp_path_factory, default_params, one_torch_thread):
     paths = {"root": root, "params": Path(p), "raw": root / "data" / "raw",
              "masks": root / "data" / "masks" / SCHEME,
              "masks_vehicle": root / "data" / "masks" / "person_vehicle",
-             "model": root / "models" / SCHEME, "pred": root / "predictions" / SCHEME,
+             "model": root / "models" / SCHEME / "seed0",
+             "pred": root / "predictions" / SCHEME / "seed0",
              "metrics": root / "metrics" / f"{SCHEME}.json",
              "confusion": root / "metrics" / f"{SCHEME}_confusion.csv",
              "confusion_plot": root / "metrics" / f"{SCHEME}.confusion.png",
@@ -62,14 +63,15 @@ def chain(tmp_path_factory, default_params, one_torch_thread):
         for scheme, out in ((SCHEME, paths["masks"]), ("person_vehicle", paths["masks_vehicle"])):
             codes[f"masks {scheme}"] = masks.main(["--params", p, "--scheme", scheme, "--raw",
                                                    str(paths["raw"]), "--out", str(out)])
-        codes["train"] = train.main(["--params", p, "--scheme", SCHEME, "--raw", str(paths["raw"]),
+        codes["train"] = train.main(["--params", p, "--scheme", SCHEME, "--seed", "0",
+                                     "--raw", str(paths["raw"]),
                                      "--masks", str(paths["masks"]), "--out", str(paths["model"]),
                                      "--live", str(paths["model"].parent / "live")])
         codes["infer"] = infer.main(["--params", p, "--model", str(paths["model"]), "--raw",
                                      str(paths["raw"]), "--masks", str(paths["masks"]), "--out",
                                      str(paths["pred"])])
         codes["evaluate"] = evaluate.main(["--params", p, "--scheme", SCHEME, "--pred",
-                                           str(paths["pred"] / "val"), "--gt",
+                                           str(paths["pred"].parent), "--gt",
                                            str(paths["masks"] / "val"), "--out",
                                            str(paths["metrics"]), "--confusion",
                                            str(paths["confusion"]), "--confusion-plot",
@@ -545,7 +547,8 @@ def _argv(stage: str, p: str, root: Path) -> list[str]:
     return {
         "download": ["--params", p, "--out", x],
         "masks": ["--params", p, "--scheme", SCHEME, "--raw", x, "--out", x],
-        "train": ["--params", p, "--scheme", SCHEME, "--raw", x, "--masks", x, "--out", x,
+        "train": ["--params", p, "--scheme", SCHEME, "--seed", "0", "--raw", x, "--masks", x,
+                  "--out", x,
                   "--live", x],
         "infer": ["--params", p, "--model", x, "--raw", x, "--masks", x, "--out", x],
         "evaluate": ["--params", p, "--scheme", SCHEME, "--pred", x, "--gt", x, "--out", x,
@@ -577,6 +580,16 @@ def test_missing_cli_flag_is_argparse_error(tmp_path, capsys):
     assert "--pred" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("seed", ["-1", "x", "4294967296", "1.0"])
+def test_train_refuses_a_seed_that_is_no_seed(tmp_path, capsys, seed):
+    with pytest.raises(SystemExit) as stopped:
+        train.main(["--params", str(tmp_path / "p.yaml"), "--scheme", SCHEME, "--seed", seed,
+                    "--raw", "r", "--masks", "m", "--out", "o", "--live", "l"])
+    assert stopped.value.code == 2
+    assert f"argument --seed: {seed!r}: expected an integer seed in 0..4294967295" in \
+        capsys.readouterr().err
+
+
 def test_masks_missing_raw_folder(chain, tmp_path, caplog):
     missing = tmp_path / "no_raw"
     code = masks.main(["--params", str(chain["params"]), "--scheme", SCHEME, "--raw",
@@ -590,7 +603,7 @@ def test_masks_missing_raw_folder(chain, tmp_path, caplog):
 def test_evaluate_missing_folders(chain, tmp_path, caplog):
     p = str(chain["params"])
     missing = tmp_path / "no_gt"
-    code = evaluate.main(["--params", p, "--scheme", SCHEME, "--pred", str(chain["pred"] / "val"),
+    code = evaluate.main(["--params", p, "--scheme", SCHEME, "--pred", str(chain["pred"].parent),
                           "--gt", str(missing), "--out", str(tmp_path / "m.json"),
                           "--confusion", str(tmp_path / "c.csv")])
     assert code == 2
@@ -599,13 +612,15 @@ def test_evaluate_missing_folders(chain, tmp_path, caplog):
                           "--gt", str(chain["masks"] / "val"), "--out", str(tmp_path / "m.json"),
                           "--confusion", str(tmp_path / "c.csv")])
     assert code == 2
-    assert f"{tmp_path / 'no_pred'}/" in caplog.text and "prediction missing" in caplog.text
+    assert f"{tmp_path / 'no_pred' / 'seed0' / 'val'}: no predictions of seed 0 (run infer for " \
+           "it)" in caplog.text
     assert not (tmp_path / "m.json").exists()
 
 
 def test_train_missing_raw_folder(chain, tmp_path, caplog):
     missing = tmp_path / "no_raw"
-    code = train.main(["--params", str(chain["params"]), "--scheme", SCHEME, "--raw",
+    code = train.main(["--params", str(chain["params"]), "--scheme", SCHEME, "--seed", "0",
+                       "--raw",
                        str(missing), "--masks", str(chain["masks"]), "--out", str(tmp_path / "m"),
                        "--live", str(tmp_path / "live")])
     assert code == 2
@@ -637,7 +652,8 @@ def test_train_missing_mask_names_the_file(chain, tmp_path, caplog):
     victim.unlink()
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
-        code = train.main(["--params", str(chain["params"]), "--scheme", SCHEME, "--raw",
+        code = train.main(["--params", str(chain["params"]), "--scheme", SCHEME, "--seed", "0",
+                       "--raw",
                            str(chain["raw"]), "--masks", str(masks_copy), "--out",
                            str(tmp_path / "m"), "--live", str(tmp_path / "live")])
     finally:

@@ -67,11 +67,11 @@ def test_epoch_order_depends_on_seed_and_epoch_only_and_ranks_partition_it():
 
 
 def _batches(data, workers: int, epoch: int) -> list[torch.Tensor]:
-    cfg = data["params"]["train"]
+    seed = data["params"]["train"]["seeds"][0]
     dataset = SegmentationDataset(list_samples(data["raw"], data["masks"], "train"),
                                   joint_transform(64, IMAGENET_MEAN, IMAGENET_STD, True, True),
-                                  cfg["seed"])
-    sampler = EpochSampler(len(dataset), cfg["seed"], shuffle=True)
+                                  seed)
+    sampler = EpochSampler(len(dataset), seed, shuffle=True)
     sampler.set_epoch(epoch)
     loader = DataLoader(dataset, batch_size=4, sampler=sampler, num_workers=workers,
                         persistent_workers=workers > 0)
@@ -89,7 +89,8 @@ def test_augmented_batches_do_not_depend_on_workers(data):
 
 def _command(data, out: Path, checkpoints: Path) -> list[str]:
     return [sys.executable, "-m", "stages.train", "--params", str(data["root"] / "params.yaml"),
-            "--scheme", SCHEME, "--raw", str(data["raw"]), "--masks", str(data["masks"]),
+            "--scheme", SCHEME, "--seed", "0", "--raw", str(data["raw"]),
+            "--masks", str(data["masks"]),
             "--out", str(out), "--live", str(out.parent / f"{out.name}_live"),
             "--checkpoints", str(checkpoints)]
 
@@ -200,7 +201,8 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(data, tmp
         params_file.write_text(yaml.safe_dump(params, sort_keys=False))
         lives[nproc] = tmp_path / f"live{nproc}"
         command = [sys.executable, "-m", "stages.train", "--params", str(params_file),
-                   "--scheme", SCHEME, "--raw", str(data["raw"]), "--masks", str(data["masks"]),
+                   "--scheme", SCHEME, "--seed", "0", "--raw", str(data["raw"]),
+                   "--masks", str(data["masks"]),
                    "--out", str(tmp_path / f"model{nproc}"), "--live", str(lives[nproc])]
         result = subprocess.run(command, env=env, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-3000:]

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from stages.lib.cli import StageError
-from stages.lib.names import check_plain_name, inside
+from stages.lib.names import check_plain_name, inside, seed_dir
 from stages.lib.params import scheme_class_names
 from stages.lib.tables import read_json, read_table
 
@@ -23,7 +23,7 @@ class Scheme:
     confusion: np.ndarray            # evaluate's S.confusion.csv
     confusion_png: bytes             # evaluate's S.confusion.png
     categories: pd.DataFrame         # evaluate's S.categories.csv
-    curves_png: bytes                # train's models/S/curves.png
+    curves_png: bytes                # train's models/S/seed<N>/curves.png
     timing: dict                     # infer's timing.json
     train: dict                      # train's train.json
     samples: pd.DataFrame            # analyze's samples.csv (with a `stem` from file_name)
@@ -36,6 +36,7 @@ class Scheme:
     bin_members: dict[str, list[int]]  # analyze's bin_members.csv: field -> each row's bin
     label_issues: pd.DataFrame       # analyze's label_issues.csv
     heatmaps: pd.DataFrame           # analyze's heatmaps/index.csv
+    seed: int = 0                    # the analysed model's training seed (train.seeds[0])
 
 
 SUMMARY_METRICS = [
@@ -45,7 +46,7 @@ SUMMARY_METRICS = [
     ("mean_class_accuracy", "mean class accuracy"),
     ("fw_iou", "frequency-weighted IoU"),
 ]
-METRICS_KEYS = [key for key, _ in SUMMARY_METRICS] + ["iou", "images"]
+METRICS_KEYS = [key for key, _ in SUMMARY_METRICS] + ["iou", "images", "seeds"]
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -115,6 +116,8 @@ def load_scheme(params: dict, name: str, models: Path, predictions: Path, metric
                 analysis: Path) -> Scheme:
     class_names = scheme_class_names(params, name)
     folder = inside(analysis, name, resolve=False)
+    seed = params["train"]["seeds"][0]   # the analysed model: its training facts and masks
+    trained = inside(models, name, seed_dir(seed), resolve=False)
     binning = params["analyze"]["buckets"]["binning"][0]   # the charts show the first
     samples = read_samples(folder / "samples.csv", class_names)
     neighbours, distances = read_neighbours(folder / "neighbours.csv", samples)
@@ -126,9 +129,10 @@ def load_scheme(params: dict, name: str, models: Path, predictions: Path, metric
         categories=read_table(metrics / f"{name}.categories.csv",
                               [*CATEGORY_COLUMNS, *(f"pred_{c}" for c in class_names)],
                               "evaluate").fillna({"claimed_by": ""}),
-        curves_png=read_png(models / name / "curves.png", "train"),
-        timing=read_timing(predictions / name / "timing.json"),
-        train=read_json(models / name / "train.json", TRAIN_KEYS, "train"),
+        curves_png=read_png(trained / "curves.png", "train"),
+        timing=read_timing(inside(predictions, name, seed_dir(seed), "timing.json",
+                                  resolve=False)),
+        train=read_json(trained / "train.json", TRAIN_KEYS, "train"),
         samples=samples, neighbours=neighbours, distances=distances,
         bin_members=read_bin_members(folder / "bin_members.csv", samples, binning),
         clusters=read_table(folder / "clusters.csv", CLUSTER_COLUMNS, "analyze"),
@@ -138,6 +142,7 @@ def load_scheme(params: dict, name: str, models: Path, predictions: Path, metric
                                 dtype={"stem": str}),
         heatmaps=read_table(folder / "heatmaps" / "index.csv", ["file", "kind", "cluster", "stem"],
                             "analyze", dtype={"stem": str}),
+        seed=seed,
     )
 
 

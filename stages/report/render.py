@@ -15,7 +15,7 @@ from PIL import Image
 
 from stages.lib.cli import StageError
 from stages.lib.labels import IGNORE_INDEX, colourise, palette_colours, read_labels
-from stages.lib.names import inside
+from stages.lib.names import inside, seed_dir
 from stages.lib.plots import fit_width
 from stages.report.explorer import explorer_data, explorer_fields, image_table
 from stages.report.inputs import Scheme, listed_file
@@ -36,6 +36,7 @@ from stages.report.tables import (
     sample_scores,
     scheme_differences,
     seed_note,
+    seed_spread,
     study_sentence,
     timing_rows,
     training_caveats,
@@ -147,7 +148,8 @@ def build_context(params: dict, schemes: list[Scheme], provenance: dict,
         "title": params["report"]["title"], "schemes": names,
         "provenance": {**PROVENANCE_DEFAULTS, **provenance},
         "comparison": comparison_table(schemes), "verdicts": verdicts(summary),
-        "seed_note": seed_note(params), "unshared": unshared(schemes),
+        "seed_note": seed_note(summary, schemes), "unshared": unshared(schemes),
+        "seed_spread": seed_spread(schemes),
         "categories": category_rows(schemes, summary), "study": study_sentence(schemes),
         "weak": [{"scheme": s.name, "warnings": [weak_warning(c) for c in weak[s.name]]}
                  for s in schemes if weak[s.name]],
@@ -188,8 +190,8 @@ def examples(schemes: list[Scheme], raw: Path, masks: Path, predictions: Path,
         renders = [{"scheme": s.name, **score,
                     "gt": label_thumbnail(inside(masks, s.name, "val", f"{stem}.png",
                                                  resolve=False), width),
-                    "pred": label_thumbnail(inside(predictions, s.name, "val", f"{stem}.png",
-                                                   resolve=False), width)}
+                    "pred": label_thumbnail(inside(predictions, s.name, seed_dir(s.seed), "val",
+                                                   f"{stem}.png", resolve=False), width)}
                    for s, score in zip(schemes, scores)]
         rows.append({"stem": stem, "reason": reason, "schemes": renders,
                      "image": photo_thumbnail(inside(raw, "images", "val", file_names[stem],

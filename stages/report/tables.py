@@ -83,15 +83,37 @@ def verdict(name: str, entry: dict, a: str, b: str, confidence: float) -> str:
         text = (f"{name}: {b} {vb:.3f}, {a} {va:.3f}; no interval (the IoU is undefined in "
                 f"most resamples of the val images), so no verdict")
     elif entry["verdict"] == "no detectable difference":
-        text = (f"{name}: no detectable difference between {b} and {a} ({vb:.3f} vs {va:.3f}; "
-                f"the {level} interval of the difference, {lo:+.3f} to {hi:+.3f}, includes 0)")
+        text = (f"{name}: no detectable difference between {b} and {a} ({vb:.3f} vs {va:.3f}"
+                f"{_seed_mean(entry)}; {_not_called(entry, level, lo, hi)})")
     else:
         word = "higher" if entry["verdict"] == "higher" else "lower"
         text = (f"{name}: {b} is {word} than {a} by {abs(delta):.3f} IoU ({vb:.3f} vs "
-                f"{va:.3f}; {level} interval of the difference {lo:+.3f} to {hi:+.3f})")
+                f"{va:.3f}{_seed_mean(entry)}; {level} interval of the difference {lo:+.3f} "
+                f"to {hi:+.3f})")
     if not entry["same_definition"]:
         text += "; the schemes define this class differently, so this is not like for like"
     return text + "."
+
+
+def _seed_mean(entry: dict) -> str:
+    """', mean of 2 seeds, per seed +0.010 and +0.020' with more than one training seed."""
+    per_seed = entry.get("per_seed") or []
+    if len(per_seed) < 2:
+        return ""
+    deltas = " and ".join("—" if d is None else f"{d:+.3f}" for d in per_seed)
+    return f", means over {len(per_seed)} seeds; the difference per seed {deltas}"
+
+
+def _not_called(entry: dict, level: str, lo: float, hi: float) -> str:
+    """Why no verdict: the interval holds 0, or compare's reason (too few images, seeds that
+    disagree) although it does not."""
+    bounds = f"the {level} interval of the difference, {lo:+.3f} to {hi:+.3f}"
+    if entry.get("reason") == "the seeds disagree on its sign":
+        return f"{bounds}, excludes 0, but the seeds disagree on its sign"
+    if entry.get("reason") == "fewer than compare.min_count val images show it":
+        return (f"{bounds}, comes from {entry['images']} val images showing it, too few to "
+                f"call a difference")
+    return f"{bounds}, includes 0"
 
 
 def verdicts(summary: dict | None) -> list[str]:
@@ -103,11 +125,41 @@ def verdicts(summary: dict | None) -> list[str]:
             for name, entry in p.get("classes", {}).items()]
 
 
-def seed_note(params: dict) -> str:
-    """What the intervals cover."""
-    return ("One training run per scheme: training noise was not measured, so the intervals "
-            "cover the choice of val images only (a paired bootstrap over them), not what "
-            "another training run would give.")
+def seed_note(summary: dict | None, schemes: list[Scheme]) -> str:
+    """What the intervals cover, and whether training noise was measured."""
+    seeds = ((summary or {}).get("seeds") or {}).get("seeds") or (
+        schemes[0].metrics["seeds"]["seeds"] if schemes else [])
+    if len(seeds) < 2:
+        return ("One training run per scheme: training noise was not measured, so the "
+                "intervals cover the choice of val images only (a paired bootstrap over them), "
+                "not what another training run would give.")
+    listed = ", ".join(str(s) for s in seeds)
+    return (f"{len(seeds)} training runs per scheme (seeds {listed}): the verdicts compare "
+            f"the mean over seeds, with the interval of that mean over resampled val images, "
+            f"and call a difference only when every seed agrees on its sign. The spread over "
+            f"seeds is in the table below. The other sections show the model of seed "
+            f"{seeds[0]}.")
+
+
+def seed_spread(schemes: list[Scheme]) -> list[dict]:
+    """Per score (each class's IoU, then mIoU and pixel accuracy), per scheme: the mean over
+    training seeds and its min–max (evaluate's "seeds" block); empty with one seed."""
+    if not schemes or len(schemes[0].metrics["seeds"]["seeds"]) < 2:
+        return []
+    rows = [{"label": f"IoU {name}",
+             "cells": [_spread(s.metrics["seeds"]["iou"].get(name)) for s in schemes]}
+            for name in class_union(schemes)]
+    rows += [{"label": label,
+              "cells": [_spread(s.metrics["seeds"].get(key)) for s in schemes]}
+             for key, label in SUMMARY_METRICS if key in schemes[0].metrics["seeds"]]
+    return rows
+
+
+def _spread(entry: dict | None) -> dict | None:
+    if entry is None:
+        return None
+    return {"mean": finite(entry["mean"]), "min": finite(entry["min"]),
+            "max": finite(entry["max"]), "per_seed": [finite(v) for v in entry["per_seed"]]}
 
 
 def weak_classes(scheme: Scheme, threshold: float) -> list[str]:
