@@ -22,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+from stages.lib.names import seed_dir
 from benchmarks.common import (add_memory_goal, child_row, default_params, memory_goal_note,
                                peak_mib, replicate_masks, replicate_predictions, replicate_raw,
                                resident_mib, run_child)
@@ -76,15 +77,18 @@ def build(params: dict, root: Path, base: Path | None, factor: int) -> dict:
         shutil.copytree(b["models"], p["models"])
         shutil.copytree(b["metrics"] / "train", p["metrics"] / "train")
     for s in params["schemes"]:
-        m, model, pred = p["masks"] / s, p["models"] / s, p["predictions"] / s
+        # one training seed (params.yaml's first): its model and predictions, as the engines
+        # lay them out
+        m, run = p["masks"] / s, seed_dir(params["train"]["seeds"][0])
+        model, pred = p["models"] / s / run, p["predictions"] / s / run
         if base is None:
             timed("masks", masks.run, params, s, p["raw"], m)
             timed("train", train.run, params, s, p["raw"], m, model,
-                  live=p["metrics"] / "train" / s)
+                  live=p["metrics"] / "train" / s / run)
             timed("infer", infer.run, params, model, p["raw"], m, pred)
         else:
             replicate_masks(b["masks"] / s, m, factor)
-            replicate_predictions(b["predictions"] / s, pred, factor)
+            replicate_predictions(b["predictions"] / s / run, pred, factor)
         timed("evaluate", evaluate.run, params, s, pred / "val", m / "val",
               p["metrics"] / f"{s}.json", p["metrics"] / f"{s}.confusion.csv",
               p["metrics"] / f"{s}.confusion.png",

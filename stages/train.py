@@ -213,11 +213,13 @@ def recipe_record(cfg: dict, recipe: Recipe) -> dict:
 
 # ---------------------------------------------------------------- checkpoints
 
-def run_fingerprint(params: dict, scheme: str, raw: Path, masks: Path) -> str:
+def run_fingerprint(params: dict, scheme: str, raw: Path, masks: Path, seed: int = 0) -> str:
     """What a checkpoint must match to be resumed: every value that shapes the training
-    (not num_workers: batches do not depend on it) and the identity of its data."""
-    values = {"scheme": params["schemes"][scheme], "model": params["model"],
-              "train": {k: v for k, v in params["train"].items() if k != "num_workers"}}
+    (not num_workers: batches do not depend on it; the training seed, not the list of
+    seeds) and the identity of its data."""
+    values = {"scheme": params["schemes"][scheme], "model": params["model"], "seed": int(seed),
+              "train": {k: v for k, v in params["train"].items()
+                        if k not in ("num_workers", "seeds", "seed")}}
     digest = hashlib.sha256(json.dumps(values, sort_keys=True).encode())
     for path in (raw / "manifest.json", masks / "metadata.csv"):
         digest.update(path.read_bytes() if path.is_file() else b"-")
@@ -513,7 +515,7 @@ def _run_seeded(params, scheme, raw, masks, out, device, checkpoints, live, rank
     log.info("%s: %d train / %d val images, %d classes, device %s", scheme,
              len(train_loader.dataset), len(val_loader.dataset), len(class_names), device)
     checkpoint = checkpoints / "last.pt" if checkpoints else None
-    fingerprint = run_fingerprint(params, scheme, raw, masks)
+    fingerprint = run_fingerprint(params, scheme, raw, masks, cfg["seed"])
     history = resume(checkpoint, fingerprint, state, set_aside=ranks.main) if checkpoint else []
     trained = _wrap_ddp(model, device, ranks)
 

@@ -80,10 +80,30 @@ def both_engines():
 
 def test_both_engines_run_the_same_commands(both_engines):
     smk, dvc = both_engines
-    # download, 5 stages per scheme, compare, report
-    schemes = yaml.safe_load((ROOT / "params.yaml").read_text())["schemes"]
-    assert len(smk) == 1 + 5 * len(schemes) + 2
+    # download; per scheme masks, evaluate, analyze, and train and infer per seed; compare,
+    # report
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    schemes, seeds = params["schemes"], params["train"]["seeds"]
+    assert len(smk) == 1 + (3 + 2 * len(seeds)) * len(schemes) + 2
     assert set(smk) == set(dvc)
+
+
+def test_both_engines_name_a_seeds_folders_as_the_stages_do(both_engines):
+    """The rules and dvc.yaml write each seed's model and predictions under the folder name
+    evaluate and the report read them from (stages.lib.names.seed_dir)."""
+    from stages.lib.names import seed_dir
+    smk, _ = both_engines
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    first = seed_dir(params["train"]["seeds"][0])
+    outputs = {o for job in smk.values() if job["rule"] in ("train", "infer")
+               for o in job["output"]}
+    assert outputs == {f"{root}/{s}/{seed_dir(n)}" for root in ("models", "metrics/train",
+                                                                "predictions")
+                       for s in params["schemes"] for n in params["train"]["seeds"]}
+    analysed = {i for job in smk.values() if job["rule"] == "analyze" for i in job["input"]
+                if i.startswith(("models/", "predictions/"))}
+    assert analysed == {f"{root}/{s}/{first}" for root in ("models", "predictions")
+                        for s in params["schemes"]}
 
 
 def test_the_report_gets_every_upstream_jobs_benchmark_under_snakemake(both_engines):
@@ -175,8 +195,11 @@ TIMING_COLUMN = "latency_ms"
 
 @pytest.fixture(scope="module")
 def tiny_params() -> dict:
+    """Two training seeds (issue 16): both engines train, infer and evaluate each."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    return small_params(params, train=8, val=6, size=64, epochs=1)
+    params = small_params(params, train=8, val=6, size=64, epochs=1)
+    params["train"]["seeds"] = [0, 1]
+    return params
 
 
 @pytest.fixture(scope="module")
@@ -197,15 +220,24 @@ def dvc_run(tmp_path_factory, tiny_params) -> Path:
 
 def _report_shows_both_schemes(root: Path, params: dict) -> str:
     html = (root / "reports" / "index.html").read_text()
+    seeds = params["train"]["seeds"]
     for scheme in params["schemes"]:
         metrics = json.loads((root / "metrics" / f"{scheme}.json").read_text())
         assert scheme in html
         assert f"{metrics['miou']:.3f}" in html
+        assert metrics["seeds"]["seeds"] == seeds
+        for seed in seeds:
+            record = json.loads((root / "models" / scheme / f"seed{seed}" / "train.json")
+                                .read_text())
+            assert record["seed"] == seed
+    if len(seeds) > 1:   # the spread over seeds, and the note that training noise was measured
+        assert 'id="seed-spread-table"' in html
+        assert f"{len(seeds)} training runs per scheme (seeds " in html
     return html
 
 
-def _planned(root: Path) -> set[tuple[str, str | None]]:
-    """(rule, scheme) of every job a Snakemake dry run would run."""
+def _planned_jobs(root: Path) -> set[tuple[str, str | None, str | None]]:
+    """(rule, scheme, seed) of every job a Snakemake dry run would run."""
     out = run(["snakemake", "-n", *DEFAULT_PROFILE], root).stdout
     jobs, current = set(), None
     for line in out.splitlines():
@@ -214,14 +246,19 @@ def _planned(root: Path) -> set[tuple[str, str | None]]:
         if match:
             if current:
                 jobs.add(current)
-            current = (match.group(1), None)
+            current = (match.group(1), None, None)
         elif stripped.startswith("wildcards:") and current:
-            current = (current[0], dict(w.split("=") for w in
-                                        stripped.split(":", 1)[1].strip().split(", "))["scheme"])
+            values = dict(w.split("=") for w in stripped.split(":", 1)[1].strip().split(", "))
+            current = (current[0], values["scheme"], values.get("seed"))
     if current:
         jobs.add(current)
-    jobs.discard(("all", None))
+    jobs.discard(("all", None, None))
     return jobs
+
+
+def _planned(root: Path) -> set[tuple[str, str | None]]:
+    """(rule, scheme) of every job a Snakemake dry run would run, seeds merged."""
+    return {(rule, scheme) for rule, scheme, _ in _planned_jobs(root)}
 
 
 def _dvc_changed(root: Path) -> set[str]:
@@ -375,7 +412,8 @@ def test_dvc_repro_end_to_end_status_metrics_plots_and_rerun_rules(dvc_run, tiny
     plots = run(["dvc", "plots", "show", "--json"], root).stdout
     drawn = json.dumps(json.loads(plots))
     for scheme in tiny_params["schemes"]:
-        assert f"metrics/train/{scheme}/plots/metrics/val/miou.tsv" in drawn
+        for seed in tiny_params["train"]["seeds"]:
+            assert f"metrics/train/{scheme}/seed{seed}/plots/metrics/val/miou.tsv" in drawn
     with _Edited(root) as edit:
         edit.params(lambda p: p["report"].update(title="Retitled"))
         rerun = run(["dvc", "repro"], root).stdout
@@ -393,8 +431,7 @@ def test_dvc_reruns_what_a_change_affects_and_nothing_else(dvc_run, tiny_params)
     first, second = list(tiny_params["schemes"])
 
     def changed():
-        stages = _dvc_changed(root)
-        return _split({(s.split("@")[0], s.split("@")[1] if "@" in s else None) for s in stages})
+        return _split({_stage_and_scheme(s) for s in _dvc_changed(root)})
 
     assert _dvc_changed(root) == set()
     with _Edited(root) as edit:
@@ -409,11 +446,43 @@ def test_dvc_reruns_what_a_change_affects_and_nothing_else(dvc_run, tiny_params)
         assert "report" in shared and "download" not in shared
     with _Edited(root) as edit:
         edit.append("stages/infer.py", "\n# edited\n")
-        assert _dvc_changed(root) == {f"infer@{first}", f"infer@{second}"}
+        every = {f"infer@{s}-{n}" for s in (first, second) for n in tiny_params["train"]["seeds"]}
+        assert _dvc_changed(root) == every
         dry = run(["dvc", "repro", "--dry"], root).stdout
-        assert set(re.findall(r"Running stage '([^']+)'", dry)) == {f"infer@{first}",
-                                                                    f"infer@{second}"}
+        assert set(re.findall(r"Running stage '([^']+)'", dry)) == every
     assert _dvc_changed(root) == set()
+
+
+def _stage_and_scheme(name: str) -> tuple[str, str | None]:
+    """DVC's stage name as (stage, scheme): `train@person_car-1` (matrix over scheme and
+    seed) and `evaluate@person_car` (foreach over schemes) both give the scheme."""
+    stage, _, item = name.partition("@")
+    if stage in ("train", "infer"):
+        item = item.rsplit("-", 1)[0]
+    return stage, item or None
+
+
+@pytest.mark.e2e
+def test_adding_a_seed_trains_only_that_seed_under_both_engines(smk_run, dvc_run, tiny_params):
+    """train reads every train key but the seed list: a new seed adds its own train and
+    infer jobs, evaluate (which scores every seed) and what reads it rerun, and no model
+    already trained, nor analyze (the first seed's model), is touched."""
+    schemes = list(tiny_params["schemes"])
+    added = [*tiny_params["train"]["seeds"], 7]
+    with _Edited(smk_run) as edit:
+        edit.params(lambda p: p["train"].update(seeds=added))
+        planned = _planned_jobs(smk_run)
+    assert {j for j in planned if j[0] in ("train", "infer")} == {
+        (rule, s, "7") for rule in ("train", "infer") for s in schemes}
+    assert {j[:2] for j in planned if j[0] not in ("train", "infer")} == {
+        *_chain(["evaluate"], schemes), ("compare", None), ("report", None)}
+    with _Edited(dvc_run) as edit:
+        edit.params(lambda p: p["train"].update(seeds=added))
+        changed = _dvc_changed(dvc_run)
+    assert {c for c in changed if c.startswith(("train@", "infer@"))} == {
+        f"{rule}@{s}-7" for rule in ("train", "infer") for s in schemes}
+    assert {c for c in changed if not c.startswith(("train@", "infer@"))} == {
+        f"evaluate@{s}" for s in schemes} | {"report"}
 
 
 # ---------------------------------------------------------------- same artifacts

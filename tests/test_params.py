@@ -476,7 +476,7 @@ LONG = "x" * 100_000
      f"params.yaml: train.epochs: '{'x' * 79}... (100002 chars) is not of type 'integer'"),
     (lambda p: p["train"].update({LONG: 1}),
      f"params.yaml: train.{'x' * 80}... (100000 chars): unknown key (allowed here: device, "
-     "nproc, image_size, epochs, batch_size, lr, weight_decay, seed, num_workers, hflip, "
+     "nproc, image_size, epochs, batch_size, lr, weight_decay, seeds, num_workers, hflip, "
      "loss, class_weights, sampler, schedule, warmup, augment)"),
     (lambda p: p["report"].update(title=list(range(20_000))),
      f"params.yaml: report.title: {repr(list(range(20_000)))[:80]}... "

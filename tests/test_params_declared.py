@@ -99,7 +99,9 @@ def test_run_selects_its_declared_params_before_anything_else(stage):
 
 def _dvc_params() -> dict[str, tuple[str, ...]]:
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    return {name: tuple(p.replace("${key}", "{scheme}")
+    # foreach over schemes names the scheme ${key}, the matrix over scheme and seed
+    # ${item.scheme}
+    return {name: tuple(p.replace("${key}", "{scheme}").replace("${item.scheme}", "{scheme}")
                         for p in stage.get("do", stage).get("params", []))
             for name, stage in stages.items()}
 
@@ -144,9 +146,11 @@ def test_the_report_is_the_only_stage_reading_other_stages_sections():
     # Each stage reads its own section (if it has one) and the schemes; the report prints
     # every value in its provenance section, so it declares every section. evaluate reads
     # compare.bootstrap too: its intervals and compare's come from the same draws (issue 16
-    # names the key compare.bootstrap).
+    # names the key compare.bootstrap); and train.seeds: the models whose predictions it
+    # scores.
     own = {"download": {"data"}, "masks": {"masks"}, "train": {"model", "train"},
-           "infer": {"infer"}, "evaluate": {"evaluate", "compare"}, "analyze": {"analyze"},
+           "infer": {"infer"}, "evaluate": {"evaluate", "compare", "train"},
+           "analyze": {"analyze"},
            "compare": {"compare"}}
     for stage, sections in own.items():
         declared = {key.split(".")[0] for key in declared_params(stage)}
@@ -185,12 +189,17 @@ def committed_repo(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("key, value, stages", [
     ("report.title", "Retitled", {"report"}),
-    ("infer.batch_size", 3, {"infer@person_car", "infer@person_vehicle", "report"}),
+    ("infer.batch_size", 3, {"infer@person_car-0", "infer@person_vehicle-0", "report"}),
     ("analyze.similars.k", 4, {"analyze@person_car", "analyze@person_vehicle", "report"}),
     ("schemes.person_vehicle.crowd", "background",
-     {"masks@person_vehicle", "train@person_vehicle", "evaluate@person_vehicle", "compare",
+     {"masks@person_vehicle", "train@person_vehicle-0", "evaluate@person_vehicle", "compare",
       "report"}),
-    ("model.dropout", 0.25, {"train@person_car", "train@person_vehicle", "report"}),
+    ("model.dropout", 0.25, {"train@person_car-0", "train@person_vehicle-0", "report"}),
+    # the seed list: a new seed's train and infer jobs, evaluate (it scores every seed), the
+    # report; no seed already trained, nor analyze (the first seed's model)
+    ("train.seeds", [0, 4], {"train@person_car-4", "train@person_vehicle-4",
+                             "infer@person_car-4", "infer@person_vehicle-4",
+                             "evaluate@person_car", "evaluate@person_vehicle", "report"}),
 ])
 def test_dvc_reruns_only_the_stages_that_declare_a_changed_key(committed_repo, key, value,
                                                                stages):

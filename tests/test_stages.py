@@ -271,7 +271,12 @@ def test_metrics_json(chain, val_images):
     assert list(doc) == ["miou", "pixel_accuracy", "pixel_accuracy_with_ignore",
                          "mean_class_accuracy", "fw_iou", "iou", "dice", "class_accuracy",
                          "precision", "recall", "images", "pixels_evaluated", "pixels_ignored",
-                         "interval"]
+                         "interval", "seeds"]
+    # one seed: its block repeats the top level, spread nil
+    assert doc["seeds"]["seeds"] == [0]
+    assert doc["seeds"]["miou"]["per_seed"] == [pytest.approx(doc["miou"])]
+    spread = doc["seeds"]["miou"]
+    assert spread["min"] == spread["max"] == spread["mean"]
     for key in ("iou", "dice", "class_accuracy", "precision", "recall"):
         assert list(doc[key]) == CLASSES
         assert all(v is None or 0 <= v <= 1 for v in doc[key].values())
@@ -488,10 +493,11 @@ def test_training_masks_are_resized_nearest_and_flipped_with_the_image(chain):
 
 def _train_state(chain, tmp_path, seed: int) -> dict:
     params = json.loads(json.dumps(chain["params_dict"]))
-    params["train"].update(image_size=32, seed=seed, batch_size=4)
+    params["train"].update(image_size=32, batch_size=4)
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
-        train.run(params, SCHEME, chain["raw"], chain["masks"], tmp_path / f"m{seed}")
+        train.run(params, SCHEME, chain["raw"], chain["masks"], tmp_path / f"m{seed}",
+                  seed=seed)
     finally:
         torch.use_deterministic_algorithms(deterministic)
     return torch.load(tmp_path / f"m{seed}" / "model.pt", weights_only=True)["state_dict"]

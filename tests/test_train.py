@@ -150,6 +150,9 @@ def test_fingerprint_follows_training_values_and_data_not_workers(data):
     base = train.run_fingerprint(params, SCHEME, data["raw"], data["masks"])
     params["train"]["num_workers"] = 3
     assert train.run_fingerprint(params, SCHEME, data["raw"], data["masks"]) == base
+    params["train"]["seeds"] = [0, 1]   # a seed list that still holds this run's seed
+    assert train.run_fingerprint(params, SCHEME, data["raw"], data["masks"]) == base
+    assert train.run_fingerprint(params, SCHEME, data["raw"], data["masks"], seed=1) != base
     params["train"]["lr"] *= 2
     assert train.run_fingerprint(params, SCHEME, data["raw"], data["masks"]) != base
 
@@ -500,7 +503,8 @@ TRAIN_JSON_KEYS = {"device": str, "precision": str, "epochs": int, "wall_s": flo
                    "torch_version": str, "model_sha256": str, "train_images": int,
                    "val_images": int,
                    # the recipe's (issue 15), for params.yaml's weighted loss
-                   "loss": str, "class_weighting": str, "class_weights": dict, "sampler": str,
+                   "seed": int, "loss": str, "class_weighting": str, "class_weights": dict,
+                   "sampler": str,
                    "schedule": dict, "augment": dict}
 
 
@@ -518,16 +522,16 @@ def _train_json(model_dir: Path) -> dict:
 def test_train_json_records_the_run(tiny, tmp_path):
     started = time.perf_counter()
     train.run(copy.deepcopy(tiny["params"]), SCHEME, tiny["raw"], tiny["masks"],
-              tmp_path / "model")
+              tmp_path / "model", seed=3)
     elapsed = time.perf_counter() - started
     assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["curves.png", "model.pt",
                                                                       "train.json"]
     record = _train_json(tmp_path / "model")
     # the tiny fixture: 4 train / 2 val images, one epoch on the CPU
     assert {k: record[k] for k in ("device", "precision", "epochs", "torch_version",
-                                   "train_images", "val_images")} == {
+                                   "train_images", "val_images", "seed")} == {
         "device": "cpu", "precision": "float32", "epochs": 1, "torch_version": torch.__version__,
-        "train_images": 4, "val_images": 2}
+        "train_images": 4, "val_images": 2, "seed": 3}
     assert 0 < record["wall_s"] < elapsed  # the training loop only, within the stage's run
 
 

@@ -132,9 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--raw", required=True, type=Path, help="folder written by download")
     parser.add_argument("--masks", required=True, type=Path, help="folder of masks/{scheme}")
     parser.add_argument("--models", required=True, type=Path,
-                        help="folder of models/{scheme} (train.json)")
+                        help="folder of models/{scheme}/seed<N> (train.json of the first seed)")
     parser.add_argument("--predictions", required=True, type=Path,
-                        help="folder of predictions/{scheme}")
+                        help="folder of predictions/{scheme}/seed<N>")
     parser.add_argument("--metrics", required=True, type=Path,
                         help="folder of {scheme}.json and {scheme}.confusion.csv")
     parser.add_argument("--analysis", required=True, type=Path, help="folder of analysis/{scheme}")
