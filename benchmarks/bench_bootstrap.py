@@ -52,19 +52,23 @@ def run(scale: float) -> dict:
         rows.append({"case": label, "val images": n, "resamples": samples,
                      "wall s": round(result["wall_s"], 2), "CPU s": round(result["cpu_s"], 2),
                      "peak RSS MiB": round(result["peak_mib"]),
-                     "of which data MiB": round(result["baseline_mib"])})
+                     "of which data MiB": round(result["baseline_mib"]),
+                     "working MiB": round(result["peak_mib"] - result["baseline_mib"])})
     first = rows[0]["wall s"]
     speed = "met" if first <= GOAL_SECONDS else "missed"
-    for row, cell in zip(rows, memory_goal_cells([r["peak RSS MiB"] for r in rows], [1, 10, 10])):
-        row[memory_goal_column()] = cell
+    for row, cell in zip(rows, memory_goal_cells([r["working MiB"] for r in rows], [1, 10, 10])):
+        row[memory_goal_column().replace("peak RSS", "working MiB")] = cell
     notes = [f"Goal: 1000 resamples over {images} images, {CLASSES} classes (one scheme's "
              f"intervals, then two schemes paired, as evaluate and compare run them) in at most "
              f"{GOAL_SECONDS:g} s: {speed} ({first:.2f} s).",
-             f"Goal: peak memory at 10x <= {MEMORY_GOAL:g}x the 1x run's. The per-image "
-             "matrices themselves grow with the images (N x K x K int64, and a float64 copy "
-             "for the products): 'of which data MiB' is the process after building them. The "
-             "resampling works in batches of at most bootstrap.BATCH_CELLS weights, so its "
-             "own memory is the same whatever N and the number of resamples.",
+             f"Goal: memory flat from 1x to 10x: the working memory (peak RSS minus the "
+             f"process holding the data) at 10x <= {MEMORY_GOAL:g}x the 1x run's. The per-image "
+             "matrices are the input and grow with the images (N x K x K int64, what compare "
+             "reads from per_image.npz): 'of which data MiB' is the process after building "
+             "them. The resampling draws at most bootstrap.BATCH_CELLS weights at once and "
+             "converts at most bootstrap.CHUNK_CELLS counts to float64 at once, so its own "
+             "memory is the same whatever N and the number of resamples (a float64 copy of "
+             "the whole input, as before, made 10x the images cost 1.59x the peak).",
              "Synthetic per-image confusion matrices (seeded integers) of real size; the "
              "bootstrap's cost does not depend on their values."]
     return {"title": "bootstrap: paired intervals over val images", "table": rows,

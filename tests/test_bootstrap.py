@@ -57,6 +57,18 @@ def test_resampled_sums_are_weighted_sums_of_the_same_draws():
     np.testing.assert_array_equal(sb, weights @ b)
 
 
+def test_image_chunks_give_the_same_sums_as_one_product(monkeypatch):
+    """Counts are converted to float in chunks of images (memory flat in N): the sums equal
+    the whole product, computed here by hand from the same draws."""
+    cms = synthetic_images(np.random.default_rng(6), 50)
+    settings = Settings(samples=30, seed=2)
+    monkeypatch.setattr(bootstrap, "CHUNK_CELLS", 9 * 4)   # 4 images at a time, 13 chunks
+    chunked = bootstrap.resampled_sums([cms], settings)[0]
+    weights = bootstrap.resample_weights(np.random.default_rng(2), 50, 30)
+    by_hand = np.einsum("bn,nij->bij", weights, cms)
+    np.testing.assert_array_equal(chunked, by_hand)
+
+
 def test_batches_do_not_change_the_draws(monkeypatch):
     cms = synthetic_images(np.random.default_rng(4), 50)
     whole = bootstrap.resampled_sums([cms], Settings(samples=200, seed=9))[0]

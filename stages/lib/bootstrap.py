@@ -22,6 +22,9 @@ import numpy as np
 from stages.lib.metrics import per_class_iou
 
 BATCH_CELLS = 4_000_000   # weights held at once: 32 MB of int64, whatever N and samples
+# Per-image counts converted to float64 at once, for the products: 8 MB, whatever N (a
+# float64 copy of the whole (N, ...) array would grow with the val set).
+CHUNK_CELLS = 1_000_000
 METHOD = "percentile bootstrap over val images, paired across schemes"
 
 
@@ -50,15 +53,18 @@ def resampled_sums(arrays: list[np.ndarray], settings: Settings) -> list[np.ndar
     n = len(arrays[0])
     if n == 0 or any(len(a) != n for a in arrays):
         raise ValueError(f"arrays of {[len(a) for a in arrays]} images; need the same, > 0")
-    flat = [a.reshape(n, -1).astype(np.float64) for a in arrays]
-    out = [np.empty((settings.samples, f.shape[1])) for f in flat]
+    flat = [a.reshape(n, -1) for a in arrays]
+    out = [np.zeros((settings.samples, f.shape[1])) for f in flat]
     rng = np.random.default_rng(settings.seed)
     batch = max(1, min(settings.samples, BATCH_CELLS // n))
     for start in range(0, settings.samples, batch):
         stop = min(start + batch, settings.samples)
         weights = resample_weights(rng, n, stop - start).astype(np.float64)
         for f, o in zip(flat, out):
-            o[start:stop] = weights @ f
+            chunk = max(1, CHUNK_CELLS // max(1, f.shape[1]))
+            for first in range(0, n, chunk):
+                part = slice(first, first + chunk)
+                o[start:stop] += weights[:, part] @ f[part].astype(np.float64)
     return [o.reshape((settings.samples, *a.shape[1:])) for o, a in zip(out, arrays)]
 
 
