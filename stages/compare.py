@@ -249,26 +249,26 @@ def found_share(pixels: np.ndarray, claims: np.ndarray) -> np.ndarray:
 
 NOT_TESTED = "no detectable difference"
 # Why a difference is not called, when its interval alone would call it.
-FEW_IMAGES = "fewer than compare.min_count val images show it"
+FEW_IMAGES = "fewer than compare.min_images val images show it"
 SEEDS_DISAGREE = "the seeds disagree on its sign"
 
 
 def difference(a_points: np.ndarray, b_points: np.ndarray, a_draws: np.ndarray,
                b_draws: np.ndarray, confidence: float, names: tuple[str, str],
-               images: int, min_count: int) -> dict:
+               images: int, min_images: int) -> dict:
     """b - a of a score's mean over the training seeds (per seed points (S,), resampled
     (B, S)), with the paired bootstrap interval of that mean and a verdict ('higher' = b
     higher). A verdict other than 'no detectable difference' needs the interval to exclude
-    zero, every seed's own difference to have that sign, and at least min_count images
-    showing the class or category: a percentile bootstrap over one or two images has no
-    spread to speak of, and would call any difference."""
+    zero, every seed's own difference to have that sign, and at least min_images images
+    showing the class or category: a percentile bootstrap over few images is too narrow
+    (over one it has no spread at all), and would call differences that are not there."""
     with warnings.catch_warnings():   # a score no seed defines: NaN, written as null
         warnings.simplefilter("ignore", RuntimeWarning)
         a_mean, b_mean = np.nanmean(a_points), np.nanmean(b_points)
         bounds = bootstrap.interval(np.nanmean(b_draws - a_draws, axis=1), confidence)
     per_seed = b_points - a_points
     verdict, reason = bootstrap.verdict(bounds), None
-    if verdict != NOT_TESTED and images < min_count:
+    if verdict != NOT_TESTED and images < min_images:
         verdict, reason = NOT_TESTED, FEW_IMAGES
     elif verdict != NOT_TESTED and not np.all(np.sign(per_seed) == (1 if verdict == "higher"
                                                                       else -1)):
@@ -285,7 +285,7 @@ def _number(value: float) -> float | None:
 
 def scheme_differences(per_image: dict[str, PerImage], claims: dict[str, dict],
                        settings: bootstrap.Settings,
-                       min_count: int) -> dict[tuple[str, str], dict]:
+                       min_images: int) -> dict[tuple[str, str], dict]:
     """Per pair (a, b): every shared class's IoU difference and every category's found-share
     difference, each of the mean over the training seeds, with its paired interval (the
     same resampled images for all schemes and seeds)."""
@@ -309,7 +309,7 @@ def scheme_differences(per_image: dict[str, PerImage], claims: dict[str, dict],
             entry = difference(iou[a][0][:, i], iou[b][0][:, j], iou[a][1][..., i],
                                iou[b][1][..., j], settings.confidence, ("iou_a", "iou_b"),
                                _images_showing_class(per_image[a], per_image[b], i, j),
-                               min_count)
+                               min_images)
             entry["delta_iou"] = entry.pop("delta")
             entry["same_definition"] = claims[a].get(cls) == claims[b].get(cls)
             classes[cls] = entry
@@ -320,7 +320,7 @@ def scheme_differences(per_image: dict[str, PerImage], claims: dict[str, dict],
                 continue
             entry = difference(share[a][0][:, c], share[b][0][:, c], share[a][1][..., c],
                                share[b][1][..., c], settings.confidence,
-                               ("share_a", "share_b"), int(shown.sum()), min_count)
+                               ("share_a", "share_b"), int(shown.sum()), min_images)
             entry["delta_share"] = entry.pop("delta")
             entry["claimed_by_a"] = _claimer(per_image[a], c)
             entry["claimed_by_b"] = _claimer(per_image[b], c)
@@ -403,7 +403,7 @@ def differences(params: dict, metrics: Path,
     claims = {s: params["schemes"][s]["classes"] for s in schemes}
     settings = bootstrap.Settings.from_params(params["compare"]["bootstrap"])
     return first.seeds, scheme_differences({s: p.take(shared) for s, p in per_image.items()},
-                                           claims, settings, params["compare"]["min_count"])
+                                           claims, settings, params["compare"]["min_images"])
 
 
 def run(params: dict, analysis: Path, out: Path, metrics: Path | None = None) -> dict:

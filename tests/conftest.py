@@ -52,9 +52,17 @@ def copy_repo(dest: Path, params: dict | None = None) -> Path:
     import shutil
     import subprocess
 
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                            cwd=ROOT, check=True, capture_output=True).stdout.decode().split("\0")
-    for rel in filter(None, listed):
+    def ls_files(*flags: str) -> list[str]:
+        out = subprocess.run(["git", "ls-files", "-z", *flags], cwd=ROOT, check=True,
+                             capture_output=True).stdout.decode()
+        return list(filter(None, out.split("\0")))
+
+    # New files too (code not yet committed), but not a run's metrics: metrics/ is not
+    # ignored (DVC's metrics files are meant for git), and a checkout that ran the pipeline
+    # holds them untracked.
+    listed = ls_files("--cached") + [rel for rel in ls_files("--others", "--exclude-standard")
+                                     if not rel.startswith("metrics/")]
+    for rel in listed:
         src = ROOT / rel
         if src.is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)

@@ -281,7 +281,15 @@ def test_a_planted_difference_is_found_with_its_interval(val_truth, tmp_path):
     assert person["same_definition"]
     truck = pair["categories"]["truck"]
     assert (truck["claimed_by_a"], truck["claimed_by_b"]) == ("", "vehicle")
-    assert truck["share_a"] > 0.95 and truck["share_b"] == 0 and truck["verdict"] == "lower"
+    assert truck["share_a"] > 0.95 and truck["share_b"] == 0 and truck["interval"][1] < 0
+    # trucks show in 3 of the 80 val images: below compare.min_images (20), so not called...
+    assert truck["images"] == 3 and truck["verdict"] == "no detectable difference"
+    assert truck["reason"] == "fewer than compare.min_images val images show it"
+    # ...and called once the rule lets 3 images do
+    params = copy.deepcopy(val_truth["params"])
+    params["compare"]["min_images"] = 3
+    _, lowered = compare.differences(params, metrics, ["person_car", "person_vehicle"])
+    assert lowered[("person_car", "person_vehicle")]["categories"]["truck"]["verdict"] == "lower"
     car = pair["categories"]["car"]
     # car is found in both (a few of its pixels are another scheme's crowd or overlap: 255,
     # predicted background here)
@@ -364,10 +372,10 @@ SETTINGS = bootstrap.Settings(samples=400, confidence=0.95, seed=0)
 CLAIMS = {"a": {"person": {"categories": ["person"]}}, "b": {"person": {"categories": ["person"]}}}
 
 
-def _person(a_hits, b_hits, shown=None, min_count=3) -> dict:
+def _person(a_hits, b_hits, shown=None, min_images=3) -> dict:
     pair = compare.scheme_differences({"a": synthetic_per_image(a_hits, shown),
                                        "b": synthetic_per_image(b_hits, shown)},
-                                      CLAIMS, SETTINGS, min_count)[("a", "b")]
+                                      CLAIMS, SETTINGS, min_images)[("a", "b")]
     return pair["classes"]["person"]
 
 
@@ -406,8 +414,8 @@ def test_a_class_shown_in_too_few_images_gets_no_verdict():
     person = _person(a, b, shown=2)
     assert person["images"] == 2 and person["interval"][0] > 0
     assert person["verdict"] == "no detectable difference"
-    assert person["reason"] == "fewer than compare.min_count val images show it"
-    assert _person(a, b, shown=3)["verdict"] == "higher"   # at min_count: called
+    assert person["reason"] == "fewer than compare.min_images val images show it"
+    assert _person(a, b, shown=3)["verdict"] == "higher"   # at min_images: called
 
 
 def joined_frame(rng, n=80):

@@ -412,7 +412,7 @@ def test_verdicts_over_seeds_quote_each_seed_and_say_why_none_is_called():
         "interval of the difference, +0.010 to +0.050, excludes 0, but the seeds disagree on "
         "its sign)."]
     few = {**entry, "per_seed": [0.03], "images": 2, "verdict": "no detectable difference",
-           "reason": "fewer than compare.min_count val images show it"}
+           "reason": "fewer than compare.min_images val images show it"}
     assert report.verdicts(pair_summary({"person": few})) == [
         "person: no detectable difference between person_vehicle and person_car (0.330 vs "
         "0.300; the 95% interval of the difference, +0.010 to +0.050, comes from 2 val images "

@@ -110,7 +110,7 @@ def _not_called(entry: dict, level: str, lo: float, hi: float) -> str:
     bounds = f"the {level} interval of the difference, {lo:+.3f} to {hi:+.3f}"
     if entry.get("reason") == "the seeds disagree on its sign":
         return f"{bounds}, excludes 0, but the seeds disagree on its sign"
-    if entry.get("reason") == "fewer than compare.min_count val images show it":
+    if entry.get("reason") == "fewer than compare.min_images val images show it":
         return (f"{bounds}, comes from {entry['images']} val images showing it, too few to "
                 f"call a difference")
     return f"{bounds}, includes 0"
