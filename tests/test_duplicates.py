@@ -10,13 +10,17 @@ import imagehash
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from PIL import Image
 
-from conftest import SAMPLE
+from conftest import ROOT, SAMPLE
 from stages.lib import duplicates
 from stages.lib.duplicates import PAIR_COLUMNS
 
-HASH_SIZE, HASH_RADIUS, LATENT_RADIUS = 8, 6, 0.02
+# params.yaml's defaults: the values these tests find the planted copies with
+DEFAULTS = yaml.safe_load((ROOT / "params.yaml").read_text())["analyze"]["duplicates"]
+HASH_SIZE, HASH_RADIUS = DEFAULTS["hash_size"], DEFAULTS["hash_radius"]
+LATENT_RADIUS = DEFAULTS["latent_radius"]
 PLANTED = 990_000_000   # ids of planted copies: above every COCO id
 
 

@@ -9,15 +9,19 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from PIL import Image
 from sklearn.cluster import KMeans
 
-from conftest import SAMPLE
+from conftest import ROOT, SAMPLE
 from stages.lib import representation
 from stages.lib.bootstrap import Settings
 from stages.lib.images import decode
 
-CORE = dict(min_count=3, fdr=0.1, share_ratio=0.5, settings=Settings(1000, 0.95, 0))
+ANALYZE = yaml.safe_load((ROOT / "params.yaml").read_text())["analyze"]
+# params.yaml's defaults
+CORE = {key: ANALYZE["representation"][key] for key in ("min_count", "fdr", "share_ratio")}
+CORE["settings"] = Settings.from_params(ANALYZE["insights"]["bootstrap"])
 
 
 def saturation_histogram(path) -> np.ndarray:

@@ -7,13 +7,17 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
+from conftest import ROOT
 from stages.lib import segments
 from stages.lib.bootstrap import Settings
 from stages.lib.segments import Condition
 
-SETTINGS = Settings(samples=1000, confidence=0.95, seed=0)
-CORE = dict(max_depth=2, min_samples_leaf=5, min_count=5, fdr=0.1, seed=0, settings=SETTINGS)
+ANALYZE = yaml.safe_load((ROOT / "params.yaml").read_text())["analyze"]
+SETTINGS = Settings.from_params(ANALYZE["insights"]["bootstrap"])
+# params.yaml's defaults, the tree's seed analyze's own
+CORE = dict(**ANALYZE["segments"], seed=ANALYZE["seed"], settings=SETTINGS)
 # Fields that measure what a planted field measures (colourfulness and is_grayscale the
 # grayscale score; the person's instances and area, the background and ignore shares, the
 # annotation count its fraction) would let the tree state the segment by a proxy: right,
