@@ -168,3 +168,14 @@ def test_latent_vectors_must_match_the_images():
     images = pd.DataFrame({"image_id": [1, 2], "split": ["val", "val"]})
     with pytest.raises(ValueError, match="3 vectors for 2 images"):
         duplicates.near_latent_pairs(images, np.ones((3, 4)), 0.1)
+
+
+def test_cosine_distance_by_hand_and_zero_vectors_pair_with_nothing():
+    images = pd.DataFrame({"image_id": [1, 2, 3, 4], "split": ["val", "train", "val", "train"]})
+    vectors = np.array([[1.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.99, 0.141]])
+    pairs = duplicates.near_latent_pairs(images, vectors, 0.02)
+    assert [tuple(r) for r in pairs.itertuples(index=False)][0][:5] == (4, "train", 1, "val",
+                                                                         "near_latent")
+    assert len(pairs) == 1   # the two zero vectors have no direction: no pair
+    assert pairs["distance"].iloc[0] == pytest.approx(1 - 0.99 / np.hypot(0.99, 0.141),
+                                                      abs=1e-6)

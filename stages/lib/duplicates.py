@@ -26,6 +26,7 @@ import pandas as pd
 from PIL import Image
 from sklearn.neighbors import NearestNeighbors
 
+from stages.lib.embeddings import unit_vectors
 from stages.lib.fetch import file_digest
 from stages.lib.images import decode
 
@@ -116,14 +117,15 @@ def near_latent_pairs(images: pd.DataFrame, vectors: np.ndarray,
                       radius: float) -> pd.DataFrame:
     """Pairs of images whose vectors (row i of `vectors` is row i of `images`; the caller
     picks the space, e.g. the model's pooled latents reduced by PCA) are at most `radius`
-    apart in cosine distance. Memory per image: the vectors as given (D x 8 bytes as float64),
-    plus one chunk of distances as above."""
+    apart in cosine distance; a zero vector has no direction and pairs with nothing.
+    Memory per image: the unit vectors, D x 4 bytes (200 B at 50 dims)."""
     if len(vectors) != len(images):
         raise ValueError(f"{len(vectors)} vectors for {len(images)} images")
     ordered = canonical(images)
-    rows = ordered["row"].to_numpy()
-    first, second, distance = radius_pairs(np.asarray(vectors)[rows], radius, "cosine")
-    return _pairs(ordered, first, second, "near_latent", distance)
+    unit, has_direction = unit_vectors(np.asarray(vectors)[ordered["row"].to_numpy()])
+    kept = np.flatnonzero(has_direction)
+    first, second, distance = radius_pairs(unit[kept], np.sqrt(2 * radius), "euclidean")
+    return _pairs(ordered, kept[first], kept[second], "near_latent", distance ** 2 / 2)
 
 
 def find_pairs(images: pd.DataFrame, hash_size: int, hash_radius: int,

@@ -31,7 +31,7 @@ from sklearn.metrics import pairwise_distances_argmin
 from sklearn.neighbors import NearestNeighbors
 
 from stages.lib import bootstrap
-from stages.lib.embeddings import NOISE
+from stages.lib.embeddings import NOISE, unit_vectors
 
 CLUSTER_COLUMNS = ["cluster", "val_images", "val_share", "train_images", "train_share",
                    "share_ratio", "mean_loss", "mean_loss_rest", "effect", "interval",
@@ -70,26 +70,44 @@ def shares(val: np.ndarray, train: np.ndarray, clusters: np.ndarray) -> pd.DataF
 
 def ood_scores(val: np.ndarray, train: np.ndarray, k: int) -> np.ndarray:
     """Per val image, the mean cosine distance to its k nearest train images (fewer when
-    train has fewer): 0 for an image the training set holds, larger the farther it lies."""
-    k = min(k, len(train))
-    index = NearestNeighbors(n_neighbors=k, metric="cosine", algorithm="brute").fit(train)
-    return index.kneighbors(val)[0].mean(1)
+    train has fewer): 0 for an image the training set holds, larger the farther it lies.
+    Zero vectors have no direction: left out of train, NaN in val."""
+    train_unit, train_ok = unit_vectors(train)
+    val_unit, val_ok = unit_vectors(val)
+    scores = np.full(len(val_unit), np.nan)
+    k = min(k, int(train_ok.sum()))
+    if k and val_ok.any():
+        index = NearestNeighbors(n_neighbors=k).fit(train_unit[train_ok])
+        scores[val_ok] = _cosine(index.kneighbors(val_unit[val_ok])[0]).mean(1)
+    return scores
 
 
 def train_reference_scores(train: np.ndarray, k: int) -> np.ndarray:
     """The same score for each train image against the OTHER train images (kneighbors with
     no query leaves each point out): how far training images usually lie from the rest of
     the training set, the yardstick for calling a val image out of distribution."""
-    k = min(k, len(train) - 1)
-    index = NearestNeighbors(n_neighbors=k, metric="cosine", algorithm="brute").fit(train)
-    return index.kneighbors()[0].mean(1)
+    unit, ok = unit_vectors(train)
+    scores = np.full(len(unit), np.nan)
+    k = min(k, int(ok.sum()) - 1)
+    if k >= 1:
+        index = NearestNeighbors(n_neighbors=k).fit(unit[ok])
+        scores[ok] = _cosine(index.kneighbors()[0]).mean(1)
+    return scores
+
+
+def _cosine(euclidean: np.ndarray) -> np.ndarray:
+    """Cosine distance from the Euclidean distance of unit vectors (embeddings.unit_vectors:
+    the memory-bounded search)."""
+    return euclidean.astype(np.float64) ** 2 / 2
 
 
 def out_of_distribution(val_scores: np.ndarray, reference: np.ndarray,
                         quantile: float) -> np.ndarray:
     """Boolean per val image: farther from the training set than `quantile` of the training
-    images are from the rest of it (its score above that quantile of the reference)."""
-    return np.asarray(val_scores) > np.quantile(reference, quantile)
+    images are from the rest of it (its score above that quantile of the reference; NaN
+    scores are no evidence either way: never flagged, not in the quantile)."""
+    reference = np.asarray(reference, float)
+    return np.asarray(val_scores) > np.quantile(reference[np.isfinite(reference)], quantile)
 
 
 def _tests(table: pd.DataFrame, clusters: np.ndarray, loss: np.ndarray, n_train: int,
