@@ -14,6 +14,13 @@ Pairs are sought among all images at once, so a pair may lie within a split or a
 and val; only train-val pairs leak (leaked_val_ids). Nothing here loops over pairs in Python:
 exact kinds are a self-join on the digest, near kinds a radius search of scikit-learn's
 NearestNeighbors (brute force in BLAS, in memory-bounded chunks).
+
+Memory per image, measured at 122,000 images (COCO 2017's train + val; synthetic hashes
+and 50-dimensional vectors; peak of tracemalloc over the call): near_hash 77 MiB, 660 B per
+image (the +-1 index is 256 B of it at hash_size 8, the rest the bits and hex strings),
+72 s on 2 shared cores; near_latent 118 MiB, 1 kB per image at 50 dims, 49 s; the exact
+kinds 0.04 s. At 12,200 images: 8 and 12 MiB. Memory grows linearly with the images (10x:
+about 0.8 and 1.2 GiB), time quadratically (brute force: 10x is about 100x the time).
 """
 from __future__ import annotations
 
