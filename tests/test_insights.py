@@ -215,3 +215,20 @@ def test_the_out_of_distribution_record():
         "1.5 vs 0.3 for the rest (difference 1.2, 95% interval ")
     assert insights.from_out_of_distribution([1], [False], [0.1], loss, k=5, quantile=0.99,
                                              threshold=0.3, settings=SETTINGS) == []
+
+
+def test_the_planted_segment_of_the_real_sample_becomes_the_top_record(sample_metadata):
+    from test_segments import CORE, fields, noise, planted
+
+    from stages.lib import segments
+
+    loss = noise(len(sample_metadata), 0) + 1.0 * planted(sample_metadata)
+    found = segments.weak_segments(fields(sample_metadata), loss,
+                                   sample_metadata["image_id"].to_numpy(), **CORE)
+    weak = insights.from_segments(found, CORE["settings"].confidence)
+    copies = insights.record("duplicate", "copies", range(100))   # larger, but no score
+    (top, last) = json.loads(insights.to_json([copies, *weak]))
+    jsonschema.validate([top, last], SCHEMA)
+    assert top["type"] == "weak_segment" and last["type"] == "duplicate"
+    assert top["title"].startswith("person_fraction > 0.05699 and grayscale_score <= 16.47: ")
+    assert top["score"] == pytest.approx(abs(found[0].effect) * len(found[0].member_ids))
