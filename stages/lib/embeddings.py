@@ -106,3 +106,18 @@ def nearest_neighbours(vectors: np.ndarray, queries: list[int],
         pairs = [(int(i), float(d)) for i, d in zip(idx, dist) if i != query][:k]
         result.append(pairs)
     return result
+
+
+def unit_vectors(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows scaled to length 1 (float32), and which rows have a direction (non-zero). Between
+    unit vectors, cosine distance = squared Euclidean / 2, and a Euclidean search of
+    NearestNeighbors runs in scikit-learn's chunked reductions (memory per chunk of
+    queries), where metric="cosine" holds up to working_memory (1 GiB) of distances at once:
+    1.4 GiB peak for 12k vectors, against a few MiB."""
+    vectors = np.asarray(vectors, np.float64)
+    norms = np.linalg.norm(vectors, axis=1)
+    has_direction = norms > 0
+    unit = np.divide(vectors, norms[:, None], out=np.zeros_like(vectors),
+                     where=has_direction[:, None])
+    return unit.astype(np.float32), has_direction
+
