@@ -146,6 +146,17 @@ def test_out_of_distribution_is_beyond_the_quantile_of_the_training_images():
     reference = np.arange(101) / 100.0                     # 0.00 ... 1.00: quantile 0.9 = 0.9
     flags = representation.out_of_distribution(np.array([0.5, 0.9, 0.91, 2.0]), reference, 0.9)
     assert flags.tolist() == [False, False, True, True]
+    assert representation.ood_threshold(reference, 0.9) == pytest.approx(0.9)
+
+
+def test_one_training_image_is_no_yardstick_and_flags_nothing():
+    """A training set of one image has no leave-one-out score: no threshold, no flag (the
+    quantile of nothing would raise)."""
+    reference = representation.train_reference_scores(np.array([[1.0, 0.0]]), 5)
+    assert np.isnan(reference).all()
+    assert np.isnan(representation.ood_threshold(reference, 0.99))
+    scores = np.array([0.1, 5.0, np.nan])
+    assert representation.out_of_distribution(scores, reference, 0.99).tolist() == [False] * 3
 
 
 def test_zero_vectors_have_no_direction_and_no_score():

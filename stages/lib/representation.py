@@ -101,13 +101,20 @@ def _cosine(euclidean: np.ndarray) -> np.ndarray:
     return euclidean.astype(np.float64) ** 2 / 2
 
 
+def ood_threshold(reference: np.ndarray, quantile: float) -> float:
+    """The `quantile` of the training images' own scores (NaN ones left out); NaN when none
+    has one (fewer than two training images: no yardstick)."""
+    reference = np.asarray(reference, float)
+    finite = reference[np.isfinite(reference)]
+    return float(np.quantile(finite, quantile)) if len(finite) else float("nan")
+
+
 def out_of_distribution(val_scores: np.ndarray, reference: np.ndarray,
                         quantile: float) -> np.ndarray:
     """Boolean per val image: farther from the training set than `quantile` of the training
-    images are from the rest of it (its score above that quantile of the reference; NaN
-    scores are no evidence either way: never flagged, not in the quantile)."""
-    reference = np.asarray(reference, float)
-    return np.asarray(val_scores) > np.quantile(reference[np.isfinite(reference)], quantile)
+    images are from the rest of it (its score above ood_threshold; NaN scores are no
+    evidence either way: never flagged, not in the quantile; no yardstick flags nothing)."""
+    return np.asarray(val_scores) > ood_threshold(reference, quantile)
 
 
 def _tests(table: pd.DataFrame, clusters: np.ndarray, loss: np.ndarray, n_train: int,
