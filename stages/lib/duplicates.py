@@ -34,7 +34,6 @@ from PIL import Image
 from sklearn.neighbors import NearestNeighbors
 
 from stages.lib.embeddings import unit_vectors
-from stages.lib.fetch import file_digest
 from stages.lib.images import decode
 
 KINDS = ("exact_bytes", "exact_pixels", "near_hash", "near_latent")
@@ -51,7 +50,9 @@ def fingerprint(path: str | Path, hash_size: int) -> dict[str, str]:
     pixels = hashlib.sha256(np.asarray(rgb.shape, np.int64).tobytes())
     pixels.update(np.ascontiguousarray(rgb).tobytes())
     bits = imagehash.phash(Image.fromarray(rgb), hash_size=hash_size).hash.ravel()
-    return {"sha256": file_digest(Path(path)), "pixel_sha256": pixels.hexdigest(),
+    with open(path, "rb") as handle:   # hashlib, not stages.lib.fetch: no download code here
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    return {"sha256": digest, "pixel_sha256": pixels.hexdigest(),
             "phash": np.packbits(bits).tobytes().hex()}
 
 

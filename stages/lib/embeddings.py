@@ -6,6 +6,8 @@ vector per image (a few thousand floats), never a per-pixel map, so 40k images f
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 from sklearn.cluster import HDBSCAN, KMeans
 from sklearn.decomposition import PCA
@@ -24,10 +26,37 @@ def standardise(latents: np.ndarray) -> np.ndarray:
 
 def reduce(scaled: np.ndarray, max_dims: int, seed: int) -> np.ndarray:
     """PCA to at most max_dims components (fewer when there are fewer samples)."""
+    pca = _pca(scaled, max_dims, seed)
+    return scaled if pca is None else pca.fit_transform(scaled)
+
+
+def _pca(scaled: np.ndarray, max_dims: int, seed: int) -> PCA | None:
+    """The PCA reduce() fits, or None when it would keep every dimension."""
     n_components = int(min(max_dims, scaled.shape[0] - 1, scaled.shape[1]))
     if n_components >= scaled.shape[1]:
-        return scaled
-    return PCA(n_components=max(n_components, 1), random_state=seed).fit_transform(scaled)
+        return None
+    return PCA(n_components=max(n_components, 1), random_state=seed)
+
+
+def fit_space(latents: np.ndarray, max_dims: int,
+              seed: int) -> tuple[np.ndarray, np.ndarray, Callable]:
+    """standardise(latents) and reduce() of it, and a function putting other vectors (the
+    train split's) through the same fitted scaler and PCA, returning (standardised,
+    reduced): train images are counted and measured in the space the val images were
+    clustered in."""
+    scaler = StandardScaler().fit(np.asarray(latents, np.float64))
+    scaled = scaler.transform(np.asarray(latents, np.float64)).astype(np.float32)
+    pca = _pca(scaled, max_dims, seed)
+    reduced = scaled if pca is None else pca.fit_transform(scaled)
+
+    def transform(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if not len(vectors):   # scikit-learn refuses zero rows
+            return (np.empty((0, scaled.shape[1]), np.float32),
+                    np.empty((0, reduced.shape[1]), np.float32))
+        other = scaler.transform(np.asarray(vectors, np.float64)).astype(np.float32)
+        return other, other if pca is None else pca.transform(other)
+
+    return scaled, reduced, transform
 
 
 def project(scaled: np.ndarray, reduced: np.ndarray, method: str, seed: int) -> np.ndarray:
