@@ -685,7 +685,7 @@ def run(params: dict, predictions: Path, masks: Path, model_dir: Path, raw: Path
         write_csv(tmp / "metadata_flagged.csv", flagged)
         write_csv(tmp / "label_issues.csv", issues)
         records = write_findings(tmp, found, issues, samples, predictions, masks,
-                                 view.class_names, cfg)
+                                 view.class_names)
         write_json(tmp / "summary.json", {
             "samples": len(samples), "projection": cfg["projection"],
             "latent_dims": int(latents.shape[1]), "reduced_dims": int(reduced.shape[1]),
@@ -722,8 +722,7 @@ def both_splits(samples: pd.DataFrame, reduced: np.ndarray, train_ids: np.ndarra
 
 
 def write_findings(folder: Path, found: dict, issues: pd.DataFrame, samples: pd.DataFrame,
-                   predictions: Path, masks: Path, class_names: list[str],
-                   cfg: dict) -> list[dict]:
+                   predictions: Path, masks: Path, class_names: list[str]) -> list[dict]:
     """duplicates.csv, leak_free_metrics.json (when a val image leaks) and insights.json;
     returns the insight records."""
     pairs, settings = found["pairs"], found["settings"]
