@@ -114,7 +114,8 @@ def replicate_masks(src: Path, dest: Path, factor: int) -> None:
 def replicate_predictions(src: Path, dest: Path, factor: int) -> None:
     """predictions/{scheme} (infer's output) repeated: samples.csv, latents.npz (copies
     after the first with seeded noise of 10% of each dimension's spread), the predicted
-    label maps (symlinks) and timing.json (its image count scaled)."""
+    label maps (symlinks) and timing.json (its image count scaled); latents_train.npz once,
+    as the train split is."""
     import json
 
     import numpy as np
@@ -140,6 +141,8 @@ def replicate_predictions(src: Path, dest: Path, factor: int) -> None:
     np.savez(dest / "latents.npz", image_ids=np.concatenate([ids + k * ID_STRIDE
                                                              for k in range(factor)]),
              latents=stacked, layer_names=names, layer_slices=slices)
+    if (src / "latents_train.npz").is_file():
+        (dest / "latents_train.npz").symlink_to((src / "latents_train.npz").resolve())
     if (src / "timing.json").is_file():
         timing = json.loads((src / "timing.json").read_text())
         timing["images"] = timing.get("images", len(samples)) * factor

@@ -31,6 +31,16 @@ against loss, and a ranking of label issues. Writes under --out:
   heatmaps/*.png         shared-feature overlays on each cluster's representatives, and
                          Grad-CAM per class on the chosen samples
   summary.json           choices made (k and its silhouette scores, thresholds, counts)
+  insights.json          every finding, ranked (issue 17): low-performance and
+                         under-represented clusters, out-of-distribution images, duplicates
+                         and leaks, weak segments, label issues
+  duplicates.csv         pairs of images (both splits) with the same bytes or pixels, or
+                         near by perceptual hash or latent cosine distance
+  leak_free_metrics.json the val scores without the val images that have a train twin
+                         (only when there are any)
+The train split enters through infer's latents_train.npz (each cluster's train share, each
+val image's out-of-distribution score, in samples.csv and clusters.csv) and through the
+images and annotations of data/raw (fingerprints for the duplicates).
 """
 from __future__ import annotations
 
@@ -44,10 +54,11 @@ from matplotlib.figure import Figure
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
-from stages.lib import buckets, embeddings, explain
+from stages.lib import (bootstrap, buckets, duplicates, embeddings, explain, findings,
+                        insights, representation, segments)
 from stages.lib.cli import StageError, run_main, stage_parser
 from stages.lib.data import InferenceDataset, collate_inference, list_samples, read_image
-from stages.lib.io import atomic_dir, write_csv, write_json
+from stages.lib.io import atomic_dir, atomic_path, write_csv, write_json
 from stages.lib.labels import IGNORE_INDEX, colourise, save_labels
 from stages.lib.model import load_trained, resolve_device
 from stages.lib.names import FileNames, check_plain_name, inside, safe_filename
@@ -62,7 +73,7 @@ log = logging.getLogger("analyze")
 NOT_METADATA = {"image_id", "file_name", "split", "stem"}
 # Columns analyze itself adds, and infer's scores: never metadata either.
 NOT_FIELDS = {"loss", "pixel_accuracy", "confidence", "miou", "latency_ms", "x", "y",
-              "cluster", "label_quality", "label_quality_rank"}
+              "cluster", "label_quality", "label_quality_rank", "ood_score"}
 # masks writes one count_<category> column per COCO category its scheme leaves unclaimed
 # (70+). Binning them all would bury the other fields; only categories seen in enough
 # samples to fill bins are kept, the most frequent first.
@@ -268,6 +279,50 @@ def shared_features(latents: np.ndarray, start: int, stop: int, clusters: np.nda
                          "dataset_std": float(std[channel]), "z": float(z[channel])})
     return pd.DataFrame(rows, columns=["cluster", "rank", "channel", "cluster_mean",
                                        "dataset_mean", "dataset_std", "z"])
+
+
+# ---------------------------------------------------------------- pure core: both splits
+
+SHARE_COLUMNS = ["train_images", "train_share", "val_share"]
+
+
+def with_shares(clusters: pd.DataFrame, represented: pd.DataFrame) -> pd.DataFrame:
+    """clusters.csv's rows with each cluster's train images and share and its val share
+    (representation.cluster_findings' columns; empty for HDBSCAN's noise, no cluster)."""
+    shares = represented[["cluster", *SHARE_COLUMNS]].astype({"train_images": "Int64"})
+    return clusters.merge(shares, on="cluster", how="left", validate="one_to_one")
+
+
+def out_of_distribution(val: np.ndarray, train: np.ndarray, image_ids: np.ndarray,
+                        cfg: dict) -> dict:
+    """Each val image's score (mean cosine distance to its k nearest train images), the
+    threshold (cfg quantile of the train images' own leave-one-out scores) and the flags."""
+    scores = representation.ood_scores(val, train, cfg["k"])
+    threshold = representation.ood_threshold(
+        representation.train_reference_scores(train, cfg["k"]), cfg["quantile"])
+    return {"image_ids": np.asarray(image_ids), "scores": scores, "flags": scores > threshold,
+            "k": cfg["k"], "quantile": cfg["quantile"], "threshold": threshold}
+
+
+def weak_segments(samples: pd.DataFrame, cfg: dict, seed: int,
+                  settings: bootstrap.Settings) -> list:
+    """segments.weak_segments over the metadata fields the buckets bin."""
+    return segments.weak_segments(
+        samples[metadata_fields(samples)], samples["loss"].to_numpy(float),
+        samples["image_id"].to_numpy(), max_depth=cfg["max_depth"],
+        min_samples_leaf=cfg["min_samples_leaf"], min_count=cfg["min_count"], fdr=cfg["fdr"],
+        seed=seed, settings=settings)
+
+
+def duplicate_pairs(raw: Path, val_ids: np.ndarray, train_ids: np.ndarray,
+                    vectors: np.ndarray, cfg: dict, threads: int) -> pd.DataFrame:
+    """duplicates.find_pairs among the val images (rows of `vectors` first) and the train
+    images (then), both as download listed them."""
+    images = pd.concat([findings.split_images(raw, "val", val_ids),
+                        findings.split_images(raw, "train", train_ids)], ignore_index=True)
+    printed = findings.fingerprints(images, cfg["hash_size"], threads)
+    return duplicates.find_pairs(printed, cfg["hash_size"], cfg["hash_radius"], vectors,
+                                 cfg["latent_radius"])
 
 
 # ---------------------------------------------------------------- pure core: metadata
@@ -572,6 +627,8 @@ def run(params: dict, predictions: Path, masks: Path, model_dir: Path, raw: Path
     cfg = params["analyze"]
     seed = cfg["seed"]
     samples, latents, layout = read_inputs(predictions, masks)
+    train_ids, train_latents = findings.read_train_latents(predictions / "latents_train.npz",
+                                                           latents.shape[1])
     for layer in (cfg["heatmaps"]["layer"], cfg["heatmaps"]["gradcam_layer"]):
         if layer not in layout:
             raise StageError(f"analyze.heatmaps: layer {layer!r} is not in "
@@ -579,8 +636,8 @@ def run(params: dict, predictions: Path, masks: Path, model_dir: Path, raw: Path
     view = ModelView(model_dir, raw, masks, samples["image_id"].astype(int).tolist(),
                      cfg["device"], cfg["batch_size"])
 
-    scaled = embeddings.standardise(latents)
-    reduced = embeddings.reduce(scaled, cfg["pca_dims"], seed)
+    scaled, reduced, to_space = embeddings.fit_space(latents, cfg["pca_dims"], seed)
+    _, train_reduced = to_space(train_latents)
     xy = embeddings.project(scaled, reduced, cfg["projection"], seed)
     clusters, cluster_info = cluster_samples(reduced, cfg["clustering"], seed)
     samples = pd.concat([samples, pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1],
@@ -602,6 +659,7 @@ def run(params: dict, predictions: Path, masks: Path, model_dir: Path, raw: Path
     features = shared_features(latents, start, stop, clusters, cfg["heatmaps"]["channels"])
     assigned = bucket_assignments(samples, cfg["buckets"])
     bins, flagged = metadata_buckets(samples, cfg["buckets"], assigned)
+    found = both_splits(samples, reduced, train_ids, train_reduced, raw, cfg)
 
     with atomic_dir(out) as tmp:
         issues, issue_info = label_issues(view, samples, cfg["label_issues"]["top"],
@@ -609,15 +667,16 @@ def run(params: dict, predictions: Path, masks: Path, model_dir: Path, raw: Path
         quality = issues.set_index("image_id")
         samples = pd.concat([samples, pd.DataFrame({
             "label_quality": samples["image_id"].map(quality["label_quality"]),
-            "label_quality_rank": samples["image_id"].map(quality["rank"])},
-            index=samples.index)], axis=1)
+            "label_quality_rank": samples["image_id"].map(quality["rank"]),
+            "ood_score": found["ood"]["scores"]}, index=samples.index)], axis=1)
         index = heatmaps(view, samples, features, members, queries, cfg["heatmaps"],
                          cfg["figure_px"], tmp / "heatmaps")
         write_csv(tmp / "heatmaps" / "index.csv", index)
         write_csv(tmp / "heatmaps" / "shared_features.csv", features)
         bins = metadata_figures(bins, view.class_names, tmp / "metadata")
         write_csv(tmp / "samples.csv", samples)
-        write_csv(tmp / "clusters.csv", cluster_table(samples, categories, members))
+        write_csv(tmp / "clusters.csv", with_shares(cluster_table(samples, categories, members),
+                                                    found["clusters"]))
         write_csv(tmp / "cluster_categories.csv", categories)
         write_csv(tmp / "similars.csv", similars)
         write_csv(tmp / "neighbours.csv", neighbours_table(samples, neighbours))
@@ -625,17 +684,79 @@ def run(params: dict, predictions: Path, masks: Path, model_dir: Path, raw: Path
         write_csv(tmp / "bin_members.csv", bin_members(samples, assigned))
         write_csv(tmp / "metadata_flagged.csv", flagged)
         write_csv(tmp / "label_issues.csv", issues)
+        records = write_findings(tmp, found, issues, samples, predictions, masks,
+                                 view.class_names)
         write_json(tmp / "summary.json", {
             "samples": len(samples), "projection": cfg["projection"],
             "latent_dims": int(latents.shape[1]), "reduced_dims": int(reduced.shape[1]),
             "clustering": cluster_info, "similars_queries": len(queries),
             "flagged_buckets": int(bins["flagged"].sum()) if len(bins) else 0,
             "label_issues": issue_info, "heatmaps": len(index),
-            "classes": view.class_names})
+            "classes": view.class_names, **findings_summary(found, records, len(train_ids))})
     log.info("%d samples, %d clusters (%s), %d flagged buckets, %d label issues flagged, "
-             "%d heat-maps", len(samples), cluster_info["k"], cluster_info["method"],
-             int(bins["flagged"].sum()) if len(bins) else 0, issue_info["flagged"], len(index))
+             "%d heat-maps; %d insights (%s)", len(samples), cluster_info["k"],
+             cluster_info["method"], int(bins["flagged"].sum()) if len(bins) else 0,
+             issue_info["flagged"], len(index), len(records),
+             ", ".join(f"{n} {t}" for t, n in count_types(records).items()) or "none")
     return samples
+
+
+def both_splits(samples: pd.DataFrame, reduced: np.ndarray, train_ids: np.ndarray,
+                train_reduced: np.ndarray, raw: Path, cfg: dict) -> dict:
+    """What the train split tells about the val images, in the space they were clustered
+    in: cluster shares and flags, out-of-distribution scores, duplicate pairs; and the weak
+    segments over the metadata."""
+    settings = bootstrap.Settings.from_params(cfg["insights"]["bootstrap"])
+    rep = cfg["representation"]
+    ids = samples["image_id"].to_numpy()
+    clusters = representation.cluster_findings(
+        reduced, train_reduced, samples["cluster"].to_numpy(), samples["loss"].to_numpy(float),
+        ids, min_count=rep["min_count"], fdr=rep["fdr"], share_ratio=rep["share_ratio"],
+        settings=settings)
+    return {"settings": settings, "clusters": clusters,
+            "ood": out_of_distribution(reduced, train_reduced, ids, rep),
+            "pairs": duplicate_pairs(raw, ids, train_ids,
+                                     np.concatenate([reduced, train_reduced]),
+                                     cfg["duplicates"], torch.get_num_threads()),
+            "segments": weak_segments(samples, cfg["segments"], cfg["seed"], settings)}
+
+
+def write_findings(folder: Path, found: dict, issues: pd.DataFrame, samples: pd.DataFrame,
+                   predictions: Path, masks: Path, class_names: list[str]) -> list[dict]:
+    """duplicates.csv, leak_free_metrics.json (when a val image leaks) and insights.json;
+    returns the insight records."""
+    pairs, settings = found["pairs"], found["settings"]
+    write_csv(folder / "duplicates.csv", pairs)
+    leaked = duplicates.leaked_val_ids(pairs)
+    if leaked:
+        write_json(folder / "leak_free_metrics.json", findings.leak_free_metrics(
+            samples, predictions, masks, class_names, leaked, settings))
+    records = findings.records(clusters=found["clusters"], ood=found["ood"], pairs=pairs,
+                               segments=found["segments"], issues=issues,
+                               loss=samples.set_index("image_id")["loss"], settings=settings)
+    with atomic_path(folder / "insights.json") as tmp:
+        tmp.write_text(insights.to_json(records))
+    return records
+
+
+def count_types(records: list[dict]) -> dict[str, int]:
+    counts = pd.Series([r["type"] for r in records], dtype=object).value_counts()
+    return {t: int(counts[t]) for t in insights.TYPES if t in counts}
+
+
+def findings_summary(found: dict, records: list[dict], train_images: int) -> dict:
+    """summary.json's keys of the insights: counts, and the out-of-distribution threshold."""
+    pairs, ood = found["pairs"], found["ood"]
+    return {"train_images": train_images,
+            "insights": {"records": len(records), "by_type": count_types(records)},
+            "duplicates": {"pairs": len(pairs),
+                           "by_kind": {k: int((pairs["kind"] == k).sum())
+                                       for k in duplicates.KINDS},
+                           "leaked_val_images": len(duplicates.leaked_val_ids(pairs))},
+            "out_of_distribution": {"k": ood["k"], "quantile": ood["quantile"],
+                                    "threshold": ood["threshold"],
+                                    "flagged": int(ood["flags"].sum())},
+            "weak_segments": len(found["segments"])}
 
 
 def main(argv: list[str] | None = None) -> int:

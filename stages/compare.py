@@ -10,6 +10,9 @@ analysis/<scheme>/ of every scheme in params.yaml and writes under --out:
                     in one scheme only
   summary.json      per pair: images, mean changes, cluster agreement (adjusted Rand
                     index), the clusters and buckets that change most, one-scheme issues
+  insights.json     the findings of one scheme (analysis/<scheme>/insights.json) with no
+                    counterpart of the same type under another: scheme_change records, for
+                    every ordered pair of schemes ([] with one scheme)
 A change counts as significant when the group holds at least compare.min_count images and
 the Benjamini-Hochberg q-value of its paired test (over every group of its table) is at most
 compare.fdr.
@@ -17,6 +20,7 @@ compare.fdr.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import warnings
 from dataclasses import dataclass
@@ -27,9 +31,9 @@ import pandas as pd
 from scipy import stats
 from sklearn.metrics import adjusted_rand_score
 
-from stages.lib import bootstrap, buckets
+from stages.lib import bootstrap, buckets, insights
 from stages.lib.cli import StageError, run_main, stage_parser
-from stages.lib.io import atomic_dir, write_csv, write_json
+from stages.lib.io import atomic_dir, atomic_path, write_csv, write_json
 from stages.lib.metrics import per_class_iou
 from stages.lib.names import inside
 from stages.lib.params import load_params, scheme_class_names, select
@@ -353,6 +357,24 @@ def read_scheme(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame, set[int]]:
     return samples, bins, set(issues.loc[issues["flagged"].astype(bool), "image_id"].astype(int))
 
 
+def read_insights(folder: Path) -> list[dict]:
+    """analyze's insights.json: a list of records with the contract's keys."""
+    path = folder / "insights.json"
+    if not path.is_file():
+        raise StageError(f"{path}: missing (run the analyze stage first)")
+    try:
+        records = json.loads(path.read_text())
+    except ValueError as exc:
+        raise StageError(f"{path}: not JSON ({exc}); re-run analyze") from None
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise StageError(f"{path}: not a list of insight records; re-run analyze")
+    for i, found in enumerate(records):
+        absent = [k for k in insights.KEYS if k not in found]
+        if absent:
+            raise StageError(f"{path}: record {i} has no {', '.join(absent)}; re-run analyze")
+    return records
+
+
 # The params this stage reads: run() sees only these (stages.lib.params.select), and dvc.yaml's
 # and the rule's `params:` list the same keys. Every scheme's classes, and its own section.
 PARAMS = ("schemes", "compare")
@@ -410,10 +432,12 @@ def run(params: dict, analysis: Path, out: Path, metrics: Path | None = None) ->
     params = select(params, PARAMS)
     cfg = params["compare"]
     schemes = list(params["schemes"])
-    samples, bins, flagged = {}, {}, {}
+    samples, bins, flagged, found = {}, {}, {}, {}
     for name in schemes:
-        samples[name], bins[name], flagged[name] = read_scheme(inside(analysis, name,
-                                                                      resolve=False))
+        folder = inside(analysis, name, resolve=False)
+        samples[name], bins[name], flagged[name] = read_scheme(folder)
+        found[name] = read_insights(folder)
+    changes = insights.scheme_changes(found, cfg["min_jaccard"])
     seeds, compared = differences(params, metrics, schemes) if metrics is not None else ([], {})
     classes = {name: scheme_class_names(params, name) for name in schemes}
     joined = joined_samples(samples, flagged, classes)
@@ -423,6 +447,7 @@ def run(params: dict, analysis: Path, out: Path, metrics: Path | None = None) ->
     bucket_rows = bucket_changes(joined, samples, bins, schemes, cfg["fdr"], cfg["min_count"])
     issues = issue_changes(joined, schemes)
     doc = summary(joined, clusters, bucket_rows, issues, schemes, cfg["fdr"], cfg["min_count"])
+    doc["scheme_changes"] = len(changes)
     if metrics is not None:
         doc["bootstrap"] = {**cfg["bootstrap"], "method": bootstrap.METHOD}
         # One seed: the intervals hold the val images' sampling noise, not training noise.
@@ -435,6 +460,9 @@ def run(params: dict, analysis: Path, out: Path, metrics: Path | None = None) ->
         write_csv(tmp / "buckets.csv", bucket_rows)
         write_csv(tmp / "label_issues.csv", issues)
         write_json(tmp / "summary.json", doc)
+        with atomic_path(tmp / "insights.json") as path:
+            path.write_text(insights.to_json(changes))
+    log.info("%d scheme_change insights", len(changes))
     for pair in doc["pairs"]:
         log.info("%s vs %s: %d images, mean loss change %+.4f (z %.2f), ARI %.3f, %d "
                  "significant clusters, %d significant buckets", pair["b"], pair["a"],

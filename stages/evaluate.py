@@ -30,7 +30,7 @@ from stages.lib.coco import resolve_scheme
 from stages.lib.io import atomic_path, write_csv, write_json
 from stages.lib.names import seed_dir
 from stages.lib.labels import IGNORE_INDEX, read_labels
-from stages.lib.metrics import confusion_matrix, scores
+from stages.lib.metrics import confusion_matrix, metrics_document, scores
 from stages.lib.params import load_params, scheme_class_names, select
 from stages.lib.plots import confusion_figure, write_png
 from stages.masks import decode_annotation, mask_name, split_tasks
@@ -39,27 +39,6 @@ log = logging.getLogger("evaluate")
 
 
 # ---------------------------------------------------------------- pure core
-
-def metrics_document(cm: np.ndarray, ignored: int, class_names: list[str], images: int) -> dict:
-    """The metrics JSON: summary figures first, then per-class maps keyed by class name."""
-    s = scores(cm, ignored)
-    by_class = lambda values: dict(zip(class_names, (float(v) for v in values)))  # noqa: E731
-    return {
-        "miou": s["miou"],
-        "pixel_accuracy": s["pixel_accuracy"],
-        "pixel_accuracy_with_ignore": s["pixel_accuracy_with_ignore"],
-        "mean_class_accuracy": s["mean_class_accuracy"],
-        "fw_iou": s["fw_iou"],
-        "iou": by_class(s["iou"]),
-        "dice": by_class(s["dice"]),
-        "class_accuracy": by_class(s["class_accuracy"]),
-        "precision": by_class(s["precision"]),
-        "recall": by_class(s["recall"]),
-        "images": images,
-        "pixels_evaluated": int(cm.sum()),
-        "pixels_ignored": int(ignored),
-    }
-
 
 def sample_row(cm: np.ndarray, ignored: int, class_names: list[str]) -> dict:
     """Per-image scores from the image's own confusion matrix (NaN where undefined)."""

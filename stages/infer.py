@@ -3,8 +3,11 @@
   samples.csv      per sample: loss, pixel accuracy, confidence, mIoU, per-class IoU, latency
   latents.npz      image_ids, pooled latent vectors (bottleneck + decoder blocks) and their
                    layout: layer_names[i] occupies columns layer_slices[i] = [start, stop)
+  latents_train.npz  the same for the train split (the same model and pooling; no
+                   prediction, loss or PNG): analyze places val against train with it
   timing.json      per-image latency total/mean/variance/median, throughput, device, batch
-                   size, model input size; warm-up excluded (see its *_definition keys)
+                   size, model input size; warm-up excluded (see its *_definition keys); the
+                   train split's embedding time and images/s
 """
 from __future__ import annotations
 
@@ -22,9 +25,11 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
+from torchvision import tv_tensors
 
 from stages.lib.cli import StageError, run_main, stage_parser
-from stages.lib.data import InferenceDataset, collate_inference, list_samples
+from stages.lib.data import (InferenceDataset, collate_inference, list_samples,
+                             read_image_reduced)
 from stages.lib.io import atomic_dir, atomic_path, write_csv, write_json
 from stages.lib.labels import IGNORE_INDEX, save_labels
 from stages.lib.metrics import confusion_matrix, per_class_iou
@@ -56,6 +61,10 @@ THROUGHPUT_DEFINITION = (
     "throughput_img_s = images / wall_s; wall_s is the timed pass after warm-up, end to end "
     "(data loading, inference, scoring and writing predictions, until the last PNG is "
     "written).")
+TRAIN_EMBEDDING_DEFINITION = (
+    "The train split's pooled latents (latents_train.npz), after the val pass: images / "
+    "wall_s, wall_s from the first batch's loading to the last batch's latents on the CPU "
+    "(reading, decoding, resizing, the forward in batches of batch_size, pooling).")
 
 
 # ---------------------------------------------------------------- pure core
@@ -192,6 +201,40 @@ class TimedInference:
         return self.clock() - start, logits, feats
 
 
+class EmbeddingDataset(InferenceDataset):
+    """The model input of each image without its labels: the train split is only embedded
+    (no loss, no prediction), so its masks are never read."""
+
+    def __getitem__(self, index: int) -> dict:
+        pixels, _ = read_image_reduced(self.samples[index].image_path, self.size)
+        image = self.transform(tv_tensors.Image(pixels)).as_subclass(torch.Tensor)
+        return {"index": index, "image": image}
+
+
+def embed(model: torch.nn.Module, loader: DataLoader, device: torch.device,
+          n: int) -> np.ndarray:
+    """(n, D) float32 pooled latents of the loader's images, row = dataset index: one forward
+    per batch on the device, only the pooled vectors brought back."""
+    latents = None
+    for batch in loader:
+        _, feats = model.forward_with_latents(batch["image"].to(device, non_blocking=True))
+        pooled = pooled_latent(feats).cpu().numpy()
+        if latents is None:
+            latents = np.empty((n, pooled.shape[1]), np.float32)
+        latents[batch["index"].numpy()] = pooled
+    return latents if latents is not None else np.empty((0, 0), np.float32)
+
+
+def save_latents(path: Path, image_ids, latents: np.ndarray, layout) -> None:
+    """latents.npz's format (image_ids, latents, layer_names, layer_slices), atomically."""
+    names, slices = layout
+    with atomic_path(path) as npz_tmp:
+        with open(npz_tmp, "wb") as handle:
+            np.savez(handle, image_ids=np.asarray(image_ids, np.int64),
+                     latents=latents.astype(np.float32), layer_names=np.array(names),
+                     layer_slices=slices)
+
+
 # ---------------------------------------------------------------- run
 
 # The params this stage reads: run() sees only these (stages.lib.params.select), and dvc.yaml's
@@ -238,21 +281,39 @@ def run(params: dict, model_dir: Path, raw: Path, masks: Path, out: Path) -> dic
         table = pd.DataFrame(rows)
         table["latency_ms"] = np.array(inference.latencies_s) * 1000
         write_csv(tmp / "samples.csv", table)
-        names, slices = inference.layout
-        with atomic_path(tmp / "latents.npz") as npz_tmp:
-            with open(npz_tmp, "wb") as handle:
-                np.savez(handle, image_ids=table["image_id"].to_numpy(),
-                         latents=np.stack(latents).astype(np.float32),
-                         layer_names=np.array(names), layer_slices=slices)
+        save_latents(tmp / "latents.npz", table["image_id"], np.stack(latents),
+                     inference.layout)
         timing = timing_summary(inference.latencies_s, wall_s, str(device),
                                 cfg["batch_size"], image_size=int(meta["image_size"]),
                                 warmup_batches=inference.warmup_batches,
                                 torch_threads=torch.get_num_threads())
+        timing["train_embedding"] = embed_train(model, meta, cfg, device, raw, masks,
+                                                tmp / "latents_train.npz", inference.layout)
         write_json(tmp / "timing.json", timing)
     log.info("%d images, mean loss %.4f, %.1f ms/image (after %d warm-up batch(es)), "
-             "%.1f images/s end to end", len(table), table["loss"].mean(),
-             timing["latency_ms"]["mean"], inference.warmup_batches, timing["throughput_img_s"])
+             "%.1f images/s end to end; %d train images embedded at %.1f images/s", len(table),
+             table["loss"].mean(), timing["latency_ms"]["mean"], inference.warmup_batches,
+             timing["throughput_img_s"], timing["train_embedding"]["images"],
+             timing["train_embedding"]["throughput_img_s"] or 0.0)
     return timing
+
+
+def embed_train(model: torch.nn.Module, meta: dict, cfg: dict, device: torch.device,
+                raw: Path, masks: Path, path: Path, layout) -> dict:
+    """Writes latents_train.npz (train images by id, as list_samples orders them) and returns
+    timing.json's train_embedding block."""
+    samples = list_samples(raw, masks, "train")
+    dataset = EmbeddingDataset(samples, meta["image_size"], meta["mean"], meta["std"])
+    loader = DataLoader(dataset, batch_size=cfg["batch_size"], num_workers=cfg["num_workers"],
+                        pin_memory=device.type == "cuda")
+    started = time.perf_counter()
+    with torch.inference_mode():
+        latents = embed(model, loader, device, len(samples))
+    wall_s = time.perf_counter() - started
+    save_latents(path, [s.image_id for s in samples], latents, layout)
+    return {"images": len(samples), "wall_s": wall_s,
+            "throughput_img_s": len(samples) / wall_s if wall_s > 0 else None,
+            "definition": TRAIN_EMBEDDING_DEFINITION}
 
 
 def overlapped(work: Callable[[Prediction], dict], items: Iterable[Prediction],

@@ -1,11 +1,12 @@
 """train: fit the MobileNetV2 + pix2pix model on one scheme's train masks; validate on
 val each epoch. Writes --out/model.pt (state dict + what rebuilds the model, loadable with
 torch.load(weights_only=True)), --out/train.json (device, precision, epochs, wall time, torch
-version, the model's sha256, image counts) and --live (DVCLive: loss and IoU per epoch). With
---checkpoints, saves the whole training state after every epoch (last.pt, the one before
-kept as prev.pt); a run killed at any point resumes from it and ends with the same weights
-as an uninterrupted run. A damaged checkpoint is named in a warning, renamed aside
-(last.pt.corrupt-<UTC time>, never deleted) and the previous one, else a fresh start, used."""
+version, the model's sha256, image counts, what the encoder was pretrained on) and --live
+(DVCLive: loss and IoU per epoch). With --checkpoints, saves the whole training state after
+every epoch (last.pt, the one before kept as prev.pt); a run killed at any point resumes
+from it and ends with the same weights as an uninterrupted run. A damaged checkpoint is
+named in a warning, renamed aside (last.pt.corrupt-<UTC time>, never deleted) and the
+previous one, else a fresh start, used."""
 from __future__ import annotations
 
 import contextlib
@@ -70,6 +71,23 @@ def precision_name(device: torch.device) -> str:
     context = autocast_for(device)
     dtype = getattr(context, "fast_dtype", torch.float32)
     return str(dtype).removeprefix("torch.")
+
+
+IMAGENET_PRETRAINING = "ImageNet-1k (torchvision MobileNet_V2_Weights.IMAGENET1K_V1)"
+NO_PRETRAINING = "nothing (trained from scratch)"
+
+
+def encoder_pretraining(spec: str, base_dir: Path = Path(".")) -> str:
+    """What the encoder's starting weights were trained on, in words, for train.json: the
+    report's provenance cannot tell ImageNet features from a local file's otherwise. A local
+    file is named with its sha256, since its name says nothing of what it holds."""
+    if spec == "imagenet":
+        return IMAGENET_PRETRAINING
+    if spec == "none":
+        return NO_PRETRAINING
+    with open(base_dir / spec, "rb") as handle:
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    return f"the local file {spec} (sha256 {digest})"
 
 
 def train_record(model_file: Path, device: torch.device, epochs: int, wall_s: float,
@@ -537,7 +555,8 @@ def _run_seeded(params, scheme, raw, masks, out, device, checkpoints, live, rank
                     tmp / "model.pt")
         write_json(tmp / "train.json", train_record(
             tmp / "model.pt", device, len(history), wall_s, len(train_loader.dataset),
-            len(val_loader.dataset)) | recipe_record(cfg, recipe))
+            len(val_loader.dataset)) | recipe_record(cfg, recipe)
+            | {"encoder_pretraining": encoder_pretraining(model_cfg["encoder_weights"])})
         write_png(tmp / "curves.png",
                   png_bytes(curves_figure(history, f"{scheme}: training curves")))
     if checkpoint:

@@ -117,3 +117,19 @@ def write_predictions(val_truth: dict, source_scheme: str, folder: Path) -> Path
         labels = read_labels(gt)
         save_labels(folder / gt.name, np.where(labels == IGNORE_INDEX, 0, labels).astype(np.uint8))
     return folder
+
+
+@pytest.fixture(scope="session")
+def sample_metadata(tmp_path_factory, default_params):
+    """masks' metadata.csv (person_car) of all 160 sample images, both splits, as a table:
+    real per-image fields (grayscale score, person fraction...) for the analysis cores."""
+    import pandas as pd
+
+    from stages import download, masks
+
+    root = tmp_path_factory.mktemp("sample_metadata")
+    params = copy.deepcopy(default_params)
+    params["data"].update(base_url=str(SAMPLE), max_images={"train": None, "val": None})
+    download.run(params, root / "raw")
+    masks.run(params, "person_car", root / "raw", root / "masks")
+    return pd.read_csv(root / "masks" / "metadata.csv")

@@ -81,6 +81,24 @@ def test_projection_methods_give_finite_2d_maps():
         assert xy.shape == (24, 2) and np.isfinite(xy).all(), method
 
 
+def test_fit_space_puts_other_vectors_in_the_val_images_space():
+    """The val vectors come out as standardise() and reduce() make them; the train vectors
+    through the same scaler (the val mean and population std, by numpy) and PCA, so a val
+    vector sent through the transform lands where the val vectors are."""
+    points, _ = blobs(per=8)
+    other = np.random.default_rng(1).normal(0, 5, (5, points.shape[1]))
+    scaled, reduced, to_space = embeddings.fit_space(points, 4, seed=0)
+    np.testing.assert_array_equal(scaled, embeddings.standardise(points))
+    np.testing.assert_allclose(reduced, embeddings.reduce(scaled, 4, seed=0), atol=1e-6)
+    other_scaled, other_reduced = to_space(other)
+    np.testing.assert_allclose(other_scaled, (other - points.mean(0)) / points.std(0),
+                               rtol=1e-5)
+    assert other_reduced.shape == (5, 4)
+    np.testing.assert_allclose(to_space(points)[1], reduced, atol=1e-4)
+    empty = to_space(np.empty((0, points.shape[1])))
+    assert empty[0].shape == (0, points.shape[1]) and empty[1].shape == (0, 4)
+
+
 @pytest.mark.parametrize("method", ["pca", "tsne", "umap"])
 def test_projection_keeps_separated_groups_separated(method):
     """Three blobs 10 apart (spread 0.3) stay three groups on the map: every point's nearest

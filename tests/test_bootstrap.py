@@ -162,3 +162,18 @@ def test_scheme_interval_holds_the_point_estimate_and_names_its_method():
         assert doc["iou"][name][0] < point["iou"][k] < doc["iou"][name][1]
     assert (doc["pixel_accuracy_with_ignore"][0] < point["pixel_accuracy_with_ignore"]
             < doc["pixel_accuracy_with_ignore"][1])
+
+
+def test_mean_difference_interval_of_two_groups():
+    rng = np.random.default_rng(5)
+    inside, outside = rng.normal(1.0, 0.5, 400), rng.normal(0.4, 0.3, 900)
+    lo, hi = bootstrap.mean_difference_interval(inside, outside, Settings(2000, 0.95, 0))
+    # the normal approximation's half-width: 1.96 standard errors of the difference
+    centre = inside.mean() - outside.mean()
+    half = 1.96 * np.sqrt(inside.var(ddof=1) / 400 + outside.var(ddof=1) / 900)
+    assert lo == pytest.approx(centre - half, abs=0.1 * half)
+    assert hi == pytest.approx(centre + half, abs=0.1 * half)
+    # tied losses resample to themselves; a group of one has nothing to resample
+    assert bootstrap.mean_difference_interval(np.full(3, 2.0), np.full(5, 0.5),
+                                              Settings()) == [1.5, 1.5]
+    assert bootstrap.mean_difference_interval(np.ones(1), np.ones(5), Settings()) is None

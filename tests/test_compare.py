@@ -12,15 +12,16 @@ import yaml
 from sklearn.metrics import adjusted_rand_score
 
 from stages import compare
-from stages.lib import bootstrap
+from stages.lib import bootstrap, insights
 from stages.lib.cli import StageError
 
 N = 12
 
 
 def scheme_folder(root, name: str, fraction_col: str, loss, clusters, flagged_ids,
-                  image_ids=None):
-    """analysis/<name>/ as analyze writes it, with only the columns compare reads."""
+                  image_ids=None, findings=()):
+    """analysis/<name>/ as analyze writes it, with only the columns compare reads, and
+    `findings` as its insights.json."""
     ids = list(range(100, 100 + N)) if image_ids is None else image_ids
     folder = root / name
     folder.mkdir(parents=True)
@@ -37,6 +38,7 @@ def scheme_folder(root, name: str, fraction_col: str, loss, clusters, flagged_id
     bins.to_csv(folder / "metadata_loss.csv", index=False)
     pd.DataFrame({"image_id": ids, "flagged": [i in flagged_ids for i in ids]}).to_csv(
         folder / "label_issues.csv", index=False)
+    (folder / "insights.json").write_text(insights.to_json(list(findings)))
     return folder
 
 
@@ -57,8 +59,8 @@ def test_deltas_clusters_buckets_and_issues(two_schemes):
     doc = compare.run(params, root / "analysis", root / "compare")
     out = root / "compare"
     assert sorted(p.name for p in out.iterdir()) == ["buckets.csv", "clusters.csv",
-                                                    "label_issues.csv", "samples.csv",
-                                                    "summary.json"]
+                                                    "insights.json", "label_issues.csv",
+                                                    "samples.csv", "summary.json"]
     samples = pd.read_csv(out / "samples.csv")
     delta = samples["delta_loss_person_vehicle_vs_person_car"]
     np.testing.assert_allclose(delta, samples["loss_person_vehicle"] - samples["loss_person_car"])
@@ -113,9 +115,61 @@ def test_one_scheme_writes_tables_without_pairs(tmp_path, params):
     params = copy.deepcopy(params)
     del params["schemes"]["person_vehicle"]
     scheme_folder(tmp_path / "analysis", "person_car", "car_fraction", np.ones(N), [0] * N,
-                  {100})
+                  {100}, findings=[insights.record("weak_segment", "s", [100, 101], 1.0)])
     doc = compare.run(params, tmp_path / "analysis", tmp_path / "compare")
-    assert doc["pairs"] == []
+    assert doc["pairs"] == [] and doc["scheme_changes"] == 0
+    assert (tmp_path / "compare" / "insights.json").read_text() == "[]\n"
+
+
+def _finding(kind: str, ids, title: str, effect: float) -> dict:
+    return insights.record(kind, title, ids, effect=effect, interval=[effect / 2, effect * 2],
+                           q_value=0.01, evidence={"cluster": 0})
+
+
+def test_findings_of_one_scheme_only_are_scheme_changes(tmp_path, params):
+    """person_car's low-performance cluster (images 100-105) has a counterpart under
+    person_vehicle (100-104: Jaccard 5/6); its weak segment (106-111) has none (the other
+    scheme's segment shares 106 and 107 only: 2/6 < 0.5), nor has person_vehicle's
+    out-of-distribution image. Each becomes one scheme_change record, ranked by its score,
+    carrying the finding's effect, interval and q-value."""
+    car = [_finding("low_performance", range(100, 106), "cluster 0 of person_car", 1.0),
+           _finding("weak_segment", range(106, 112), "segment of person_car", 0.5)]
+    vehicle = [_finding("low_performance", range(100, 105), "cluster 3 of person_vehicle", 1.0),
+               _finding("weak_segment", [106, 107], "segment of person_vehicle", 0.5),
+               _finding("out_of_distribution", [111], "far of person_vehicle", 2.0)]
+    scheme_folder(tmp_path / "analysis", "person_car", "car_fraction", np.ones(N), [0] * N,
+                  set(), findings=car)
+    scheme_folder(tmp_path / "analysis", "person_vehicle", "vehicle_fraction", np.ones(N),
+                  [0] * N, set(), findings=vehicle)
+    doc = compare.run(params, tmp_path / "analysis", tmp_path / "compare")
+    written = json.loads((tmp_path / "compare" / "insights.json").read_text())
+    assert [(r["type"], r["evidence"]["scheme"], r["evidence"]["finding_type"], r["image_ids"],
+             r["score"]) for r in written] == [
+        ("scheme_change", "person_car", "weak_segment", list(range(106, 112)), 3.0),
+        ("scheme_change", "person_vehicle", "out_of_distribution", [111], 2.0),
+        ("scheme_change", "person_vehicle", "weak_segment", [106, 107], 1.0)]
+    assert written[0]["evidence"] == {"scheme": "person_car", "other": "person_vehicle",
+                                      "finding_type": "weak_segment",
+                                      "closest_jaccard": pytest.approx(2 / 6)}
+    assert (written[0]["effect"], written[0]["interval"], written[0]["q_value"]) == (
+        0.5, [0.25, 1.0], 0.01)
+    assert written[0]["title"].startswith("Under person_car, not under person_vehicle: "
+                                          "segment of person_car")
+    assert doc["scheme_changes"] == 3
+
+
+def test_missing_or_damaged_insights_are_named(two_schemes):
+    root, params = two_schemes
+    path = root / "analysis" / "person_vehicle" / "insights.json"
+    path.unlink()
+    with pytest.raises(StageError, match=rf"^{path}: missing \(run the analyze stage first\)$"):
+        compare.run(params, root / "analysis", root / "compare")
+    path.write_text('[{"type": "leak"}]')
+    with pytest.raises(StageError, match=rf"^{path}: record 0 has no title, image_ids, size, "
+                                         r"effect, interval, q_value, score, evidence; "
+                                         r"re-run analyze$"):
+        compare.run(params, root / "analysis", root / "compare")
+    assert not (root / "compare").exists()
 
 
 def test_missing_analysis_is_named(tmp_path, params, caplog):

@@ -312,8 +312,9 @@ def test_stage_timing_json(chain):
     assert timing["image_size"] == SIZE                  # from the checkpoint
     assert timing["warmup_batches"] == 1
     assert timing["torch_threads"] == 1
-    # warm-up: batch of 3, then the timed batches of 3 and 1
-    assert chain["forward_calls"] == [3, 3, 1]
+    # warm-up: batch of 3, then the timed batches of 3 and 1; then the 8 train images in
+    # batches of 3, 3 and 2 (embedded batch by batch, never one image at a time)
+    assert chain["forward_calls"] == [3, 3, 1, 3, 3, 2]
     per_image = pd.read_csv(chain["pred"] / "samples.csv")["latency_ms"]
     assert (per_image > 0).all()
     assert per_image.max() < COLD_S * 1000               # the cold sleep is in no latency
@@ -323,6 +324,11 @@ def test_stage_timing_json(chain):
     assert lat["variance"] == pytest.approx(statistics.pvariance(per_image), rel=1e-6)
     assert lat["total"] <= timing["wall_s"] * 1000
     assert timing["throughput_img_s"] == pytest.approx(N_VAL / timing["wall_s"], rel=1e-9)
+    embedding = timing["train_embedding"]
+    assert set(embedding) == {"images", "wall_s", "throughput_img_s", "definition"}
+    assert embedding["images"] == N_TRAIN and embedding["wall_s"] > 0
+    assert embedding["throughput_img_s"] == pytest.approx(N_TRAIN / embedding["wall_s"],
+                                                          rel=1e-9)
 
 
 def test_stage_latents_layout(chain):
@@ -362,6 +368,34 @@ def test_stage_latents_match_a_fresh_forward_pass(chain):
     bottleneck = slices[0]
     assert np.allclose(latents[:, bottleneck[0]:bottleneck[1]],
                        features[0].mean(dim=(2, 3)).numpy(), atol=1e-4)
+
+
+def test_stage_train_latents_are_each_train_images_own_forward_pass(chain):
+    """latents_train.npz: latents.npz's format for the train split, row i the pooled latent
+    of train image i (by id) from its own one-image forward pass; no PNG or table of it."""
+    from stages.lib.data import InferenceDataset, list_samples
+    from stages.lib.model import load_trained
+
+    assert sorted(p.name for p in chain["pred"].iterdir()) == [
+        "latents.npz", "latents_train.npz", "samples.csv", "timing.json", "val"]
+    assert len(list((chain["pred"] / "val").iterdir())) == N_VAL
+    model, meta = load_trained(chain["model"] / "model.pt", torch.device("cpu"))
+    listed = json.loads((chain["raw"] / "annotations" / "instances_train.json")
+                               .read_text())["images"]
+    samples = list_samples(chain["raw"], chain["masks"], "train")
+    dataset = InferenceDataset(samples, meta["image_size"], meta["mean"], meta["std"])
+    with torch.inference_mode():
+        expected = np.concatenate([pooled_latent(model.forward_with_latents(
+            dataset[i]["image"][None])[1]).numpy() for i in range(len(dataset))])
+    with np.load(chain["pred"] / "latents_train.npz", allow_pickle=False) as npz, \
+            np.load(chain["pred"] / "latents.npz", allow_pickle=False) as val:
+        assert sorted(npz.files) == ["image_ids", "latents", "layer_names", "layer_slices"]
+        assert npz["image_ids"].tolist() == sorted(image["id"] for image in listed)
+        assert len(listed) == N_TRAIN
+        assert npz["latents"].shape == (N_TRAIN, 1280) and npz["latents"].dtype == np.float32
+        np.testing.assert_allclose(npz["latents"], expected, atol=1e-4)
+        assert npz["layer_names"].tolist() == val["layer_names"].tolist()
+        assert npz["layer_slices"].tolist() == val["layer_slices"].tolist()
 
 
 def test_stage_loss_is_cross_entropy_of_a_fresh_forward_pass(chain):

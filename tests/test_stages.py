@@ -248,7 +248,8 @@ def test_timing_json(chain):
     timing = json.loads((chain["pred"] / "timing.json").read_text())
     assert set(timing) == {"images", "device", "batch_size", "latency_ms", "wall_s",
                            "throughput_img_s", "image_size", "torch_threads", "warmup_batches",
-                           "warmup_definition", "latency_definition", "throughput_definition"}
+                           "warmup_definition", "latency_definition", "throughput_definition",
+                           "train_embedding"}
     assert (timing["image_size"], timing["warmup_batches"]) == (SIZE, 1)
     assert set(timing["latency_ms"]) == {"total", "mean", "variance", "median"}
     assert (timing["images"], timing["device"], timing["batch_size"]) == (
@@ -327,10 +328,11 @@ def test_metrics_match_torchmetrics_on_the_real_predictions(chain, val_images):
         assert image.format == "PNG"
 
 
-ANALYSIS_FILES = ["bin_members.csv", "cluster_categories.csv", "clusters.csv", "heatmaps",
-                  "label_issues", "label_issues.csv", "metadata", "metadata_flagged.csv",
-                  "metadata_loss.csv", "neighbours.csv", "samples.csv", "similars.csv",
-                  "summary.json"]
+# no leak_free_metrics.json: no val image of the sample has a train twin
+ANALYSIS_FILES = ["bin_members.csv", "cluster_categories.csv", "clusters.csv",
+                  "duplicates.csv", "heatmaps", "insights.json", "label_issues",
+                  "label_issues.csv", "metadata", "metadata_flagged.csv", "metadata_loss.csv",
+                  "neighbours.csv", "samples.csv", "similars.csv", "summary.json"]
 
 
 def test_analysis_files(chain):
@@ -340,7 +342,7 @@ def test_analysis_files(chain):
     infer_table = pd.read_csv(chain["pred"] / "samples.csv")
     assert samples["image_id"].tolist() == infer_table["image_id"].tolist()
     for col in ("loss", "x", "y", "cluster", "is_grayscale", "person_fraction", "split", "width",
-                "label_quality", "label_quality_rank"):
+                "label_quality", "label_quality_rank", "ood_score"):
         assert col in samples.columns
     assert (samples["split"] == "val").all()
     assert np.isfinite(samples[["x", "y"]]).all().all()
@@ -350,7 +352,8 @@ def test_analysis_files(chain):
     assert list(clusters.columns) == ["cluster", "size", "mean_loss", "mean_pixel_accuracy",
                                       "grayscale_share", "mean_iou_background", "mean_iou_person",
                                       "mean_iou_car", "dominant_categories", "medoid_image_id",
-                                      "representative_image_ids"]
+                                      "representative_image_ids", "train_images", "train_share",
+                                      "val_share"]
     assert clusters["size"].sum() == N_VAL
     # the per-cluster means recomputed from samples.csv with pandas
     by_cluster = samples.groupby("cluster")

@@ -505,7 +505,9 @@ TRAIN_JSON_KEYS = {"device": str, "precision": str, "epochs": int, "wall_s": flo
                    # the recipe's (issue 15), for params.yaml's weighted loss
                    "seed": int, "loss": str, "class_weighting": str, "class_weights": dict,
                    "sampler": str,
-                   "schedule": dict, "augment": dict}
+                   "schedule": dict, "augment": dict,
+                   # what the encoder was pretrained on (issue 17), for the provenance
+                   "encoder_pretraining": str}
 
 
 def _train_json(model_dir: Path) -> dict:
@@ -533,6 +535,20 @@ def test_train_json_records_the_run(tiny, tmp_path):
         "device": "cpu", "precision": "float32", "epochs": 1, "torch_version": torch.__version__,
         "train_images": 4, "val_images": 2, "seed": 3}
     assert 0 < record["wall_s"] < elapsed  # the training loop only, within the stage's run
+    assert tiny["params"]["model"]["encoder_weights"] == "none"
+    assert record["encoder_pretraining"] == "nothing (trained from scratch)"
+
+
+def test_encoder_pretraining_names_imagenet_and_a_local_file_by_its_sha256(tmp_path):
+    assert train.encoder_pretraining("imagenet") == (
+        "ImageNet-1k (torchvision MobileNet_V2_Weights.IMAGENET1K_V1)")
+    assert train.encoder_pretraining("none") == "nothing (trained from scratch)"
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "mine.pth").write_bytes(b"not really weights")
+    # sha256 of those 18 bytes, by hashlib here: the record names the file's content
+    digest = hashlib.sha256(b"not really weights").hexdigest()
+    assert train.encoder_pretraining("weights/mine.pth", tmp_path) == (
+        f"the local file weights/mine.pth (sha256 {digest})")
 
 
 def test_train_json_counts_the_epochs_of_a_resumed_run(tiny, tmp_path, monkeypatch, caplog):

@@ -10,7 +10,9 @@ cancels, and the interval of a difference is narrower than two separate interval
 Written by hand because scipy.stats.bootstrap resamples by materialising every resample of
 the data (n_resamples x N x K x K here) or calls the statistic per resample; this needs
 neither and keeps memory flat in both N and the number of resamples (batches of at most
-BATCH_CELLS weights).
+BATCH_CELLS weights). The one unpaired interval, a group's mean loss against the rest's
+(mean_difference_interval: clusters, segments, findings), holds one value per image, and
+there scipy.stats.bootstrap, batched, is all it takes.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import stats
 
 from stages.lib.metrics import per_class_iou
 
@@ -150,3 +153,22 @@ def seeds_block(confusion: np.ndarray, ignored: np.ndarray, class_names: list[st
                                        settings.confidence)
                     for k, name in enumerate(class_names)}
     return block
+
+
+def mean_difference_interval(inside: np.ndarray, outside: np.ndarray,
+                             settings: Settings) -> list[float] | None:
+    """Percentile interval of mean(inside) - mean(outside) for two disjoint groups of images
+    (a cluster or segment and the rest): each group resampled on its own, since nothing pairs
+    an image inside with one outside (scipy.stats.bootstrap, independent samples). Percentile,
+    as every other interval of the report; BCa's jackknife fails on a group of tied losses.
+    None when either group has fewer than 2 values (no spread to resample)."""
+    inside = np.asarray(inside, float)
+    outside = np.asarray(outside, float)
+    if len(inside) < 2 or len(outside) < 2:
+        return None
+    result = stats.bootstrap(
+        (inside, outside), lambda a, b, axis: a.mean(axis) - b.mean(axis), vectorized=True,
+        n_resamples=settings.samples, confidence_level=settings.confidence, method="percentile",
+        batch=max(1, BATCH_CELLS // (len(inside) + len(outside))),
+        rng=np.random.default_rng(settings.seed))
+    return [float(result.confidence_interval.low), float(result.confidence_interval.high)]

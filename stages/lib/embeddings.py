@@ -6,6 +6,8 @@ vector per image (a few thousand floats), never a per-pixel map, so 40k images f
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 from sklearn.cluster import HDBSCAN, KMeans
 from sklearn.decomposition import PCA
@@ -24,10 +26,37 @@ def standardise(latents: np.ndarray) -> np.ndarray:
 
 def reduce(scaled: np.ndarray, max_dims: int, seed: int) -> np.ndarray:
     """PCA to at most max_dims components (fewer when there are fewer samples)."""
+    pca = _pca(scaled, max_dims, seed)
+    return scaled if pca is None else pca.fit_transform(scaled)
+
+
+def _pca(scaled: np.ndarray, max_dims: int, seed: int) -> PCA | None:
+    """The PCA reduce() fits, or None when it would keep every dimension."""
     n_components = int(min(max_dims, scaled.shape[0] - 1, scaled.shape[1]))
     if n_components >= scaled.shape[1]:
-        return scaled
-    return PCA(n_components=max(n_components, 1), random_state=seed).fit_transform(scaled)
+        return None
+    return PCA(n_components=max(n_components, 1), random_state=seed)
+
+
+def fit_space(latents: np.ndarray, max_dims: int,
+              seed: int) -> tuple[np.ndarray, np.ndarray, Callable]:
+    """standardise(latents) and reduce() of it, and a function putting other vectors (the
+    train split's) through the same fitted scaler and PCA, returning (standardised,
+    reduced): train images are counted and measured in the space the val images were
+    clustered in."""
+    scaler = StandardScaler().fit(np.asarray(latents, np.float64))
+    scaled = scaler.transform(np.asarray(latents, np.float64)).astype(np.float32)
+    pca = _pca(scaled, max_dims, seed)
+    reduced = scaled if pca is None else pca.fit_transform(scaled)
+
+    def transform(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if not len(vectors):   # scikit-learn refuses zero rows
+            return (np.empty((0, scaled.shape[1]), np.float32),
+                    np.empty((0, reduced.shape[1]), np.float32))
+        other = scaler.transform(np.asarray(vectors, np.float64)).astype(np.float32)
+        return other, other if pca is None else pca.transform(other)
+
+    return scaled, reduced, transform
 
 
 def project(scaled: np.ndarray, reduced: np.ndarray, method: str, seed: int) -> np.ndarray:
@@ -106,3 +135,18 @@ def nearest_neighbours(vectors: np.ndarray, queries: list[int],
         pairs = [(int(i), float(d)) for i, d in zip(idx, dist) if i != query][:k]
         result.append(pairs)
     return result
+
+
+def unit_vectors(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows scaled to length 1 (float32), and which rows have a direction (non-zero). Between
+    unit vectors, cosine distance = squared Euclidean / 2, and a Euclidean search of
+    NearestNeighbors runs in scikit-learn's chunked reductions (memory per chunk of
+    queries), where metric="cosine" holds up to working_memory (1 GiB) of distances at once:
+    1.4 GiB peak for 12k vectors, against a few MiB."""
+    vectors = np.asarray(vectors, np.float64)
+    norms = np.linalg.norm(vectors, axis=1)
+    has_direction = norms > 0
+    unit = np.divide(vectors, norms[:, None], out=np.zeros_like(vectors),
+                     where=has_direction[:, None])
+    return unit.astype(np.float32), has_direction
+

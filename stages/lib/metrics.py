@@ -82,3 +82,25 @@ def scores(cm: np.ndarray, ignored_pixels: int = 0) -> dict[str, object]:
         "precision": _ratio(tp, pred_count),
         "recall": _ratio(tp, gt_count),
     }
+
+
+def metrics_document(cm: np.ndarray, ignored: int, class_names: list[str], images: int) -> dict:
+    """evaluate's metrics JSON (and analyze's leak-free metrics, the same keys): summary
+    figures first, then per-class maps keyed by class name."""
+    s = scores(cm, ignored)
+    by_class = lambda values: dict(zip(class_names, (float(v) for v in values)))  # noqa: E731
+    return {
+        "miou": s["miou"],
+        "pixel_accuracy": s["pixel_accuracy"],
+        "pixel_accuracy_with_ignore": s["pixel_accuracy_with_ignore"],
+        "mean_class_accuracy": s["mean_class_accuracy"],
+        "fw_iou": s["fw_iou"],
+        "iou": by_class(s["iou"]),
+        "dice": by_class(s["dice"]),
+        "class_accuracy": by_class(s["class_accuracy"]),
+        "precision": by_class(s["precision"]),
+        "recall": by_class(s["recall"]),
+        "images": images,
+        "pixels_evaluated": int(cm.sum()),
+        "pixels_ignored": int(ignored),
+    }
