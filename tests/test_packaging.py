@@ -31,6 +31,7 @@ from conftest import ROOT
 # importlib.resources and templates): all must be in the wheel, with the repo's bytes.
 DATA_FILES = {
     "stages/schemas/params.schema.yaml": "workflow/schemas/params.schema.yaml",
+    "stages/schemas/insights.schema.json": "docs/insights.schema.json",
     "stages/templates/report.html.j2": "stages/templates/report.html.j2",
     "stages/templates/report.js": "stages/templates/report.js",
     "stages/templates/report.css": "stages/templates/report.css",
@@ -55,6 +56,8 @@ def sources(tmp_path_factory) -> Path:
     shutil.copytree(ROOT / "stages", src / "stages", symlinks=True,
                     ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "workflow" / "schemas", src / "workflow" / "schemas")
+    (src / "docs").mkdir()
+    shutil.copy2(ROOT / "docs" / "insights.schema.json", src / "docs")
     return src
 
 
@@ -122,8 +125,10 @@ from stages import report
 schema = params.load_schema()
 report.environment().get_template("report.html.j2")
 code, digest = report.app_script()
+from stages.report import inputs
 print(json.dumps({"stages": stages.__file__, "schema": str(params.SCHEMA),
-                  "required": sorted(schema["required"]), "js": len(code)}))
+                  "required": sorted(schema["required"]), "js": len(code),
+                  "insights": inputs.insights_problem([{"type": "big"}])}))
 """
     done = _run([fresh_python, "-c", probe], cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -134,6 +139,8 @@ print(json.dumps({"stages": stages.__file__, "schema": str(params.SCHEMA),
     assert found["required"] == sorted(yaml.safe_load(
         (ROOT / "workflow/schemas/params.schema.yaml").read_text())["required"])
     assert found["js"] == len((ROOT / "stages/templates/report.js").read_text(encoding="utf-8"))
+    # the insights contract, read from the wheel, holds the report's inputs to it
+    assert found["insights"] == "[0]: missing key title"
 
 
 def test_stages_run_from_the_installed_wheel(fresh_python, tmp_path):

@@ -5,9 +5,11 @@ sorting; injected names stay text; a large val set stays bounded."""
 from __future__ import annotations
 
 import copy
+import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from playwright.sync_api import sync_playwright
@@ -69,14 +71,15 @@ def opened(tmp_path_factory, browser):
     page.close()
 
 
-def lonely_sample(page, scheme: str) -> str:
-    """A sample whose point lies at least 12 px from every other point of its map, so that
-    hovering it cannot pick a neighbour."""
-    return page.evaluate("""(scheme) => {
+def lonely_sample(page, scheme: str, kind: str = "map") -> str:
+    """A sample whose point lies at least 12 px from every other point of its map (kind
+    "map", or "ood": loss against the OOD score), so that hovering it cannot pick a
+    neighbour."""
+    return page.evaluate("""([scheme, kind]) => {
         const D = JSON.parse(document.getElementById('segflow-data').textContent);
         const s = D.per_scheme.find(x => x.name === scheme);
         const pts = s.img.map(i => [D.images.stem[i],
-                                    segflowReport.point(scheme, D.images.stem[i])]);
+                                    segflowReport.point(scheme, D.images.stem[i], kind)]);
         let best = null, bestD = -1;
         for (const [stem, p] of pts) {
             let d = Infinity;
@@ -85,12 +88,13 @@ def lonely_sample(page, scheme: str) -> str:
             if (d > bestD) { bestD = d; best = stem; }
         }
         return bestD >= 12 ? best : null;
-    }""", scheme)
+    }""", [scheme, kind])
 
 
-def point(page, scheme: str, stem: str) -> tuple[float, float]:
-    page.locator(f'.map-panel[data-scheme="{scheme}"] canvas.map').scroll_into_view_if_needed()
-    p = page.evaluate("([s, t]) => segflowReport.point(s, t)", [scheme, stem])
+def point(page, scheme: str, stem: str, kind: str = "map") -> tuple[float, float]:
+    panel = ".ood-panel" if kind == "ood" else ".map-panel:not(.ood-panel)"
+    page.locator(f'{panel}[data-scheme="{scheme}"] canvas.map').scroll_into_view_if_needed()
+    p = page.evaluate("([s, t, k]) => segflowReport.point(s, t, k)", [scheme, stem, kind])
     return p["x"], p["y"]
 
 
@@ -132,7 +136,13 @@ def test_schemes_side_by_side_in_the_comparison_table(opened):
     assert abs(first["y"] - second["y"]) < 2  # same row
     assert first["x"] + first["width"] <= second["x"]  # left to right, not overlapping
     assert second["x"] + second["width"] <= VIEWPORT["width"]  # no sideways scrolling
-    assert first["y"] < VIEWPORT["height"] * 2  # near the top: the comparison comes first
+    # the Insights open the page (issue 17), the comparison follows them
+    insights = page.locator("section#insights").bounding_box()
+    comparison = page.locator("section#comparison").bounding_box()
+    assert insights["y"] < VIEWPORT["height"]
+    assert insights["y"] + insights["height"] <= comparison["y"] < first["y"]
+    assert page.evaluate("document.querySelector('main > section').id") == "insights"
+    assert page.evaluate("document.querySelector('main > section + section').id") == "comparison"
 
 
 def test_comparison_table_has_a_row_per_class(opened):
@@ -175,6 +185,7 @@ def test_clicking_a_point_pins_it_in_every_map_with_its_similars(opened):
     k = params["analyze"]["similars"]["k"]
     for name in names:
         panel = page.locator(f'.map-panel[data-scheme="{name}"] .pinned')
+        assert panel.count() == 1   # the latent map's panel; the OOD scatter has none
         assert f"Pinned: {stem}" in panel.inner_text()
         shown = panel.locator("button.similar").evaluate_all("bs => bs.map(b => b.dataset.stem)")
         assert shown == expected_neighbours(root, name, stem, k)
@@ -292,6 +303,91 @@ def test_other_filters_combine(opened):
     assert rows_count(page) == 0
     page.locator("#f-reset").click()
     assert rows_count(page) == 12
+
+
+def stems_of(root: Path, scheme: str) -> dict[int, str]:
+    samples = pd.read_csv(root / "analysis" / scheme / "samples.csv", dtype={"file_name": str})
+    return {int(i): Path(f).stem for i, f in zip(samples["image_id"], samples["file_name"])}
+
+
+def shown_rows(page) -> list[tuple[str, str]]:
+    return sorted(tuple(r) for r in page.locator("#samples-table tbody tr").evaluate_all(
+        "rs => rs.map(r => [r.dataset.stem, r.dataset.scheme])"))
+
+
+def test_an_insights_link_filters_the_samples_table_to_exactly_its_members(opened):
+    """Each finding's link (analyze's per scheme, then compare's) shows exactly the
+    finding's val images under its scheme, as insights.json lists them, whatever other
+    filter was set; the chip clears it. Expected rows come from the files, not the page."""
+    page, params, root = opened["page"], opened["params"], opened["root"]
+    page.locator("#f-reset").click()
+    total = rows_count(page)
+    expected = []   # (scheme, its val images' stems) per link, in the page's order
+    for s in params["schemes"]:
+        stems = stems_of(root, s)
+        for r in json.loads((root / "analysis" / s / "insights.json").read_text()):
+            members = sorted((stems[i], s) for i in r["image_ids"] if i in stems)
+            if members:
+                expected.append((s, members))
+    for r in json.loads((root / "compare" / "insights.json").read_text()):
+        s = r["evidence"]["scheme"]
+        stems = stems_of(root, s)
+        members = sorted((stems[i], s) for i in r["image_ids"] if i in stems)
+        if members:
+            expected.append((s, members))
+    links = page.locator("#insights button.js-members")
+    assert links.count() == len(expected)
+    # a finding that is some but not all of its scheme's images, to tell a filter from none
+    assert any(0 < len(members) < total // 2 for _, members in expected)
+    for i, (scheme, members) in enumerate(expected):
+        page.locator("#f-loss-max").fill("-1")   # a filter showing nothing: the link clears it
+        assert rows_count(page) == 0
+        link = links.nth(i)
+        link.scroll_into_view_if_needed()
+        link.click()
+        assert rows_count(page) == len(members)
+        assert shown_rows(page) == members, (scheme, link.get_attribute("data-label"))
+        assert page.locator("#f-members").is_visible()
+        assert page.locator("#f-scheme").input_value() == str(list(params["schemes"]).index(
+            scheme))
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.locator("#samples").screenshot(path=str(ARTIFACTS / "report-table-insight.png"))
+    page.locator("#f-members-clear").click()
+    assert rows_count(page) == total and not page.locator("#f-members").is_visible()
+    # the findings' thumbnails are the inlined ones, and they decode
+    thumbs = page.locator("#insights img.js-thumb")
+    assert thumbs.count() > 0
+    assert thumbs.evaluate_all("is => is.every(i => i.src.startsWith('data:image/jpeg'))")
+    assert_clean(opened["events"])
+
+
+def test_the_ood_scatter_plots_each_samples_loss_against_its_ood_score(opened):
+    """Per scheme, loss (up) against analyze's ood_score (across): the sample farther right
+    has the higher score, hovering a point shows that sample, with its score."""
+    page, params, root = opened["page"], opened["params"], opened["root"]
+    for s in params["schemes"]:
+        samples = pd.read_csv(root / "analysis" / s / "samples.csv", dtype={"file_name": str})
+        stems = [Path(f).stem for f in samples["file_name"]]
+        xs = [page.evaluate("([s, t]) => segflowReport.point(s, t, 'ood').x", [s, t])
+              for t in stems]
+        ys = [page.evaluate("([s, t]) => segflowReport.point(s, t, 'ood').y", [s, t])
+              for t in stems]
+        order = np.argsort(samples["ood_score"].to_numpy(), kind="stable")
+        assert all(np.diff(np.asarray(xs)[order]) >= 0)
+        order = np.argsort(samples["loss"].to_numpy(), kind="stable")
+        assert all(np.diff(np.asarray(ys)[order]) <= 0)   # canvas y grows downwards
+    scheme = next(iter(params["schemes"]))
+    stem = lonely_sample(page, scheme, "ood")
+    assert stem is not None
+    x, y = point(page, scheme, stem, "ood")
+    page.mouse.move(x, y)
+    tooltip = page.locator("#tooltip")
+    tooltip.wait_for(state="visible")
+    assert tooltip.get_attribute("data-stem") == stem
+    assert "out-of-distribution score" in tooltip.inner_text()
+    page.mouse.move(2, 2)
+    assert not tooltip.is_visible()
+    assert_clean(opened["events"])
 
 
 def test_label_issue_galleries_mark_one_scheme_issues(opened):

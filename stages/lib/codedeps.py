@@ -10,9 +10,13 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-# The files a stage renders besides its modules (globs, relative to the repo).
+# The files a stage reads as code besides its modules (globs, relative to the repo): the
+# templates it renders, and the schema it holds its inputs to (a change to the insights
+# contract changes what the report accepts; the package's link to docs/, as the report
+# reads it).
 TEMPLATES = {"report": ["stages/templates/report.html.j2", "stages/templates/report.js",
-                        "stages/templates/report.css", "stages/templates/report/*.html.j2"]}
+                        "stages/templates/report.css", "stages/templates/report/*.html.j2",
+                        "stages/schemas/insights.schema.json"]}
 
 
 def stage_code(stage: str, root: Path = ROOT) -> list[str]:

@@ -1,16 +1,18 @@
 """report: one self-contained HTML page comparing the label schemes side by side.
 Reads, for every scheme in params.yaml, the metrics and confusion matrix (evaluate),
 train.json and the training curves (train), timing and predicted masks (infer), the sample,
-cluster, neighbour, bin-member, heat-map, label-issue and metadata-vs-loss tables (analyze),
-the scheme differences (compare), the ground truth (masks), the val images and their
+cluster, neighbour, bin-member, heat-map, label-issue and metadata-vs-loss tables and the
+ranked findings, insights.json (analyze), the scheme differences and the findings that
+differ between schemes (compare), the ground truth (masks), the val images and their
 manifest (download), and, under Snakemake, its benchmark files of the upstream jobs (the
 stage times). Every file it reads is a declared input in both engines. Writes --out: every
 figure and thumbnail is inlined and the interactive parts (population maps, similars,
 histograms, the samples table) run from one JSON blob with inlined vanilla JavaScript, so
 the page needs no network.
 
-The package: inputs (read and check the files), tables and explorer (what the page shows,
-computed from what was read), provenance, render (figures, thumbnails, the template).
+The package: inputs (read and check the files), tables, findings and explorer (what the
+page shows, computed from what was read), provenance, render (figures, thumbnails, the
+template).
 """
 from __future__ import annotations
 
@@ -27,12 +29,20 @@ from stages.report.explorer import (
     explorer_fields,
     thumbnail_stems,
 )
+from stages.report.findings import (
+    change_findings,
+    evidence_words,
+    insight_stems,
+    scheme_findings,
+)
 from stages.report.inputs import (
     Scheme,
     load_scheme,
     read_cluster_changes,
+    read_compare_insights,
     read_compare_summary,
     read_flagged_in,
+    read_insights,
 )
 from stages.report.provenance import (
     git_state,
@@ -75,11 +85,13 @@ from stages.report.tables import (
 
 # What the tests and other tools reach as report.X (the modules hold them).
 __all__ = ["CATEGORY_COLOURS", "PARAMS", "SUMMARY_METRICS", "Scheme",
-           "app_script", "build_context", "choose_examples", "colour_ramp", "comparison_table",
-           "environment", "example_candidates", "explorer_data", "explorer_fields",
-           "format_number", "format_signed", "git_state", "informative_fields", "json_script",
-           "legend_swatches", "load_scheme", "main", "params_diff", "photo_thumbnail",
-           "porcelain_paths", "read_stage_times", "render", "run", "sha256_file",
+           "app_script", "build_context", "change_findings", "choose_examples", "colour_ramp",
+           "comparison_table", "environment", "evidence_words", "example_candidates",
+           "explorer_data", "explorer_fields", "format_number", "format_signed", "git_state",
+           "informative_fields", "insight_stems", "json_script", "legend_swatches",
+           "load_scheme", "main", "params_diff", "photo_thumbnail",
+           "porcelain_paths", "read_compare_insights", "read_insights", "read_stage_times",
+           "render", "run", "scheme_findings", "sha256_file",
            "thumbnail_stems", "training_caveats", "verdict", "verdicts", "category_rows",
            "study_sentence", "weak_classes", "weak_warning"]
 
@@ -106,8 +118,12 @@ def run(params: dict, raw: Path, masks: Path, models: Path, predictions: Path, m
     cards = {s.name: cluster_cards(s, changes, heatmap_sources(analysis / s.name, s,
                                                                cfg["thumbnail_px"]))
              for s in schemes}
-    shown = [i["stem"] for i in issues] + [r["stem"] for cs in cards.values() for c in cs
-                                           for r in c["representatives"]]
+    changed = read_compare_insights(compare, schemes)
+    # Label issues, then the Insights section's thumbnails, then the cluster representatives:
+    # the images the page shows as pictures get theirs first (report.max_thumbnails).
+    shown = [i["stem"] for i in issues] + insight_stems(schemes, changed,
+                                                        cfg["insight_thumbnails"])
+    shown += [r["stem"] for cs in cards.values() for c in cs for r in c["representatives"]]
     thumbs = sample_thumbnails(raw, schemes, thumbnail_stems(schemes, shown, cfg["max_thumbnails"]),
                                cfg["sample_thumbnail_px"])
     only_in = {stem: found[0] for stem, found in flagged_in.items() if len(found) == 1}
@@ -117,7 +133,7 @@ def run(params: dict, raw: Path, masks: Path, models: Path, predictions: Path, m
     context = build_context(
         params, schemes, record(params, raw, schemes, benchmarks, own),
         examples(schemes, raw, masks, predictions, cfg["n_examples"], cfg["thumbnail_px"]),
-        issues, summary, thumbs, cards, only_in)
+        issues, summary, thumbs, cards, only_in, changed)
     html = render(context)
     with atomic_path(out) as tmp:
         tmp.write_text(html, encoding="utf-8")

@@ -180,6 +180,11 @@ def explorer_data(schemes: list[Scheme], thumbs: dict[str, str], fields: list[st
                           "dominant": str(r["dominant_categories"])
                           if isinstance(r["dominant_categories"], str) else ""}
                          for _, r in s.clusters.iterrows()],
+            # analyze's out-of-distribution score, and the threshold above which it called
+            # an image out of distribution (its finding's evidence; none without one)
+            "ood": rounded(samples["ood_score"]),
+            "ood_threshold": next((finite(r["evidence"].get("threshold")) for r in s.insights
+                                   if r["type"] == "out_of_distribution"), None),
             "mean_loss": finite(samples["loss"].mean()),
             "buckets": scheme_buckets(s, charted, flagged),
             "bucket_of": {name: s.bin_members[name] for name in charted

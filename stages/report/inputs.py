@@ -2,9 +2,12 @@
 columns or keys the page uses (stages.lib.tables), one StageError naming the file otherwise."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import pandas as pd
 
@@ -12,6 +15,7 @@ from stages.lib.cli import StageError
 from stages.lib.names import check_plain_name, inside, seed_dir
 from stages.lib.params import scheme_class_names
 from stages.lib.tables import read_json, read_table
+
 
 @dataclass
 class Scheme:
@@ -37,6 +41,7 @@ class Scheme:
     label_issues: pd.DataFrame       # analyze's label_issues.csv
     heatmaps: pd.DataFrame           # analyze's heatmaps/index.csv
     seed: int = 0                    # the analysed model's training seed (train.seeds[0])
+    insights: list[dict] = field(default_factory=list)   # analyze's insights.json, ranked
 
 
 SUMMARY_METRICS = [
@@ -53,7 +58,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 SAMPLE_COLUMNS = ["image_id", "file_name", "loss", "pixel_accuracy", "miou", "x", "y", "cluster",
-                  "label_quality", "background_fraction"]
+                  "label_quality", "background_fraction", "ood_score"]
 CLUSTER_COLUMNS = ["cluster", "size", "mean_loss", "mean_pixel_accuracy", "grayscale_share",
                    "dominant_categories", "representative_image_ids"]
 BIN_COLUMNS = ["binning", "field", "bin", "low", "high", "count", "mean_loss", "se_loss",
@@ -63,7 +68,7 @@ ISSUE_COLUMNS = ["rank", "image_id", "stem", "label_quality", "loss", "flagged",
 CATEGORY_COLUMNS = ["category", "supercategory", "claimed_by", "instances", "pixels",
                     "instance_recall", "instance_pull"]
 TRAIN_KEYS = ["device", "precision", "epochs", "wall_s", "torch_version", "model_sha256",
-              "train_images", "val_images"]
+              "train_images", "val_images", "encoder_pretraining"]
 TIMING_KEYS = ["images", "device", "batch_size", "latency_ms", "wall_s", "throughput_img_s"]
 LATENCY_KEYS = ["total", "mean", "variance", "median"]
 
@@ -132,7 +137,7 @@ def load_scheme(params: dict, name: str, models: Path, predictions: Path, metric
         curves_png=read_png(trained / "curves.png", "train"),
         timing=read_timing(inside(predictions, name, seed_dir(seed), "timing.json",
                                   resolve=False)),
-        train=read_json(trained / "train.json", TRAIN_KEYS, "train"),
+        train=read_train(trained / "train.json"),
         samples=samples, neighbours=neighbours, distances=distances,
         bin_members=read_bin_members(folder / "bin_members.csv", samples, binning),
         clusters=read_table(folder / "clusters.csv", CLUSTER_COLUMNS, "analyze"),
@@ -143,6 +148,7 @@ def load_scheme(params: dict, name: str, models: Path, predictions: Path, metric
         heatmaps=read_table(folder / "heatmaps" / "index.csv", ["file", "kind", "cluster", "stem"],
                             "analyze", dtype={"stem": str}),
         seed=seed,
+        insights=read_insights(folder / "insights.json", "analyze", {name: samples}, name),
     )
 
 
@@ -196,6 +202,14 @@ def one_binning(frame: pd.DataFrame, binning: str) -> pd.DataFrame:
     return frame[frame["binning"] == binning].reset_index(drop=True)
 
 
+def read_train(path: Path) -> dict:
+    train = read_json(path, TRAIN_KEYS, "train")
+    if not isinstance(train["encoder_pretraining"], str):
+        raise StageError(f"{path}: encoder_pretraining: expected a string, found "
+                         f"{_found(train['encoder_pretraining'])}; re-run train")
+    return train
+
+
 def read_timing(path: Path) -> dict:
     timing = read_json(path, TIMING_KEYS, "infer")
     missing = [f"latency_ms.{k}" for k in LATENCY_KEYS if k not in timing["latency_ms"]]
@@ -235,3 +249,117 @@ def listed_file(folder: Path, name: object, table: Path) -> Path:
 
 def read_compare_summary(compare: Path | None) -> dict | None:
     return None if compare is None else read_json(compare / "summary.json", ["pairs"], "compare")
+
+
+# ---------------------------------------------------------------- insights (issue 17)
+
+# docs/insights.schema.json, read as package data (stages/schemas/insights.schema.json is a
+# symlink to it, as params.schema.yaml is to workflow/schemas/), so a built wheel carries it.
+INSIGHTS_SCHEMA = resources.files("stages") / "schemas" / "insights.schema.json"
+SHORT = 60   # longest value quoted in a message
+
+
+def _where(error: jsonschema.ValidationError) -> str:
+    """'[3].interval', or 'the top level'."""
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
+    return where or "the top level"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _found(value: object) -> str:
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return f"a list of {_count(len(value), 'item')}"
+    text = json.dumps(value)
+    return text if len(text) <= SHORT else text[:SHORT] + "..."
+
+
+def _describe(schema: dict) -> str:
+    """A subschema in words: 'null', 'a list of 2 numbers'."""
+    kind = schema.get("type")
+    if kind == "array" and schema.get("minItems") == schema.get("maxItems") is not None:
+        return f"a list of {schema['minItems']} {schema.get('items', {}).get('type', 'item')}s"
+    return " or ".join(kind) if isinstance(kind, list) else str(kind)
+
+
+def _expected(error: jsonschema.ValidationError) -> str:
+    """What the schema wanted where the file differs from it, in words."""
+    value = error.validator_value
+    if error.validator == "type":
+        return " or ".join(value) if isinstance(value, list) else value
+    if error.validator == "enum":
+        return f"one of {', '.join(map(str, value))}"
+    if error.validator in ("oneOf", "anyOf"):
+        return " or ".join(_describe(s) for s in value)
+    if error.validator in ("minItems", "maxItems"):
+        bound = "at least" if error.validator == "minItems" else "at most"
+        return f"a list of {bound} {_count(value, 'item')}"
+    if error.validator == "minLength":
+        return f"a string of at least {_count(value, 'character')}"
+    if error.validator in ("minimum", "maximum"):
+        return f"a number of at {'least' if error.validator == 'minimum' else 'most'} {value}"
+    return f"{error.validator} {json.dumps(value)}"   # a keyword the schema does not use yet
+
+
+def insights_problem(document: object) -> str | None:
+    """Where `document` breaks docs/insights.schema.json and what was expected there, in one
+    phrase, or None when it holds. One error, jsonschema's best match: the line stays short."""
+    schema = json.loads(INSIGHTS_SCHEMA.read_text(encoding="utf-8"))
+    error = jsonschema.exceptions.best_match(
+        jsonschema.Draft202012Validator(schema).iter_errors(document))
+    if error is None:
+        return None
+    if error.validator == "required":
+        missing = [k for k in error.validator_value if k not in error.instance]
+        return f"{_where(error)}: missing key {missing[0]}"
+    return f"{_where(error)}: expected {_expected(error)}, found {_found(error.instance)}"
+
+
+def read_insights(path: Path, produced_by: str, samples: dict[str, pd.DataFrame],
+                  scheme: str | None = None) -> list[dict]:
+    """An insights.json (docs/outputs.md, "Insights"): a list valid under
+    docs/insights.schema.json, in its file's order (the stage ranked it). analyze's (`scheme`
+    given) holds that scheme's findings, compare's (`scheme` None) scheme_change records of
+    the schemes in `samples` (name -> analyze's samples.csv). Every image of a finding is a
+    val image of its scheme, but for duplicates, whose train pairs name train images."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise StageError(f"{path}: missing (run the {produced_by} stage first)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise StageError(f"{path}: not valid JSON ({exc})") from None
+    problem = insights_problem(document)
+    if problem is not None:
+        raise StageError(f"{path}: {problem} (docs/insights.schema.json); re-run {produced_by}")
+    for i, r in enumerate(document):
+        owner = scheme
+        if scheme is None:
+            owner = r["evidence"].get("scheme")
+            if r["type"] != "scheme_change" or owner not in samples:
+                raise StageError(
+                    f"{path}: [{i}]: expected a scheme_change record of one of "
+                    f"{', '.join(samples)}, found a {r['type']} record of {_found(owner)}; "
+                    f"re-run {produced_by}")
+        elif r["type"] == "scheme_change":
+            raise StageError(f"{path}: [{i}]: a scheme_change record; those are compare's "
+                             f"(compare/insights.json); re-run {produced_by}")
+        kind = r["evidence"].get("finding_type") if r["type"] == "scheme_change" else r["type"]
+        if kind == "duplicate":
+            continue
+        known = set(samples[owner]["image_id"].astype(int))
+        unknown = [i for i in r["image_ids"] if i not in known]
+        if unknown:
+            raise StageError(f"{path}: [{i}].image_ids: image {unknown[0]} is not among "
+                             f"{owner}'s val images (its samples.csv); re-run {produced_by}")
+    return document
+
+
+def read_compare_insights(compare: Path | None, schemes: list[Scheme]) -> list[dict] | None:
+    if compare is None:
+        return None
+    return read_insights(compare / "insights.json", "compare",
+                         {s.name: s.samples for s in schemes})

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
-import re
 from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
@@ -18,6 +17,7 @@ from stages.lib.labels import IGNORE_INDEX, colourise, palette_colours, read_lab
 from stages.lib.names import inside, seed_dir
 from stages.lib.plots import fit_width
 from stages.report.explorer import explorer_data, explorer_fields, image_table
+from stages.report.findings import change_findings, scheme_findings
 from stages.report.inputs import Scheme, listed_file
 from stages.report.provenance import NO_STAGE_TIMES
 from stages.report.tables import (
@@ -33,6 +33,7 @@ from stages.report.tables import (
     flag_rule,
     flagged_bins,
     loss_comparison,
+    named,
     sample_scores,
     scheme_differences,
     seed_note,
@@ -120,22 +121,21 @@ def app_script() -> tuple[Markup, str]:
     return Markup(code), f"sha256-{digest}"
 
 
-def named(classes: list[str], text: str) -> list[str]:
-    """The classes a label issue's disagreement names ("labelled background, model says
-    car"): where the model has not learned one, the issue is its failure, not the label's."""
-    return [c for c in classes if re.search(rf"\b{re.escape(c)}\b", text)]
-
-
 def build_context(params: dict, schemes: list[Scheme], provenance: dict,
                   examples: list[dict], issues: list[dict] | None = None,
                   summary: dict | None = None, thumbs: dict[str, str] | None = None,
                   cards: dict[str, list[dict]] | None = None,
-                  only_in: dict[str, str] | None = None) -> dict:
+                  only_in: dict[str, str] | None = None,
+                  compare_insights: list[dict] | None = None) -> dict:
     """Everything the template shows, figures already encoded; `thumbs` (stem -> data URI)
     are the inlined sample thumbnails, `cards` the cluster cards per scheme (drawn without
-    heat-maps or compare's changes when not given), `summary` compare's summary.json."""
+    heat-maps or compare's changes when not given), `summary` compare's summary.json,
+    `compare_insights` compare's insights.json (None without compare)."""
     names = [s.name for s in schemes]
     weak = {s.name: weak_classes(s, params["report"]["min_class_iou"]) for s in schemes}
+    found = params["analyze"]["insights"]
+    confidence, per_finding = found["bootstrap"]["confidence"], params["report"][
+        "insight_thumbnails"]
     charted = charted_fields(schemes)
     flagged = [{**f, "not_learned": [c for c in weak[s.name] if f["field"].startswith(f"{c}_")]}
                for s in schemes for f in flagged_bins(s, charted)]
@@ -146,6 +146,10 @@ def build_context(params: dict, schemes: list[Scheme], provenance: dict,
                              only_in)
     return {
         "title": params["report"]["title"], "schemes": names,
+        "insights": [scheme_findings(s, weak[s.name], confidence, per_finding) for s in schemes],
+        "insight_changes": change_findings(compare_insights, schemes, weak, confidence,
+                                           per_finding, found["min_jaccard"]),
+        "ood_k": params["analyze"]["representation"]["k"],
         "provenance": {**PROVENANCE_DEFAULTS, **provenance},
         "comparison": comparison_table(schemes), "verdicts": verdicts(summary),
         "seed_note": seed_note(summary, schemes), "unshared": unshared(schemes),

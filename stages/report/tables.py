@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -178,6 +179,12 @@ def weak_classes(scheme: Scheme, threshold: float) -> list[str]:
 def weak_warning(name: str) -> str:
     return (f"the model has not learned {name}; findings about {name} describe the model's "
             f"failure, not the data")
+
+
+def named(classes: list[str], text: str) -> list[str]:
+    """The classes a label issue's disagreement names ("labelled background, model says
+    car"): where the model has not learned one, the issue is its failure, not the label's."""
+    return [c for c in classes if re.search(rf"\b{re.escape(c)}\b", text)]
 
 
 CATEGORIES_FIRST = ("person",)

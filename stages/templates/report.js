@@ -58,6 +58,12 @@
 
   function label(key) { return key.replace(/_/g, " "); }
 
+  // 3 significant digits: scores such as the out-of-distribution score can be tiny
+  function fmtSig(value) {
+    if (value === null || value === undefined || Number.isNaN(value)) return "—";
+    return Number(Number(value).toPrecision(3)).toString();
+  }
+
   function thumbSrc(image) {
     const t = IMG.thumb[image];
     return t >= 0 ? D.thumbs[t] : null;
@@ -80,6 +86,8 @@
   });
   const imageOfStem = new Map();
   IMG.stem.forEach(function (stem, i) { imageOfStem.set(stem, i); });
+  const imageOfId = new Map();
+  IMG.id.forEach(function (id, i) { if (id !== null) imageOfId.set(id, i); });
   const clusterInfo = S.map(function (sc) {
     const map = new Map();
     sc.clusters.forEach(function (c) { map.set(c.id, c); });
@@ -100,7 +108,7 @@
   // ------------------------------------------------------------ state
 
   const state = { colourBy: "cluster", pinned: null, hover: null,
-                  sort: { key: "loss", dir: -1 }, page: 0, bucket: null };
+                  sort: { key: "loss", dir: -1 }, page: 0, bucket: null, members: null };
   const PAGE = 25;
 
   // ------------------------------------------------------------ colour scales
@@ -123,6 +131,7 @@
     if (key === "loss") return S[s].loss[row];
     if (key === "lq") return S[s].lq ? S[s].lq[row] : null;
     if (key === "pa") return S[s].pa ? S[s].pa[row] : null;
+    if (key === "ood") return S[s].ood ? S[s].ood[row] : null;
     if (key === "dloss") {
       const other = otherLoss(s, row);
       const own = S[s].loss[row];
@@ -171,6 +180,7 @@
     const options = [["cluster", "cluster"], ["loss", "loss"]];
     if (S.some(function (sc) { return sc.lq; })) options.push(["lq", "label quality"]);
     if (S.some(function (sc) { return sc.pa; })) options.push(["pa", "pixel accuracy"]);
+    if (S.some(function (sc) { return sc.ood; })) options.push(["ood", "out-of-distribution score"]);
     if (S.length === 2) options.push(["dloss", "loss change " + S[1].name + " − " + S[0].name]);
     D.fields.forEach(function (f) { options.push([f.key, label(f.key)]); });
     return options;
@@ -194,34 +204,78 @@
     }
   }
 
+  function tickText(v) {
+    const a = Math.abs(v);
+    if (a === 0) return "0";
+    if (a >= 100) return v.toFixed(0);
+    if (a >= 1) return v.toFixed(2);
+    if (a >= 0.01) return v.toFixed(3);
+    return v.toExponential(1);
+  }
+
+  function extent(values) {
+    let lo = Infinity, hi = -Infinity;
+    values.forEach(function (v) { if (v !== null && v !== undefined) { lo = Math.min(lo, v); hi = Math.max(hi, v); } });
+    return lo > hi ? [0, 1] : [lo, hi];
+  }
+
+  // A scatter of one scheme's samples: the latent map (x, y) or, with data-x / data-y, two
+  // of its per-sample arrays (the out-of-distribution score and the loss) with axes. Points
+  // without a value on either axis are not drawn.
   function setupMap(panel) {
-    const s = Number(panel.querySelector("canvas").dataset.index);
     const canvas = panel.querySelector("canvas");
+    const s = Number(canvas.dataset.index);
     const sc = S[s];
+    const xKey = canvas.dataset.x || "x", yKey = canvas.dataset.y || "y";
+    const axes = canvas.dataset.axes === "1";
+    const xv = sc[xKey] || [], yv = sc[yKey] || [];
     const n = sc.img.length;
-    const W = canvas.width, H = canvas.height, pad = 14;
+    const W = canvas.width, H = canvas.height;
+    const padL = axes ? 62 : 14, padR = axes ? 24 : 14, padT = 14, padB = axes ? 40 : 14;
+    const inset = axes ? 8 : 0;   // points clear of the axes
     const ratio = window.devicePixelRatio || 1;
     canvas.width = W * ratio; canvas.height = H * ratio;
-    const xs = sc.x.filter(function (v) { return v !== null; });
-    const ys = sc.y.filter(function (v) { return v !== null; });
-    const x0 = Math.min.apply(null, xs), x1 = Math.max.apply(null, xs);
-    const y0 = Math.min.apply(null, ys), y1 = Math.max.apply(null, ys);
+    const threshold = xKey === "ood" ? sc.ood_threshold : null;
+    const [x0, x1] = extent(threshold === null ? xv : xv.concat([threshold]));
+    const [y0, y1] = extent(yv);
+    const shown = function (i) { return xv[i] !== null && xv[i] !== undefined && yv[i] !== null && yv[i] !== undefined; };
+    const sx = function (v) { return padL + inset + (x1 > x0 ? (v - x0) / (x1 - x0) : 0.5) * (W - padL - padR - 2 * inset); };
+    const sy = function (v) { return H - padB - inset - (y1 > y0 ? (v - y0) / (y1 - y0) : 0.5) * (H - padT - padB - 2 * inset); };
     const px = new Float64Array(n), py = new Float64Array(n);
     for (let i = 0; i < n; i++) {
-      px[i] = pad + (x1 > x0 ? (sc.x[i] - x0) / (x1 - x0) : 0.5) * (W - 2 * pad);
-      py[i] = H - pad - (y1 > y0 ? (sc.y[i] - y0) / (y1 - y0) : 0.5) * (H - 2 * pad);
+      px[i] = shown(i) ? sx(xv[i]) : NaN;
+      py[i] = shown(i) ? sy(yv[i]) : NaN;
     }
     const radius = n > 20000 ? 1.6 : n > 3000 ? 2.4 : n > 300 ? 3.5 : 5;
     // a coarse grid for hit testing: a few cells to search, not every point
     const CELL = 16, cols = Math.ceil(W / CELL), rows = Math.ceil(H / CELL);
     const grid = new Map();
     for (let i = 0; i < n; i++) {
+      if (!shown(i)) continue;
       const key = Math.floor(py[i] / CELL) * cols + Math.floor(px[i] / CELL);
       if (!grid.has(key)) grid.set(key, []);
       grid.get(key).push(i);
     }
-    const map = { s: s, panel: panel, canvas: canvas, px: px, py: py, radius: radius, W: W, H: H,
+    const map = { s: s, kind: xKey === "x" ? "map" : xKey, panel: panel, canvas: canvas, px: px, py: py,
+                  radius: radius, W: W, H: H,
                   legend: panel.querySelector(".legend"), pinned: panel.querySelector(".pinned") };
+
+    function drawAxes(ctx) {
+      ctx.strokeStyle = "#888"; ctx.lineWidth = 1; ctx.fillStyle = "#555"; ctx.font = "10px sans-serif";
+      ctx.beginPath(); ctx.moveTo(padL, padT); ctx.lineTo(padL, H - padB); ctx.lineTo(W - padR, H - padB); ctx.stroke();
+      ctx.textAlign = "center"; ctx.textBaseline = "top";
+      [x0, (x0 + x1) / 2, x1].forEach(function (v) { ctx.fillText(tickText(v), sx(v), H - padB + 4); });
+      ctx.fillText(label(xKey === "ood" ? "out-of-distribution score" : xKey), (padL + W - padR) / 2, H - padB + 18);
+      ctx.textAlign = "right"; ctx.textBaseline = "middle";
+      [y0, (y0 + y1) / 2, y1].forEach(function (v) { ctx.fillText(tickText(v), padL - 4, sy(v)); });
+      ctx.save(); ctx.translate(12, (padT + H - padB) / 2); ctx.rotate(-Math.PI / 2);
+      ctx.textAlign = "center"; ctx.fillText(label(yKey), 0, 0); ctx.restore();
+      if (threshold !== null) {
+        ctx.save(); ctx.setLineDash([4, 3]); ctx.strokeStyle = "#333";
+        ctx.beginPath(); ctx.moveTo(sx(threshold), padT); ctx.lineTo(sx(threshold), H - padB); ctx.stroke();
+        ctx.restore();
+      }
+    }
 
     map.nearest = function (cx, cy) {
       let best = -1, bestD = Math.max(8, radius + 4);
@@ -257,9 +311,10 @@
       const ctx = base.getContext("2d");
       ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
       ctx.clearRect(0, 0, W, H);
+      if (axes) drawAxes(ctx);
       const scale = state.scale;
       const order = [];
-      for (let i = 0; i < n; i++) order.push(i);
+      for (let i = 0; i < n; i++) if (shown(i)) order.push(i);
       if (state.colourBy !== "cluster") {
         // missing values first, then by size, so the extremes stay on top
         const key = order.map(function (i) { const v = valueOf(state.colourBy, s, i); return v === null || v === undefined ? -Infinity : Math.abs(v); });
@@ -283,19 +338,19 @@
       ctx.drawImage(base, 0, 0);
       ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
       const pinnedRow = state.pinned === null ? undefined : rowOf[s].get(state.pinned);
-      if (pinnedRow !== undefined) {
+      if (pinnedRow !== undefined && shown(pinnedRow)) {
         ctx.strokeStyle = "#000"; ctx.lineWidth = 1;
-        const k = sc.k;
+        const k = map.kind === "map" ? sc.k : 0;   // the similars are the latent map's
         for (let j = 0; j < k; j++) {
           const nb = sc.nn[pinnedRow * k + j];
-          if (nb < 0) continue;
+          if (nb < 0 || !shown(nb)) continue;
           ctx.beginPath(); ctx.moveTo(px[pinnedRow], py[pinnedRow]); ctx.lineTo(px[nb], py[nb]); ctx.stroke();
           ctx.beginPath(); ctx.arc(px[nb], py[nb], radius + 3, 0, 2 * Math.PI); ctx.stroke();
         }
         ctx.lineWidth = 3; ctx.strokeStyle = "#D55E00";
         ctx.beginPath(); ctx.arc(px[pinnedRow], py[pinnedRow], radius + 5, 0, 2 * Math.PI); ctx.stroke();
       }
-      if (state.hover && state.hover.s === s) {
+      if (state.hover && state.hover.map === map) {
         ctx.lineWidth = 2; ctx.strokeStyle = "#000";
         ctx.beginPath(); ctx.arc(px[state.hover.row], py[state.hover.row], radius + 2.5, 0, 2 * Math.PI); ctx.stroke();
       }
@@ -305,8 +360,10 @@
       const p = map.toLocal(event);
       const row = map.nearest(p[0], p[1]);
       if (row < 0) { hideTooltip(); return; }
-      if (!state.hover || state.hover.s !== s || state.hover.row !== row) {
-        state.hover = { s: s, row: row };
+      if (!state.hover || state.hover.map !== map || state.hover.row !== row) {
+        const before = state.hover && state.hover.map !== map ? state.hover.map : null;
+        state.hover = { s: s, row: row, map: map };
+        if (before) before.draw();
         showTooltip(s, row, event.clientX, event.clientY);
         map.draw();
       } else {
@@ -340,6 +397,7 @@
     add("cluster", c < 0 ? "noise" : String(c) + (info && info.dominant ? " · " + info.dominant : ""));
     if (sc.pa) add("pixel accuracy", fmt(sc.pa[row]));
     if (sc.lq) add("label quality", fmt(sc.lq[row]) + (sc.issue[row] ? " (flagged)" : ""));
+    if (sc.ood) add("out-of-distribution score", fmtSig(sc.ood[row]));
     sc.key.forEach(function (key) { add(label(key), fmtField(key, metaValue(s, row, key))); });
     if (state.colourBy !== "cluster" && FIELDS[state.colourBy] && sc.key.indexOf(state.colourBy) < 0) {
       add(label(state.colourBy), fmtField(state.colourBy, metaValue(s, row, state.colourBy)));
@@ -369,7 +427,7 @@
 
   function hideTooltip() {
     tooltip.style.display = "none";
-    if (state.hover) { const s = state.hover.s; state.hover = null; maps[s] && maps[s].draw(); }
+    if (state.hover) { const map = state.hover.map; state.hover = null; map.draw(); }
   }
 
   function drawLegend(map) {
@@ -418,7 +476,7 @@
   function pin(image) {
     state.pinned = image;
     document.getElementById("unpin").disabled = image === null;
-    maps.forEach(function (m) { m.draw(); renderPinned(m); });
+    maps.forEach(function (m) { m.draw(); if (m.pinned) renderPinned(m); });
   }
 
   function renderPinned(map) {
@@ -537,6 +595,7 @@
     const scheme = document.getElementById("f-scheme");
     // the bucket is one scheme's: show that scheme while it filters, restore after
     const before = state.bucket ? state.bucket.schemeBefore : scheme.value;
+    state.members = null;
     state.bucket = { s: s, field: field, bin: b.bin, schemeBefore: before,
                      text: S[s].name + " · " + field + " " + bucketLabel(field, b) };
     scheme.value = String(s);
@@ -558,6 +617,41 @@
     document.querySelectorAll("#histograms g.bucket.selected").forEach(function (g) { g.classList.remove("selected"); });
     state.page = 0;
     renderTable();
+  }
+
+  // An insight's link: the samples table shows exactly the finding's images (its scheme's
+  // rows of the image ids the link carries), every other filter cleared first.
+  function setMembers(s, ids, text) {
+    resetFilters();
+    const images = new Set();
+    ids.forEach(function (id) { const image = imageOfId.get(id); if (image !== undefined) images.add(image); });
+    state.members = { s: s, images: images, text: text };
+    document.getElementById("f-scheme").value = String(s);
+    fillClusterOptions();
+    state.page = 0;
+    renderTable();
+    document.getElementById("samples").scrollIntoView({ block: "start" });
+  }
+
+  function clearMembers() {
+    if (state.members) {
+      document.getElementById("f-scheme").value = "all";
+      fillClusterOptions();
+    }
+    state.members = null;
+    state.page = 0;
+    renderTable();
+  }
+
+  function resetFilters() {
+    document.querySelectorAll("#filters input").forEach(function (input) { if (input.type === "checkbox") input.checked = false; else input.value = ""; });
+    state.bucket = null;
+    state.members = null;
+    document.querySelectorAll("#histograms g.bucket.selected").forEach(function (g) { g.classList.remove("selected"); });
+    document.getElementById("f-scheme").value = "all";
+    document.getElementById("f-field").value = "";
+    fillClusterOptions();
+    state.page = 0;
   }
 
   // ------------------------------------------------------------ samples table
@@ -586,6 +680,7 @@
       cols.push({ key: "iou_" + c, label: "IoU " + c, num: true, value: function (r) { const v = S[r.s].iou[c]; return v ? v[r.row] : null; } });
     });
     cols.push({ key: "lq", label: "label quality", num: true, value: function (r) { return S[r.s].lq ? S[r.s].lq[r.row] : null; } });
+    if (S.some(function (sc) { return sc.ood; })) cols.push({ key: "ood", label: "OOD score", num: true, value: function (r) { return S[r.s].ood ? S[r.s].ood[r.row] : null; }, show: fmtSig });
     const shown = tableFields.slice();
     const rangeField = document.getElementById("f-field").value;
     if (rangeField && shown.indexOf(rangeField) < 0) shown.push(rangeField);
@@ -616,7 +711,9 @@
       if (schemeSel !== "all" && Number(schemeSel) !== s) return;
       const members = state.bucket && state.bucket.s === s ? sc.bucket_of[state.bucket.field] : null;
       if (state.bucket && (state.bucket.s !== s || !members)) return;
+      if (state.members && state.members.s !== s) return;
       for (let row = 0; row < sc.img.length; row++) {
+        if (state.members && !state.members.images.has(sc.img[row])) continue;
         if (clusterSel !== "all" && sc.cluster[row] !== Number(clusterSel)) continue;
         if (members && members[row] !== state.bucket.bin) continue;
         const loss = sc.loss[row];
@@ -655,11 +752,14 @@
     });
     const total = S.reduce(function (n, sc) { return n + sc.img.length; }, 0);
     const count = document.getElementById("samples-count");
-    count.textContent = rows.length + " of " + total + " rows" + (state.bucket ? " (bucket " + state.bucket.text + ")" : "");
+    count.textContent = rows.length + " of " + total + " rows" + (state.bucket ? " (bucket " + state.bucket.text + ")" : "") +
+      (state.members ? " (insight: " + state.members.text + ")" : "");
     count.dataset.count = rows.length;
     const chip = document.getElementById("f-bucket");
     chip.hidden = !state.bucket;
     document.getElementById("f-bucket-text").textContent = state.bucket ? "bucket: " + state.bucket.text : "";
+    document.getElementById("f-members").hidden = !state.members;
+    document.getElementById("f-members-text").textContent = state.members ? "insight: " + state.members.text : "";
     const pages = Math.max(1, Math.ceil(rows.length / PAGE));
     state.page = Math.min(state.page, pages - 1);
     document.getElementById("page-info").textContent = "page " + (state.page + 1) + " of " + pages;
@@ -729,17 +829,23 @@
     function changed() { state.page = 0; renderTable(); }
     scheme.addEventListener("change", function () {
       if (state.bucket && scheme.value !== String(state.bucket.s)) { state.bucket = null; document.querySelectorAll("#histograms g.bucket.selected").forEach(function (g) { g.classList.remove("selected"); }); }
+      if (state.members && scheme.value !== String(state.members.s)) state.members = null;
       fillClusterOptions(); changed();
     });
     ["f-cluster", "f-field", "f-issues"].forEach(function (id) { document.getElementById(id).addEventListener("change", changed); });
     ["f-loss-min", "f-loss-max", "f-field-min", "f-field-max", "f-text"].forEach(function (id) { document.getElementById(id).addEventListener("input", changed); });
     document.getElementById("f-bucket-clear").addEventListener("click", clearBucket);
+    document.getElementById("f-members-clear").addEventListener("click", clearMembers);
     document.getElementById("f-reset").addEventListener("click", function () {
-      document.querySelectorAll("#filters input").forEach(function (input) { if (input.type === "checkbox") input.checked = false; else input.value = ""; });
-      clearBucket();
-      scheme.value = "all"; field.value = "";
-      fillClusterOptions();
+      resetFilters();
       renderTable();
+    });
+    document.querySelectorAll(".js-members").forEach(function (button) {
+      button.addEventListener("click", function () {
+        const s = S.findIndex(function (sc) { return sc.name === button.dataset.scheme; });
+        if (s < 0) return;
+        setMembers(s, button.dataset.imageIds.split(" ").map(Number), button.dataset.label);
+      });
     });
     document.getElementById("page-prev").addEventListener("click", function () { state.page = Math.max(0, state.page - 1); renderTable(); });
     document.getElementById("page-next").addEventListener("click", function () { state.page += 1; renderTable(); });
@@ -771,10 +877,12 @@
     setupTable();
     // For tests and the curious: where a sample's point is on screen, and the state.
     window.segflowReport = {
-      point: function (scheme, stem) {
+      // kind: "map" (the latent map, the default) or "ood" (loss against the OOD score)
+      point: function (scheme, stem, kind) {
         const s = S.findIndex(function (sc) { return sc.name === scheme; });
         const row = s < 0 ? undefined : rowOf[s].get(imageOfStem.get(stem));
-        return row === undefined ? null : maps[s].clientPoint(row);
+        const map = maps.find(function (m) { return m.s === s && m.kind === (kind || "map"); });
+        return row === undefined || !map ? null : map.clientPoint(row);
       },
       neighbours: function (scheme, stem) {
         const s = S.findIndex(function (sc) { return sc.name === scheme; });
