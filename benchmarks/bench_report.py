@@ -97,13 +97,6 @@ def build(params: dict, root: Path, base: Path | None, factor: int) -> dict:
               per_image_out=p["metrics"] / f"{s}.per_image.npz")
         timed("analyze", analyze.run, params, pred, m, model, p["raw"], p["analysis"] / s)
     timed("compare", compare.run, params, p["analysis"], p["compare"], p["metrics"])
-    # A shim until analyze and compare write insights.json, ood_score and encoder_pretraining
-    # (issue 17): made from these outputs, each only where absent (tests/insights_shim.py;
-    # untimed: what the report reads, not what it costs). The train split stays in the 1x run.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    import insights_shim
-
-    insights_shim.write_if_absent(params, root, base)
     return seconds
 
 
