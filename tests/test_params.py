@@ -329,10 +329,10 @@ def test_a_float_is_not_an_integer(params, section, key, value):
     ("  weight_decay: 0.0001\n", "  weight_decay: .inf\n", "train.weight_decay", "inf"),
     ("  backoff_s: 0.5 ", "  backoff_s: .nan ", "data.backoff_s", "nan"),
     ("  timeout_s: 60 ", "  timeout_s: .inf ", "data.timeout_s", "inf"),
-    ("  fdr: 0.1\n  # The uncertainty", "  fdr: .inf\n  # The uncertainty", "compare.fdr",
+    ("  fdr: 0.1\n  # A verdict", "  fdr: .inf\n  # A verdict", "compare.fdr",
      "inf"),
     # refused before too, as below 0
-    ("  fdr: 0.1\n  # The uncertainty", "  fdr: -.inf\n  # The uncertainty", "compare.fdr",
+    ("  fdr: 0.1\n  # A verdict", "  fdr: -.inf\n  # A verdict", "compare.fdr",
      "-inf"),
 ])
 def test_numbers_are_finite(tmp_path, old, new, key, shown):

@@ -578,6 +578,7 @@ def test_numbers_format_with_fixed_precision_and_never_minus_zero():
 
 # analyze's params as committed (the flag rule and binning the page describes), PCA maps
 ANALYZE = {**yaml.safe_load((ROOT / "params.yaml").read_text())["analyze"], "projection": "pca"}
+COMPARE = yaml.safe_load((ROOT / "params.yaml").read_text())["compare"]
 STUDY_RECIPE = {"loss": "ce", "class_weights": "inverse_sqrt", "sampler": "uniform",
                 "schedule": "constant",
                 "augment": {"crop_scale": [1, 1], "colour_jitter": {"brightness": 0,
@@ -614,7 +615,7 @@ def test_render_escapes_scheme_and_class_names():
     plain = synthetic_scheme("plain", ["person"], [0.5, 0.2])
     params = {"report": {"title": EVIL, "thumbnail_px": 64, "min_class_iou": 0.1,
                          "insight_thumbnails": 2},
-              "analyze": ANALYZE,
+              "analyze": ANALYZE, "compare": COMPARE,
               **TRAINING}
     provenance = {"git": {"commit": None, "dirty": None}, "date": "d", "versions": [("x", "1")],
                   "params_yaml": EVIL, "data": {"base_url": EVIL, "year": 2017, "seed": 0,
@@ -647,7 +648,7 @@ SYNTHETIC_PROVENANCE = {"git": {"commit": "abc1234", "dirty": False}, "date": "d
 def synthetic_page(schemes: list[report.Scheme]) -> Page:
     params = {"report": {"title": "t", "thumbnail_px": 64, "min_class_iou": 0.1,
                          "insight_thumbnails": 2},
-              "analyze": ANALYZE, **TRAINING}
+              "analyze": ANALYZE, "compare": COMPARE, **TRAINING}
     return Page.parse(report.render(report.build_context(params, schemes,
                                                          SYNTHETIC_PROVENANCE, [])))
 
@@ -845,7 +846,7 @@ def test_cluster_cards_and_differences_agree_with_compares_own_functions():
     cards = {s.name: report.cluster_cards(s, changes, {}) for s in (a, b)}
     params = {"report": {"title": "t", "thumbnail_px": 64, "min_class_iou": 0.1,
                          "insight_thumbnails": 2},
-              "analyze": ANALYZE, **TRAINING}
+              "analyze": ANALYZE, "compare": COMPARE, **TRAINING}
     html = report.render(report.build_context(params, [a, b], SYNTHETIC_PROVENANCE, [],
                                               summary=summary, cards=cards))
     shown = _cards(html)
@@ -1057,7 +1058,7 @@ def test_a_category_that_closes_the_script_stays_data_and_shows_as_text():
     page = synthetic_page([a])
     html = report.render(report.build_context(
         {"report": {"title": "t", "thumbnail_px": 64, "min_class_iou": 0.1,
-                         "insight_thumbnails": 2}, "analyze": ANALYZE,
+                         "insight_thumbnails": 2}, "analyze": ANALYZE, "compare": COMPARE,
          **TRAINING}, [a], SYNTHETIC_PROVENANCE, []))
     assert PAYLOAD not in html and "</script><script>" not in html
     assert page.data()["per_scheme"][0]["clusters"][0]["dominant"] == PAYLOAD
@@ -1068,7 +1069,7 @@ def test_a_category_that_closes_the_script_stays_data_and_shows_as_text():
 def test_page_allows_only_its_own_script_by_hash():
     html = report.render(report.build_context(
         {"report": {"title": "t", "thumbnail_px": 64, "min_class_iou": 0.1,
-                         "insight_thumbnails": 2}, "analyze": ANALYZE,
+                         "insight_thumbnails": 2}, "analyze": ANALYZE, "compare": COMPARE,
          **TRAINING}, [synthetic_scheme("a", ["person"], [0.5, 0.2])], SYNTHETIC_PROVENANCE, []))
     page = Page.parse(html)
     [csp] = [a["content"] for t, a in page.tags
@@ -1544,7 +1545,8 @@ def test_insight_stems_are_each_findings_first_thumbnails_in_the_pages_order():
 
 def insight_page(schemes: list[report.Scheme], changes: list[dict] | None) -> str:
     params = {"report": {"title": "t", "thumbnail_px": 64, "min_class_iou": 0.1,
-                         "insight_thumbnails": 2}, "analyze": ANALYZE, **TRAINING}
+                         "insight_thumbnails": 2}, "analyze": ANALYZE, "compare": COMPARE,
+              **TRAINING}
     return report.render(report.build_context(params, schemes, SYNTHETIC_PROVENANCE, [],
                                               compare_insights=changes))
 
