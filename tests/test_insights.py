@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from conftest import ROOT
-from stages.lib import duplicates, insights
+from stages.lib import insights
 from stages.lib.bootstrap import Settings
 from stages.lib.segments import Condition, Segment
 
@@ -181,19 +181,6 @@ def test_duplicate_records_split_leaks_from_copies_within_a_split():
     (no_loss, *_) = insights.from_duplicates(PAIRS, None, SETTINGS)
     assert (no_loss["effect"], no_loss["score"]) == (None, None)
     assert insights.from_duplicates(PAIRS.iloc[:0], loss, SETTINGS) == []
-
-
-def test_a_train_val_pair_near_only_in_the_latent_space_is_no_leak():
-    """Two photos of one kind of scene lie near in the latent space, and an undertrained
-    model maps most images close together: only bytes, pixels or a perceptual hash make a
-    val image a copy of a train image."""
-    latent_only = pd.DataFrame([(20, "train", 21, "val", "near_latent", 0.001)],
-                               columns=PAIRS.columns)
-    assert duplicates.leaked_val_ids(latent_only) == []
-    found = insights.from_duplicates(pd.concat([PAIRS, latent_only]), None, SETTINGS)
-    [leak] = [r for r in found if r["type"] == "leak"]
-    assert leak["image_ids"] == [1, 2]
-    assert 21 not in [p["image_id_b"] for p in leak["evidence"]["pairs"]]
 
 
 def test_label_issue_records_group_the_flagged_images_by_their_disagreement():

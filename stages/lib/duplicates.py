@@ -155,14 +155,7 @@ def find_pairs(images: pd.DataFrame, hash_size: int, hash_radius: int,
                              kind="stable").reset_index(drop=True)
 
 
-# What makes a val image a copy of a train image: the same bytes, the same pixels, or a
-# perceptual hash of the same picture. Near in the latent space alone is not: two photos of
-# one kind of scene are near there too, and an undertrained model maps most images close
-# together (a one-epoch model's latents lay within cosine 1e-7 of each other).
-LEAK_KINDS = ("exact_bytes", "exact_pixels", "near_hash")
-
-
-def leaked_val_ids(pairs: pd.DataFrame, kinds: tuple[str, ...] = LEAK_KINDS) -> list[int]:
+def leaked_val_ids(pairs: pd.DataFrame, kinds: tuple[str, ...] = KINDS) -> list[int]:
     """The val images with a twin in train (a pair of one of `kinds` across the splits),
     sorted: the images to leave out when the metrics are recomputed without leakage."""
     across = pairs[(pairs["split_a"] == "train") & (pairs["split_b"] == "val")

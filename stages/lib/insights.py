@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from stages.lib import bootstrap
-from stages.lib.duplicates import LEAK_KINDS, leaked_val_ids
+from stages.lib.duplicates import leaked_val_ids
 from stages.lib.io import json_safe
 
 TYPES = ("low_performance", "under_represented", "out_of_distribution", "duplicate", "leak",
@@ -165,7 +165,7 @@ def from_duplicates(pairs: pd.DataFrame, loss: pd.Series | None,
     does not score the model on what it saw)."""
     out = []
     leaked = leaked_val_ids(pairs)
-    across = pairs[(pairs["split_a"] != pairs["split_b"]) & pairs["kind"].isin(LEAK_KINDS)]
+    across = pairs[pairs["split_a"] != pairs["split_b"]]
     if leaked:
         title = (f"{_count(len(leaked), 'val image')} with a copy among the training images "
                  f"(pairs: {_kind_counts(across)})")
