@@ -142,6 +142,9 @@ def test_latent_neighbours_alone_find_the_altered_copies(sample, tmp_path):
             pairs.itertuples()] == [(s[0], "train", PLANTED + k, "val", "near_latent")
                                     for k, s in enumerate(sources)]
     assert (pairs["distance"] < 0.002).all()
+    # a latent match alone is no leak (distinct photos reach it too); asked for, it counts
+    assert duplicates.leaked_val_ids(pairs) == []
+    assert duplicates.leaked_val_ids(pairs, duplicates.KINDS) == [PLANTED, PLANTED + 1]
 
 
 def test_hash_bits_unpack_the_perceptual_hash_of_imagehash(sample):

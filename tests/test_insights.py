@@ -157,14 +157,17 @@ PAIRS = pd.DataFrame([(10, "train", 1, "val", "exact_bytes", 0.0),
                       (11, "train", 2, "val", "near_hash", 3.0),
                       (12, "train", 13, "train", "exact_pixels", 0.0),
                       (3, "val", 4, "val", "near_latent", 0.01),
-                      (5, "val", 6, "val", "near_latent", 0.004)],
+                      (5, "val", 6, "val", "near_latent", 0.004),
+                      (14, "train", 7, "val", "near_latent", 0.012)],
                      columns=["image_id_a", "split_a", "image_id_b", "split_b", "kind",
                               "distance"])
 
 
 def test_duplicate_records_split_leaks_from_copies_within_a_split():
     loss = pd.Series([0.1, 0.3, 1.0, 1.0, 1.2, np.nan], index=[1, 2, 3, 4, 5, 6])
-    leak, train_copies, val_copies = valid(insights.from_duplicates(PAIRS, loss, SETTINGS))
+    leak, train_copies, latent_across, val_copies = valid(
+        insights.from_duplicates(PAIRS, loss, SETTINGS))
+    # the latent-only train-val pair (14, 7) is no leak: a duplicate record of its own
     assert leak["type"] == "leak" and leak["image_ids"] == [1, 2]
     assert leak["effect"] == pytest.approx(0.2 - (1.0 + 1.0 + 1.2) / 3)   # NaN loss left out
     assert leak["title"].startswith(
@@ -177,6 +180,11 @@ def test_duplicate_records_split_leaks_from_copies_within_a_split():
     assert (val_copies["title"], val_copies["image_ids"]) == (
         "2 pairs of val images, near in the latent space (cosine distance at most 0.01)",
         [3, 4, 5, 6])
+    assert (latent_across["title"], latent_across["image_ids"], latent_across["effect"]) == (
+        "1 pair of train and val images, near in the latent space (cosine distance at most "
+        "0.012); not counted as leaks", [7, 14], None)
+    assert latent_across["evidence"] == {"split": "train-val", "kind": "near_latent",
+                                         "pairs": 1}
     # without losses the leak is still reported, with no effect
     (no_loss, *_) = insights.from_duplicates(PAIRS, None, SETTINGS)
     assert (no_loss["effect"], no_loss["score"]) == (None, None)

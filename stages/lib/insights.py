@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from stages.lib import bootstrap
-from stages.lib.duplicates import leaked_val_ids
+from stages.lib.duplicates import LEAK_KINDS, leaked_val_ids
 from stages.lib.io import json_safe
 
 TYPES = ("low_performance", "under_represented", "out_of_distribution", "duplicate", "leak",
@@ -33,6 +33,7 @@ KIND_WORDS = {"exact_bytes": "same bytes", "exact_pixels": "same pixels",
               "near_hash": "near by perceptual hash", "near_latent": "near in the latent space"}
 DISTANCE_WORDS = {"near_hash": "at most {} bits apart", "near_latent": "cosine distance at most {}"}
 NO_REGION = "no confident disagreement region"
+SPLIT_WORDS = {"train-val": "train and val"}
 
 
 def _finite(value) -> float | None:
@@ -159,13 +160,16 @@ def _kind_counts(pairs: pd.DataFrame) -> str:
 
 def from_duplicates(pairs: pd.DataFrame, loss: pd.Series | None,
                     settings: bootstrap.Settings) -> list[dict]:
-    """A leak record for the val images with a train twin (effect: their mean loss against
-    the other val images', when `loss`, by val image id, is given) and one duplicate record
-    per split and kind for the pairs within a split (no effect: a copy inside one split
-    does not score the model on what it saw)."""
+    """A leak record for the val images with a train twin of a LEAK_KINDS kind (effect:
+    their mean loss against the other val images', when `loss`, by val image id, is given)
+    and one duplicate record per split and kind for the other pairs: those within a split
+    (a copy inside one split does not score the model on what it saw) and the train-val
+    pairs only the latent space finds (split "train-val": not shown to be copies). No
+    effect on a duplicate record."""
     out = []
     leaked = leaked_val_ids(pairs)
-    across = pairs[pairs["split_a"] != pairs["split_b"]]
+    crossing = pairs["split_a"] != pairs["split_b"]
+    across = pairs[crossing & pairs["kind"].isin(LEAK_KINDS)]
     if leaked:
         title = (f"{_count(len(leaked), 'val image')} with a copy among the training images "
                  f"(pairs: {_kind_counts(across)})")
@@ -178,12 +182,16 @@ def from_duplicates(pairs: pd.DataFrame, loss: pd.Series | None,
         out.append(record("leak", title, leaked, _diff(inside, outside), interval, None,
                           {"pairs": across[["image_id_a", "image_id_b", "kind", "distance"]]
                            .to_dict("records")}))
-    within = pairs[pairs["split_a"] == pairs["split_b"]]
-    for (split, kind), group in within.groupby(["split_a", "kind"], sort=True):
+    rest = pairs[~crossing | ~pairs["kind"].isin(LEAK_KINDS)]
+    splits = rest["split_a"].where(rest["split_a"] == rest["split_b"], "train-val")
+    for (split, kind), group in rest.groupby([splits, rest["kind"]], sort=True):
         ids = sorted(set(group["image_id_a"]) | set(group["image_id_b"]))
-        title = f"{_count(len(group), 'pair')} of {split} images, {KIND_WORDS[kind]}"
+        title = (f"{_count(len(group), 'pair')} of {SPLIT_WORDS.get(split, split)} images, "
+                 f"{KIND_WORDS[kind]}")
         if kind in DISTANCE_WORDS:
             title += f" ({DISTANCE_WORDS[kind].format(_n(group['distance'].max()))})"
+        if split == "train-val":
+            title += "; not counted as leaks"
         out.append(record("duplicate", title, ids, evidence={
             "split": split, "kind": kind, "pairs": len(group)}))
     return out
