@@ -340,8 +340,9 @@ class UnwritableModel(SampleCase):
         out = blocked_folder(work)
         live, checkpoints = work / "live", work / "ck_train"
         result = run_stage("train", ["--params", str(params), "--scheme", "person_car",
-                                     "--raw", str(raw), "--masks", str(masks), "--out", str(out),
-                                     "--live", str(live), "--checkpoints", str(checkpoints)],
+                                     "--seed", "0", "--raw", str(raw), "--masks", str(masks),
+                                     "--out", str(out), "--live", str(live),
+                                     "--checkpoints", str(checkpoints)],
                            work)
         result["disk_bytes"] = disk_bytes(live, checkpoints)
         return result
