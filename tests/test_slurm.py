@@ -133,7 +133,8 @@ def test_whole_pipeline_as_slurm_jobs(cluster, tmp_path):
     # Per-job logs: SLURM's output of every job, and each stage's own log.
     slurm_logs = list((root / "logs" / "slurm").rglob("*.log"))
     assert {p.stem for p in slurm_logs} >= set(submitted.values()), slurm_logs
-    assert (root / "logs" / "train" / f"{next(iter(params['schemes']))}.log").exists()
+    first = next(iter(params["schemes"]))   # train's logs are per scheme and seed
+    assert (root / "logs" / "train" / first / f"seed{params['train']['seeds'][0]}.log").exists()
     # Nothing left to do afterwards.
     dry = _run(["snakemake", "-n", "--workflow-profile", PROFILE, *SNAKEMAKE_FLAGS], root,
                env=env).stdout
