@@ -472,7 +472,8 @@ def per_rank_batch(batch_size: int, world: int) -> int:
 PARAMS = ("schemes.{scheme}", "model", "train.device", "train.nproc", "train.image_size",
           "train.epochs", "train.batch_size", "train.lr", "train.weight_decay",
           "train.num_workers", "train.hflip", "train.loss", "train.class_weights",
-          "train.sampler", "train.schedule", "train.warmup", "train.augment")
+          "train.sampler", "train.schedule", "train.warmup", "train.augment",
+          "train.val_every")
 
 
 def run(params: dict, scheme: str, raw: Path, masks: Path, out: Path,
@@ -542,8 +543,8 @@ def _run_seeded(params, scheme, raw, masks, out, device, checkpoints, live, rank
             save_checkpoint(checkpoint, fingerprint, records, state)
 
     started = time.perf_counter()
-    history = _fit(state, trained, (train_loader, val_loader), cfg["epochs"], class_names,
-                   history, after_epoch, recipe.criterion.to(device))
+    history = _fit(state, trained, (train_loader, val_loader), (cfg["epochs"], cfg["val_every"]),
+                   class_names, history, after_epoch, recipe.criterion.to(device))
     wall_s = time.perf_counter() - started
     if not ranks.main:
         return history[-1] if history else {}
@@ -572,34 +573,54 @@ def _wrap_ddp(model: nn.Module, device: torch.device, ranks: Ranks) -> nn.Module
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
+def validates(epoch: int, epochs: int, val_every: int) -> bool:
+    """Whether 1-based `epoch` of `epochs` is validated: every `val_every`-th and always the
+    last, so that the model written is the one the last record scores."""
+    return epoch % val_every == 0 or epoch == epochs
+
+
 def _fit(state: TrainState, trained: nn.Module, loaders: tuple[DataLoader, DataLoader],
-         epochs: int, class_names: list[str], history: list[dict], after_epoch,
+         schedule: tuple[int, int], class_names: list[str], history: list[dict], after_epoch,
          criterion: nn.Module | None = None) -> list[dict]:
     """`trained` is the model as optimised (DDP-wrapped under torchrun), state.model the bare
     one validated (every rank validates the whole val split alike: no collective needed).
-    `loaders` are the train and val loaders; `criterion` the training loss (validation
+    `loaders` are the train and val loaders; `schedule` is (epochs, val_every): an epoch not
+    validated has null val fields in its record. `criterion` the training loss (validation
     always reports plain CE, comparable between recipes)."""
     train_loader, val_loader = loaders
-    device, num_classes = state.device, len(class_names)
+    (epochs, val_every), device, num_classes = schedule, state.device, len(class_names)
     history = list(history)
     for epoch in range(len(history), epochs):
         start = time.perf_counter()
         train_loader.sampler.set_epoch(epoch)
         train_loss, train_cm = train_epoch(trained, train_loader, state.optimizer, state.scaler,
                                            device, num_classes, criterion)
-        val_loss, cm = validate(state.model, val_loader, device, num_classes)
         state.scheduler.step()
-        val = scores(cm)
-        history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
-                        "train_miou": _finite_or_none(scores(train_cm)["miou"]),
-                        "val_miou": _finite_or_none(val["miou"]),
-                        "val_iou": {n: _finite_or_none(v)
-                                    for n, v in zip(class_names, val["iou"])}})
+        record = {"epoch": epoch + 1, "train_loss": train_loss,
+                  "train_miou": _finite_or_none(scores(train_cm)["miou"])}
+        if validates(epoch + 1, epochs, val_every):
+            record |= _validation_record(state.model, val_loader, device, class_names)
+        else:
+            record |= {"val_loss": None, "val_miou": None, "val_iou": None}
+        history.append(record)
         after_epoch(history)
-        log.info("epoch %d/%d train_loss %.4f train_mIoU %.3f val_loss %.4f val_mIoU %.3f "
-                 "(%.1fs)", epoch + 1, epochs, train_loss, scores(train_cm)["miou"], val_loss,
-                 val["miou"], time.perf_counter() - start)
+        log.info("epoch %d/%d train_loss %.4f train_mIoU %.3f val_loss %s val_mIoU %s (%.1fs)",
+                 epoch + 1, epochs, train_loss, scores(train_cm)["miou"],
+                 _shown(record["val_loss"], 4), _shown(record["val_miou"], 3),
+                 time.perf_counter() - start)
     return history
+
+
+def _validation_record(model: nn.Module, loader: DataLoader, device: torch.device,
+                       class_names: list[str]) -> dict:
+    val_loss, cm = validate(model, loader, device, len(class_names))
+    val = scores(cm)
+    return {"val_loss": val_loss, "val_miou": _finite_or_none(val["miou"]),
+            "val_iou": {n: _finite_or_none(v) for n, v in zip(class_names, val["iou"])}}
+
+
+def _shown(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def _write_dvclive(live_dir: Path, history: list[dict], class_names: list[str]) -> None:
@@ -610,6 +631,9 @@ def _write_dvclive(live_dir: Path, history: list[dict], class_names: list[str]) 
             live.log_metric("train/loss", record["train_loss"])
             if record.get("train_miou") is not None:
                 live.log_metric("train/miou", record["train_miou"])
+            if record["val_loss"] is None:  # an epoch train.val_every skipped
+                live.next_step()
+                continue
             live.log_metric("val/loss", record["val_loss"])
             if record["val_miou"] is not None:
                 live.log_metric("val/miou", record["val_miou"])

@@ -477,7 +477,7 @@ LONG = "x" * 100_000
     (lambda p: p["train"].update({LONG: 1}),
      f"params.yaml: train.{'x' * 80}... (100000 chars): unknown key (allowed here: device, "
      "nproc, image_size, epochs, batch_size, lr, weight_decay, seeds, num_workers, hflip, "
-     "loss, class_weights, sampler, schedule, warmup, augment)"),
+     "loss, class_weights, sampler, schedule, warmup, val_every, augment)"),
     (lambda p: p["report"].update(title=list(range(20_000))),
      f"params.yaml: report.title: {repr(list(range(20_000)))[:80]}... "
      f"({len(repr(list(range(20_000))))} chars) is not of type 'string'"),

@@ -615,3 +615,33 @@ def test_train_json_records_the_recipe_and_the_class_weights_it_computed(tiny, t
     plain = json.loads((tmp_path / "plain" / "train.json").read_text())
     assert (plain["loss"], plain["class_weighting"], plain["class_weights"]) == ("ce", None, None)
     assert plain["schedule"] == {"name": "constant", "lr": cfg["lr"], "warmup": 0}
+
+
+def test_validates_every_nth_epoch_and_always_the_last():
+    assert [e for e in range(1, 8) if train.validates(e, 7, 3)] == [3, 6, 7]
+    assert [e for e in range(1, 7) if train.validates(e, 6, 3)] == [3, 6]
+    assert [e for e in range(1, 4) if train.validates(e, 3, 1)] == [1, 2, 3]
+    assert [e for e in range(1, 4) if train.validates(e, 3, 10)] == [3]
+
+
+def test_val_every_skips_validation_but_not_the_last_epoch(tiny, tmp_path):
+    """3 epochs, val_every 2: epochs 2 and 3 are validated, epoch 1 has null val fields; the
+    DVCLive curves hold val points at steps 1 and 2 (0-based) only, the train loss at all 3;
+    the training itself (the weights) is the same as validating every epoch."""
+    def trained(val_every: int, out: Path) -> tuple[dict, bytes]:
+        params = copy.deepcopy(tiny["params"])
+        params["train"].update(epochs=3, val_every=val_every)
+        last = train.run(params, SCHEME, tiny["raw"], tiny["masks"], out / "model",
+                         live=out / "live")
+        return last, (out / "model" / "model.pt").read_bytes()
+
+    last, weights = trained(2, tmp_path / "every2")
+    _, weights_every_epoch = trained(1, tmp_path / "every1")
+    assert last["epoch"] == 3 and last["val_loss"] is not None and last["val_iou"] is not None
+    live = tmp_path / "every2" / "live" / "plots" / "metrics"
+    steps = [r.split("\t")[0] for r in (live / "val" / "loss.tsv").read_text().splitlines()[1:]]
+    assert steps == ["1", "2"]
+    assert len(_losses(tmp_path / "every2" / "live", "train")) == 3
+    assert _losses(tmp_path / "every2" / "live", "val") == _losses(tmp_path / "every1" / "live",
+                                                                  "val")[1:]
+    assert weights == weights_every_epoch

@@ -65,15 +65,19 @@ def confusion_figure(cm: np.ndarray, class_names: list[str], title: str) -> byte
 
 def curves_figure(history: list[dict], title: str) -> Figure:
     """One training run's curves per epoch, from train's history records: train and val
-    loss (left), val mIoU (right; epochs where no class was present are gaps)."""
+    loss (left), val mIoU (right). Val points are drawn at the validated epochs only
+    (train.val_every); an epoch where no class was present is a gap."""
     fig = Figure(figsize=(8, 3.2))
     loss_ax, miou_ax = fig.subplots(1, 2)
     epochs = [r["epoch"] for r in history]
     blue, orange = OKABE_ITO["blue"], OKABE_ITO["orange"]
     loss_ax.plot(epochs, [r["train_loss"] for r in history], "-o", color=blue, label="train")
-    loss_ax.plot(epochs, [r["val_loss"] for r in history], "--s", color=orange, label="val")
-    miou_ax.plot(epochs, [np.nan if r["val_miou"] is None else r["val_miou"] for r in history],
-                 "-s", color=orange, label="val")
+    validated = [r for r in history if r["val_loss"] is not None]
+    val_epochs = [r["epoch"] for r in validated]
+    loss_ax.plot(val_epochs, [r["val_loss"] for r in validated], "--s", color=orange,
+                 label="val")
+    miou_ax.plot(val_epochs, [np.nan if r["val_miou"] is None else r["val_miou"]
+                              for r in validated], "-s", color=orange, label="val")
     for ax, ylabel in ((loss_ax, "loss (training objective)"), (miou_ax, "val mIoU")):
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
