@@ -224,6 +224,7 @@ def recipe_record(cfg: dict, recipe: Recipe) -> dict:
                          else 0},
             "augment": {"resize": augment["resize"],
                         "crop_scale": [float(v) for v in augment["crop_scale"]],
+                        "rare_crop": float(augment["rare_crop"]),
                         "hflip": bool(cfg["hflip"]),
                         "colour_jitter": {k: float(v)
                                           for k, v in augment["colour_jitter"].items()}}}

@@ -10,7 +10,9 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from conftest import SAMPLE
-from stages.lib.augment import FitTogether, is_plain, train_transform, work_size
+from stages.lib.augment import (
+    FitTogether, RareClassCrop, is_plain, rare_pixel, train_transform, work_size,
+)
 from stages.lib.data import joint_transform, read_image
 from stages.lib.model import IMAGENET_MEAN, IMAGENET_STD
 
@@ -19,8 +21,8 @@ JITTER = {"brightness": 0.3, "contrast": 0.3, "saturation": 0.3, "hue": 0.05}
 ALIGNED = 0.93   # measured: 0.95 and above aligned, 0.58 with the mask flipped (this image)
 
 
-def augment(resize="squash", crop=(0.3, 1.0), jitter=None) -> dict:
-    return {"resize": resize, "crop_scale": list(crop),
+def augment(resize="squash", crop=(0.3, 1.0), jitter=None, rare_crop=0.0) -> dict:
+    return {"resize": resize, "crop_scale": list(crop), "rare_crop": rare_crop,
             "colour_jitter": jitter or dict.fromkeys(JITTER, 0.0)}
 
 
@@ -105,3 +107,58 @@ def test_the_studys_recipe_is_the_plain_training_transform(drawn):
         torch.manual_seed(seed)
         b = theirs(image, mask)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_rare_pixel_is_a_pixel_of_the_least_present_foreground_class():
+    mask = torch.zeros(6, 6, dtype=torch.uint8)
+    mask[0, :5] = 1                 # 5 pixels of class 1
+    mask[4, 2], mask[5, 5] = 2, 2   # 2 pixels of class 2: the rarest
+    mask[3, 3] = 255                # ignored (a crowd region): never a centre
+    torch.manual_seed(0)
+    picks = {rare_pixel(mask) for _ in range(50)}
+    assert picks == {(4, 2), (5, 5)}
+    assert rare_pixel(torch.where(mask == 255, 255, 0).to(torch.uint8)) is None
+    assert rare_pixel(torch.zeros(3, 3, dtype=torch.uint8)) is None
+
+
+def test_rare_class_crop_without_p_places_the_crop_as_random_resized_crop(drawn):
+    image, mask = drawn
+    ours = RareClassCrop(64, (0.3, 1.0), p=0.0)
+    theirs = v2.RandomResizedCrop((64, 64), scale=(0.3, 1.0), antialias=True)
+    for seed in range(4):
+        torch.manual_seed(seed)
+        a = ours(image, mask)
+        torch.manual_seed(seed)
+        b = theirs(image, mask)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_rare_class_crop_keeps_a_small_rare_region_in_view_and_the_mask_on_the_image(drawn):
+    """The drawn mask (class 1: the brightest 30% of the photograph) plus a 12 x 12 block of
+    class 2 near a corner: centred crops of 30-50% of the area always show class 2, and
+    keep the mask on the image; random ones mostly miss it."""
+    image, mask = drawn
+    mask = mask.clone()
+    mask[20:32, 20:32] = 2
+    mask = tv_tensors.Mask(mask)
+    shown = {}
+    for p in (1.0, 0.0):
+        crop, shown[p] = RareClassCrop(128, (0.3, 0.5), p=p), 0
+        for seed in range(20):
+            torch.manual_seed(seed)
+            out_image, out_mask = crop(image, mask)
+            assert out_image.shape == (3, 128, 128) and out_mask.shape == (128, 128)
+            assert set(out_mask.unique().tolist()) <= {0, 1, 2}
+            shown[p] += bool((out_mask == 2).any())
+            assert agreement(out_image, (out_mask == 1).to(torch.uint8)) >= ALIGNED - 0.05
+    assert shown[1.0] == 20
+    assert shown[0.0] <= 6
+
+
+def test_train_transform_uses_the_rare_class_crop_only_when_asked():
+    kinds = [type(step).__name__ for step in train_transform(
+        64, IMAGENET_MEAN, IMAGENET_STD, augment(rare_crop=0.5), hflip=False).transforms]
+    assert kinds == ["FitTogether", "RareClassCrop", "ToDtype", "Normalize"]
+    kinds = [type(step).__name__ for step in train_transform(
+        64, IMAGENET_MEAN, IMAGENET_STD, augment(rare_crop=0.0), hflip=False).transforms]
+    assert kinds == ["FitTogether", "RandomResizedCrop", "ToDtype", "Normalize"]

@@ -581,8 +581,8 @@ ANALYZE = {**yaml.safe_load((ROOT / "params.yaml").read_text())["analyze"], "pro
 COMPARE = yaml.safe_load((ROOT / "params.yaml").read_text())["compare"]
 STUDY_RECIPE = {"loss": "ce", "class_weights": "inverse_sqrt", "sampler": "uniform",
                 "schedule": "constant",
-                "augment": {"crop_scale": [1, 1], "colour_jitter": {"brightness": 0,
-                                                                    "contrast": 0}}}
+                "augment": {"crop_scale": [1, 1], "rare_crop": 0,
+                            "colour_jitter": {"brightness": 0, "contrast": 0}}}
 TRAINING = {"model": {"encoder_weights": "imagenet"},
             "train": {"epochs": 20, "image_size": 128, **STUDY_RECIPE}}
 
@@ -600,7 +600,8 @@ def test_caveats_say_when_numbers_cannot_be_compared_with_the_study():
 def test_caveats_name_the_small_data_recipe_and_how_it_differs_from_the_studys():
     train = {**TRAINING["train"], "loss": "weighted_ce", "sampler": "class_balanced",
              "schedule": "warmup_cosine",
-             "augment": {"crop_scale": [0.3, 1.0], "colour_jitter": {"brightness": 0.3}}}
+             "augment": {"crop_scale": [0.3, 1.0], "rare_crop": 0,
+                         "colour_jitter": {"brightness": 0.3}}}
     [recipe, *_] = report.training_caveats({**TRAINING, "train": train}, 82783)
     assert recipe == ("Trained with the small-data recipe (loss weighted_ce with inverse_sqrt "
                       "class weights, class-balanced sampling of the training images, random "
@@ -608,6 +609,14 @@ def test_caveats_name_the_small_data_recipe_and_how_it_differs_from_the_studys()
                       "learning-rate schedule); the study trained with plain cross-entropy, no "
                       "augmentation and a constant learning rate (README, \"Reproducing the "
                       "study on one GPU\").")
+
+
+def test_caveats_name_the_share_of_crops_centred_on_the_rarest_class():
+    train = {**TRAINING["train"], "augment": {"crop_scale": [0.3, 1.0], "rare_crop": 0.5,
+                                              "colour_jitter": {"brightness": 0}}}
+    assert report_tables.recipe_changes(train) == [
+        "random resized crops of 0.3–1 of the image area",
+        "50% of them centred on the image's rarest class"]
 
 
 def test_render_escapes_scheme_and_class_names():

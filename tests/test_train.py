@@ -607,6 +607,7 @@ def test_train_json_records_the_recipe_and_the_class_weights_it_computed(tiny, t
     assert record["schedule"] == {"name": "warmup_cosine", "lr": cfg["lr"],
                                   "warmup": cfg["warmup"]}
     assert record["augment"] == {"resize": "squash", "crop_scale": [0.3, 1.0], "hflip": True,
+                                 "rare_crop": cfg["augment"]["rare_crop"],
                                  "colour_jitter": {"brightness": 0.3, "contrast": 0.3,
                                                    "saturation": 0.3, "hue": 0.05}}
     params = copy.deepcopy(tiny["params"])

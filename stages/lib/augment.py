@@ -7,10 +7,11 @@ from __future__ import annotations
 import math
 
 import torch
-from torchvision import tv_tensors
+from torchvision import transforms, tv_tensors
 from torchvision.transforms import v2
 
 from stages.lib.data import joint_transform
+from stages.lib.labels import IGNORE_INDEX
 
 JITTER_KEYS = ("brightness", "contrast", "saturation", "hue")
 
@@ -18,6 +19,44 @@ JITTER_KEYS = ("brightness", "contrast", "saturation", "hue")
 def is_plain(augment: dict) -> bool:
     return (augment["resize"] == "squash" and list(augment["crop_scale"]) == [1, 1]
             and not any(augment["colour_jitter"][k] for k in JITTER_KEYS))
+
+
+class RareClassCrop:
+    """A random resized crop (area and aspect drawn as RandomResizedCrop draws them) that,
+    with probability `p`, is placed so that a random pixel of the image's least-present
+    foreground class lies at its centre (the box shifted back inside the image where it
+    would stick out); otherwise, or when the image shows no foreground class, placed at
+    random as RandomResizedCrop places it. torchvision has no class-aware crop: a rare class
+    (a car filling 1% of a photograph) is otherwise mostly cropped away or shrunk."""
+
+    RATIO = (3 / 4, 4 / 3)
+
+    def __init__(self, size: int, scale: tuple[float, float], p: float):
+        self.size, self.scale, self.p = size, tuple(scale), p
+
+    def __call__(self, image: tv_tensors.Image, mask: tv_tensors.Mask):
+        top, left, height, width = transforms.RandomResizedCrop.get_params(
+            mask, self.scale, self.RATIO)
+        if self.p and torch.rand(()) < self.p:
+            centre = rare_pixel(mask)
+            if centre is not None:
+                top = min(max(centre[0] - height // 2, 0), mask.shape[-2] - height)
+                left = min(max(centre[1] - width // 2, 0), mask.shape[-1] - width)
+        size = [self.size, self.size]
+        return (v2.functional.resized_crop(image, top, left, height, width, size, antialias=True),
+                v2.functional.resized_crop(mask, top, left, height, width, size))
+
+
+def rare_pixel(mask: torch.Tensor) -> tuple[int, int] | None:
+    """(row, column) of a random pixel of the foreground class with the fewest pixels in
+    `mask` (ties: the lower class index), or None when it shows none."""
+    labels = mask[(mask > 0) & (mask != IGNORE_INDEX)]
+    if not labels.numel():
+        return None
+    classes, counts = labels.unique(return_counts=True)
+    rows, columns = torch.nonzero(mask == classes[counts.argmin()], as_tuple=True)
+    pick = int(torch.randint(len(rows), ()))
+    return int(rows[pick]), int(columns[pick])
 
 
 def work_size(size: int, augment: dict) -> int:
@@ -47,13 +86,15 @@ class FitTogether:
 
 def train_transform(size: int, mean, std, augment: dict, hflip: bool) -> v2.Compose:
     """size x size training inputs: fit (squash or aspect), random resized crop of
-    crop_scale of the area (aspect ratios 3/4..4/3), flip, colour jitter, then to float
-    and normalised."""
+    crop_scale of the area (aspect ratios 3/4..4/3; a share rare_crop of them centred on the
+    image's rarest foreground class), flip, colour jitter, then to float and normalised."""
     if is_plain(augment):
         return joint_transform(size, mean, std, train=True, hflip=hflip)
     low, high = augment["crop_scale"]
     steps = [FitTogether(work_size(size, augment), augment["resize"] == "aspect")]
-    if [low, high] != [1, 1]:
+    if [low, high] != [1, 1] and augment["rare_crop"]:
+        steps.append(RareClassCrop(size, (low, high), augment["rare_crop"]))
+    elif [low, high] != [1, 1]:
         steps.append(v2.RandomResizedCrop((size, size), scale=(low, high), antialias=True))
     else:  # aspect without crop: a random square of the short side
         steps.append(v2.RandomCrop((size, size)))

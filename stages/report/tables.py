@@ -283,6 +283,9 @@ def recipe_changes(train: dict) -> list[str]:
     low, high = train["augment"]["crop_scale"]
     if (low, high) != (1, 1):
         changes.append(f"random resized crops of {low:g}–{high:g} of the image area")
+        if train["augment"]["rare_crop"]:
+            share = train["augment"]["rare_crop"]
+            changes.append(f"{share:.0%} of them centred on the image's rarest class")
     if any(v > 0 for v in train["augment"]["colour_jitter"].values()):
         changes.append("colour jitter")
     if train["schedule"] != "constant":
