@@ -84,7 +84,9 @@ def child(argv: list[str]) -> None:
                            out / "metrics.json", out / "confusion.csv")
     samples = pd.read_csv(out / "pred" / "samples.csv")
     spread = {name: iqr(samples[f"iou_{name}"]) for name in metrics["iou"]}
+    interval = metrics.get("interval", {}).get("iou", {})
     print(json.dumps({"iou": metrics["iou"], "miou": metrics["miou"], "iqr": spread,
+                      "interval": interval,
                       "val_iou_128": last.get("val_iou", {}), "train_wall_s": train_wall,
                       "train_cpu_s": train_cpu}))
 
@@ -157,12 +159,20 @@ def table(results: dict, schemes: list[str]) -> list[dict]:
                 for slot, cls in enumerate(classes):
                     label = "person" if slot == 0 else "car / vehicle"
                     row[f"{label} IoU"] = _num(r["iou"][cls])
+                    row[f"{label} 95% interval"] = _interval(r.get("interval", {}).get(cls))
                     row[f"{label} per-image IQR"] = _num(r["iqr"][cls])
                 row["mIoU"] = _num(r["miou"])
                 row["train CPU s"] = round(r["train_cpu_s"])
                 row["train wall s (1 thread)"] = round(r["train_wall_s"])
                 rows.append(row)
     return rows
+
+
+def _interval(bounds) -> str:
+    """evaluate's bootstrap interval of an IoU (over the val images), as [low, high]."""
+    if not bounds or any(b is None for b in bounds):
+        return "n/a"
+    return f"[{_num(bounds[0])}, {_num(bounds[1])}]"
 
 
 def _num(value) -> str:
@@ -177,7 +187,8 @@ def notes(params: dict, scale: float, load_before: float, load_after: float) -> 
         f"IoU from the evaluate stage's metrics (full size: predictions at {size} px resized "
         "back to each image's own size); per-image IQR: the spread (75th - 25th percentile) "
         "of infer's per-image IoU over the images whose ground truth or prediction shows the "
-        "class. mIoU over background and the two classes.",
+        "class. 95% interval: evaluate's percentile bootstrap over the val images (the "
+        "metrics file's `interval`). mIoU over background and the two classes.",
         "held-out rows: the same recipe trained on the sample's 80 val images and scored on "
         "its 80 train images. A recipe that wins only on the sample rows is tuned to them.",
         f"Each training ran in its own process with 1 torch thread, {JOBS} at a time; the "

@@ -378,10 +378,14 @@ def test_recipe_benchmark_swaps_the_splits_and_tabulates_what_was_measured(tmp_p
     assert (new_masks / "val" / "train.png").read_text() == "train"
     result = {"iou": {"background": 0.9, "person": 0.1564, "car": None}, "miou": 0.5,
               "iqr": {"background": 0.1, "person": 0.25, "car": float("nan")},
+              "interval": {"background": [0.85, 0.95], "person": [0.08, 0.2049],
+                           "car": [None, None]},
               "train_cpu_s": 100.4, "train_wall_s": 120.6}
     rows = bench_recipe.table({(1, "person_car", "held-out"): result}, ["person_car"])
     assert rows == [{"recipe": bench_recipe.CANDIDATES[1][0], "scheme": "person_car",
                      "trained on / scored on": "val / train (held-out)",
-                     "person IoU": "0.156", "person per-image IQR": "0.250",
-                     "car / vehicle IoU": "n/a", "car / vehicle per-image IQR": "n/a",
+                     "person IoU": "0.156", "person 95% interval": "[0.080, 0.205]",
+                     "person per-image IQR": "0.250",
+                     "car / vehicle IoU": "n/a", "car / vehicle 95% interval": "n/a",
+                     "car / vehicle per-image IQR": "n/a",
                      "mIoU": "0.500", "train CPU s": 100, "train wall s (1 thread)": 121}]
