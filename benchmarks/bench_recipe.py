@@ -7,7 +7,10 @@ train split), so that the choice is not tuned to one set of 80 images.
 
 Each training (train, infer, evaluate at params.yaml's other settings) runs in its own
 process (`python -m benchmarks.bench_recipe child ...`) with one torch thread, two at a time
-on this 2-core machine: every recipe is measured in the same run, under the same load.
+on this 2-core machine: every recipe is measured in the same run, under the same load. On
+the sample, each recipe is trained with every seed of SEEDS: a difference smaller than the
+spread between two seeds of one recipe is noise (on 80 images it is as large as 0.02-0.05
+IoU).
 """
 from __future__ import annotations
 
@@ -26,19 +29,28 @@ JITTER = {"brightness": 0.3, "contrast": 0.3, "saturation": 0.3, "hue": 0.05}
 NO_JITTER = {"brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "hue": 0.0}
 PLAIN = {"loss": "ce", "sampler": "uniform", "schedule": "cosine", "warmup": 0,
          "lr": 0.001, "epochs": 15,
-         "augment": {"resize": "squash", "crop_scale": [1.0, 1.0], "colour_jitter": NO_JITTER}}
+         "augment": {"resize": "squash", "crop_scale": [1.0, 1.0], "rare_crop": 0.0,
+                     "colour_jitter": NO_JITTER}}
 SMALL_DATA = {"loss": "weighted_ce", "class_weights": "inverse_sqrt", "sampler": "uniform",
               "schedule": "warmup_cosine", "warmup": 2, "lr": 0.002, "epochs": 24,
-              "augment": {"resize": "squash", "crop_scale": [0.3, 1.0], "colour_jitter": JITTER}}
+              "augment": {"resize": "squash", "crop_scale": [0.3, 1.0], "rare_crop": 0.0,
+                          "colour_jitter": JITTER}}
 # (name, train-section values over params.yaml's): the first is the default before issue 15.
+BALANCED = {**SMALL_DATA, "sampler": "class_balanced"}   # the default since issue 15
 CANDIDATES = [
     ("ce, no augmentation, cosine, 15 epochs (before)", PLAIN),
     ("weighted CE (inverse sqrt) + crop 0.3-1 + jitter, warm-up cosine, lr 2e-3, 24 epochs",
      SMALL_DATA),
-    ("the same + class-balanced sampler", {**SMALL_DATA, "sampler": "class_balanced"}),
-    ("the same + class-balanced sampler + soft Dice",
-     {**SMALL_DATA, "sampler": "class_balanced", "loss": "weighted_ce_dice"}),
+    ("the same + class-balanced sampler (default)", BALANCED),
+    ("default with plain CE (sampler only, no class weights)", {**BALANCED, "loss": "ce"}),
+    ("default + soft Dice", {**BALANCED, "loss": "weighted_ce_dice"}),
+    ("default + half the crops centred on the rarest class",
+     {**BALANCED, "augment": {**BALANCED["augment"], "rare_crop": 0.5}}),
+    ("default, batch 4", {**BALANCED, "batch_size": 4}),
+    ("default, 40 epochs", {**BALANCED, "epochs": 40, "val_every": 4}),
+    ("default at 192 px", {**BALANCED, "image_size": 192}),
 ]
+SEEDS = (0, 1)   # the sample rows; held-out rows train seed 0
 JOBS = 2
 
 
@@ -67,17 +79,19 @@ def iqr(values) -> float:
 
 
 def child(argv: list[str]) -> None:
-    """Train, infer and evaluate one recipe on one scheme; print the figures as JSON."""
+    """Train (with seed argv[5]), infer and evaluate one recipe on one scheme; print the
+    figures as JSON."""
     import pandas as pd
     import torch
 
-    params_file, scheme, raw, masks, out = argv[0], argv[1], *map(Path, argv[2:])
+    params_file, scheme, raw, masks, out = argv[0], argv[1], *map(Path, argv[2:5])
+    seed = int(argv[5])
     torch.set_num_threads(1)
     from stages import evaluate, infer, train
 
     params = json.loads(Path(params_file).read_text())
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    last = train.run(params, scheme, raw, masks, out / "model")
+    last = train.run(params, scheme, raw, masks, out / "model", seed=seed)
     train_wall, train_cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     infer.run(params, out / "model", raw, masks, out / "pred")
     metrics = evaluate.run(params, scheme, out / "pred" / "val", masks / "val",
@@ -91,10 +105,22 @@ def child(argv: list[str]) -> None:
                       "train_cpu_s": train_cpu}))
 
 
+def candidate_params(base: dict, values: dict, scale: float = 1.0) -> dict:
+    """params.yaml's values with one candidate's train values over them (a smoke run at
+    scale < 1: few epochs at 64 px)."""
+    params = copy.deepcopy(base)
+    params["train"].update(copy.deepcopy(values))
+    if scale < 1:
+        params["train"].update(epochs=max(1, round(params["train"]["epochs"] * scale)),
+                               image_size=64, warmup=0)
+    return params
+
+
 def _task(args: tuple) -> tuple:
     key, params_file, scheme, raw, masks, out = args
     started = time.perf_counter()
-    result = run_child("benchmarks.bench_recipe", [params_file, scheme, raw, masks, out])
+    result = run_child("benchmarks.bench_recipe", [params_file, scheme, raw, masks, out,
+                                                   key[-1]])
     print(f"  {key}: {result['iou']} ({time.perf_counter() - started:.0f} s)",
           file=sys.stderr, flush=True)
     return key, result
@@ -120,16 +146,12 @@ def run(scale: float) -> dict:
             data[(scheme, "held-out")] = swapped(raw, mask_dirs[scheme], tmp / "swap" / scheme)
         tasks = []
         for index, (_, values) in enumerate(CANDIDATES):
-            params = copy.deepcopy(base)
-            params["train"].update(copy.deepcopy(values))
-            if scale < 1:  # smoke runs: few epochs at 64 px
-                params["train"].update(epochs=max(1, round(values["epochs"] * scale)),
-                                       image_size=64, warmup=0)
             params_file = tmp / f"params{index}.json"
-            params_file.write_text(json.dumps(params))
+            params_file.write_text(json.dumps(candidate_params(base, values, scale)))
             for (scheme, direction), (r, m) in data.items():
-                tasks.append(((index, scheme, direction), params_file, scheme, r, m,
-                              tmp / "runs" / f"{index}-{scheme}-{direction}"))
+                for seed in SEEDS if direction == "sample" else SEEDS[:1]:
+                    tasks.append(((index, scheme, direction, seed), params_file, scheme, r, m,
+                                  tmp / "runs" / f"{index}-{scheme}-{direction}-{seed}"))
         with ThreadPoolExecutor(JOBS) as pool:
             results = dict(pool.map(_task, tasks))
     load_after = os.getloadavg()[0]
@@ -142,30 +164,35 @@ TITLE = "recipe: small-data training recipes on the sample (val IoU at full size
 
 
 def table(results: dict, schemes: list[str]) -> list[dict]:
-    """One row per (recipe, scheme, direction) measured, from the children's results keyed
-    (candidate index, scheme, "sample" / "held-out"); combinations not in `results` are
-    left out."""
+    """One row per (recipe, scheme, direction, seed) measured, from the children's results
+    keyed (candidate index, scheme, "sample" / "held-out", seed); combinations not in
+    `results` are left out."""
     rows = []
     for index, (name, _) in enumerate(CANDIDATES):
         for scheme in schemes:
             for direction in ("sample", "held-out"):
-                r = results.get((index, scheme, direction))
-                if r is None:
-                    continue
-                classes = [c for c in r["iou"] if c != "background"]
-                row = {"recipe": name, "scheme": scheme,
-                       "trained on / scored on": ("train / val" if direction == "sample"
-                                                  else "val / train (held-out)")}
-                for slot, cls in enumerate(classes):
-                    label = "person" if slot == 0 else "car / vehicle"
-                    row[f"{label} IoU"] = _num(r["iou"][cls])
-                    row[f"{label} 95% interval"] = _interval(r.get("interval", {}).get(cls))
-                    row[f"{label} per-image IQR"] = _num(r["iqr"][cls])
-                row["mIoU"] = _num(r["miou"])
-                row["train CPU s"] = round(r["train_cpu_s"])
-                row["train wall s (1 thread)"] = round(r["train_wall_s"])
-                rows.append(row)
+                for seed in SEEDS:
+                    r = results.get((index, scheme, direction, seed))
+                    if r is not None:
+                        rows.append(_row(name, scheme, direction, seed, r))
     return rows
+
+
+def _row(name: str, scheme: str, direction: str, seed: int, r: dict) -> dict:
+    classes = [c for c in r["iou"] if c != "background"]
+    row = {"recipe": name, "scheme": scheme,
+           "trained on / scored on": ("train / val" if direction == "sample"
+                                      else "val / train (held-out)"),
+           "seed": seed}
+    for slot, cls in enumerate(classes):
+        label = "person" if slot == 0 else "car / vehicle"
+        row[f"{label} IoU"] = _num(r["iou"][cls])
+        row[f"{label} 95% interval"] = _interval(r.get("interval", {}).get(cls))
+        row[f"{label} per-image IQR"] = _num(r["iqr"][cls])
+    row["mIoU"] = _num(r["miou"])
+    row["train CPU s"] = round(r["train_cpu_s"])
+    row["train wall s (1 thread)"] = round(r["train_wall_s"])
+    return row
 
 
 def _interval(bounds) -> str:

@@ -360,6 +360,25 @@ def test_hostile_benchmark_smoke(tmp_path, monkeypatch):
                                   "error line and no traceback.")
 
 
+def test_every_recipe_candidate_is_a_valid_params_file_and_they_differ():
+    """A candidate written over params.yaml must pass the schema the stages check (a train
+    key missing or misspelt would fail every one of its trainings, an hour into the run)."""
+    from benchmarks import bench_recipe
+    from benchmarks.common import default_params
+    from stages.lib.params import validate_params
+
+    base = default_params()
+    trains = []
+    for name, values in bench_recipe.CANDIDATES:
+        params = bench_recipe.candidate_params(base, values)
+        validate_params(params, name)
+        assert {k: params["train"][k] for k in values} == values
+        trains.append(params["train"])
+    assert all(a != b for i, a in enumerate(trains) for b in trains[i + 1:])
+    smoke = bench_recipe.candidate_params(base, bench_recipe.CANDIDATES[0][1], 0.05)
+    assert (smoke["train"]["epochs"], smoke["train"]["image_size"]) == (1, 64)
+
+
 def test_recipe_benchmark_swaps_the_splits_and_tabulates_what_was_measured(tmp_path):
     from benchmarks import bench_recipe
 
@@ -381,9 +400,9 @@ def test_recipe_benchmark_swaps_the_splits_and_tabulates_what_was_measured(tmp_p
               "interval": {"background": [0.85, 0.95], "person": [0.08, 0.2049],
                            "car": [None, None]},
               "train_cpu_s": 100.4, "train_wall_s": 120.6}
-    rows = bench_recipe.table({(1, "person_car", "held-out"): result}, ["person_car"])
+    rows = bench_recipe.table({(1, "person_car", "held-out", 0): result}, ["person_car"])
     assert rows == [{"recipe": bench_recipe.CANDIDATES[1][0], "scheme": "person_car",
-                     "trained on / scored on": "val / train (held-out)",
+                     "trained on / scored on": "val / train (held-out)", "seed": 0,
                      "person IoU": "0.156", "person 95% interval": "[0.080, 0.205]",
                      "person per-image IQR": "0.250",
                      "car / vehicle IoU": "n/a", "car / vehicle 95% interval": "n/a",
