@@ -36,19 +36,20 @@ SMALL_DATA = {"loss": "weighted_ce", "class_weights": "inverse_sqrt", "sampler":
               "augment": {"resize": "squash", "crop_scale": [0.3, 1.0], "rare_crop": 0.0,
                           "colour_jitter": JITTER}}
 # (name, train-section values over params.yaml's): the first is the default before issue 15.
-BALANCED = {**SMALL_DATA, "sampler": "class_balanced"}   # the default since issue 15
+BALANCED = {**SMALL_DATA, "sampler": "class_balanced"}   # "A": the default until 40 epochs
 CANDIDATES = [
-    ("ce, no augmentation, cosine, 15 epochs (before)", PLAIN),
+    ("ce, no augmentation, cosine, 15 epochs (before issue 15)", PLAIN),
     ("weighted CE (inverse sqrt) + crop 0.3-1 + jitter, warm-up cosine, lr 2e-3, 24 epochs",
      SMALL_DATA),
-    ("the same + class-balanced sampler (default)", BALANCED),
-    ("default with plain CE (sampler only, no class weights)", {**BALANCED, "loss": "ce"}),
-    ("default + soft Dice", {**BALANCED, "loss": "weighted_ce_dice"}),
-    ("default + half the crops centred on the rarest class",
+    ("A: the same + class-balanced sampler", BALANCED),
+    ("A with plain CE (the sampler alone, no class weights)", {**BALANCED, "loss": "ce"}),
+    ("A + soft Dice", {**BALANCED, "loss": "weighted_ce_dice"}),
+    ("A + half the crops centred on the rarest class",
      {**BALANCED, "augment": {**BALANCED["augment"], "rare_crop": 0.5}}),
-    ("default, batch 4", {**BALANCED, "batch_size": 4}),
-    ("default, 40 epochs", {**BALANCED, "epochs": 40, "val_every": 4}),
-    ("default at 192 px", {**BALANCED, "image_size": 192}),
+    ("A, batch 4", {**BALANCED, "batch_size": 4}),
+    ("A at 192 px", {**BALANCED, "image_size": 192}),
+    ("A, 40 epochs, validated every 4th (the default)",
+     {**BALANCED, "epochs": 40, "val_every": 4}),
 ]
 SEEDS = (0, 1)   # the sample rows; held-out rows train seed 0
 JOBS = 2

@@ -375,6 +375,10 @@ def test_every_recipe_candidate_is_a_valid_params_file_and_they_differ():
         assert {k: params["train"][k] for k in values} == values
         trains.append(params["train"])
     assert all(a != b for i, a in enumerate(trains) for b in trains[i + 1:])
+    # the candidate the table calls the default is params.yaml's training, value for value
+    [default] = [t for (name, _), t in zip(bench_recipe.CANDIDATES, trains)
+                 if name.endswith("(the default)")]
+    assert default == base["train"]
     smoke = bench_recipe.candidate_params(base, bench_recipe.CANDIDATES[0][1], 0.05)
     assert (smoke["train"]["epochs"], smoke["train"]["image_size"]) == (1, 64)
 

@@ -789,3 +789,25 @@ def test_pipeline_from_a_flaky_coco_mirror(tmp_path, tiny_params, monkeypatch, y
     masks = sorted(p.name for p in (root / "data" / "masks" / "person_car" / "val").iterdir())
     assert masks == [n.replace(".jpg", ".png") for n in names]
     assert not (root / "checkpoints" / "download").exists()
+
+
+def _train_threads(cores: list[str]) -> dict[str, int]:
+    """{scheme: threads} of the train jobs of a forced dry run (Snakemake prints threads only
+    above 1)."""
+    out = run(["snakemake", "-n", "-F", *cores], ROOT).stdout
+    threads = {}
+    for block in out.split("rule train:")[1:]:
+        block = block.split("\n[")[0]
+        scheme = re.search(r"scheme=(\w+)", block).group(1)
+        found = re.search(r"threads: (\d+)", block)
+        threads[scheme] = int(found.group(1)) if found else 1
+    return threads
+
+
+def test_trainings_share_the_cores_side_by_side():
+    """Two schemes on 2 cores: one thread each, trained side by side (1.4x faster than one
+    after the other with two on the CPU); 8 cores: 2 each (at most 2, as before)."""
+    schemes = list(yaml.safe_load((ROOT / "params.yaml").read_text())["schemes"])
+    assert len(schemes) == 2
+    assert _train_threads(["--cores", "2"]) == dict.fromkeys(schemes, 1)
+    assert _train_threads(["--cores", "8"]) == dict.fromkeys(schemes, 2)

@@ -18,7 +18,8 @@ rule train:
         benchmark_path("train", per_seed=True)
     conda:
         "../envs/segflow.yaml"
-    threads: 2
+    # every scheme and seed trains side by side, sharing the cores (at most 2 threads each)
+    threads: shared_threads(len(SCHEMES) * len(SEEDS))
     resources:
         mem_mb=8000,
         runtime=720,
