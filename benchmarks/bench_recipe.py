@@ -219,9 +219,10 @@ def notes(params: dict, scale: float, load_before: float, load_after: float) -> 
         "metrics file's `interval`). mIoU over background and the two classes.",
         "held-out rows: the same recipe trained on the sample's 80 val images and scored on "
         "its 80 train images. A recipe that wins only on the sample rows is tuned to them.",
-        f"Each training ran in its own process with 1 torch thread, {JOBS} at a time; the "
-        "pipeline trains with 2 threads, one scheme after the other, so its wall seconds are "
-        "about the CPU seconds here divided by 1.6 on an idle machine (bench_train).",
+        f"Each training ran in its own process with 1 torch thread, {JOBS} at a time: on 2 "
+        "cores the pipeline trains its two schemes the same way (train's threads are "
+        "--cores shared among the schemes and seeds), so its training wall seconds are "
+        "about the CPU seconds here.",
         f"Load average (1 min) {load_before:.1f} before and {load_after:.1f} after: the "
         "machine is shared, so compare the seconds of rows of this one run, not across runs.",
         "Candidate values: the JSON result (benchmarks/out/recipe.json, `candidates`).",
