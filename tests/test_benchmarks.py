@@ -159,6 +159,28 @@ def test_embed_benchmark_smoke(tmp_path, one_torch_thread):
                for n in result["notes"])
 
 
+def test_duplicates_benchmark_smoke(tmp_path):
+    result = _smoke("duplicates", tmp_path, 0.002)   # 200 and 244 images
+    measured = [r for r in result["table"] if r["measured"] == "yes"]
+    assert [(r["search"].split(":")[0], r["images"]) for r in measured] == [
+        (kind, n) for kind in ("exact_bytes + exact_pixels", "near_hash", "near_latent")
+        for n in (200, 244)]
+    # one image in 100 is a planted copy: 1 and 2 pairs, each found
+    assert [r["pairs found / planted"] for r in measured] == ["1 / 1", "2 / 2"] * 3
+    projected = {(r["search"].split(":")[0], r["measured"]): r for r in result["table"]
+                 if r["measured"] != "yes"}
+    assert len(projected) == 6
+    for kind in ("near_hash", "near_latent"):
+        large = next(r for r in measured if r["search"].startswith(kind) and r["images"] == 244)
+        one, ten = (projected[(kind, f"projected: full COCO {x}")] for x in ("1x", "10x"))
+        assert (one["images"], ten["images"]) == (123_287, 1_232_870)
+        assert one["B / image"] == ten["B / image"] == large["B / image"] > 0
+        # memory linear in the images, time quadratic (within the rounding of the cells)
+        assert ten["peak MiB (tracemalloc)"] == pytest.approx(
+            10 * one["peak MiB (tracemalloc)"], rel=0.01)
+        assert ten["wall s"] == pytest.approx(100 * one["wall s"], rel=0.01, abs=1)
+
+
 def test_metrics_benchmark_smoke(tmp_path):
     result = _smoke("metrics", tmp_path, 0.05)
     names = [r["implementation"] for r in result["table"]]
