@@ -2024,6 +2024,12 @@ def test_findings_past_insights_shown_are_in_a_collapsed_block_per_scheme_and_fo
 
 # ---------------------------------------------------------------- duplicates on the real run
 
+def _duplicates_of(html: str, scheme: str) -> str:
+    """The scheme's duplicates block: up to the next scheme's, or the section's end."""
+    after = html.split(f'<div class="duplicates" data-scheme="{scheme}">')[1]
+    return after.split('<div class="duplicates"')[0].split("</section>")[0]
+
+
 def test_the_runs_page_counts_its_duplicate_pairs_and_says_no_val_image_leaks(rendered):
     """The sample has no train copy in val (docs/outputs.md): each scheme's block counts
     duplicates.csv's rows by kind and split pair and says plainly that nothing leaks."""
@@ -2039,7 +2045,7 @@ def test_the_runs_page_counts_its_duplicate_pairs_and_says_no_val_image_leaks(re
                     for kind in ("exact_bytes", "exact_pixels", "near_hash", "near_latent")]
         assert [[row[0].split()[0], *row[1:]] for row in tables[f"duplicate-counts-{i}"][1:]] \
             == expected
-        block = section.split(f'<div class="duplicates" data-scheme="{s}">')[1].split("</div>")[0]
+        block = _duplicates_of(section, s)
         assert (f"No val image of {s} has a copy among the training images: analyze found no "
                 "train-val pair of the same bytes") in _visible(block)
         assert len(_pairs_on(block)) == min(len(pairs), params["report"]["duplicate_pairs"])
@@ -2080,7 +2086,7 @@ def test_a_leak_in_analyzes_files_shows_both_images_of_its_pairs_and_its_metrics
     args = stage_args(root, analysis=analysis, out=out)
     assert report.main(cli_argv(root / "params.yaml", args)) == 0
     html = out.read_text(encoding="utf-8")
-    block = html.split(f'<div class="duplicates" data-scheme="{s}">')[1].split("</div>")[0]
+    block = _duplicates_of(html, s)
     width = params["report"]["sample_thumbnail_px"]
     thumb = lambda entry: report.photo_thumbnail(raw / entry["path"], width)  # noqa: E731
     assert _pairs_on(block) == [
