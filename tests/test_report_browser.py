@@ -361,6 +361,40 @@ def test_an_insights_link_filters_the_samples_table_to_exactly_its_members(opene
     assert_clean(opened["events"])
 
 
+def test_an_insights_link_in_the_collapsed_block_filters_to_its_members(tmp_path_factory,
+                                                                        browser):
+    """With report.insights_shown 1, a scheme's findings past the first are in a collapsed
+    block: opening it shows them, and a link there filters the table as an open one does."""
+    pipeline = build_pipeline(tmp_path_factory)
+    tmp_path = tmp_path_factory.mktemp("collapsed")
+    params = copy.deepcopy(pipeline["params"])
+    params["report"]["insights_shown"] = 1
+    root = pipeline["root"]
+    args = stage_args(root, out=tmp_path / "index.html")
+    report.run(params, **args)
+    page, events = open_page(browser, args["out"])
+    hidden = None   # (scheme, stems) of the first collapsed finding with val images
+    for s in params["schemes"]:
+        stems = stems_of(root, s)
+        members = [sorted((stems[i], s) for i in r["image_ids"] if i in stems) for r in
+                   json.loads((root / "analysis" / s / "insights.json").read_text())[1:]]
+        if hidden is None and any(members):
+            hidden = (s, next(m for m in members if m))
+    assert hidden is not None, "the run has a second finding with val images"
+    scheme, members = hidden
+    block = page.locator(f'#insights ol.findings[data-scheme="{scheme}"] + details.more-findings')
+    link = block.locator("button.js-members").first
+    assert not link.is_visible()   # collapsed
+    block.locator("summary").click()
+    assert link.is_visible()
+    page.locator("#f-loss-max").fill("-1")
+    assert rows_count(page) == 0
+    link.click()
+    assert rows_count(page) == len(members) and shown_rows(page) == members
+    assert_clean(events)
+    page.close()
+
+
 def test_the_ood_scatter_plots_each_samples_loss_against_its_ood_score(opened):
     """Per scheme, loss (up) against analyze's ood_score (across): the sample farther right
     has the higher score, hovering a point shows that sample, with its score."""
