@@ -1892,9 +1892,9 @@ def test_the_page_shows_each_pair_with_both_thumbnails_and_the_metrics_without_t
          "val 2 val 6 val-val, same pixels: identical")]
     text = _visible(section)
     assert "3 more in analysis/person_car/duplicates.csv." in text
-    assert ("2 val images of person_car have a copy among the training images. 2 val images "
-            "with a copy among the training images (pairs: 1 same bytes, 1 near by perceptual "
-            "hash). The metrics of the analysed model with and without them") in text
+    assert ("2 val images of person_car have a copy among the training images. The metrics "
+            "of the analysed model with and without them (metrics/person_car.json and "
+            "analysis/person_car/leak_free_metrics.json, intervals in brackets):") in text
     assert page.tables["leak-free-0"] == [
         ["score", "all 8 val images", "without the 2 leaked (6 images)"],
         ["mIoU", "0.400 (0.375 to 0.438)", "0.312 (0.250 to 0.375)"],
@@ -2020,6 +2020,14 @@ def test_findings_past_insights_shown_are_in_a_collapsed_block_per_scheme_and_fo
     # under the default cap all five are open
     html = insight_page([a, b], changes)
     assert "<details class=\"more-findings\">" not in html
+    # one collapsed finding is one
+    params["report"]["insights_shown"] = 4
+    html = report.render(report.build_context(params, [a, b], SYNTHETIC_PROVENANCE, [],
+                                              compare_insights=changes))
+    section = html.split('<section id="insights">')[1].split("</section>")[0]
+    assert re.findall(r"<summary>(.*?)</summary>", section) == [
+        "1 more finding under person_car (ranked 5)",
+        "1 more finding that differs between the schemes (ranked 5)"]
 
 
 # ---------------------------------------------------------------- duplicates on the real run

@@ -213,7 +213,6 @@ def duplicate_evidence(scheme: Scheme, shown: int, hash_radius: int) -> dict | N
         free = scheme.leak_free
         result["leak"] = {"excluded": len(free["excluded_image_ids"]),
                           "all_images": scheme.metrics["images"], "free_images": free["images"],
-                          "title": leak["title"] if leak else "",
                           "rows": _leak_rows(scheme.metrics, free, scheme.class_names)}
     else:
         result["no_leak"] = (
