@@ -23,6 +23,7 @@ HOST_CORES = 16               # CPU cores of the GPU machine's host
 TRAIN_FLOPS_PER_FORWARD = 3   # a train step: forward + backward (about twice the forward)
 STAGES = ("download", "masks", "train", "infer", "evaluate", "analyze", "compare", "report")
 COLUMNS = ("stage", "images x runs", "this machine", "GPU machine", "how", "from")
+EMBEDDING = "infer stage, train-split embedding (latents_train.npz)"   # bench_embed's row
 
 
 class Missing(Exception):
@@ -180,10 +181,20 @@ def project(results: dict, params: dict, gpu_tflops: float = GPU_SUSTAINED_TFLOP
         flops = forward_flops(results)
         runs = schemes * n_val
         compute, host = runs * flops / gpu_flops, runs * host_ms / 1000 / host_cores
-        return (runs / rate, max(compute, host),
-                f"stage's images/s ({rate:.1f}); GPU: {flops / 1e9:.2f} GFLOP per image or "
-                f"{host_ms:.1f} ms of host work per image (decode, score, PNG) over "
-                f"{host_cores} cores, whichever is longer", ["infer", "train"])
+        # Each job also embeds the train split (latents_train.npz, issue 17): a forward and
+        # JPEG loading per train image, no scoring or PNG.
+        embed = _rate(_row(results, "embed", measurement=EMBEDDING), "images/s", "embed")
+        loader = _rate(_row(results, "train", measurement="data loader alone, num_workers=0"),
+                       "images/s", "train")
+        train_runs = schemes * n_train
+        embed_gpu = max(train_runs * flops / gpu_flops, train_runs / (loader * host_cores))
+        return (runs / rate + train_runs / embed, max(compute, host) + embed_gpu,
+                f"stage's images/s ({rate:.1f}) on val, plus the train split's embedding at "
+                f"{embed:.1f} images/s (bench_embed); GPU: {flops / 1e9:.2f} GFLOP per image or "
+                f"{host_ms:.1f} ms of host work per val image (decode, score, PNG) over "
+                f"{host_cores} cores, whichever is longer, plus per train image a forward or "
+                f"its JPEG loading ({loader:.0f} images/s per core)",
+                ["infer", "train", "embed"])
 
     def analyze():
         fixed, per_image = fixed_and_per_image(results, "analyze")
@@ -224,7 +235,7 @@ def project(results: dict, params: dict, gpu_tflops: float = GPU_SUSTAINED_TFLOP
            "compare": from_pipeline("compare", 1, "one process: the host's cores do not help"),
            "report": report}
     runs = {"download": (n_all, 1), "masks": (n_all, schemes), "train": (n_train, schemes * epochs),
-            "infer": (n_val, schemes), "evaluate": (n_val, schemes), "analyze": (n_val, schemes),
+            "infer": (n_all, schemes), "evaluate": (n_val, schemes), "analyze": (n_val, schemes),
             "compare": (n_val, 1), "report": (n_val, 1)}
     rows = []
     for stage in STAGES:

@@ -149,6 +149,38 @@ def test_infer_benchmark_smoke(tmp_path, one_torch_thread):
     assert "write PNG" in parts and "decode + resize" in parts
 
 
+def test_embed_benchmark_smoke(tmp_path, one_torch_thread):
+    result = _smoke("embed", tmp_path, 0.05)
+    rows = {r["measurement"]: r for r in result["table"]}
+    embedding = rows["infer stage, train-split embedding (latents_train.npz)"]
+    assert embedding["images"] == 4 and embedding["images/s"] > 0   # 4 train images at 0.05
+    assert rows["segflow model forward alone, eager"]["vs raw forward"] == 1.0
+    assert any(n.startswith("Full COCO 2014: embedding its 82,783 train images")
+               for n in result["notes"])
+
+
+def test_duplicates_benchmark_smoke(tmp_path):
+    result = _smoke("duplicates", tmp_path, 0.002)   # 200 and 244 images
+    measured = [r for r in result["table"] if r["measured"] == "yes"]
+    assert [(r["search"].split(":")[0], r["images"]) for r in measured] == [
+        (kind, n) for kind in ("exact_bytes + exact_pixels", "near_hash", "near_latent")
+        for n in (200, 244)]
+    # one image in 100 is a planted copy: 1 and 2 pairs, each found
+    assert [r["pairs found / planted"] for r in measured] == ["1 / 1", "2 / 2"] * 3
+    projected = {(r["search"].split(":")[0], r["measured"]): r for r in result["table"]
+                 if r["measured"] != "yes"}
+    assert len(projected) == 6
+    for kind in ("near_hash", "near_latent"):
+        large = next(r for r in measured if r["search"].startswith(kind) and r["images"] == 244)
+        one, ten = (projected[(kind, f"projected: full COCO {x}")] for x in ("1x", "10x"))
+        assert (one["images"], ten["images"]) == (123_287, 1_232_870)
+        assert one["B / image"] == ten["B / image"] == large["B / image"] > 0
+        # memory linear in the images, time quadratic (within the rounding of the cells)
+        assert ten["peak MiB (tracemalloc)"] == pytest.approx(
+            10 * one["peak MiB (tracemalloc)"], rel=0.01)
+        assert ten["wall s"] == pytest.approx(100 * one["wall s"], rel=0.01, abs=1)
+
+
 def test_metrics_benchmark_smoke(tmp_path):
     result = _smoke("metrics", tmp_path, 0.05)
     names = [r["implementation"] for r in result["table"]]
@@ -229,6 +261,9 @@ def _hand_made_results() -> dict:
              "images/s": 20.0},
             {"measurement": "segflow model forward, eager", "images/s": 90.0}],
             "host_ms_per_image": 8.0},
+        "embed": {"machine": _machine("D-embed"), "notes": [], "table": [
+            {"measurement": "infer stage, train-split embedding (latents_train.npz)",
+             "images/s": 40.0}]},
         "analyze": {"machine": _machine("D-analyze"), "notes": [], "table": [
             {"val images": 10, "size": "1x", "wall s": 12.0},
             {"val images": 100, "size": "10x", "wall s": 21.0}]},
@@ -260,8 +295,11 @@ def test_projection_arithmetic_on_hand_made_results():
         # GPU: loader-bound (50/s per core x 16) beats 3 GFLOP / 30 TFLOP/s
         "train": (6 * train / 2 + 6 * val * (1 / 50 + 1 / 90),
                   max((6 * train * 3e9 + 6 * val * 1e9) / 30e12, 6 * every / (50 * 16))),
-        # host work 8 ms per image over 16 cores (bench_infer's parts), not loading alone
-        "infer": (2 * val / 20, max(2 * val * 1e9 / 30e12, 2 * val * 0.008 / 16)),
+        # host work 8 ms per image over 16 cores (bench_infer's parts), not loading alone;
+        # plus the train split's embedding at 40/s, on the GPU loader-bound (50/s x 16)
+        "infer": (2 * val / 20 + 2 * train / 40,
+                  max(2 * val * 1e9 / 30e12, 2 * val * 0.008 / 16)
+                  + max(2 * train * 1e9 / 30e12, 2 * train / (50 * 16))),
         # 1x -> 10x: 0.1 s per image over a fixed 11 s, per scheme
         "analyze": (2 * (11 + 0.1 * val), 2 * (11 + max(val * 1e9 / 30e12, val / 800))),
         "evaluate": (8 * val / 80, 8 * val / 80 / 2),     # one process per scheme, 2 at once
@@ -275,7 +313,9 @@ def test_projection_arithmetic_on_hand_made_results():
         assert rows[stage]["gpu_s"] == pytest.approx(gpu), stage
     assert rows["train"]["gpu_s"] == pytest.approx(6 * every / 800)   # loader-bound here
     assert rows["train"]["from"] == [("train", "D-train"), ("infer", "D-infer")]
-    assert rows["infer"]["from"] == [("infer", "D-infer"), ("train", "D-train")]
+    assert rows["infer"]["from"] == [("infer", "D-infer"), ("train", "D-train"),
+                                     ("embed", "D-embed")]
+    assert (rows["infer"]["images"], rows["infer"]["runs"]) == (every, 2)
     assert (rows["train"]["images"], rows["train"]["runs"]) == (train, 6)
     total = projection.table_rows(list(rows.values()))[-1]
     assert total["this machine"] == projection.duration(sum(h for h, _ in expected.values()))

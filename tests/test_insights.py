@@ -206,8 +206,13 @@ def test_label_issue_records_group_the_flagged_images_by_their_disagreement():
         "95% interval ")
     assert lone["title"] == (
         "1 suspected label issue (no confident disagreement region), cleanlab label quality "
-        "0.05 to 0.05: mean loss 1 vs 1.1 for the other images (difference -0.1)")
+        "0.05: mean loss 1 vs 1.1 for the other images (difference -0.1)")
     assert lone["interval"] is None and lone["q_value"] is None
+    # two images whose qualities print alike (3 significant digits) read as one value too
+    table.loc[1, "label_quality"] = 0.010004
+    (_, alike) = insights.from_label_issues(table, SETTINGS)
+    assert alike["title"].startswith("2 suspected label issues (labelled background, model "
+                                     "says person), cleanlab label quality 0.01: mean loss")
 
 
 def test_the_out_of_distribution_record():

@@ -318,7 +318,9 @@ def synthetic_scheme(name: str, classes: list[str], ious: list[float | None], se
                                **{f"mean_iou_{c}": [0.1, 0.2] for c in names},
                                "dominant_categories": ["bus 60% (3.1x)", np.nan],
                                "medoid_image_id": [1, 2],
-                               "representative_image_ids": ["1 3", "2"]}),
+                               "representative_image_ids": ["1 3", "2"],
+                               "train_images": [30, 10], "train_share": [0.75, 0.25],
+                               "val_share": [0.5, 0.5]}),
         metadata_loss=bins, neighbours=neighbours, distances=distances,
         bin_members=members_of(samples, bins),
         label_issues=pd.DataFrame({
@@ -623,7 +625,8 @@ def test_render_escapes_scheme_and_class_names():
     evil = synthetic_scheme(EVIL, [EVIL], [0.5, 0.25])
     plain = synthetic_scheme("plain", ["person"], [0.5, 0.2])
     params = {"report": {"title": EVIL, "thumbnail_px": 64, "min_class_iou": 0.1,
-                         "insight_thumbnails": 2},
+                         "insight_thumbnails": 2, "insights_shown": 8,
+                         "duplicate_pairs": 4},
               "analyze": ANALYZE, "compare": COMPARE,
               **TRAINING}
     provenance = {"git": {"commit": None, "dirty": None}, "date": "d", "versions": [("x", "1")],
@@ -656,7 +659,8 @@ SYNTHETIC_PROVENANCE = {"git": {"commit": "abc1234", "dirty": False}, "date": "d
 
 def synthetic_page(schemes: list[report.Scheme]) -> Page:
     params = {"report": {"title": "t", "thumbnail_px": 64, "min_class_iou": 0.1,
-                         "insight_thumbnails": 2},
+                         "insight_thumbnails": 2, "insights_shown": 8,
+                         "duplicate_pairs": 4},
               "analyze": ANALYZE, "compare": COMPARE, **TRAINING}
     return Page.parse(report.render(report.build_context(params, schemes,
                                                          SYNTHETIC_PROVENANCE, [])))
@@ -854,7 +858,8 @@ def test_cluster_cards_and_differences_agree_with_compares_own_functions():
                               ["a", "b"], 2.0, 2)
     cards = {s.name: report.cluster_cards(s, changes, {}) for s in (a, b)}
     params = {"report": {"title": "t", "thumbnail_px": 64, "min_class_iou": 0.1,
-                         "insight_thumbnails": 2},
+                         "insight_thumbnails": 2, "insights_shown": 8,
+                         "duplicate_pairs": 4},
               "analyze": ANALYZE, "compare": COMPARE, **TRAINING}
     html = report.render(report.build_context(params, [a, b], SYNTHETIC_PROVENANCE, [],
                                               summary=summary, cards=cards))
@@ -1067,7 +1072,8 @@ def test_a_category_that_closes_the_script_stays_data_and_shows_as_text():
     page = synthetic_page([a])
     html = report.render(report.build_context(
         {"report": {"title": "t", "thumbnail_px": 64, "min_class_iou": 0.1,
-                         "insight_thumbnails": 2}, "analyze": ANALYZE, "compare": COMPARE,
+                         "insight_thumbnails": 2, "insights_shown": 8,
+                         "duplicate_pairs": 4}, "analyze": ANALYZE, "compare": COMPARE,
          **TRAINING}, [a], SYNTHETIC_PROVENANCE, []))
     assert PAYLOAD not in html and "</script><script>" not in html
     assert page.data()["per_scheme"][0]["clusters"][0]["dominant"] == PAYLOAD
@@ -1078,7 +1084,8 @@ def test_a_category_that_closes_the_script_stays_data_and_shows_as_text():
 def test_page_allows_only_its_own_script_by_hash():
     html = report.render(report.build_context(
         {"report": {"title": "t", "thumbnail_px": 64, "min_class_iou": 0.1,
-                         "insight_thumbnails": 2}, "analyze": ANALYZE, "compare": COMPARE,
+                         "insight_thumbnails": 2, "insights_shown": 8,
+                         "duplicate_pairs": 4}, "analyze": ANALYZE, "compare": COMPARE,
          **TRAINING}, [synthetic_scheme("a", ["person"], [0.5, 0.2])], SYNTHETIC_PROVENANCE, []))
     page = Page.parse(html)
     [csp] = [a["content"] for t, a in page.tags
@@ -1554,7 +1561,8 @@ def test_insight_stems_are_each_findings_first_thumbnails_in_the_pages_order():
 
 def insight_page(schemes: list[report.Scheme], changes: list[dict] | None) -> str:
     params = {"report": {"title": "t", "thumbnail_px": 64, "min_class_iou": 0.1,
-                         "insight_thumbnails": 2}, "analyze": ANALYZE, "compare": COMPARE,
+                         "insight_thumbnails": 2, "insights_shown": 8,
+                         "duplicate_pairs": 4}, "analyze": ANALYZE, "compare": COMPARE,
               **TRAINING}
     return report.render(report.build_context(params, schemes, SYNTHETIC_PROVENANCE, [],
                                               compare_insights=changes))
@@ -1774,3 +1782,349 @@ def test_the_insights_section_shows_the_runs_findings_in_their_files_order(rende
         samples = pd.read_csv(root / "analysis" / s / "samples.csv")
         scheme = next(p for p in data["per_scheme"] if p["name"] == s)
         assert scheme["ood"] == pytest.approx(samples["ood_score"].tolist(), rel=1e-3)
+
+
+# ---------------------------------------------------------------- duplicates and leakage
+
+# analyze's duplicates.csv for car_scheme (val images 1..8; train images 100..106), in the
+# file's order (kind, then the a and b sides)
+DUPLICATES = pd.DataFrame(
+    [(100, "train", 101, "train", "exact_bytes", 0.0),
+     (102, "train", 3, "val", "exact_bytes", 0.0), (2, "val", 6, "val", "exact_pixels", 0.0),
+     (103, "train", 5, "val", "near_hash", 4.0), (104, "train", 105, "train", "near_hash", 1.0),
+     (106, "train", 7, "val", "near_latent", 0.0031), (1, "val", 8, "val", "near_latent", 0.002)],
+    columns=report_inputs.PAIR_COLUMNS)
+LEAK = insights.record("leak", "2 val images with a copy among the training images (pairs: 1 "
+                       "same bytes, 1 near by perceptual hash)", [3, 5], effect=0.25,
+                       evidence={"pairs": [
+                           {"image_id_a": 102, "image_id_b": 3, "kind": "exact_bytes",
+                            "distance": 0.0},
+                           {"image_id_a": 103, "image_id_b": 5, "kind": "near_hash",
+                            "distance": 4.0}]})
+INTERVALS = {"confidence": 0.95, "miou": [0.375, 0.4375], "pixel_accuracy": [0.75, 0.875],
+             "pixel_accuracy_with_ignore": [0.625, 0.75],
+             "iou": {"background": [0.875, 0.9375], "person": [0.25, 0.375], "car": [0.0, 0.0625]}}
+LEAK_FREE = {"miou": 0.3125, "pixel_accuracy": 0.8125, "pixel_accuracy_with_ignore": 0.6875,
+             "mean_class_accuracy": 0.5625, "fw_iou": 0.59375,
+             "iou": {"background": 0.90625, "person": 0.28125, "car": None}, "images": 6,
+             "interval": {"confidence": 0.95, "miou": [0.25, 0.375], "pixel_accuracy":
+                          [0.75, 0.875], "pixel_accuracy_with_ignore": [0.625, 0.75],
+                          "iou": {"background": [0.875, 0.9375], "person": [0.1875, 0.375],
+                                  "car": [None, None]}},
+             "excluded_image_ids": [3, 5]}
+
+
+def leaky_scheme(leak: bool = True) -> report.Scheme:
+    s = car_scheme()
+    s.metrics["interval"] = INTERVALS
+    s.duplicates = DUPLICATES if leak else DUPLICATES[DUPLICATES["split_a"] == DUPLICATES[
+        "split_b"]].reset_index(drop=True)
+    s.insights = [LEAK] if leak else []
+    s.leak_free = LEAK_FREE if leak else None
+    return s
+
+
+def pair_thumbs(evidence: list[dict]) -> dict[tuple[str, int], str]:
+    """A distinct stand-in data URI per image, to find each one's on the page."""
+    return {key: f"data:image/jpeg;base64,{key[0]}{key[1]:04d}"
+            for key in report.duplicate_images(evidence)} if evidence else {}
+
+
+def test_duplicate_evidence_counts_by_kind_and_split_and_shows_the_leaking_pairs_first():
+    shown = report.duplicate_evidence(leaky_scheme(), 4, 6)
+    assert shown["total"] == 7 and shown["splits"] == ["train-train", "val-val", "train-val"]
+    assert [(c["kind"], c["cells"]) for c in shown["counts"]] == [
+        ("exact_bytes", [1, 0, 1]), ("exact_pixels", [0, 1, 0]), ("near_hash", [1, 0, 1]),
+        ("near_latent", [0, 1, 1])]
+    # the two leaking pairs (the leak record's), then the file's first other pairs
+    assert [((p["a"]["split"], p["a"]["id"]), (p["b"]["split"], p["b"]["id"]), p["leak"],
+             p["distance"]) for p in shown["pairs"]] == [
+        (("train", 102), ("val", 3), True, "identical"),
+        (("train", 103), ("val", 5), True, "hashes 4 bits apart"),
+        (("train", 100), ("train", 101), False, "identical"),
+        (("val", 2), ("val", 6), False, "identical")]
+    assert shown["more"] == 3 and shown["no_leak"] is None
+    assert shown["leak"]["excluded"] == 2 and shown["leak"]["free_images"] == 6
+    assert report.duplicate_images([shown, None]) == [
+        ("train", 102), ("val", 3), ("train", 103), ("val", 5), ("train", 100), ("train", 101),
+        ("val", 2), ("val", 6)]
+    # a latent pair across the splits is listed, not a leak, and said so
+    clean = report.duplicate_evidence(leaky_scheme(leak=False), 10, 6)
+    assert clean["leak"] is None and clean["more"] == 0 and len(clean["pairs"]) == 4
+    assert report.duplicate_evidence(car_scheme(), 4, 6) is None   # no duplicates.csv read
+
+
+def _pairs_on(html: str) -> list[tuple[str, str, list[tuple[str, str]], str]]:
+    """(data-split, data-kind, [(img src, alt)] , caption) of each pair shown."""
+    return [(m.group(2), m.group(1), re.findall(r'<img src="([^"]+)" alt="([^"]+)">', m.group(3)),
+             _visible(m.group(3)))
+            for m in re.finditer(r'<li class="dup-pair[^"]*" data-kind="([^"]+)" '
+                                 r'data-split="([^"]+)" data-ids="[^"]+">(.*?)</li>', html, re.S)]
+
+
+def test_the_page_shows_each_pair_with_both_thumbnails_and_the_metrics_without_the_leak():
+    s = leaky_scheme()
+    evidence = [report.duplicate_evidence(s, 4, 6)]
+    params = {"report": {"title": "t", "thumbnail_px": 64, "min_class_iou": 0.1,
+                         "insight_thumbnails": 2, "insights_shown": 8, "duplicate_pairs": 4},
+              "analyze": ANALYZE, "compare": COMPARE, **TRAINING}
+    html = report.render(report.build_context(params, [s], SYNTHETIC_PROVENANCE, [],
+                                              pair_thumbs=pair_thumbs(evidence)))
+    section = html.split('<h3 id="duplicates">')[1].split("</section>")[0]
+    page = Page.parse(section)
+    assert page.tables["duplicate-counts-0"] == [
+        ["kind", "train-train", "val-val", "train-val"],
+        ["exact_bytes (same bytes)", "1", "0", "1"],
+        ["exact_pixels (same pixels)", "0", "1", "0"],
+        ["near_hash (near by perceptual hash)", "1", "0", "1"],
+        ["near_latent (near in the latent space)", "0", "1", "1"]]
+    assert _pairs_on(section) == [
+        ("train-val", "exact_bytes", [("data:image/jpeg;base64,train0102",
+                                       "train image 102 (person_car)"),
+                                      ("data:image/jpeg;base64,val0003",
+                                       "val image 3 (person_car)")],
+         "train 102 val 3 leak train-val, same bytes: identical"),
+        ("train-val", "near_hash", [("data:image/jpeg;base64,train0103",
+                                     "train image 103 (person_car)"),
+                                    ("data:image/jpeg;base64,val0005",
+                                     "val image 5 (person_car)")],
+         "train 103 val 5 leak train-val, near by perceptual hash: hashes 4 bits apart"),
+        ("train-train", "exact_bytes", [("data:image/jpeg;base64,train0100",
+                                         "train image 100 (person_car)"),
+                                        ("data:image/jpeg;base64,train0101",
+                                         "train image 101 (person_car)")],
+         "train 100 train 101 train-train, same bytes: identical"),
+        ("val-val", "exact_pixels", [("data:image/jpeg;base64,val0002",
+                                      "val image 2 (person_car)"),
+                                     ("data:image/jpeg;base64,val0006",
+                                      "val image 6 (person_car)")],
+         "val 2 val 6 val-val, same pixels: identical")]
+    text = _visible(section)
+    assert "3 more in analysis/person_car/duplicates.csv." in text
+    assert ("2 val images of person_car have a copy among the training images. The metrics "
+            "of the analysed model with and without them (metrics/person_car.json and "
+            "analysis/person_car/leak_free_metrics.json, intervals in brackets):") in text
+    assert page.tables["leak-free-0"] == [
+        ["score", "all 8 val images", "without the 2 leaked (6 images)"],
+        ["mIoU", "0.400 (0.375 to 0.438)", "0.312 (0.250 to 0.375)"],
+        ["pixel accuracy (ignore excluded)", "0.800 (0.750 to 0.875)", "0.812 (0.750 to 0.875)"],
+        ["pixel accuracy (ignore counted as error)", "0.700 (0.625 to 0.750)",
+         "0.688 (0.625 to 0.750)"],
+        ["mean class accuracy", "0.500", "0.562"],
+        ["frequency-weighted IoU", "0.600", "0.594"],
+        ["IoU background", "0.900 (0.875 to 0.938)", "0.906 (0.875 to 0.938)"],
+        ["IoU person", "0.300 (0.250 to 0.375)", "0.281 (0.188 to 0.375)"],
+        ["IoU car", "0.020 (0.000 to 0.062)", "—"]]
+    assert "No val image" not in text
+
+
+def test_without_a_leak_the_page_says_no_val_image_has_a_train_copy():
+    s = leaky_scheme(leak=False)
+    evidence = [report.duplicate_evidence(s, 4, 6)]
+    params = {"report": {"title": "t", "thumbnail_px": 64, "min_class_iou": 0.1,
+                         "insight_thumbnails": 2, "insights_shown": 8, "duplicate_pairs": 4},
+              "analyze": ANALYZE, "compare": COMPARE, **TRAINING}
+    html = report.render(report.build_context(params, [s], SYNTHETIC_PROVENANCE, [],
+                                              pair_thumbs=pair_thumbs(evidence)))
+    section = html.split('<h3 id="duplicates">')[1].split("</section>")[0]
+    radius = ANALYZE["duplicates"]["hash_radius"]
+    assert re.findall(r'<p class="no-leak none-survives">(.*?)</p>', section) == [
+        "No val image of person_car has a copy among the training images: analyze found no "
+        "train-val pair of the same bytes, the same decoded pixels or perceptual hashes at most "
+        f"{radius} bits apart, so its metrics need no recount without leaked images."]
+    assert 'id="leak-free-0"' not in section and "more in analysis" not in section
+    assert len(_pairs_on(section)) == 4
+    # a latent pair across the splits is named, as no leak
+    s.duplicates = DUPLICATES[DUPLICATES["kind"] == "near_latent"].reset_index(drop=True)
+    shown = report.duplicate_evidence(s, 0, 6)
+    assert shown["no_leak"].endswith(
+        " The 1 train-val pair near only in the latent space (below) is not counted as leaks: "
+        "distinct photographs come that near too.")
+    assert shown["pairs"] == [] and shown["more"] == 2
+
+
+# ---------------------------------------------------------------- clusters' train shares
+
+def representation_record(kind: str, cluster: int, train_share: float, q: float) -> dict:
+    return insights.record(kind, f"Cluster {cluster}", [1, 2], effect=0.25, q_value=0.01,
+                           evidence={"cluster": cluster, "mean_loss": 0.7,
+                                     "mean_loss_rest": 0.5, "val_share": 0.5,
+                                     "train_share": train_share,
+                                     "share_ratio": train_share / 0.5,
+                                     "representation_q_value": q})
+
+
+def test_clusters_show_the_train_share_beside_the_val_share_and_analyzes_reading():
+    s = car_scheme()   # clusters.csv: train images 30 and 10, train shares 0.75 and 0.25
+    s.insights = [representation_record("under_represented", 1, 0.25, 0.0123),
+                  representation_record("low_performance", 0, 0.75, 0.875)]
+    html = insight_page([s], None)
+    table = Page.parse(html).tables["clusters-0"]
+    assert table[0][:8] == ["cluster", "size", "mean loss", "pixel acc.", "grayscale share",
+                            "train images", "train share", "val share"]
+    assert [row[5:8] for row in table[2:]] == [["30", "75.0%", "50.0%"],
+                                              ["10", "25.0%", "50.0%"]]
+    cards = _cards(html)
+    assert "train share 75.0% (30 train images) · val share 50.0%" in cards[("person_car", 0)]
+    assert "train share 25.0% (10 train images) · val share 50.0%" in cards[("person_car", 1)]
+    readings = dict(re.findall(r'data-cluster="(\d+)">.*?<p class="reading">(.*?)</p>', html,
+                               re.S))
+    assert readings == {
+        "0": "High loss, but not under-represented in training: it holds 75.0% of the "
+             "training images against 50.0% of the clustered val images (analyze&#39;s "
+             "low_performance finding, Fisher q = 0.88); the loss points at the model or the "
+             "labels rather than at missing data.",
+        "1": "Under-represented: high loss, and it holds 25.0% of the training images against "
+             "50.0% of the clustered val images (analyze&#39;s under_represented finding, "
+             "Fisher q = 0.012): collect or label more images like these."}
+    # a cluster without analyze's finding has no reading; noise (-1) has no shares
+    s.insights = s.insights[:1]
+    s.clusters = pd.concat([s.clusters, s.clusters.iloc[:1].assign(
+        cluster=-1, train_images=np.nan, train_share=np.nan, val_share=np.nan)],
+        ignore_index=True)
+    html = insight_page([s], None)
+    assert re.findall(r'data-cluster="(-?\d+)">.*?</h4>.*?(?:<p class="reading">|</article>)',
+                      html, re.S) == ["0", "1", "-1"]
+    assert html.count('<p class="reading">') == 1
+    assert "train share — (— train images) · val share —" in _cards(html)[("person_car", -1)]
+
+
+# ---------------------------------------------------------------- the Insights section's cap
+
+def test_findings_past_insights_shown_are_in_a_collapsed_block_per_scheme_and_for_changes():
+    a, b = car_scheme(), synthetic_scheme("person_vehicle", ["person", "vehicle"], [0.9, 0.3, 0.4])
+    a.insights = car_findings()
+    b.insights = car_findings()[:2]
+    changes = insights.scheme_changes({"person_car": a.insights, "person_vehicle": []}, 0.5)
+    params = {"report": {"title": "t", "thumbnail_px": 64, "min_class_iou": 0.1,
+                         "insight_thumbnails": 2, "insights_shown": 2, "duplicate_pairs": 4},
+              "analyze": ANALYZE, "compare": COMPARE, **TRAINING}
+    html = report.render(report.build_context(params, [a, b], SYNTHETIC_PROVENANCE, [],
+                                              compare_insights=changes))
+    section = html.split('<section id="insights">')[1].split("</section>")[0]
+    mine, changed = section.split('id="insight-changes"')
+    blocks = re.findall(r'<details class="more-findings">\s*<summary>(.*?)</summary>\s*'
+                        r'<ol class="findings" start="(\d+)">(.*?)</ol>\s*</details>', section,
+                        re.S)
+    assert [(summary, start) for summary, start, _ in blocks] == [
+        ("3 more findings under person_car (ranked 3 to 5)", "3"),
+        ("3 more findings that differ between the schemes (ranked 3 to 5)", "3")]
+    titles = [r["title"] for r in car_findings()]
+    # open: the first two of each list; collapsed: exactly the rest, in the file's order
+    opened = mine.split('<details class="more-findings">')[0]
+    assert [t for t in titles if t in unescape(opened)] == titles[:2]
+    assert [t for t in titles if t in unescape(blocks[0][2])] == titles[2:]
+    assert [(t["type"], t["size"]) for t, _ in _findings(blocks[0][2], "person_car")] == [
+        ("duplicate", 2), ("label_issue", 1), ("label_issue", 2)]
+    change_titles = [unescape(c["title"]) for c in changes]
+    collapsed = [t for t in change_titles if t in unescape(blocks[1][2])]
+    assert collapsed == change_titles[2:]
+    assert [t for t in change_titles if t in unescape(changed.split("<details")[0])] == \
+        change_titles[:2]
+    # person_vehicle's two findings fit: no block of its own; its link is still there
+    pv = mine.split('<h3 id="insights-1">')[1]
+    assert "<details" not in pv and len(_findings(pv, "person_vehicle")) == 2
+    # the collapsed findings keep their filter links
+    assert re.findall(r'data-image-ids="([^"]*)"', blocks[0][2]) == ["3", "4 5"]
+    # under the default cap all five are open
+    html = insight_page([a, b], changes)
+    assert "<details class=\"more-findings\">" not in html
+    # one collapsed finding is one
+    params["report"]["insights_shown"] = 4
+    html = report.render(report.build_context(params, [a, b], SYNTHETIC_PROVENANCE, [],
+                                              compare_insights=changes))
+    section = html.split('<section id="insights">')[1].split("</section>")[0]
+    assert re.findall(r"<summary>(.*?)</summary>", section) == [
+        "1 more finding under person_car (ranked 5)",
+        "1 more finding that differs between the schemes (ranked 5)"]
+
+
+# ---------------------------------------------------------------- duplicates on the real run
+
+def _duplicates_of(html: str, scheme: str) -> str:
+    """The scheme's duplicates block: up to the next scheme's, or the section's end."""
+    after = html.split(f'<div class="duplicates" data-scheme="{scheme}">')[1]
+    return after.split('<div class="duplicates"')[0].split("</section>")[0]
+
+
+def test_the_runs_page_counts_its_duplicate_pairs_and_says_no_val_image_leaks(rendered):
+    """The sample has no train copy in val (docs/outputs.md): each scheme's block counts
+    duplicates.csv's rows by kind and split pair and says plainly that nothing leaks."""
+    root, html, params = rendered["root"], rendered["html"], rendered["params"]
+    section = html.split('<h3 id="duplicates">')[1].split("</section>")[0]
+    tables = Page.parse(section).tables
+    for i, s in enumerate(params["schemes"]):
+        assert not (root / "analysis" / s / "leak_free_metrics.json").exists()
+        pairs = pd.read_csv(root / "analysis" / s / "duplicates.csv")
+        splits = pairs["split_a"] + "-" + pairs["split_b"]
+        expected = [[kind] + [str(int(((pairs["kind"] == kind) & (splits == split)).sum()))
+                              for split in ("train-train", "val-val", "train-val")]
+                    for kind in ("exact_bytes", "exact_pixels", "near_hash", "near_latent")]
+        assert [[row[0].split()[0], *row[1:]] for row in tables[f"duplicate-counts-{i}"][1:]] \
+            == expected
+        block = _duplicates_of(section, s)
+        assert (f"No val image of {s} has a copy among the training images: analyze found no "
+                "train-val pair of the same bytes") in _visible(block)
+        assert len(_pairs_on(block)) == min(len(pairs), params["report"]["duplicate_pairs"])
+
+
+def test_a_leak_in_analyzes_files_shows_both_images_of_its_pairs_and_its_metrics(pipeline,
+                                                                                tmp_path,
+                                                                                caplog):
+    """Hand-made analyze files on the real run: a train image's twin in val (a leak record
+    and leak_free_metrics.json), and a latent-only train-val pair. The page shows both
+    images of each pair, as thumbnails of their files (the train one found through the
+    manifest), and the metrics without the leaked image beside those with it."""
+    root, params = pipeline["root"], pipeline["params"]
+    raw = root / "data" / "raw"
+    s = next(iter(params["schemes"]))
+    analysis = tmp_path / "analysis"
+    shutil.copytree(root / "analysis", analysis)
+    manifest = json.loads((raw / "manifest.json").read_text())
+    train = manifest["splits"]["train"]["images"][:2]
+    val = {i["id"]: i for i in manifest["splits"]["val"]["images"]}
+    leaked, near = sorted(pd.read_csv(analysis / s / "samples.csv")["image_id"])[:2]
+    pd.DataFrame([(train[0]["id"], "train", leaked, "val", "exact_bytes", 0.0),
+                  (train[1]["id"], "train", near, "val", "near_latent", 0.004)],
+                 columns=report_inputs.PAIR_COLUMNS).to_csv(analysis / s / "duplicates.csv",
+                                                            index=False)
+    found = json.loads((analysis / s / "insights.json").read_text())
+    found.append(insights.record("leak", "1 val image with a copy among the training images "
+                                 "(pairs: 1 same bytes)", [leaked], evidence={"pairs": [
+                                     {"image_id_a": train[0]["id"], "image_id_b": leaked,
+                                      "kind": "exact_bytes", "distance": 0.0}]}))
+    (analysis / s / "insights.json").write_text(json.dumps(found))
+    metrics = json.loads((root / "metrics" / f"{s}.json").read_text())
+    free = {k: metrics[k] for k in ("miou", "pixel_accuracy", "pixel_accuracy_with_ignore",
+                                    "mean_class_accuracy", "fw_iou", "iou", "interval")}
+    free.update(miou=0.125, images=metrics["images"] - 1, excluded_image_ids=[leaked])
+    (analysis / s / "leak_free_metrics.json").write_text(json.dumps(free))
+    out = tmp_path / "index.html"
+    args = stage_args(root, analysis=analysis, out=out)
+    assert report.main(cli_argv(root / "params.yaml", args)) == 0
+    html = out.read_text(encoding="utf-8")
+    block = _duplicates_of(html, s)
+    width = params["report"]["sample_thumbnail_px"]
+    thumb = lambda entry: report.photo_thumbnail(raw / entry["path"], width)  # noqa: E731
+    assert _pairs_on(block) == [
+        ("train-val", "exact_bytes", [(thumb(train[0]), f"train image {train[0]['id']} ({s})"),
+                                      (thumb(val[leaked]), f"val image {leaked} ({s})")],
+         f"train {train[0]['id']} val {leaked} leak train-val, same bytes: identical"),
+        ("train-val", "near_latent", [(thumb(train[1]), f"train image {train[1]['id']} ({s})"),
+                                      (thumb(val[near]), f"val image {near} ({s})")],
+         f"train {train[1]['id']} val {near} train-val, near in the latent space: cosine "
+         "distance 0.004")]
+    rows = Page.parse(block).tables["leak-free-0"]
+    assert rows[0] == ["score", f"all {metrics['images']} val images",
+                       f"without the 1 leaked ({metrics['images'] - 1} images)"]
+    lo, hi = metrics["interval"]["miou"]
+    assert rows[1] == ["mIoU", f"{metrics['miou']:.3f} ({lo:.3f} to {hi:.3f})",
+                       f"0.125 ({lo:.3f} to {hi:.3f})"]
+    assert "1 val image of " + s + " has a copy among the training images." in _visible(block)
+    # the metrics file without its record, or the record without its file: one line each
+    (analysis / s / "leak_free_metrics.json").unlink()
+    assert report.main(cli_argv(root / "params.yaml", args)) == 2
+    path = analysis / s / "leak_free_metrics.json"
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
+        f"{path}: missing, but insights.json beside it has a leak record (1 val image); "
+        "re-run analyze"]

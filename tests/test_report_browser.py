@@ -335,6 +335,8 @@ def test_an_insights_link_filters_the_samples_table_to_exactly_its_members(opene
         members = sorted((stems[i], s) for i in r["image_ids"] if i in stems)
         if members:
             expected.append((s, members))
+    # findings past report.insights_shown are collapsed: open them all to click their links
+    page.evaluate("document.querySelectorAll('#insights details').forEach(d => d.open = true)")
     links = page.locator("#insights button.js-members")
     assert links.count() == len(expected)
     # a finding that is some but not all of its scheme's images, to tell a filter from none
@@ -359,6 +361,40 @@ def test_an_insights_link_filters_the_samples_table_to_exactly_its_members(opene
     assert thumbs.count() > 0
     assert thumbs.evaluate_all("is => is.every(i => i.src.startsWith('data:image/jpeg'))")
     assert_clean(opened["events"])
+
+
+def test_an_insights_link_in_the_collapsed_block_filters_to_its_members(tmp_path_factory,
+                                                                        browser):
+    """With report.insights_shown 1, a scheme's findings past the first are in a collapsed
+    block: opening it shows them, and a link there filters the table as an open one does."""
+    pipeline = build_pipeline(tmp_path_factory)
+    tmp_path = tmp_path_factory.mktemp("collapsed")
+    params = copy.deepcopy(pipeline["params"])
+    params["report"]["insights_shown"] = 1
+    root = pipeline["root"]
+    args = stage_args(root, out=tmp_path / "index.html")
+    report.run(params, **args)
+    page, events = open_page(browser, args["out"])
+    hidden = None   # (scheme, stems) of the first collapsed finding with val images
+    for s in params["schemes"]:
+        stems = stems_of(root, s)
+        members = [sorted((stems[i], s) for i in r["image_ids"] if i in stems) for r in
+                   json.loads((root / "analysis" / s / "insights.json").read_text())[1:]]
+        if hidden is None and any(members):
+            hidden = (s, next(m for m in members if m))
+    assert hidden is not None, "the run has a second finding with val images"
+    scheme, members = hidden
+    block = page.locator(f'#insights ol.findings[data-scheme="{scheme}"] + details.more-findings')
+    link = block.locator("button.js-members").first
+    assert not link.is_visible()   # collapsed
+    block.locator("summary").click()
+    assert link.is_visible()
+    page.locator("#f-loss-max").fill("-1")
+    assert rows_count(page) == 0
+    link.click()
+    assert rows_count(page) == len(members) and shown_rows(page) == members
+    assert_clean(events)
+    page.close()
 
 
 def test_the_ood_scatter_plots_each_samples_loss_against_its_ood_score(opened):

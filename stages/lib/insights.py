@@ -229,8 +229,10 @@ def from_label_issues(table: pd.DataFrame, settings: bootstrap.Settings) -> list
         ids = group["image_id"].astype(int).tolist()
         inside, outside, interval = _group_effect(np.array(ids), loss, settings)
         quality = group["label_quality"]
+        low, high = _n(quality.min()), _n(quality.max())
+        # one image, or several that print alike: one value, not "0.0413 to 0.0413"
         title = (f"{_count(len(ids), 'suspected label issue')} ({reason or NO_REGION}), "
-                 f"cleanlab label quality {_n(quality.min())} to {_n(quality.max())}")
+                 f"cleanlab label quality {low if low == high else f'{low} to {high}'}")
         if inside is not None:
             title += ": " + _loss_words(inside, outside, interval, settings.confidence,
                                         "the other images")

@@ -2,9 +2,10 @@
 Reads, for every scheme in params.yaml, the metrics and confusion matrix (evaluate),
 train.json and the training curves (train), timing and predicted masks (infer), the sample,
 cluster, neighbour, bin-member, heat-map, label-issue and metadata-vs-loss tables and the
-ranked findings, insights.json (analyze), the scheme differences and the findings that
-differ between schemes (compare), the ground truth (masks), the val images and their
-manifest (download), and, under Snakemake, its benchmark files of the upstream jobs (the
+ranked findings, insights.json, duplicates.csv and leak_free_metrics.json (analyze), the
+scheme differences and the findings that differ between schemes (compare), the ground truth
+(masks), the val images, the train images of the duplicate pairs shown and the manifest
+(download), and, under Snakemake, its benchmark files of the upstream jobs (the
 stage times). Every file it reads is a declared input in both engines. Writes --out: every
 figure and thumbnail is inlined and the interactive parts (population maps, similars,
 histograms, the samples table) run from one JSON blob with inlined vanilla JavaScript, so
@@ -31,6 +32,8 @@ from stages.report.explorer import (
 )
 from stages.report.findings import (
     change_findings,
+    duplicate_evidence,
+    duplicate_images,
     evidence_words,
     insight_stems,
     scheme_findings,
@@ -42,6 +45,7 @@ from stages.report.inputs import (
     read_compare_insights,
     read_compare_summary,
     read_flagged_in,
+    read_image_paths,
     read_insights,
 )
 from stages.report.provenance import (
@@ -63,6 +67,7 @@ from stages.report.render import (
     issue_gallery,
     json_script,
     legend_swatches,
+    pair_thumbnails,
     photo_thumbnail,
     render,
     sample_thumbnails,
@@ -86,7 +91,8 @@ from stages.report.tables import (
 # What the tests and other tools reach as report.X (the modules hold them).
 __all__ = ["CATEGORY_COLOURS", "PARAMS", "SUMMARY_METRICS", "Scheme",
            "app_script", "build_context", "change_findings", "choose_examples", "colour_ramp",
-           "comparison_table", "environment", "evidence_words", "example_candidates",
+           "comparison_table", "duplicate_evidence", "environment", "evidence_words",
+           "example_candidates",
            "explorer_data", "explorer_fields", "format_number", "format_signed", "git_state",
            "informative_fields", "insight_stems", "json_script", "legend_swatches",
            "load_scheme", "main", "params_diff", "photo_thumbnail",
@@ -127,13 +133,17 @@ def run(params: dict, raw: Path, masks: Path, models: Path, predictions: Path, m
     thumbs = sample_thumbnails(raw, schemes, thumbnail_stems(schemes, shown, cfg["max_thumbnails"]),
                                cfg["sample_thumbnail_px"])
     only_in = {stem: found[0] for stem, found in flagged_in.items() if len(found) == 1}
+    # Both images of each duplicate pair shown, train ones too (found through the manifest).
+    pairs = duplicate_images([duplicate_evidence(s, cfg["duplicate_pairs"], 0) for s in schemes])
+    pair_thumbs = pair_thumbnails(raw, pairs, read_image_paths(raw) if pairs else {},
+                                  cfg["sample_thumbnail_px"])
     # What the pipeline and the engines write is not a user's edit (git_state).
     own = [raw, masks, models, predictions, metrics, analysis, compare, out, *engine_paths,
            *(benchmarks or [])]
     context = build_context(
         params, schemes, record(params, raw, schemes, benchmarks, own),
         examples(schemes, raw, masks, predictions, cfg["n_examples"], cfg["thumbnail_px"]),
-        issues, summary, thumbs, cards, only_in, changed)
+        issues, summary, thumbs, cards, only_in, changed, pair_thumbs)
     html = render(context)
     with atomic_path(out) as tmp:
         tmp.write_text(html, encoding="utf-8")

@@ -5,7 +5,7 @@ their own title and numbers; nothing is recomputed here.
 """
 from __future__ import annotations
 
-from stages.report.inputs import Scheme
+from stages.report.inputs import SUMMARY_METRICS, Scheme
 from stages.report.tables import finite, named, weak_warning
 
 TYPE_WORDS = {"low_performance": "low-performance cluster",
@@ -141,3 +141,95 @@ def insight_stems(schemes: list[Scheme], changes: list[dict] | None, thumbnails:
     for name, r in listed:
         stems += [stem_of[name][i] for i in r["image_ids"] if i in stem_of[name]][:thumbnails]
     return list(dict.fromkeys(stems))
+
+
+# ---------------------------------------------------------------- duplicates and leakage
+
+# duplicates.csv's kinds, strongest first, and the split pairs its sides make (train first)
+PAIR_KINDS = {"exact_bytes": "same bytes", "exact_pixels": "same pixels",
+              "near_hash": "near by perceptual hash", "near_latent": "near in the latent space"}
+PAIR_SPLITS = ("train-train", "val-val", "train-val")
+
+
+def _pair_distance(kind: str, distance: float) -> str:
+    if kind == "near_hash":
+        bits = int(round(distance))
+        return f"hashes {bits} bit{'' if bits == 1 else 's'} apart"
+    if kind == "near_latent":
+        return f"cosine distance {distance:.3g}"
+    return "identical"
+
+
+def _leak_rows(metrics: dict, leak_free: dict, class_names: list[str]) -> list[dict]:
+    """metrics/S.json and leak_free_metrics.json side by side: the headline scores, then
+    each class's IoU, each with its interval where the file has one."""
+    def cell(doc: dict, key: str, cls: str | None = None) -> dict:
+        interval = doc.get("interval") or {}
+        if cls is None:
+            value, bounds = doc.get(key), interval.get(key)
+        else:
+            value, bounds = (doc.get("iou") or {}).get(cls), (interval.get("iou") or {}).get(cls)
+        bounds = [finite(b) for b in bounds] if isinstance(bounds, list) else [None, None]
+        return {"value": finite(value), "interval": None if None in bounds else bounds}
+    rows = [{"label": label, "all": cell(metrics, key), "free": cell(leak_free, key)}
+            for key, label in SUMMARY_METRICS]
+    rows += [{"label": f"IoU {c}", "all": cell(metrics, "iou", c),
+              "free": cell(leak_free, "iou", c)} for c in class_names]
+    return rows
+
+
+def duplicate_evidence(scheme: Scheme, shown: int, hash_radius: int) -> dict | None:
+    """The duplicates and leakage of a scheme as analyze found them (duplicates.csv,
+    insights.json's leak record, leak_free_metrics.json): the pairs counted by kind and
+    split, the first `shown` pairs (the leaking ones first, each part in the file's order)
+    and how many more the file holds, and either the metrics with and without the leaked
+    val images or the sentence that no val image has a train copy. None when the scheme was
+    built without analyze's duplicates.csv."""
+    pairs = scheme.duplicates
+    if pairs is None:
+        return None
+    split = (pairs["split_a"].astype(str) + "-" + pairs["split_b"].astype(str)).to_numpy()
+    kinds = pairs["kind"].astype(str).to_numpy()
+    counts = [{"kind": k, "words": w, "cells": [int(((kinds == k) & (split == s)).sum())
+                                                 for s in PAIR_SPLITS]}
+              for k, w in PAIR_KINDS.items()]
+    leak = next((r for r in scheme.insights if r["type"] == "leak"), None)
+    leaking = {(int(p["image_id_a"]), int(p["image_id_b"]))
+               for p in (leak["evidence"].get("pairs") or [] if leak else [])}
+    listed = []
+    for i, r in enumerate(pairs.itertuples(index=False)):
+        a, b = int(r.image_id_a), int(r.image_id_b)
+        listed.append({"a": {"split": str(r.split_a), "id": a},
+                       "b": {"split": str(r.split_b), "id": b},
+                       "kind": str(r.kind), "words": PAIR_KINDS.get(str(r.kind), str(r.kind)),
+                       "distance": _pair_distance(str(r.kind), float(r.distance)),
+                       "split": split[i], "leak": split[i] == "train-val" and (a, b) in leaking})
+    listed.sort(key=lambda p: not p["leak"])   # stable: the file's order within each part
+    latent_across = sum(c["cells"][2] for c in counts if c["kind"] == "near_latent")
+    result = {"scheme": scheme.name, "total": len(listed), "counts": counts,
+              "splits": list(PAIR_SPLITS), "pairs": listed[:shown],
+              "more": max(0, len(listed) - shown), "leak": None, "no_leak": None}
+    if scheme.leak_free is not None:
+        free = scheme.leak_free
+        result["leak"] = {"excluded": len(free["excluded_image_ids"]),
+                          "all_images": scheme.metrics["images"], "free_images": free["images"],
+                          "rows": _leak_rows(scheme.metrics, free, scheme.class_names)}
+    else:
+        result["no_leak"] = (
+            f"No val image of {scheme.name} has a copy among the training images: analyze "
+            "found no train-val pair of the same bytes, the same decoded pixels or perceptual "
+            f"hashes at most {hash_radius} bits apart, so its metrics need no recount without "
+            "leaked images.")
+        if latent_across:
+            result["no_leak"] += (
+                f" The {latent_across} train-val pair{'' if latent_across == 1 else 's'} near "
+                "only in the latent space (below) "
+                f"{'is' if latent_across == 1 else 'are'} not counted as leaks: distinct "
+                "photographs come that near too.")
+    return result
+
+
+def duplicate_images(evidence: list[dict | None]) -> list[tuple[str, int]]:
+    """(split, image id) of both images of every pair the page shows, in its order, once."""
+    return list(dict.fromkeys((side["split"], side["id"]) for e in evidence if e
+                              for p in e["pairs"] for side in (p["a"], p["b"])))

@@ -42,6 +42,9 @@ class Scheme:
     heatmaps: pd.DataFrame           # analyze's heatmaps/index.csv
     seed: int = 0                    # the analysed model's training seed (train.seeds[0])
     insights: list[dict] = field(default_factory=list)   # analyze's insights.json, ranked
+    # analyze's duplicates.csv (None: not read, as in pages built without analyze's files)
+    duplicates: pd.DataFrame | None = None
+    leak_free: dict | None = None    # analyze's leak_free_metrics.json, when some image leaks
 
 
 SUMMARY_METRICS = [
@@ -60,7 +63,11 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SAMPLE_COLUMNS = ["image_id", "file_name", "loss", "pixel_accuracy", "miou", "x", "y", "cluster",
                   "label_quality", "background_fraction", "ood_score"]
 CLUSTER_COLUMNS = ["cluster", "size", "mean_loss", "mean_pixel_accuracy", "grayscale_share",
-                   "dominant_categories", "representative_image_ids"]
+                   "dominant_categories", "representative_image_ids", "train_images",
+                   "train_share", "val_share"]
+PAIR_COLUMNS = ["image_id_a", "split_a", "image_id_b", "split_b", "kind", "distance"]
+LEAK_FREE_KEYS = ["miou", "pixel_accuracy", "pixel_accuracy_with_ignore", "mean_class_accuracy",
+                  "fw_iou", "iou", "images", "interval", "excluded_image_ids"]
 BIN_COLUMNS = ["binning", "field", "bin", "low", "high", "count", "mean_loss", "se_loss",
                "flagged"]
 ISSUE_COLUMNS = ["rank", "image_id", "stem", "label_quality", "loss", "flagged",
@@ -126,6 +133,7 @@ def load_scheme(params: dict, name: str, models: Path, predictions: Path, metric
     binning = params["analyze"]["buckets"]["binning"][0]   # the charts show the first
     samples = read_samples(folder / "samples.csv", class_names)
     neighbours, distances = read_neighbours(folder / "neighbours.csv", samples)
+    found = read_insights(folder / "insights.json", "analyze", {name: samples}, name)
     return Scheme(
         name=name, class_names=class_names, claims=params["schemes"][name]["classes"],
         metrics=read_metrics(metrics / f"{name}.json", class_names),
@@ -147,9 +155,41 @@ def load_scheme(params: dict, name: str, models: Path, predictions: Path, metric
                                 dtype={"stem": str}),
         heatmaps=read_table(folder / "heatmaps" / "index.csv", ["file", "kind", "cluster", "stem"],
                             "analyze", dtype={"stem": str}),
-        seed=seed,
-        insights=read_insights(folder / "insights.json", "analyze", {name: samples}, name),
+        seed=seed, insights=found,
+        duplicates=read_table(folder / "duplicates.csv", PAIR_COLUMNS, "analyze"),
+        leak_free=read_leak_free(folder / "leak_free_metrics.json", found),
     )
+
+
+def read_leak_free(path: Path, found: list[dict]) -> dict | None:
+    """leak_free_metrics.json, which analyze writes exactly when its insights.json beside it
+    has a leak record, over the val images that record does not name; None when there is no
+    leak. A file without its record, or the reverse, is of another run: refused."""
+    leaks = [r for r in found if r["type"] == "leak"]
+    if not path.exists():
+        if leaks:
+            raise StageError(f"{path}: missing, but insights.json beside it has a leak record "
+                             f"({_count(leaks[0]['size'], 'val image')}); re-run analyze")
+        return None
+    metrics = read_json(path, LEAK_FREE_KEYS, "analyze")
+    leaked = leaks[0]["image_ids"] if leaks else []
+    if metrics["excluded_image_ids"] != leaked:
+        raise StageError(f"{path}: excluded_image_ids {_found(metrics['excluded_image_ids'])} "
+                         f"differ from the leak record of insights.json beside it "
+                         f"({_found(leaked)}); re-run analyze")
+    return metrics
+
+
+def read_image_paths(raw: Path) -> dict[tuple[str, int], str]:
+    """(split, image id) -> the image's path under `raw`, from download's manifest.json: how
+    the report finds the train image of a duplicate pair (no table of the report lists it)."""
+    manifest = read_json(raw / "manifest.json", ["splits"], "download")
+    try:
+        return {(split, int(image["id"])): str(image["path"])
+                for split, body in manifest["splits"].items() for image in body["images"]}
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise StageError(f"{raw / 'manifest.json'}: splits.<split>.images: expected objects "
+                         f"with an integer id and a path ({exc!r}); re-run download") from None
 
 
 def _rows(path: Path, ids: pd.Series, samples: pd.DataFrame) -> np.ndarray:

@@ -17,7 +17,7 @@ from stages.lib.labels import IGNORE_INDEX, colourise, palette_colours, read_lab
 from stages.lib.names import inside, seed_dir
 from stages.lib.plots import fit_width
 from stages.report.explorer import explorer_data, explorer_fields, image_table
-from stages.report.findings import change_findings, scheme_findings
+from stages.report.findings import change_findings, duplicate_evidence, scheme_findings
 from stages.report.inputs import Scheme, listed_file
 from stages.report.provenance import NO_STAGE_TIMES
 from stages.report.tables import (
@@ -75,6 +75,7 @@ def environment() -> Environment:
     env.filters["num"] = format_number
     env.filters["signed"] = format_signed
     env.filters["thousands"] = lambda v: "—" if v is None else f"{int(v):,}"
+    env.filters["share"] = lambda v: "—" if finite(v) is None else f"{finite(v):.1%}"
     # tojson writes <, >, & and ' as \u003c... (the same JSON), so no text in the data can
     # end its <script> element or open a comment there; NaN is refused (JSON has none).
     env.policies["json.dumps_kwargs"] = {"sort_keys": False, "ensure_ascii": False,
@@ -126,11 +127,13 @@ def build_context(params: dict, schemes: list[Scheme], provenance: dict,
                   summary: dict | None = None, thumbs: dict[str, str] | None = None,
                   cards: dict[str, list[dict]] | None = None,
                   only_in: dict[str, str] | None = None,
-                  compare_insights: list[dict] | None = None) -> dict:
+                  compare_insights: list[dict] | None = None,
+                  pair_thumbs: dict[tuple[str, int], str] | None = None) -> dict:
     """Everything the template shows, figures already encoded; `thumbs` (stem -> data URI)
     are the inlined sample thumbnails, `cards` the cluster cards per scheme (drawn without
     heat-maps or compare's changes when not given), `summary` compare's summary.json,
-    `compare_insights` compare's insights.json (None without compare)."""
+    `compare_insights` compare's insights.json (None without compare), `pair_thumbs`
+    ((split, image id) -> data URI) the images of the duplicate pairs shown."""
     names = [s.name for s in schemes]
     weak = {s.name: weak_classes(s, params["report"]["min_class_iou"]) for s in schemes}
     found = params["analyze"]["insights"]
@@ -149,6 +152,12 @@ def build_context(params: dict, schemes: list[Scheme], provenance: dict,
         "insights": [scheme_findings(s, weak[s.name], confidence, per_finding) for s in schemes],
         "insight_changes": change_findings(compare_insights, schemes, weak, confidence,
                                            per_finding, params["compare"]["min_jaccard"]),
+        "insights_shown": params["report"]["insights_shown"],
+        "duplicates": [d for d in (duplicate_evidence(
+            s, params["report"]["duplicate_pairs"],
+            params["analyze"]["duplicates"]["hash_radius"]) for s in schemes) if d],
+        "pair_thumbs": {f"{split}/{image_id}": src
+                        for (split, image_id), src in (pair_thumbs or {}).items()},
         "ood_k": params["analyze"]["representation"]["k"],
         "provenance": {**PROVENANCE_DEFAULTS, **provenance},
         "comparison": comparison_table(schemes), "verdicts": verdicts(summary),
@@ -202,6 +211,19 @@ def examples(schemes: list[Scheme], raw: Path, masks: Path, predictions: Path,
                                                      resolve=False), width),
                      "comparison": loss_comparison([s.name for s in schemes], scores)})
     return rows
+
+
+def pair_thumbnails(raw: Path, images: list[tuple[str, int]], paths: dict[tuple[str, int], str],
+                    width: int) -> dict[tuple[str, int], str]:
+    """(split, image id) -> the image's thumbnail, for the duplicate pairs the page shows (a
+    train image is in no table of the report: its path comes from download's manifest)."""
+    thumbs = {}
+    for key in images:
+        if key not in paths:
+            raise StageError(f"{raw / 'manifest.json'}: no {key[0]} image {key[1]}, which "
+                             "analyze's duplicates.csv names; re-run analyze")
+        thumbs[key] = photo_thumbnail(inside(raw, paths[key], resolve=False), width)
+    return thumbs
 
 
 def sample_thumbnails(raw: Path, schemes: list[Scheme], stems: list[str],

@@ -333,9 +333,48 @@ def cluster_rows(scheme: Scheme) -> dict:
              "mean_loss": finite(r["mean_loss"]),
              "mean_pixel_accuracy": finite(r["mean_pixel_accuracy"]),
              "grayscale_share": finite(r["grayscale_share"]),
-             "ious": [finite(r[c]) for c in iou_cols]}
+             "ious": [finite(r[c]) for c in iou_cols], **cluster_shares(r)}
             for _, r in scheme.clusters.iterrows()]
     return {"iou_classes": [c.removeprefix("mean_iou_") for c in iou_cols], "rows": rows}
+
+
+def cluster_shares(row: pd.Series) -> dict:
+    """A clusters.csv row's train images, train share and val share (empty, so None, for
+    HDBSCAN's noise)."""
+    images = finite(row["train_images"])
+    return {"train_images": None if images is None else int(images),
+            "train_share": finite(row["train_share"]), "val_share": finite(row["val_share"])}
+
+
+def _share(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1%}"
+
+
+def cluster_readings(scheme: Scheme) -> dict[int, str]:
+    """cluster -> what analyze's own finding about it means (insights.json's
+    under_represented or low_performance record, its evidence's numbers): a high-loss
+    cluster with few training images wants more data; one that is not short of them points
+    at the model or the labels. Clusters without such a finding have no reading."""
+    readings = {}
+    for r in scheme.insights:
+        e = r["evidence"]
+        if r["type"] not in ("under_represented", "low_performance") or \
+                not isinstance(e.get("cluster"), int):
+            continue
+        shares = (f"{_share(finite(e.get('train_share')))} of the training images against "
+                  f"{_share(finite(e.get('val_share')))} of the clustered val images")
+        q = finite(e.get("representation_q_value"))
+        test = "" if q is None else f", Fisher q = {q:.2g}"
+        if r["type"] == "under_represented":
+            text = (f"Under-represented: high loss, and it holds {shares} (analyze's "
+                    f"under_represented finding{test}): collect or label more images like "
+                    "these.")
+        else:
+            text = (f"High loss, but not under-represented in training: it holds {shares} "
+                    f"(analyze's low_performance finding{test}); the loss points at the model "
+                    "or the labels rather than at missing data.")
+        readings[int(e["cluster"])] = text   # one finding per cluster (its finding column)
+    return readings
 
 
 def cluster_agreement(summary: dict | None) -> list[dict]:
@@ -404,6 +443,7 @@ def cluster_cards(scheme: Scheme, changes: pd.DataFrame | None,
     scheme (compare's clusters.csv)."""
     stems = dict(zip(scheme.samples["image_id"], scheme.samples["stem"]))
     overall = finite(scheme.samples["loss"].mean())
+    readings = cluster_readings(scheme)
     cards = []
     for _, r in scheme.clusters.iterrows():
         c = int(r["cluster"])
@@ -439,7 +479,8 @@ def cluster_cards(scheme: Scheme, changes: pd.DataFrame | None,
                       # an empty text reads back from the CSV as NaN
                       "dominant": str(r["dominant_categories"])
                       if isinstance(r["dominant_categories"], str) else "",
-                      "representatives": reps, "change": change})
+                      "representatives": reps, "change": change, **cluster_shares(r),
+                      "reading": readings.get(c)})
     return cards
 
 
