@@ -199,7 +199,7 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(data, tmp
     lives = {}
     for nproc in (1, 2):
         params = copy.deepcopy(data["params"])
-        params["train"].update(nproc=nproc, epochs=2, batch_size=4)
+        params["train"].update(nproc=nproc, epochs=2, batch_size=4, val_every=1)
         params_file = tmp_path / f"params{nproc}.yaml"
         params_file.write_text(yaml.safe_dump(params, sort_keys=False))
         lives[nproc] = tmp_path / f"live{nproc}"
