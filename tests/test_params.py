@@ -387,9 +387,9 @@ def test_integers_have_sensible_maxima(params, path, value, maximum):
 
 
 @pytest.mark.parametrize("old, new, key, first, second", [
-    ("  epochs: 24\n", "  epochs: 1\n  epochs: 500\n", "train.epochs",
+    ("  epochs: 40\n", "  epochs: 1\n  epochs: 500\n", "train.epochs",
      "  epochs: 1\n", "  epochs: 500"),
-    ("  epochs: 24\n", '  epochs: 1\n  "epochs": 500\n', "train.epochs",
+    ("  epochs: 40\n", '  epochs: 1\n  "epochs": 500\n', "train.epochs",
      "  epochs: 1\n", '  "epochs": 500'),
     ("      car: {categories: [car]}\n",
      "      car: {categories: [car]}\n      car: {categories: [bus]}\n",
@@ -454,7 +454,7 @@ def test_unreadable_values_are_one_error_line(tmp_path):
     line = _line_of(path, "image_ids")
     assert _load_error(path) == (f"{path}: analyze.similars.image_ids{'.0' * 14}: "
                                  f"line {line}: nested deeper than 16 levels")
-    path = _params_file(tmp_path, "  epochs: 24\n", "  epochs: 1" + "0" * 5000 + "\n")
+    path = _params_file(tmp_path, "  epochs: 40\n", "  epochs: 1" + "0" * 5000 + "\n")
     line = _line_of(path, "  epochs:")
     assert _load_error(path).startswith(f"{path}: line {line}: unreadable value: Exceeds the "
                                         "limit (4300 digits) for integer string conversion")
@@ -538,9 +538,9 @@ HOSTILE = {
     "alias_bomb": (TITLE_LINE, "title: *l8", _alias_bomb(levels=9),
                    "bomb.3: line 5: more than 10000 values with aliases expanded (an alias "
                    "bomb?); params.yaml has about 200"),
-    "duplicate_key": ("  epochs: 24\n", "  epochs: 1\n  epochs: 500\n", "",
+    "duplicate_key": ("  epochs: 40\n", "  epochs: 1\n  epochs: 500\n", "",
                       "train.epochs: duplicate key at lines {line} and {next}"),
-    "float_epochs": ("  epochs: 24\n", "  epochs: 1.0\n", "",
+    "float_epochs": ("  epochs: 40\n", "  epochs: 1.0\n", "",
                      "train.epochs: 1.0 is not of type 'integer'"),
     "deep_nesting": ("  image_ids: []", "  image_ids: " + "[" * 1000 + "]" * 1000, "",
                      "analyze.similars.image_ids" + ".0" * 14 + ": line {line}: nested "
