@@ -165,6 +165,39 @@ def test_only_shared_images_are_compared(tmp_path, params):
     assert samples["image_id"].tolist() == list(range(106, 100 + N))
 
 
+def test_schemes_sharing_no_image_are_refused_and_one_empty_scheme_is_not(tmp_path, params):
+    scheme_folder(tmp_path / "analysis", "person_car", "car_fraction", np.ones(N), [0, 1] * 6,
+                  set())
+    scheme_folder(tmp_path / "analysis", "person_vehicle", "vehicle_fraction", np.ones(N),
+                  [0, 1] * 6, set(), image_ids=list(range(200, 200 + N)))
+    with pytest.raises(StageError) as caught:
+        compare.run(params, tmp_path / "analysis", tmp_path / "compare")
+    assert str(caught.value) == (f"{tmp_path / 'analysis'}: the schemes share no val image; "
+                                 "nothing to compare")
+    assert not (tmp_path / "compare").exists()
+    # one scheme (nothing to pair) whose analysis holds no image: empty tables, no error
+    one = copy.deepcopy(params)
+    del one["schemes"]["person_vehicle"]
+    path = tmp_path / "analysis" / "person_car" / "samples.csv"
+    pd.read_csv(path).iloc[:0].to_csv(path, index=False)
+    doc = compare.run(one, tmp_path / "analysis", tmp_path / "compare")
+    assert doc["pairs"] == [] and pd.read_csv(tmp_path / "compare" / "samples.csv").empty
+
+
+def test_analyses_linked_from_a_cache_are_read(two_schemes, tmp_path):
+    """DVC may link a stage's inputs into its cache: analysis/<scheme> pointing elsewhere is
+    followed (inside() by the path's text). The summary names the run's compare settings."""
+    root, params = two_schemes
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for scheme in ("person_car", "person_vehicle"):
+        (linked / scheme).symlink_to(root / "analysis" / scheme)
+    doc = compare.run(params, linked, tmp_path / "compare")
+    assert doc["pairs"][0]["images"] == N
+    assert doc["significance"] == {"fdr": 0.1, "min_count": 3,
+                                   "test": compare.SIGNIFICANCE_TEST}
+
+
 def test_one_scheme_writes_tables_without_pairs(tmp_path, params):
     params = copy.deepcopy(params)
     del params["schemes"]["person_vehicle"]
@@ -218,6 +251,8 @@ def test_main_with_metrics_writes_the_differences_and_logs_as_compare(two_scheme
     assert compare.main(argv) == 0
     doc = json.loads((root / "compare" / "summary.json").read_text())
     assert doc["seeds"] == {"seeds": [0], "training_noise_measured": False}
+    assert doc["bootstrap"] == {"samples": 1000, "confidence": 0.95, "seed": 0, "method":
+                                "percentile bootstrap over val images, paired across schemes"}
     [pair] = doc["pairs"]
     assert pair["classes"]["person"]["delta_iou"] == pytest.approx(0.2, abs=1e-12)
     assert pair["images"] == N            # the analysis' images, not the npz's
@@ -229,6 +264,10 @@ def test_main_with_metrics_writes_the_differences_and_logs_as_compare(two_scheme
     assert caplog.record_tuples == [(
         "compare", logging.ERROR, f"{blocked}: output folder not writable, compare cannot be "
         "written there (a file, not a folder)")]
+    # two seeds: training noise is measured
+    per_image_files(tmp_path / "metrics", seeds=2)
+    doc = compare.run(params, root / "analysis", root / "compare", tmp_path / "metrics")
+    assert doc["seeds"] == {"seeds": [0, 1], "training_noise_measured": True}
 
 
 @pytest.mark.parametrize("column", ["label_quality", "miou"])
@@ -291,6 +330,23 @@ def test_group_change_of_tiny_or_flat_groups_has_no_z():
     assert none["images"] == 0
     assert all(np.isnan(none[k]) for k in ("mean_loss_a", "mean_loss_b", "mean_delta_loss",
                                            "se_delta_loss", "z", "p_value"))
+
+
+def test_cluster_changes_by_hand():
+    """Schemes p and q, four images: p's clusters 0 (images 1, 2) and 1 (3, 4), q's one
+    cluster 5. With fdr 0 nothing is significant: rows by absolute mean change."""
+    joined = pd.DataFrame({"image_id": [1, 2, 3, 4], "loss_p": [1.0, 2.0, 1.0, 1.0],
+                           "loss_q": [1.5, 2.5, 1.25, 1.25], "cluster_p": [0, 0, 1, 1],
+                           "cluster_q": [5, 5, 5, 5]})
+    joined["delta_loss_q_vs_p"] = joined["loss_q"] - joined["loss_p"]
+    table = compare.cluster_changes(joined, ["p", "q"], 0.0, 2)
+    assert list(table.columns) == compare.CLUSTER_COLUMNS
+    keys = ["a", "b", "clusters_of", "cluster", "images", "mean_loss_a", "mean_loss_b",
+            "mean_delta_loss"]
+    assert table[keys].values.tolist() == [["p", "q", "p", 0, 2, 1.5, 2.0, 0.5],
+                                           ["p", "q", "q", 5, 4, 1.25, 1.625, 0.375],
+                                           ["p", "q", "p", 1, 2, 1.0, 1.25, 0.25]]
+    assert not table["significant"].any()
 
 
 def test_ranked_puts_significant_then_biggest_changes_first_per_pair():
@@ -373,8 +429,8 @@ def test_summary_lists_each_pairs_own_top_changes():
         {"x": 1, "y": 2}, {"x": 1, "z": 0}, {"y": 2, "z": 0}]
     assert [p["loss"]["mean_delta_loss"] for p in doc["pairs"]] == [1.0, 0.5, -0.5]
     assert [p["mean_delta_miou"] for p in doc["pairs"]] == [0.5, 0.5, 0.5]
-    assert doc["significance"] == {"fdr": 0.1, "min_count": 3,
-                                   "test": compare.SIGNIFICANCE_TEST}
+    assert doc["schemes"] == schemes and doc["significance"] == {
+        "fdr": 0.1, "min_count": 3, "test": compare.SIGNIFICANCE_TEST}
 
 
 def test_issue_changes_by_hand():
@@ -394,6 +450,18 @@ def test_issue_changes_by_hand():
         {"image_id": 4, "file_name": "4.jpg", "flagged_in": "a b", "only_in": "",
          "label_quality_a": 0.3, "label_quality_rank_a": 3, "label_quality_b": 0.7,
          "label_quality_rank_b": 2}]
+
+
+def test_issue_changes_list_ids_in_increasing_order_within_each_group():
+    """Flagged in b only: 9, 2, 7 (in the table's order) come out 2, 7, 9; no file_name
+    column in, none out."""
+    joined = pd.DataFrame({"image_id": [9, 2, 7, 1], "flagged_a": [False] * 4,
+                           "flagged_b": [True, True, True, False],
+                           "label_quality_a": 0.5, "label_quality_rank_a": 1,
+                           "label_quality_b": 0.5, "label_quality_rank_b": 1})
+    out = compare.issue_changes(joined, ["a", "b"])
+    assert out["image_id"].tolist() == [2, 7, 9] and "file_name" not in out
+    assert out["only_in"].tolist() == ["b"] * 3
 
 
 def test_pair_name():
@@ -558,12 +626,13 @@ def write_per_image(path, scheme: str, confusion, pixels, stems=None, seeds=(0,)
     return path
 
 
-def per_image_files(metrics, n: int = 4):
-    """Both schemes' files, n alike images and one seed."""
+def per_image_files(metrics, n: int = 4, seeds: int = 1):
+    """Both schemes' files, n alike images, each seed's counts alike."""
     metrics.mkdir(parents=True, exist_ok=True)
     for scheme, (confusion, pixels, _) in IMAGE.items():
         write_per_image(metrics / f"{scheme}.per_image.npz", scheme,
-                        np.tile(confusion, (n, 1, 1, 1)), np.tile(pixels, (n, 1, 1, 1)))
+                        np.tile(confusion, (n, seeds, 1, 1)), np.tile(pixels, (n, seeds, 1, 1)),
+                        seeds=list(range(seeds)))
     return metrics
 
 
@@ -623,6 +692,29 @@ def test_differences_pair_images_by_stem_and_keep_the_shared_ones(tmp_path, para
     assert (person["iou_a"], person["iou_b"]) == pytest.approx((0.5, 0.7), abs=1e-12)
     assert person["interval"] == pytest.approx([0.2, 0.2], abs=1e-12)
     assert person["images"] == 4 and person["verdict"] == "higher"
+
+
+def test_per_image_files_linked_from_a_cache_are_read(tmp_path, params):
+    """DVC may link a stage's inputs into its cache, outside the metrics folder: compare
+    follows the link (inside(), by the text of the path, not where it resolves)."""
+    cache = per_image_files(tmp_path / "cache")
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    for name in ("person_car.per_image.npz", "person_vehicle.per_image.npz"):
+        (metrics / name).symlink_to(cache / name)
+    seeds, found = compare.differences(params, metrics, ["person_car", "person_vehicle"])
+    person = found[("person_car", "person_vehicle")]["classes"]["person"]
+    assert seeds == [0] and person["delta_iou"] == pytest.approx(0.2, abs=1e-12)
+
+
+def test_take_keeps_the_named_images_in_the_order_asked():
+    per = synthetic_per_image(np.array([[10, 11], [20, 21], [30, 31]]))
+    taken = per.take(["000000000002", "000000000000"])
+    assert taken.stems == ["000000000002", "000000000000"] and taken.seeds == [0, 1]
+    assert taken.confusion[:, :, 1, 1].tolist() == [[30, 31], [10, 11]]
+    assert taken.category_pixels[:, :, 0, 1].tolist() == [[30, 31], [10, 11]]
+    assert (taken.class_names, taken.category_names) == (per.class_names, per.category_names)
+    assert taken.category_claims.tolist() == [1]
 
 
 def test_per_image_files_that_cannot_be_compared_are_refused_in_one_line(tmp_path, params):
