@@ -692,7 +692,14 @@ TINY_COCO = {
         {"id": 3, "image_id": 7, "category_id": 1, "iscrowd": 0,
          "segmentation": {"counts": [2, 1, 1, 2], "size": [2, 3]}},
         {"id": 4, "image_id": 7, "category_id": 8, "iscrowd": 0,
-         "segmentation": {"counts": [0, 2, 4], "size": [2, 3]}}],
+         "segmentation": {"counts": [0, 2, 4], "size": [2, 3]}},
+        # none of these three is an instance: a crowd region, a segmentation that draws
+        # nothing, and one of no pixel
+        {"id": 5, "image_id": 7, "category_id": 3, "iscrowd": 1,
+         "segmentation": {"counts": [3, 1, 2], "size": [2, 3]}},
+        {"id": 6, "image_id": 3, "category_id": 8, "iscrowd": 0, "segmentation": []},
+        {"id": 7, "image_id": 7, "category_id": 1, "iscrowd": 0,
+         "segmentation": {"counts": [6], "size": [2, 3]}}],
     # out of id order on purpose: evaluate lists categories by id
     "categories": [{"id": 8, "name": "truck", "supercategory": "vehicle"},
                    {"id": 1, "name": "person", "supercategory": "person"},
@@ -701,7 +708,8 @@ TINY_COCO = {
 
 def test_main_with_annotations_and_two_seeds_by_hand(params, folders, tmp_path, monkeypatch):
     """The command line with --annotations, --categories and --per-image, two seeds (seed 1
-    predicts every labelled pixel right), every count by hand from the arrays above.
+    predicts every labelled pixel right, and image 2's car pixel as car), every count by
+    hand from the arrays above: the table is seed 0's, per_image.npz has both.
     Seed 0's person pixels: image 1's predicted person, background, person at (0,1) (0,2)
     (1,2); image 2's person, background: 5 pixels, shares 0.4 / 0.6 / 0, both instances at
     least half found (recall 1). car: its one pixel predicted background (recall 0); truck,
@@ -710,6 +718,7 @@ def test_main_with_annotations_and_two_seeds_by_hand(params, folders, tmp_path, 
     perfect = pred.parent.parent / "seed1" / "val"
     for name, truth in (("000000000001.png", GT_A), ("000000000002.png", GT_B)):
         save_labels(perfect / name, np.where(truth == I, 0, truth).astype(np.uint8))
+    save_labels(perfect / "000000000002.png", np.array([[1, 1], [2, 0]], np.uint8))
     params = {**params, "train": {**params["train"], "seeds": [0, 1]}}
     out = tmp_path / "out"
     annotations = tmp_path / "instances_val.json"
@@ -738,16 +747,16 @@ def test_main_with_annotations_and_two_seeds_by_hand(params, folders, tmp_path, 
         "class_names": ["background", "person", "car"], "seeds": [0, 1],
         # (image, seed, ground truth, prediction)
         "confusion": [[[[2, 0, 0], [1, 2, 0], [0, 0, 0]], [[2, 0, 0], [0, 3, 0], [0, 0, 0]]],
-                      [[[1, 0, 0], [1, 1, 0], [0, 0, 0]], [[1, 0, 0], [0, 2, 0], [0, 0, 0]]]],
+                      [[[1, 0, 0], [1, 1, 0], [0, 0, 0]], [[0, 0, 1], [0, 2, 0], [0, 0, 0]]]],
         "ignored": [1, 1], "category_ids": [1, 3, 8],
         "category_names": ["person", "car", "truck"], "category_claims": [1, 2, 0],
         # (image, seed, category, prediction)
         "category_pixels": [[[[1, 2, 0], [0, 0, 0], [2, 0, 0]],
                              [[0, 3, 0], [0, 0, 0], [2, 0, 0]]],
                             [[[1, 1, 0], [1, 0, 0], [0, 0, 0]],
-                             [[0, 2, 0], [1, 0, 0], [0, 0, 0]]]],
+                             [[0, 2, 0], [0, 0, 1], [0, 0, 0]]]],
         "category_instances": [[1, 0, 1], [1, 1, 0]],          # (image, category)
-        "category_hits": [[[1, 0, 0], [1, 0, 0]], [[1, 0, 0], [1, 0, 0]]]}
+        "category_hits": [[[1, 0, 0], [1, 0, 0]], [[1, 0, 0], [1, 1, 0]]]}
     doc = json.loads((out / "m.json").read_text())
     assert doc["miou"] == pytest.approx(0.6) and doc["seeds"]["seeds"] == [0, 1]
 
@@ -763,6 +772,36 @@ def test_a_mask_of_an_image_the_annotations_do_not_list_is_named(params, folders
     assert str(caught.value) == (f"{gt / '000000000009'}.png: image not in {annotations}; "
                                  "re-run masks")
     assert not (tmp_path / "m.json").exists() and not (tmp_path / "p.npz").exists()
+
+
+def test_one_seed_per_image_counts_instances_from_the_ground_truth(params, folders, tmp_path):
+    """With a single seed (params.yaml's), the instance counts come from that one entry."""
+    gt, pred = folders
+    annotations = tmp_path / "instances_val.json"
+    annotations.write_text(json.dumps(TINY_COCO))
+    evaluate.run(params, "person_car", pred, gt, tmp_path / "m.json", tmp_path / "cm.csv",
+                 annotations=annotations, per_image_out=tmp_path / "p.npz")
+    with np.load(tmp_path / "p.npz") as npz:
+        assert npz["seeds"].tolist() == [0] and npz["confusion"].shape == (2, 1, 3, 3)
+        assert npz["category_instances"].tolist() == [[1, 0, 1], [1, 1, 0]]
+
+
+def test_annotations_without_a_category_the_scheme_claims_are_refused(params, folders,
+                                                                     tmp_path):
+    """Named by scheme, class and category. (An AnnotationError, which evaluate lets through
+    as it is: main() reports it with a traceback, not as one line; masks turns it into a
+    StageError.)"""
+    from stages.lib.coco import AnnotationError
+
+    gt, pred = folders
+    annotations = tmp_path / "instances_val.json"
+    annotations.write_text(json.dumps({**TINY_COCO, "categories": [
+        c for c in TINY_COCO["categories"] if c["name"] != "car"]}))
+    with pytest.raises(AnnotationError) as caught:
+        evaluate.run(params, "person_car", pred, gt, tmp_path / "m.json", tmp_path / "cm.csv",
+                     annotations=annotations, per_image_out=tmp_path / "p.npz")
+    assert str(caught.value) == ("schemes.person_car.classes.car: category 'car' not in the "
+                                 "annotations (valid: person, truck)")
 
 
 @pytest.mark.parametrize("option", ["categories_out", "per_image_out"])
