@@ -349,6 +349,22 @@ def test_cluster_changes_by_hand():
     assert not table["significant"].any()
 
 
+def test_group_change_of_two_images_has_a_z():
+    """Deltas 1 and 3: mean 2, sample sd sqrt(2), standard error sqrt(2) / sqrt(2) = 1, z 2:
+    two images are enough for a z (not for a p-value at min_count 3)."""
+    change = compare.group_change(pd.Series([1.0, 3.0]), pd.Series([1.0, 1.0]),
+                                  pd.Series([2.0, 4.0]), 3)
+    assert (change["images"], change["mean_delta_loss"]) == (2, 2.0)
+    assert change["se_delta_loss"] == pytest.approx(1.0, rel=1e-12)
+    assert change["z"] == pytest.approx(2.0, rel=1e-12) and np.isnan(change["p_value"])
+
+
+def test_ranked_orders_pairs_by_a_then_b():
+    frame = pd.DataFrame({"a": ["x", "x", "w"], "b": ["z", "y", "z"], "id": [0, 1, 2],
+                          "significant": False, "mean_delta_loss": [0.9, 0.1, 0.5]})
+    assert compare._ranked(frame)["id"].tolist() == [2, 1, 0]
+
+
 def test_ranked_puts_significant_then_biggest_changes_first_per_pair():
     frame = pd.DataFrame({"a": ["x", "x", "x", "p", "x"], "b": ["y", "y", "y", "q", "y"],
                           "id": [0, 1, 2, 3, 4], "significant": [False, True, False, False, True],
