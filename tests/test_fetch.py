@@ -123,6 +123,34 @@ def test_retry_after_is_honoured(server, tmp_path, sleeps, fault, header_wait):
     assert (tmp_path / "x.jpg").read_bytes() == BODY
 
 
+def test_giving_up_after_retry_after_names_the_status_and_the_wait(server, tmp_path, sleeps):
+    server.inject(URL_PATH, "503:3", "503:3")
+    with pytest.raises(FetchError) as caught:
+        _fetcher(server, retries=1).fetch(NAME, tmp_path / "x.jpg")
+    assert str(caught.value) == (f"{server.base}{URL_PATH}: HTTP 503 Service Unavailable, "
+                                 "Retry-After 3s (gave up after 2 attempts)")
+    assert sleeps == [3.0]
+
+
+def test_giving_up_on_a_status_without_retry_after_names_it(server, tmp_path, sleeps):
+    server.inject(URL_PATH, "429", "429")
+    with pytest.raises(FetchError) as caught:
+        _fetcher(server, retries=1).fetch(NAME, tmp_path / "x.jpg")
+    assert str(caught.value) == (f"{server.base}{URL_PATH}: HTTP 429 Too Many Requests "
+                                 "(gave up after 2 attempts)")
+
+
+def test_a_416_to_a_request_without_range_restarts_and_is_reported(hostile, tmp_path, sleeps):
+    """A 416 not of the form 'bytes */<size of our .part>' means start over: the .part, if
+    any, goes; here there is none, and the retries end the same way."""
+    hostile.endless("/" + IMAGE, status=416, content_length=0)
+    with pytest.raises(FetchError) as caught:
+        _capped(hostile, retries=1).fetch(IMAGE, tmp_path / "x.jpg", cap="image_bytes")
+    assert str(caught.value) == (f"{hostile.base}/{IMAGE}: HTTP 416 (range not satisfiable): "
+                                 "restarting (gave up after 2 attempts)")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_retry_after_as_http_date():
     now = datetime(2026, 11, 22, 12, 0, 0, tzinfo=timezone.utc)
     later = (now + timedelta(seconds=30)).strftime("%a, %d %b %Y %H:%M:%S GMT")
@@ -343,6 +371,11 @@ def test_file_digest_defaults_to_sha256_and_names_the_algorithm(tmp_path):
         fetch.verify_checksum(path, "md5:" + "0" * 32)
     assert str(caught.value) == (f"md5 {hashlib.md5(b'segflow').hexdigest()} differs from the "
                                  f"expected {'0' * 32}")
+    # the algorithm ends at the first colon: the rest is the digest, colons and all
+    with pytest.raises(CorruptFile) as caught:
+        fetch.verify_checksum(path, "md5:ab:cd")
+    assert str(caught.value) == (f"md5 {hashlib.md5(b'segflow').hexdigest()} differs from the "
+                                 "expected ab:cd")
 
 
 def test_fetcher_defaults_urls_and_local_paths(tmp_path):
@@ -362,6 +395,8 @@ def test_fetcher_defaults_urls_and_local_paths(tmp_path):
     assert not folder.remote and folder.local_path("a/b.jpg") == tmp_path / "a" / "b.jpg"
     spaced = Fetcher(f"file://{tmp_path}/my%20coco")
     assert spaced.local_path("a.jpg") == tmp_path / "my coco" / "a.jpg"
+    # a folder (no file:// URL) is taken as it is written: no percent-decoding
+    assert Fetcher(f"{tmp_path}/my%20coco").local_path("a.jpg") == tmp_path / "my%20coco" / "a.jpg"
     counters = fetch.Counters()
     counters.add(fetched=2, received_bytes=10)
     counters.add(fetched=1)
@@ -421,6 +456,23 @@ def test_body_longer_than_its_content_length_is_cut_off(hostile, tmp_path, sleep
     assert fetcher.counters.received_bytes == 1000
     assert list(tmp_path.iterdir()) == []
     assert sleeps == []
+
+
+def test_a_body_past_its_content_length_is_cut_off_with_or_without_a_cap(hostile, tmp_path,
+                                                                         sleeps):
+    """Without a cap the announced size is the only bound; announced at exactly the cap,
+    the cap is what the message names."""
+    hostile.endless("/a.jpg", content_length=1000, chunked=True)
+    hostile.endless("/b.jpg", content_length=CAP, chunked=True)
+    with pytest.raises(FetchError) as caught:
+        _fetcher(hostile).fetch("a.jpg", tmp_path / "a.jpg")
+    assert str(caught.value) == (f"{hostile.base}/a.jpg: body runs past its announced 1000 "
+                                 "bytes: cut off")
+    with pytest.raises(FetchError) as caught:
+        _capped(hostile).fetch("b.jpg", tmp_path / "b.jpg", cap="image_bytes")
+    assert str(caught.value) == (f"{hostile.base}/b.jpg: body runs past the {CAP} bytes of "
+                                 "data.limits.image_bytes: cut off")
+    assert list(tmp_path.iterdir()) == [] and sleeps == []
 
 
 def test_requests_name_the_client_and_refuse_compression(hostile, tmp_path):
@@ -546,6 +598,9 @@ def test_redirect_allowed():
     assert not fetch.redirect_allowed(base, "ftp://cdn.example/x.jpg", ["cdn.example"])
     assert fetch.redirect_allowed("http://images.cocodataset.org",
                                   "http://images.cocodataset.org:80/zips/x.zip", [])
+    assert not fetch.redirect_allowed(base, "http://127.0.0.1:port/x.jpg", ["127.0.0.1"])
+    assert fetch.origin("file:///data/coco") == ("file", "", None)       # no host: empty
+    assert fetch.origin("HTTPS://CDN.Example/x") == ("https", "cdn.example", 443)
 
 
 def test_a_redirect_body_is_not_read(hostile, tmp_path):
