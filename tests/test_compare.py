@@ -395,8 +395,8 @@ def test_bucket_changes_by_hand():
                "q": pd.DataFrame({"image_id": ids, "brightness": brightness,
                                   "vehicle_fraction": [0.1, 0.2, 0.6, 0.7, 0.8, 0.9,
                                                        "unknown"]})}
-    bins_of = lambda rows: pd.DataFrame(rows, columns=["binning", "field", "bin", "low",  # noqa: E731
-                                                      "high"])
+    columns = ["binning", "field", "bin", "low", "high"]
+    bins_of = lambda rows: pd.DataFrame(rows, columns=columns)  # noqa: E731
     width = [("equal_width", "brightness", i, 10.0 * i, 10.0 * (i + 1)) for i in range(3)]
     bins = {"p": bins_of(width + [("equal_count", "car_fraction", 0, 0.0, 0.5),
                                   ("equal_count", "car_fraction", 1, 0.5, 1.0)]),
