@@ -717,10 +717,11 @@ def per_image_files(metrics, n: int = 4, seeds: int = 1):
 def test_differences_of_hand_made_files_by_hand(tmp_path, params):
     """Every image alike: each resample's sums are 4 times one image's, so every resampled
     score equals the point one and each interval is [delta, delta]. person IoU: 8 / (10 + 8
-    - 8) = 0.8 against 10 / 10 = 1, +0.2, higher (4 images >= compare.min_count 3). Found
-    shares: person 0.8 -> 1 (+0.2, higher); car 5/5 in both (0, no difference); truck,
-    unclaimed by person_car, 3 of 4 pixels not background = 0.75, claimed by vehicle in
-    person_vehicle, 2 of 4 = 0.5 (-0.25, lower)."""
+    - 8) = 0.8 against 10 / 10 = 1, +0.2, higher (the 4 images that show it are exactly
+    compare.min_images, set to 4 here). Found shares: person 0.8 -> 1 (+0.2, higher); car 5/5
+    in both (0, no difference); truck, unclaimed by person_car, 3 of 4 pixels not background =
+    0.75, claimed by vehicle in person_vehicle, 2 of 4 = 0.5 (-0.25, lower)."""
+    params["compare"]["min_images"] = 4
     seeds, found = compare.differences(params, per_image_files(tmp_path / "m"),
                                        ["person_car", "person_vehicle"])
     assert seeds == [0] and list(found) == [("person_car", "person_vehicle")]
@@ -748,7 +749,9 @@ def test_differences_pair_images_by_stem_and_keep_the_shared_ones(tmp_path, para
     person_car finds 2, 4, 6, 8 (IoU 20 / 40 = 0.5), person_vehicle 2 more in each image
     (28 / 40 = 0.7). Paired by stem, every resample's difference is 2 * 4 / 40 = 0.2: an
     interval of zero width; paired by position it would spread. The fifth image (all of
-    person missed) would pull person_vehicle's IoU down to 28 / 50."""
+    person missed) would pull person_vehicle's IoU down to 28 / 50. compare.min_images is the
+    4 shared images, so the verdict is called."""
+    params["compare"]["min_images"] = 4
     metrics = tmp_path / "m"
     metrics.mkdir()
     found_a, found_b = np.array([2, 4, 6, 8]), np.array([4, 6, 8, 10, 0])
