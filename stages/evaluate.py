@@ -26,7 +26,7 @@ from stages.lib.categories import (ImageCategories, Instance, category_table,
                                    image_categories,
                                    instance_class_pixels, owner_map)
 from stages.lib.cli import StageError, run_main, stage_parser
-from stages.lib.coco import resolve_scheme
+from stages.lib.coco import AnnotationError, resolve_scheme
 from stages.lib.io import atomic_path, write_csv, write_json
 from stages.lib.names import seed_dir
 from stages.lib.labels import IGNORE_INDEX, read_labels
@@ -130,9 +130,12 @@ def run(params: dict, scheme: str, pred: Path | dict[int, Path], gt_dir: Path, o
         scored = [_scored(stem, gt, preds, class_names)
                   for stem, gt, preds in (_image(p.stem, p, pred_dirs) for p in gt_files)]
         return _write(scheme, class_names, seeds, scored, None, settings, outputs)
-    categories, tasks = split_tasks(annotations)
-    categories = sorted(categories, key=lambda c: c["id"])
-    claims = resolve_scheme(scheme, params["schemes"][scheme], categories)
+    try:
+        categories, tasks = split_tasks(annotations)
+        categories = sorted(categories, key=lambda c: c["id"])
+        claims = resolve_scheme(scheme, params["schemes"][scheme], categories)
+    except AnnotationError as exc:
+        raise StageError(annotation_problem(annotations, exc)) from None
     threshold = params["evaluate"]["instance_threshold"]
     ids = [c["id"] for c in categories]
     scored = []
@@ -175,6 +178,14 @@ def val_instances(anns: list[dict], height: int, width: int) -> list[Instance]:
     decoded = (decode_annotation(a, height, width) for a in anns)
     return [Instance(d.category_id, d.rle) for d in decoded
             if not d.crowd and d.rle is not None and d.pixels > 0]
+
+
+def annotation_problem(path: Path, exc: AnnotationError) -> str:
+    """The annotation file, then what is wrong in it. The reader's messages start with the
+    file already; resolve_scheme's name only the params key, and evaluate's --annotations is
+    a second source of categories beside masks' (the file must be named to be found)."""
+    message = str(exc)
+    return message if message.startswith(f"{path}: ") else f"{path}: {message}"
 
 
 def _write(scheme: str, class_names: list[str], seeds: list[int], scored: list[Scored],

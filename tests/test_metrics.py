@@ -787,21 +787,37 @@ def test_one_seed_per_image_counts_instances_from_the_ground_truth(params, folde
 
 
 def test_annotations_without_a_category_the_scheme_claims_are_refused(params, folders,
-                                                                     tmp_path):
-    """Named by scheme, class and category. (An AnnotationError, which evaluate lets through
-    as it is: main() reports it with a traceback, not as one line; masks turns it into a
-    StageError.)"""
-    from stages.lib.coco import AnnotationError
-
+                                                                     tmp_path, caplog):
+    """One line from the evaluate logger naming the annotation file, then the scheme, class
+    and category (exit 2, nothing written), not a traceback."""
     gt, pred = folders
     annotations = tmp_path / "instances_val.json"
     annotations.write_text(json.dumps({**TINY_COCO, "categories": [
         c for c in TINY_COCO["categories"] if c["name"] != "car"]}))
-    with pytest.raises(AnnotationError) as caught:
+    expected = (f"{annotations}: schemes.person_car.classes.car: category 'car' not in the "
+                "annotations (valid: person, truck)")
+    with pytest.raises(StageError) as caught:
         evaluate.run(params, "person_car", pred, gt, tmp_path / "m.json", tmp_path / "cm.csv",
                      annotations=annotations, per_image_out=tmp_path / "p.npz")
-    assert str(caught.value) == ("schemes.person_car.classes.car: category 'car' not in the "
-                                 "annotations (valid: person, truck)")
+    assert str(caught.value) == expected
+    out = tmp_path / "out"
+    argv = _main_argv(params, folders, tmp_path, out) + [
+        "--annotations", str(annotations), "--per-image", str(out / "per_image.npz")]
+    assert evaluate.main(argv) == 2
+    assert caplog.record_tuples == [("evaluate", logging.ERROR, expected)]
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_an_unreadable_annotation_file_is_named_once(params, folders, tmp_path):
+    """The reader's own message already starts with the file: not named twice."""
+    gt, pred = folders
+    annotations = tmp_path / "instances_val.json"
+    annotations.write_text("[]")
+    with pytest.raises(StageError) as caught:
+        evaluate.run(params, "person_car", pred, gt, tmp_path / "m.json", tmp_path / "cm.csv",
+                     annotations=annotations, per_image_out=tmp_path / "p.npz")
+    assert str(caught.value) == (f"{annotations}: expected a JSON object with "
+                                 "images/annotations/categories")
 
 
 @pytest.mark.parametrize("option", ["categories_out", "per_image_out"])
