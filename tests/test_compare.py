@@ -135,8 +135,8 @@ def test_samples_table_columns_and_ids_as_written(two_schemes):
 def test_iou_deltas_need_the_class_in_both_tables_and_ids_must_be_unique(two_schemes):
     """A delta per shared class whose IoU column both analyses wrote: person_vehicle's
     person IoU raised to 0.75 gives +0.25; with person_car's person column gone, no person
-    delta (and no error). An image listed twice is refused (pandas' one-to-one merge check:
-    a traceback, not yet a one-line stage error)."""
+    delta (and no error). An image listed twice is refused in one line naming the file and
+    the id."""
     root, params = two_schemes
     path = root / "analysis" / "person_vehicle" / "samples.csv"
     table = pd.read_csv(path)
@@ -153,8 +153,33 @@ def test_iou_deltas_need_the_class_in_both_tables_and_ids_must_be_unique(two_sch
     columns = pd.read_csv(root / "compare" / "samples.csv").columns
     assert "iou_person_person_vehicle" in columns and f"delta_iou_person_{pair}" not in columns
     pd.concat([table, table.iloc[[3]]]).to_csv(path, index=False)
-    with pytest.raises(pd.errors.MergeError, match="not a one-to-one merge"):
+    with pytest.raises(StageError) as caught:
         compare.run(params, root / "analysis", root / "compare")
+    assert str(caught.value) == (f"{path}: image_id 103 is listed more than once (each image "
+                                 "has one row); re-run analyze")
+
+
+def test_an_image_listed_twice_is_refused_in_one_line(tmp_path, params, caplog):
+    """In the first scheme's file (the merge's left side) as in the second's, and with one
+    scheme, where nothing is merged: exit 2, one line from the compare logger naming the
+    file and the first repeated id, nothing written."""
+    ids = [100, 101, 102, 101, 102, 105, 106, 107, 108, 109, 110, 111]
+    scheme_folder(tmp_path / "analysis", "person_car", "car_fraction", np.ones(N), [0] * N,
+                  set(), image_ids=ids)
+    scheme_folder(tmp_path / "analysis", "person_vehicle", "vehicle_fraction", np.ones(N),
+                  [0] * N, set())
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    argv = ["--params", str(tmp_path / "params.yaml"), "--analysis", str(tmp_path / "analysis"),
+            "--out", str(tmp_path / "compare")]
+    assert compare.main(argv) == 2
+    path = tmp_path / "analysis" / "person_car" / "samples.csv"
+    assert caplog.record_tuples == [("compare", logging.ERROR, (
+        f"{path}: image_id 101 is listed more than once (each image has one row); "
+        "re-run analyze"))]
+    assert not (tmp_path / "compare").exists()
+    params["schemes"] = {"person_car": params["schemes"]["person_car"]}
+    with pytest.raises(StageError, match=r"person_car/samples\.csv: image_id 101 is listed"):
+        compare.run(params, tmp_path / "analysis", tmp_path / "compare")
 
 
 def test_only_shared_images_are_compared(tmp_path, params):
