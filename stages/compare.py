@@ -1,5 +1,5 @@
-"""compare: the label schemes against each other, on the val images they share. Reads
-analysis/<scheme>/ of every scheme in params.yaml and writes under --out:
+"""compare: the label schemes against each other, on the val images they share.
+Reads analysis/<scheme>/ of every scheme in params.yaml and writes under --out:
   samples.csv       per image: loss, mIoU, cluster, label quality and flag in each scheme;
                     per pair of schemes (a, b), b - a of the loss, mIoU and each shared
                     class's IoU

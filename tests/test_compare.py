@@ -298,18 +298,19 @@ def test_missing_analysis_is_named(tmp_path, params, caplog):
     assert not (tmp_path / "compare").exists()
 
 
-def test_help_names_the_command_its_description_and_required_options(capsys):
+def test_help_names_the_command_its_description_and_required_options(capsys, monkeypatch):
     """The command line as the README and dvc.yaml spell it (python -m stages.compare), the
-    docstring's first line as the description; --analysis and --out are required, and
-    argparse says so (exit 2) before anything runs."""
+    docstring's first sentence, whole, as the description (wide enough not to wrap);
+    --analysis and --out are required, and argparse says so (exit 2) before anything runs."""
+    monkeypatch.setenv("COLUMNS", "200")
     with pytest.raises(SystemExit) as shown:
         compare.main(["--help"])
     out = capsys.readouterr().out
     assert shown.value.code == 0
     assert out.startswith("usage: python -m stages.compare [-h] --params PARAMS --analysis "
                           "ANALYSIS")
-    assert "compare: the label schemes against each other, on the val images they share." \
-        in " ".join(out.split())
+    assert out.split("\n\n")[1] == ("compare: the label schemes against each other, on the "
+                                    "val images they share.")
     with pytest.raises(SystemExit) as refused:
         compare.main(["--params", "p.yaml"])
     assert refused.value.code == 2
