@@ -52,22 +52,6 @@ def sample_row(cm: np.ndarray, ignored: int, class_names: list[str]) -> dict:
     return row
 
 
-def accumulate(pairs, num_classes: int, rows: list | None = None,
-               class_names: list[str] | None = None) -> tuple[np.ndarray, int]:
-    """Sum confusion matrices and ignore counts over (gt, pred) label-map pairs; with
-    `rows`, append each pair's sample_row to it."""
-    cm = np.zeros((num_classes, num_classes), np.int64)
-    ignored = 0
-    for gt, pred in pairs:
-        one = confusion_matrix(gt, pred, num_classes)
-        n_ignored = int((gt == IGNORE_INDEX).sum())
-        cm += one
-        ignored += n_ignored
-        if rows is not None:
-            rows.append(sample_row(one, n_ignored, class_names))
-    return cm, ignored
-
-
 # ---------------------------------------------------------------- run
 
 # The params this stage reads: run() sees only these (stages.lib.params.select), and dvc.yaml's

@@ -216,23 +216,33 @@ def test_json_safe_turns_nan_into_null():
 
 # ---------------------------------------------------------------- stages.evaluate core
 
-def test_accumulate_sums_pairs_and_counts_ignore():
+def _summed(pairs, class_names: list[str]) -> tuple[np.ndarray, int, list[dict]]:
+    """The whole-set matrix and ignore count as evaluate makes them (run() sums _scored's
+    per-image matrices), and each image's row: through evaluate's own per-image code."""
+    scored = [evaluate._scored(str(i), gt, [pred], class_names)
+              for i, (gt, pred) in enumerate(pairs)]
+    return (sum(s.confusion[0] for s in scored), sum(s.ignored for s in scored),
+            [s.row for s in scored])
+
+
+def test_scored_sums_pairs_and_counts_ignore():
     pairs = [(GT[:, :2], PRED[:, :2]), (GT[:, 2:], PRED[:, 2:])]
-    cm, ignored = evaluate.accumulate(iter(pairs), 4)
+    cm, ignored, _ = _summed(pairs, ["background", "person", "car", "bus"])
     assert cm.tolist() == CM.tolist()
     assert ignored == 2
 
 
-def test_accumulate_counts_in_integers_and_appends_each_pairs_own_row():
-    """With `rows`, one row per pair, scored from that pair's matrix alone. By hand: the
-    left half (GT[:, :2]) has background 0->0 twice, 0->1 once, car 2->1 and 2->2, one
-    ignored pixel: accuracy 3/5, background IoU 2 / (3 + 2 - 2), car IoU 1 / (2 + 1 - 1);
-    the right half is all right (person 3 of 3, one ignored)."""
+def test_scored_counts_in_integers_and_gives_each_images_own_row():
+    """One row per image, scored from that image's matrix alone. By hand: the left half
+    (GT[:, :2]) has background 0->0 twice, 0->1 once, car 2->1 and 2->2, one ignored
+    pixel: accuracy 3/5, background IoU 2 / (3 + 2 - 2), car IoU 1 / (2 + 1 - 1); the right
+    half is all right (person 3 of 3, one ignored)."""
     names = ["background", "person", "car", "bus"]
-    rows: list[dict] = []
-    cm, ignored = evaluate.accumulate(iter([(GT[:, :2], PRED[:, :2]), (GT[:, 2:], PRED[:, 2:])]),
-                                      4, rows, names)
-    assert cm.dtype == np.int64 and (cm.tolist(), ignored) == (CM.tolist(), 2)
+    left_scored = evaluate._scored("left", GT[:, :2], [PRED[:, :2]], names)
+    assert left_scored.stem == "left" and left_scored.confusion.dtype == np.int64
+    assert left_scored.confusion.shape == (1, 4, 4) and left_scored.categories is None
+    cm, ignored, rows = _summed([(GT[:, :2], PRED[:, :2]), (GT[:, 2:], PRED[:, 2:])], names)
+    assert (cm.tolist(), ignored) == (CM.tolist(), 2)
     assert len(rows) == 2
     left, right = rows
     assert (left["pixels_evaluated"], left["pixels_ignored"]) == (5, 1)
@@ -509,7 +519,7 @@ def torchmetrics_scores(pairs, num_classes: int) -> dict:
 
 def _assert_same_as_torchmetrics(pairs, num_classes: int):
     reference = torchmetrics_scores(pairs, num_classes)
-    cm, ignored = evaluate.accumulate(iter(pairs), num_classes)
+    cm, ignored, _ = _summed(pairs, [f"class{k}" for k in range(num_classes)])
     assert cm.tolist() == reference["cm"].astype(np.int64).tolist()  # identical, not close
     ours = scores(cm, ignored)
     np.testing.assert_allclose(ours["iou"], reference["iou"], rtol=1e-6, atol=1e-7,
