@@ -201,9 +201,7 @@ def _write_categories(class_names: list[str], seeds: list[int], scored: list[Sco
                       categories: list[dict], claims, outputs: Outputs) -> None:
     """The table describes the first seed's model; per_image.npz every seed's counts
     (image axis first, then seed: (N, S, ...))."""
-    per_seed = lambda key: np.stack([[getattr(c, key) for c in s.categories]  # noqa: E731
-                                     for s in scored])
-    pixels, hits = per_seed("pixels"), per_seed("hits")
+    pixels, hits = _per_seed(scored, "pixels"), _per_seed(scored, "hits")
     instances = np.stack([s.categories[0].instances for s in scored])   # ground truth only
     if outputs.categories is not None:
         write_csv(outputs.categories, category_table(
@@ -221,6 +219,11 @@ def _write_categories(class_names: list[str], seeds: list[int], scored: list[Sco
                 category_claims=np.array([claims.class_of_category.get(c["id"], 0)
                                           for c in categories], np.int64),
                 category_pixels=pixels, category_instances=instances, category_hits=hits)
+
+
+def _per_seed(scored: list[Scored], key: str) -> np.ndarray:
+    """One ImageCategories field of every image and seed, stacked (N, S, ...)."""
+    return np.stack([[getattr(c, key) for c in s.categories] for s in scored])
 
 
 def _image(stem: str, gt_path: Path,
