@@ -226,7 +226,7 @@ EQUIVALENT: dict[tuple[str, str], str] = {
      '.astype(bool), "image_id"].astype(None))'): (
         "the flagged ids as floats: COCO ids are far below 2**53, so each float is its int, "
         "and isin finds the same images (100.0 == 100)"),
-    ("stages.compare.x_run", "resolve=None))"): (
+    ("stages.compare.x_run", "folder = inside(analysis, name, resolve=None)"): (
         "inside() tests `if resolve`: None is false, as False is"),
     ("stages.compare.x_bucket_changes",
      'values = joined[["image_id"]].merge(samples[grouping], on=None, how="left")'): _MERGE_ON,
