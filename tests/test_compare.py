@@ -182,6 +182,20 @@ def test_an_image_listed_twice_is_refused_in_one_line(tmp_path, params, caplog):
         compare.run(params, tmp_path / "analysis", tmp_path / "compare")
 
 
+def test_joined_samples_itself_refuses_an_image_twice():
+    """read_scheme refuses a repeated id before joining; the pure core keeps its own check
+    (pandas' one-to-one merge) for any other caller, on either side of the merge."""
+    def table(ids):
+        return pd.DataFrame({"image_id": ids, "loss": 1.0, "miou": 0.5, "cluster": 0,
+                             "label_quality": 0.5, "label_quality_rank": 1})
+
+    classes = {"a": ["background"], "b": ["background"]}
+    flagged = {"a": set(), "b": set()}
+    for ids_a, ids_b in (([1, 2, 2], [1, 2]), ([1, 2], [1, 1, 2])):
+        with pytest.raises(pd.errors.MergeError, match="not a one-to-one merge"):
+            compare.joined_samples({"a": table(ids_a), "b": table(ids_b)}, flagged, classes)
+
+
 def test_only_shared_images_are_compared(tmp_path, params):
     scheme_folder(tmp_path / "analysis", "person_car", "car_fraction", np.ones(N),
                   [0, 1] * 6, set())
