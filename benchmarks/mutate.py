@@ -108,6 +108,8 @@ _INT64 = ("numpy 2's default integer is int64 on every platform, and these lists
           "them, so there is at least one)")
 _INT64_SUM = ("the matrices are int64 already (confusion_matrix's), and numpy sums integers "
               "in at least int64 anyway")
+_EMPTY_Q = ("pandas 3.1 makes a Series of None, or of no data, over an index a float64 "
+            "column of NaN: the same as np.nan's")
 _EMPTY_INSTANCE = ("an instance of no pixel owns none, and image_categories counts only "
                    "instances that own a pixel: the same counts")
 # (function, its mutated line(s) as mutated_lines gives them) -> why no test can kill it:
@@ -165,6 +167,14 @@ EQUIVALENT: dict[tuple[str, str], str] = {
      "set(values.dropna().unique()) <= {0, 1}"): (
         "a boolean column's values are a subset of {0, 1} (True == 1), so the second test "
         "says yes for it too"),
+    ("stages.lib.buckets.x_flag_by_fdr", "q = pd.Series(None, index=p_values.index)"): _EMPTY_Q,
+    ("stages.lib.buckets.x_flag_by_fdr", "q = pd.Series(index=p_values.index)"): _EMPTY_Q,
+    ("stages.lib.buckets.x_flag_by_fdr", "q[tested] = stats.false_discovery_control("
+     "p_values[tested].to_numpy(float), )"): (
+        "method='bh' is false_discovery_control's default"),
+    ("stages.lib.buckets.x_higher_p_value", 'return float(stats.mannwhitneyu(group, rest, '
+     'alternative="GREATER").pvalue)'): (
+        "scipy's mannwhitneyu lower-cases `alternative` (scipy 1.17): GREATER is greater"),
     ("stages.lib.metrics.x__ratio",
      'with np.errstate(invalid=None, divide="ignore"):'): _ERRSTATE,
     ("stages.lib.metrics.x__ratio",
