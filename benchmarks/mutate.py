@@ -12,7 +12,8 @@ A mutant judged equivalent (no test can tell it from the original) is listed in 
 by its function and mutated line, with the reason, and left out of the score's denominator
 (the script fails when a listed mutant no longer exists or a test killed it).
 
-Usage: python -m benchmarks.mutate [--no-run] [--markdown FILE]
+Usage: python -m benchmarks.mutate [--no-run] [--module M]... [--mutant NAME]...
+       [--markdown FILE]
 """
 from __future__ import annotations
 
@@ -172,6 +173,9 @@ EQUIVALENT: dict[tuple[str, str], str] = {
     ("stages.lib.buckets.x_flag_by_fdr", "q[tested] = stats.false_discovery_control("
      "p_values[tested].to_numpy(float), )"): (
         "method='bh' is false_discovery_control's default"),
+    ("stages.lib.buckets.x_flag_by_fdr", "q[tested] = stats.false_discovery_control("
+     'p_values[tested].to_numpy(float), method="BH")'): (
+        "false_discovery_control lower-cases `method` (scipy 1.17): BH is bh"),
     ("stages.lib.buckets.x_higher_p_value", 'return float(stats.mannwhitneyu(group, rest, '
      'alternative="GREATER").pvalue)'): (
         "scipy's mannwhitneyu lower-cases `alternative` (scipy 1.17): GREATER is greater"),
@@ -446,8 +450,8 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_mutmut(modules: list[str]) -> None:
-    patterns = [p for m in modules for p in MODULES[m]]
+def run_mutmut(modules: list[str], mutants: list[str] = ()) -> None:
+    patterns = [p for m in modules for p in MODULES[m]] + list(mutants)
     mutmut = Path(sys.executable).parent / "mutmut"
     subprocess.run([str(mutmut), "run", "--max-children", "1", *patterns], cwd=ROOT,
                    check=True)
@@ -460,12 +464,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path, help="write the score table here too")
     parser.add_argument("--module", action="append", choices=list(MODULES),
                         help="run only these modules' mutants (default: all)")
+    parser.add_argument("--mutant", action="append", default=[],
+                        help="run this mutant too (mutmut's name, or a glob of names): a "
+                             "survivor again once a test aims at it")
     args = parser.parse_args(argv)
     start, load = time.monotonic(), os.getloadavg()
     if (ROOT / "mutants").exists():
         record(results())
     if not args.no_run:
-        run_mutmut(args.module or list(MODULES))
+        run_mutmut(args.module or ([] if args.mutant else list(MODULES)), args.mutant)
     by_module = results()
     record(by_module)
     rows = score_rows(by_module)
