@@ -130,6 +130,8 @@ EQUIVALENT: dict[tuple[str, str], str] = {
      "target = gt.to(log_probs.device, non_blocking=False)[None].long()"): _NON_BLOCKING,
     ("stages.infer.x_sample_scores",
      '"loss": float(nll) / n_valid if n_valid else float("NAN"),'): _NAN,
+    ("stages.infer.x_image_miou",
+     'return float(defined.mean()) if len(defined) else float("NAN")'): _NAN,
     ("stages.infer.x_sample_scores", '"pixel_accuracy": float(np.trace(cm) / n_valid) if '
      'n_valid else float("NAN"),'): _NAN,
     ("stages.report.tables.x_comparison_row", '"pos" if row["delta"] >= 0 else "neg")'): (
