@@ -111,6 +111,9 @@ _INT64_SUM = ("the matrices are int64 already (confusion_matrix's), and numpy su
               "in at least int64 anyway")
 _EMPTY_Q = ("pandas 3.1 makes a Series of None, or of no data, over an index a float64 "
             "column of NaN: the same as np.nan's")
+_CLASSES = ("compare writes summary.json's bootstrap block and every pair's classes together "
+            "(both from --metrics), and verdicts reads the pairs only when bootstrap's "
+            "confidence is there: a pair without classes never reaches the default")
 _EMPTY_INSTANCE = ("an instance of no pixel owns none, and image_categories counts only "
                    "instances that own a pixel: the same counts")
 # (function, its mutated line(s) as mutated_lines gives them) -> why no test can kill it:
@@ -134,6 +137,10 @@ EQUIVALENT: dict[tuple[str, str], str] = {
      'return float(defined.mean()) if len(defined) else float("NAN")'): _NAN,
     ("stages.infer.x_sample_scores", '"pixel_accuracy": float(np.trace(cm) / n_valid) if '
      'n_valid else float("NAN"),'): _NAN,
+    ("stages.report.tables.x_verdicts",
+     'for name, entry in p.get("classes", None).items()]'): _CLASSES,
+    ("stages.report.tables.x_verdicts", 'for name, entry in p.get("classes", ).items()]'): (
+        _CLASSES),
     ("stages.report.tables.x_comparison_row", '"pos" if row["delta"] >= 0 else "neg")'): (
         "reached only when |delta| >= SAME, so delta is never 0 there"),
     ("stages.lib.buckets.x_assign", "index = np.clip(np.searchsorted(edges[1:-1], v, "
