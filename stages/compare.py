@@ -1,5 +1,5 @@
-"""compare: the label schemes against each other, on the val images they share. Reads
-analysis/<scheme>/ of every scheme in params.yaml and writes under --out:
+"""compare: the label schemes against each other, on the val images they share.
+Reads analysis/<scheme>/ of every scheme in params.yaml and writes under --out:
   samples.csv       per image: loss, mIoU, cluster, label quality and flag in each scheme;
                     per pair of schemes (a, b), b - a of the loss, mIoU and each shared
                     class's IoU
@@ -352,6 +352,12 @@ def read_scheme(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame, set[int]]:
         return read_table(folder / name, columns, produced_by="analyze")
 
     samples = table("samples.csv", SAMPLE_COLUMNS)
+    repeated = samples.loc[samples["image_id"].duplicated(), "image_id"]
+    if len(repeated):
+        # pairs are made by image_id: a second row of one image would pair with the other
+        # scheme's row twice
+        raise StageError(f"{folder / 'samples.csv'}: image_id {repeated.iloc[0]} is listed "
+                         "more than once (each image has one row); re-run analyze")
     bins = table("metadata_loss.csv", ["binning", "field", "bin", "low", "high"])
     issues = table("label_issues.csv", ["image_id", "flagged"])
     return samples, bins, set(issues.loc[issues["flagged"].astype(bool), "image_id"].astype(int))

@@ -26,7 +26,7 @@ from stages.lib.categories import (ImageCategories, Instance, category_table,
                                    image_categories,
                                    instance_class_pixels, owner_map)
 from stages.lib.cli import StageError, run_main, stage_parser
-from stages.lib.coco import resolve_scheme
+from stages.lib.coco import AnnotationError, resolve_scheme
 from stages.lib.io import atomic_path, write_csv, write_json
 from stages.lib.names import seed_dir
 from stages.lib.labels import IGNORE_INDEX, read_labels
@@ -50,22 +50,6 @@ def sample_row(cm: np.ndarray, ignored: int, class_names: list[str]) -> dict:
     for key in ("iou", "dice", "precision", "recall"):
         row.update({f"{key}_{name}": float(v) for name, v in zip(class_names, s[key])})
     return row
-
-
-def accumulate(pairs, num_classes: int, rows: list | None = None,
-               class_names: list[str] | None = None) -> tuple[np.ndarray, int]:
-    """Sum confusion matrices and ignore counts over (gt, pred) label-map pairs; with
-    `rows`, append each pair's sample_row to it."""
-    cm = np.zeros((num_classes, num_classes), np.int64)
-    ignored = 0
-    for gt, pred in pairs:
-        one = confusion_matrix(gt, pred, num_classes)
-        n_ignored = int((gt == IGNORE_INDEX).sum())
-        cm += one
-        ignored += n_ignored
-        if rows is not None:
-            rows.append(sample_row(one, n_ignored, class_names))
-    return cm, ignored
 
 
 # ---------------------------------------------------------------- run
@@ -130,9 +114,12 @@ def run(params: dict, scheme: str, pred: Path | dict[int, Path], gt_dir: Path, o
         scored = [_scored(stem, gt, preds, class_names)
                   for stem, gt, preds in (_image(p.stem, p, pred_dirs) for p in gt_files)]
         return _write(scheme, class_names, seeds, scored, None, settings, outputs)
-    categories, tasks = split_tasks(annotations)
-    categories = sorted(categories, key=lambda c: c["id"])
-    claims = resolve_scheme(scheme, params["schemes"][scheme], categories)
+    try:
+        categories, tasks = split_tasks(annotations)
+        categories = sorted(categories, key=lambda c: c["id"])
+        claims = resolve_scheme(scheme, params["schemes"][scheme], categories)
+    except AnnotationError as exc:
+        raise StageError(annotation_problem(annotations, exc)) from None
     threshold = params["evaluate"]["instance_threshold"]
     ids = [c["id"] for c in categories]
     scored = []
@@ -177,6 +164,14 @@ def val_instances(anns: list[dict], height: int, width: int) -> list[Instance]:
             if not d.crowd and d.rle is not None and d.pixels > 0]
 
 
+def annotation_problem(path: Path, exc: AnnotationError) -> str:
+    """The annotation file, then what is wrong in it. The reader's messages start with the
+    file already; resolve_scheme's name only the params key, and evaluate's --annotations is
+    a second source of categories beside masks' (the file must be named to be found)."""
+    message = str(exc)
+    return message if message.startswith(f"{path}: ") else f"{path}: {message}"
+
+
 def _write(scheme: str, class_names: list[str], seeds: list[int], scored: list[Scored],
            categories, settings: Settings, outputs: Outputs) -> dict:
     confusion = np.stack([s.confusion for s in scored])   # (N, S, K, K)
@@ -206,9 +201,7 @@ def _write_categories(class_names: list[str], seeds: list[int], scored: list[Sco
                       categories: list[dict], claims, outputs: Outputs) -> None:
     """The table describes the first seed's model; per_image.npz every seed's counts
     (image axis first, then seed: (N, S, ...))."""
-    per_seed = lambda key: np.stack([[getattr(c, key) for c in s.categories]  # noqa: E731
-                                     for s in scored])
-    pixels, hits = per_seed("pixels"), per_seed("hits")
+    pixels, hits = _per_seed(scored, "pixels"), _per_seed(scored, "hits")
     instances = np.stack([s.categories[0].instances for s in scored])   # ground truth only
     if outputs.categories is not None:
         write_csv(outputs.categories, category_table(
@@ -226,6 +219,11 @@ def _write_categories(class_names: list[str], seeds: list[int], scored: list[Sco
                 category_claims=np.array([claims.class_of_category.get(c["id"], 0)
                                           for c in categories], np.int64),
                 category_pixels=pixels, category_instances=instances, category_hits=hits)
+
+
+def _per_seed(scored: list[Scored], key: str) -> np.ndarray:
+    """One ImageCategories field of every image and seed, stacked (N, S, ...)."""
+    return np.stack([[getattr(c, key) for c in s.categories] for s in scored])
 
 
 def _image(stem: str, gt_path: Path,

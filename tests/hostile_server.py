@@ -36,6 +36,7 @@ class Served:
     status: int
     sent: int = 0          # body bytes written to the socket before the end or a hang-up
     done: bool = False     # the server has finished with this request
+    headers: dict = field(default_factory=dict)   # the request's
 
 
 @dataclass
@@ -97,7 +98,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         owner = self.server_owner
         path = unquote(urlsplit(self.path).path)
         route = owner._routes.get(path)
-        served = Served(path, self.headers.get("Range"), 404)
+        served = Served(path, self.headers.get("Range"), 404, headers=dict(self.headers))
         owner._log(served)
         self.close_connection = True
         try:

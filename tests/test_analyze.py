@@ -340,6 +340,12 @@ def test_flags_are_benjamini_hochberg_over_the_whole_table():
     # the same three p-values alone among 40 tests no longer pass
     many = pd.concat([p[:4], pd.Series(np.full(36, 0.6))], ignore_index=True)
     assert not buckets.flag_by_fdr(many, 0.05)[1].any()
+    # an object column of numbers and None (what pandas makes of such a list) is read as
+    # floats: the same q-values, and None untested
+    q_object, flagged_object = buckets.flag_by_fdr(pd.Series([0.01, 0.02, 0.03, 0.5, None],
+                                                             dtype=object), 0.05)
+    np.testing.assert_allclose(q_object[:4].astype(float), [0.04, 0.04, 0.04, 0.5])
+    assert np.isnan(q_object[4]) and flagged_object.tolist() == flagged.tolist()
 
 
 @pytest.fixture(scope="module")

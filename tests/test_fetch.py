@@ -123,6 +123,34 @@ def test_retry_after_is_honoured(server, tmp_path, sleeps, fault, header_wait):
     assert (tmp_path / "x.jpg").read_bytes() == BODY
 
 
+def test_giving_up_after_retry_after_names_the_status_and_the_wait(server, tmp_path, sleeps):
+    server.inject(URL_PATH, "503:3", "503:3")
+    with pytest.raises(FetchError) as caught:
+        _fetcher(server, retries=1).fetch(NAME, tmp_path / "x.jpg")
+    assert str(caught.value) == (f"{server.base}{URL_PATH}: HTTP 503 Service Unavailable, "
+                                 "Retry-After 3s (gave up after 2 attempts)")
+    assert sleeps == [3.0]
+
+
+def test_giving_up_on_a_status_without_retry_after_names_it(server, tmp_path, sleeps):
+    server.inject(URL_PATH, "429", "429")
+    with pytest.raises(FetchError) as caught:
+        _fetcher(server, retries=1).fetch(NAME, tmp_path / "x.jpg")
+    assert str(caught.value) == (f"{server.base}{URL_PATH}: HTTP 429 Too Many Requests "
+                                 "(gave up after 2 attempts)")
+
+
+def test_a_416_to_a_request_without_range_restarts_and_is_reported(hostile, tmp_path, sleeps):
+    """A 416 not of the form 'bytes */<size of our .part>' means start over: the .part, if
+    any, goes; here there is none, and the retries end the same way."""
+    hostile.endless("/" + IMAGE, status=416, content_length=0)
+    with pytest.raises(FetchError) as caught:
+        _capped(hostile, retries=1).fetch(IMAGE, tmp_path / "x.jpg", cap="image_bytes")
+    assert str(caught.value) == (f"{hostile.base}/{IMAGE}: HTTP 416 (range not satisfiable): "
+                                 "restarting (gave up after 2 attempts)")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_retry_after_as_http_date():
     now = datetime(2026, 11, 22, 12, 0, 0, tzinfo=timezone.utc)
     later = (now + timedelta(seconds=30)).strftime("%a, %d %b %Y %H:%M:%S GMT")
@@ -131,6 +159,21 @@ def test_retry_after_as_http_date():
     assert fetch.retry_after_seconds("100000") == 600.0            # capped
     assert fetch.retry_after_seconds("soon") is None
     assert fetch.retry_after_seconds(None) is None
+
+
+def test_retry_after_edge_cases_by_hand():
+    """Spaces around delta-seconds are read; a date in the past waits 0 s, one an hour away
+    the 600 s cap, and with no `now` given the clock is read (a date long past: 0 s); an
+    empty header is no header."""
+    now = datetime(2026, 11, 22, 12, 0, 0, tzinfo=timezone.utc)
+    http_date = lambda t: t.strftime("%a, %d %b %Y %H:%M:%S GMT")  # noqa: E731
+    assert fetch.retry_after_seconds(" 7 ") == 7.0
+    assert fetch.retry_after_seconds("600") == 600.0 and fetch.retry_after_seconds("601") == 600.0
+    assert fetch.retry_after_seconds(http_date(now - timedelta(seconds=30)), now) == 0.0
+    assert fetch.retry_after_seconds(http_date(now + timedelta(hours=1)), now) == 600.0
+    assert fetch.retry_after_seconds(http_date(now + timedelta(seconds=599)), now) == 599.0
+    assert fetch.retry_after_seconds("Mon, 01 Jan 2001 00:00:00 GMT") == 0.0
+    assert fetch.retry_after_seconds("") is None
 
 
 def test_without_retry_after_backoff_grows_with_jitter(server, tmp_path, sleeps):
@@ -211,6 +254,52 @@ def test_content_check_failing_twice_is_reported(server, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_every_byte_is_reported_and_new_folders_are_made(server, tmp_path):
+    """on_bytes (download's progress) hears of every byte written, and the counters too; the
+    destination's missing folders are created."""
+    heard: list[int] = []
+    fetcher = _fetcher(server, on_bytes=heard.append)
+    dest = tmp_path / "a" / "b" / "x.jpg"
+    assert fetcher.fetch(NAME, dest) is True
+    assert dest.read_bytes() == BODY and sum(heard) == len(BODY) and all(heard)
+    assert (fetcher.counters.received_bytes, fetcher.counters.fetched) == (len(BODY), 1)
+
+
+def test_a_local_source_is_copied_checked_once_and_named_when_missing(tmp_path, sleeps):
+    """A local mirror's file will not change by retrying: a bad checksum is reported at
+    once (no retry, no wait, no .part left), and a missing file is named."""
+    mirror = tmp_path / "mirror"
+    (mirror / "val2017").mkdir(parents=True)
+    (mirror / NAME).write_bytes(BODY)
+    good = "sha256:" + hashlib.sha256(BODY).hexdigest()
+    copied = Fetcher(str(mirror), checksums={NAME: good})
+    assert copied.fetch(NAME, tmp_path / "out" / "x.jpg") is True
+    assert (tmp_path / "out" / "x.jpg").read_bytes() == BODY
+    assert copied.counters.received_bytes == len(BODY)
+    bad = Fetcher(str(mirror), checksums={NAME: "sha256:" + "0" * 64})
+    with pytest.raises(FetchError) as caught:
+        bad.fetch(NAME, tmp_path / "out" / "y.jpg")
+    assert str(caught.value) == (f"{mirror}/{NAME}: sha256 {good[7:]} differs from the "
+                                 f"expected {'0' * 64}")
+    assert sleeps == [] and bad.counters.retried == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x.jpg"]
+    with pytest.raises(FetchError) as caught:
+        bad.fetch("val2017/nope.jpg", tmp_path / "out" / "nope.jpg")
+    assert str(caught.value) == f"{mirror}/val2017/nope.jpg: no such file {mirror}/val2017/nope.jpg"
+    assert sleeps == []
+    # a known size (the official archives') is checked before any checksum
+    sized = Fetcher(str(mirror))
+    sized.sizes = {NAME: len(BODY) + 1}
+    with pytest.raises(FetchError) as caught:
+        sized.fetch(NAME, tmp_path / "out" / "z.jpg")
+    assert str(caught.value) == (f"{mirror}/{NAME}: {len(BODY)} bytes, not the official "
+                                 f"{len(BODY) + 1}")
+    # a file of exactly the cap is within it
+    exact = Fetcher(str(mirror), limits={"image_bytes": len(BODY)})
+    assert exact.fetch(NAME, tmp_path / "out" / "w.jpg", cap="image_bytes") is True
+    assert (tmp_path / "out" / "w.jpg").read_bytes() == BODY
+
+
 def test_404_is_not_retried(server, tmp_path, sleeps):
     with pytest.raises(FetchError, match=r"/val2017/nope.jpg: HTTP 404"):
         _fetcher(server).fetch("val2017/nope.jpg", tmp_path / "nope.jpg")
@@ -238,6 +327,80 @@ def test_parse_content_range():
     assert fetch.parse_content_range("bytes 100-199/*") == (100, None)
     assert fetch.parse_content_range("items 1-2/3") is None
     assert fetch.parse_content_range(None) is None
+    assert fetch.parse_content_range("bytes 0-0/1") == (0, 1)
+    assert fetch.parse_content_range("bytes x-9/10") is None          # no first byte
+    assert fetch.parse_content_range("bytes -9/10") is None
+    assert fetch.parse_content_range("bytes=0-9/10") is None          # a request's spelling
+    assert fetch.parse_content_range("") is None
+
+
+def test_body_end_is_the_smaller_of_the_announced_size_and_the_bound():
+    bound = fetch.Bound(50, "data.limits.image_bytes")
+    assert fetch.body_end(None, None) is None
+    assert (fetch.body_end(100, None), fetch.body_end(None, bound)) == (100, 50)
+    assert (fetch.body_end(100, bound), fetch.body_end(30, bound)) == (50, 30)
+    assert fetch.body_end(0, bound) == 0
+
+
+def test_complete_already_reads_the_416_content_range():
+    """A 416 says our .part is the whole file only as 'bytes */<total>' with total = its
+    size (RFC 9110's unsatisfied-range form)."""
+    import email.message
+    import urllib.error
+
+    def refused(content_range: str | None) -> urllib.error.HTTPError:
+        headers = email.message.Message()
+        if content_range is not None:
+            headers["Content-Range"] = content_range
+        return urllib.error.HTTPError("http://x/y", 416, "Range Not Satisfiable", headers, None)
+
+    assert fetch._complete_already(refused("bytes */1234"), 1234)
+    assert not fetch._complete_already(refused("bytes */1234"), 1233)
+    assert not fetch._complete_already(refused("bytes 0-1233/1234"), 1234)
+    assert not fetch._complete_already(refused("bytes */"), 0)
+    assert not fetch._complete_already(refused(None), 0)
+
+
+def test_file_digest_defaults_to_sha256_and_names_the_algorithm(tmp_path):
+    path = tmp_path / "x.bin"
+    path.write_bytes(b"segflow")
+    assert fetch.file_digest(path) == hashlib.sha256(b"segflow").hexdigest()
+    assert fetch.file_digest(path, "md5") == hashlib.md5(b"segflow").hexdigest()
+    fetch.verify_checksum(path, "sha1:" + hashlib.sha1(b"segflow").hexdigest())
+    with pytest.raises(CorruptFile) as caught:
+        fetch.verify_checksum(path, "md5:" + "0" * 32)
+    assert str(caught.value) == (f"md5 {hashlib.md5(b'segflow').hexdigest()} differs from the "
+                                 f"expected {'0' * 32}")
+    # the algorithm ends at the first colon: the rest is the digest, colons and all
+    with pytest.raises(CorruptFile) as caught:
+        fetch.verify_checksum(path, "md5:ab:cd")
+    assert str(caught.value) == (f"md5 {hashlib.md5(b'segflow').hexdigest()} differs from the "
+                                 "expected ab:cd")
+
+
+def test_fetcher_defaults_urls_and_local_paths(tmp_path):
+    """The documented defaults (a minute's window, 4 retries, 0.5 s backoff, no rate floor),
+    which bases are remote, and where a local base's files are: a folder, or a file:// URL
+    (percent-escapes decoded)."""
+    fetcher = Fetcher("https://mirror.example/coco/")
+    assert (fetcher.timeout_s, fetcher.retries, fetcher.backoff_s) == (60.0, 4, 0.5)
+    assert fetcher.remote and fetcher.local_path("x.jpg") is None
+    assert fetcher.url("val2017/x.jpg") == "https://mirror.example/coco/val2017/x.jpg"
+    assert (fetcher.checksums, fetcher.sizes, fetcher.limits) == ({}, {}, {})
+    floors = [h for h in fetcher._opener.handlers if isinstance(h, fetch._RateFloor)]
+    assert sorted(type(h).__name__ for h in floors) == ["_FlooredHTTP", "_FlooredHTTPS"]
+    assert all((h.window_s, h.min_rate) == (60.0, 0) for h in floors)
+    assert Fetcher("http://mirror.example").remote
+    folder = Fetcher(str(tmp_path))
+    assert not folder.remote and folder.local_path("a/b.jpg") == tmp_path / "a" / "b.jpg"
+    spaced = Fetcher(f"file://{tmp_path}/my%20coco")
+    assert spaced.local_path("a.jpg") == tmp_path / "my coco" / "a.jpg"
+    # a folder (no file:// URL) is taken as it is written: no percent-decoding
+    assert Fetcher(f"{tmp_path}/my%20coco").local_path("a.jpg") == tmp_path / "my%20coco" / "a.jpg"
+    counters = fetch.Counters()
+    counters.add(fetched=2, received_bytes=10)
+    counters.add(fetched=1)
+    assert (counters.fetched, counters.received_bytes, counters.skipped) == (3, 10, 0)
 
 
 # ------------------------------------------------ bounds: size, rate, redirects (issue 13)
@@ -293,6 +456,52 @@ def test_body_longer_than_its_content_length_is_cut_off(hostile, tmp_path, sleep
     assert fetcher.counters.received_bytes == 1000
     assert list(tmp_path.iterdir()) == []
     assert sleeps == []
+
+
+def test_a_body_past_its_content_length_is_cut_off_with_or_without_a_cap(hostile, tmp_path,
+                                                                         sleeps):
+    """Without a cap the announced size is the only bound; announced at exactly the cap,
+    the cap is what the message names."""
+    hostile.endless("/a.jpg", content_length=1000, chunked=True)
+    hostile.endless("/b.jpg", content_length=CAP, chunked=True)
+    with pytest.raises(FetchError) as caught:
+        _fetcher(hostile).fetch("a.jpg", tmp_path / "a.jpg")
+    assert str(caught.value) == (f"{hostile.base}/a.jpg: body runs past its announced 1000 "
+                                 "bytes: cut off")
+    with pytest.raises(FetchError) as caught:
+        _capped(hostile).fetch("b.jpg", tmp_path / "b.jpg", cap="image_bytes")
+    assert str(caught.value) == (f"{hostile.base}/b.jpg: body runs past the {CAP} bytes of "
+                                 "data.limits.image_bytes: cut off")
+    assert list(tmp_path.iterdir()) == [] and sleeps == []
+
+
+def test_requests_name_the_client_and_refuse_compression(hostile, tmp_path):
+    """Accept-Encoding: identity, or a server may gzip the body, and the bytes on disk
+    would not be the file (nor its size or checksum)."""
+    hostile.serve("/" + IMAGE, BODY)
+    _capped(hostile).fetch(IMAGE, tmp_path / "x.jpg", cap="image_bytes")
+    (request,) = hostile.gets("/" + IMAGE)
+    assert (request.headers["User-Agent"], request.headers["Accept-Encoding"]) == (
+        "segflow", "identity")
+
+
+def test_a_206_is_read_by_its_content_range(hostile, tmp_path, sleeps):
+    """A partial answer to a request from byte 0 must start at 0: one that starts elsewhere,
+    or says nowhere, is retried and reported; one with an unknown total ('/*') takes its
+    size from Content-Length (100 bytes here, which http.client reads and stops at)."""
+    hostile.endless("/elsewhere.jpg", status=206, content_length=5,
+                    headers={"Content-Range": "bytes 5-9/10"})
+    hostile.endless("/nowhere.jpg", status=206, content_length=5)
+    hostile.endless("/open.jpg", status=206, content_length=100,
+                    headers={"Content-Range": "bytes 0-99/*"})
+    fetcher = _capped(hostile, retries=1)
+    for name, header in (("elsewhere.jpg", "'bytes 5-9/10'"), ("nowhere.jpg", "None")):
+        with pytest.raises(FetchError) as caught:
+            fetcher.fetch(name, tmp_path / name, cap="image_bytes")
+        assert str(caught.value) == (f"{hostile.base}/{name}: unusable Content-Range {header} "
+                                     "(gave up after 2 attempts)")
+    assert fetcher.fetch("open.jpg", tmp_path / "open.jpg", cap="image_bytes") is True
+    assert (tmp_path / "open.jpg").read_bytes() == bytes(100)
 
 
 def test_official_archives_are_capped_at_their_known_size():
@@ -389,6 +598,9 @@ def test_redirect_allowed():
     assert not fetch.redirect_allowed(base, "ftp://cdn.example/x.jpg", ["cdn.example"])
     assert fetch.redirect_allowed("http://images.cocodataset.org",
                                   "http://images.cocodataset.org:80/zips/x.zip", [])
+    assert not fetch.redirect_allowed(base, "http://127.0.0.1:port/x.jpg", ["127.0.0.1"])
+    assert fetch.origin("file:///data/coco") == ("file", "", None)       # no host: empty
+    assert fetch.origin("HTTPS://CDN.Example/x") == ("https", "cdn.example", 443)
 
 
 def test_a_redirect_body_is_not_read(hostile, tmp_path):

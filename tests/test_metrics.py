@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import math
 import warnings
@@ -215,11 +216,42 @@ def test_json_safe_turns_nan_into_null():
 
 # ---------------------------------------------------------------- stages.evaluate core
 
-def test_accumulate_sums_pairs_and_counts_ignore():
+def _summed(pairs, class_names: list[str]) -> tuple[np.ndarray, int, list[dict]]:
+    """The whole-set matrix and ignore count as evaluate makes them (run() sums _scored's
+    per-image matrices), and each image's row: through evaluate's own per-image code."""
+    scored = [evaluate._scored(str(i), gt, [pred], class_names)
+              for i, (gt, pred) in enumerate(pairs)]
+    return (sum(s.confusion[0] for s in scored), sum(s.ignored for s in scored),
+            [s.row for s in scored])
+
+
+def test_scored_sums_pairs_and_counts_ignore():
     pairs = [(GT[:, :2], PRED[:, :2]), (GT[:, 2:], PRED[:, 2:])]
-    cm, ignored = evaluate.accumulate(iter(pairs), 4)
+    cm, ignored, _ = _summed(pairs, ["background", "person", "car", "bus"])
     assert cm.tolist() == CM.tolist()
     assert ignored == 2
+
+
+def test_scored_counts_in_integers_and_gives_each_images_own_row():
+    """One row per image, scored from that image's matrix alone. By hand: the left half
+    (GT[:, :2]) has background 0->0 twice, 0->1 once, car 2->1 and 2->2, one ignored
+    pixel: accuracy 3/5, background IoU 2 / (3 + 2 - 2), car IoU 1 / (2 + 1 - 1); the right
+    half is all right (person 3 of 3, one ignored)."""
+    names = ["background", "person", "car", "bus"]
+    left_scored = evaluate._scored("left", GT[:, :2], [PRED[:, :2]], names)
+    assert left_scored.stem == "left" and left_scored.confusion.dtype == np.int64
+    assert left_scored.confusion.shape == (1, 4, 4) and left_scored.categories is None
+    cm, ignored, rows = _summed([(GT[:, :2], PRED[:, :2]), (GT[:, 2:], PRED[:, 2:])], names)
+    assert (cm.tolist(), ignored) == (CM.tolist(), 2)
+    assert len(rows) == 2
+    left, right = rows
+    assert (left["pixels_evaluated"], left["pixels_ignored"]) == (5, 1)
+    assert left["pixel_accuracy"] == pytest.approx(3 / 5, abs=1e-12)
+    assert (left["iou_background"], left["iou_car"]) == pytest.approx((2 / 3, 1 / 2), abs=1e-12)
+    # person: predicted twice, in the ground truth never: 0; bus: neither, undefined
+    assert left["iou_person"] == 0.0 and math.isnan(left["iou_bus"])
+    assert (right["pixels_evaluated"], right["pixels_ignored"]) == (5, 1)
+    assert (right["pixel_accuracy"], right["iou_person"]) == (1.0, 1.0)
 
 
 def test_metrics_document_by_hand():
@@ -417,6 +449,31 @@ def test_unknown_scheme_exit_code_2(params, folders, tmp_path, caplog):
     assert "'person_bus'" in caplog.text
 
 
+def test_help_required_options_and_errors_under_the_evaluate_logger(params, folders, tmp_path,
+                                                                    capsys, caplog):
+    """The command line as README and dvc.yaml spell it (python -m stages.evaluate), the
+    docstring's first line as its description; argparse names the five required options
+    (exit 2); a stage error is one line from the 'evaluate' logger."""
+    with pytest.raises(SystemExit) as shown:
+        evaluate.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert shown.value.code == 0
+    assert out.startswith("usage: python -m stages.evaluate [-h] --params PARAMS --scheme "
+                          "SCHEME --pred PRED --gt GT --out OUT --confusion CONFUSION")
+    assert "evaluate: one confusion matrix over the whole val set, and every score from it." \
+        in out
+    with pytest.raises(SystemExit) as refused:
+        evaluate.main(["--params", "p.yaml"])
+    assert refused.value.code == 2
+    assert capsys.readouterr().err.endswith("error: the following arguments are required: "
+                                            "--scheme, --pred, --gt, --out, --confusion\n")
+    argv = _main_argv(params, folders, tmp_path, tmp_path / "out")
+    argv[argv.index("--scheme") + 1] = "person_bus"
+    assert evaluate.main(argv) == 2
+    [(logger, level, message)] = caplog.record_tuples
+    assert (logger, level) == ("evaluate", logging.ERROR) and "'person_bus'" in message
+
+
 # ---------------------------------------------------------------- against torchmetrics
 
 def torchmetrics_scores(pairs, num_classes: int) -> dict:
@@ -462,7 +519,7 @@ def torchmetrics_scores(pairs, num_classes: int) -> dict:
 
 def _assert_same_as_torchmetrics(pairs, num_classes: int):
     reference = torchmetrics_scores(pairs, num_classes)
-    cm, ignored = evaluate.accumulate(iter(pairs), num_classes)
+    cm, ignored, _ = _summed(pairs, [f"class{k}" for k in range(num_classes)])
     assert cm.tolist() == reference["cm"].astype(np.int64).tolist()  # identical, not close
     ours = scores(cm, ignored)
     np.testing.assert_allclose(ours["iou"], reference["iou"], rtol=1e-6, atol=1e-7,
@@ -592,6 +649,195 @@ def test_seeds_must_match_train_seeds(params, folders, tmp_path):
         evaluate.run(params, "person_car", {1: pred}, gt, tmp_path / "m.json",
                      tmp_path / "cm.csv")
     assert not (tmp_path / "m.json").exists()
+
+
+def test_a_missing_seed_folder_or_annotated_ground_truth_is_named(params, folders, tmp_path):
+    gt, pred = folders
+    two = {**params, "train": {**params["train"], "seeds": [0, 1]}}
+    missing = tmp_path / "pred" / "seed1" / "val"
+    with pytest.raises(StageError) as caught:
+        evaluate.run(two, "person_car", {0: pred, 1: missing}, gt, tmp_path / "m.json",
+                     tmp_path / "cm.csv")
+    assert str(caught.value) == f"{missing}: no predictions of seed 1 (run infer for it)"
+    annotations = tmp_path / "instances_val.json"
+    annotations.write_text(json.dumps(TINY_COCO))
+    (gt / "000000000002.png").unlink()
+    with pytest.raises(StageError) as caught:
+        evaluate.run(params, "person_car", pred, gt, tmp_path / "m.json", tmp_path / "cm.csv",
+                     annotations=annotations, categories_out=tmp_path / "categories.csv")
+    assert str(caught.value) == (f"{gt / '000000000002.png'}: ground truth missing for an "
+                                 "annotated image; re-run masks")
+    assert not (tmp_path / "m.json").exists() and not (tmp_path / "categories.csv").exists()
+
+
+def test_samples_lead_with_the_stem_and_the_plot_is_titled_by_scheme(params, folders, tmp_path,
+                                                                    monkeypatch):
+    """samples.csv's first column names the image; the confusion plot's title names the
+    scheme (the figure's arguments recorded on their way to the real plotting code)."""
+    gt, pred = folders
+    titles = []
+    real = evaluate.confusion_figure
+    monkeypatch.setattr(evaluate, "confusion_figure",
+                        lambda cm, names, title: titles.append(title) or real(cm, names, title))
+    evaluate.run(params, "person_car", pred, gt, tmp_path / "m.json", tmp_path / "cm.csv",
+                 tmp_path / "cm.png", tmp_path / "samples.csv")
+    assert titles == ["person_car: confusion"]
+    assert list(pd.read_csv(tmp_path / "samples.csv").columns)[:3] == [
+        "stem", "pixels_evaluated", "pixels_ignored"]
+
+
+# The val COCO instances of the two images above, as uncompressed RLE (column-major runs,
+# from a 0 run): image 1 (2 x 3) holds a person on (0,1) (0,2) (1,2) and a truck on (0,0)
+# (1,0); image 2 (2 x 2) a person on (0,0) (0,1) and a car on (1,0). Their ids run against
+# their names (COCO's ids are the names' numbers; not so here), so that the outputs' order
+# by name differs from the annotations' order by id.
+TINY_COCO = {
+    "images": [{"id": 3, "file_name": "000000000002.jpg", "height": 2, "width": 2},
+               {"id": 7, "file_name": "000000000001.jpg", "height": 2, "width": 3}],
+    "annotations": [
+        {"id": 1, "image_id": 3, "category_id": 1, "iscrowd": 0,
+         "segmentation": {"counts": [0, 1, 1, 1, 1], "size": [2, 2]}},
+        {"id": 2, "image_id": 3, "category_id": 3, "iscrowd": 0,
+         "segmentation": {"counts": [1, 1, 2], "size": [2, 2]}},
+        {"id": 3, "image_id": 7, "category_id": 1, "iscrowd": 0,
+         "segmentation": {"counts": [2, 1, 1, 2], "size": [2, 3]}},
+        {"id": 4, "image_id": 7, "category_id": 8, "iscrowd": 0,
+         "segmentation": {"counts": [0, 2, 4], "size": [2, 3]}},
+        # none of these three is an instance: a crowd region, a segmentation that draws
+        # nothing, and one of no pixel
+        {"id": 5, "image_id": 7, "category_id": 3, "iscrowd": 1,
+         "segmentation": {"counts": [3, 1, 2], "size": [2, 3]}},
+        {"id": 6, "image_id": 3, "category_id": 8, "iscrowd": 0, "segmentation": []},
+        {"id": 7, "image_id": 7, "category_id": 1, "iscrowd": 0,
+         "segmentation": {"counts": [6], "size": [2, 3]}}],
+    # out of id order on purpose: evaluate lists categories by id
+    "categories": [{"id": 8, "name": "truck", "supercategory": "vehicle"},
+                   {"id": 1, "name": "person", "supercategory": "person"},
+                   {"id": 3, "name": "car", "supercategory": "vehicle"}]}
+
+
+def test_main_with_annotations_and_two_seeds_by_hand(params, folders, tmp_path, monkeypatch):
+    """The command line with --annotations, --categories and --per-image, two seeds (seed 1
+    predicts every labelled pixel right, and image 2's car pixel as car), every count by
+    hand from the arrays above: the table is seed 0's, per_image.npz has both.
+    Seed 0's person pixels: image 1's predicted person, background, person at (0,1) (0,2)
+    (1,2); image 2's person, background: 5 pixels, shares 0.4 / 0.6 / 0, both instances at
+    least half found (recall 1). car: its one pixel predicted background (recall 0); truck,
+    no class of person_car's: both pixels background (pull 0)."""
+    gt, pred = folders
+    perfect = pred.parent.parent / "seed1" / "val"
+    for name, truth in (("000000000001.png", GT_A), ("000000000002.png", GT_B)):
+        save_labels(perfect / name, np.where(truth == I, 0, truth).astype(np.uint8))
+    save_labels(perfect / "000000000002.png", np.array([[1, 1], [2, 0]], np.uint8))
+    params = {**params, "train": {**params["train"], "seeds": [0, 1]}}
+    out = tmp_path / "out"
+    annotations = tmp_path / "instances_val.json"
+    annotations.write_text(json.dumps(TINY_COCO))
+    argv = _main_argv(params, folders, tmp_path, out) + [
+        "--annotations", str(annotations), "--categories", str(out / "categories.csv"),
+        "--per-image", str(out / "per_image.npz")]
+    titles = []   # the confusion plot's, on their way to the real plotting code
+    real = evaluate.confusion_figure
+    monkeypatch.setattr(evaluate, "confusion_figure",
+                        lambda cm, names, title: titles.append(title) or real(cm, names, title))
+    assert evaluate.main(argv) == 0
+    assert titles == ["person_car: confusion"]
+    table = pd.read_csv(out / "categories.csv", keep_default_na=False, na_values=[""])
+    assert list(table.columns) == ["category", "supercategory", "claimed_by", "instances",
+                                   "pixels", "pred_background", "pred_person", "pred_car",
+                                   "instance_recall", "instance_pull"]
+    rows = table.astype(object).where(table.notna(), None).values.tolist()
+    assert rows == [["person", "person", "person", 2, 5, 0.4, 0.6, 0.0, 1.0, None],
+                    ["car", "vehicle", "car", 1, 1, 1.0, 0.0, 0.0, 0.0, None],
+                    ["truck", "vehicle", None, 1, 2, 1.0, 0.0, 0.0, None, 0.0]]
+    with np.load(out / "per_image.npz") as npz:
+        arrays = {key: npz[key].tolist() for key in npz}
+    assert arrays == {
+        "stems": ["000000000001", "000000000002"],
+        "class_names": ["background", "person", "car"], "seeds": [0, 1],
+        # (image, seed, ground truth, prediction)
+        "confusion": [[[[2, 0, 0], [1, 2, 0], [0, 0, 0]], [[2, 0, 0], [0, 3, 0], [0, 0, 0]]],
+                      [[[1, 0, 0], [1, 1, 0], [0, 0, 0]], [[0, 0, 1], [0, 2, 0], [0, 0, 0]]]],
+        "ignored": [1, 1], "category_ids": [1, 3, 8],
+        "category_names": ["person", "car", "truck"], "category_claims": [1, 2, 0],
+        # (image, seed, category, prediction)
+        "category_pixels": [[[[1, 2, 0], [0, 0, 0], [2, 0, 0]],
+                             [[0, 3, 0], [0, 0, 0], [2, 0, 0]]],
+                            [[[1, 1, 0], [1, 0, 0], [0, 0, 0]],
+                             [[0, 2, 0], [0, 0, 1], [0, 0, 0]]]],
+        "category_instances": [[1, 0, 1], [1, 1, 0]],          # (image, category)
+        "category_hits": [[[1, 0, 0], [1, 0, 0]], [[1, 0, 0], [1, 1, 0]]]}
+    doc = json.loads((out / "m.json").read_text())
+    assert doc["miou"] == pytest.approx(0.6) and doc["seeds"]["seeds"] == [0, 1]
+
+
+def test_a_mask_of_an_image_the_annotations_do_not_list_is_named(params, folders, tmp_path):
+    gt, pred = folders
+    annotations = tmp_path / "instances_val.json"
+    annotations.write_text(json.dumps(TINY_COCO))
+    save_labels(gt / "000000000009.png", GT_B)
+    with pytest.raises(StageError) as caught:
+        evaluate.run(params, "person_car", pred, gt, tmp_path / "m.json", tmp_path / "cm.csv",
+                     annotations=annotations, per_image_out=tmp_path / "p.npz")
+    assert str(caught.value) == (f"{gt / '000000000009'}.png: image not in {annotations}; "
+                                 "re-run masks")
+    assert not (tmp_path / "m.json").exists() and not (tmp_path / "p.npz").exists()
+
+
+def test_one_seed_per_image_counts_instances_from_the_ground_truth(params, folders, tmp_path):
+    """With a single seed (params.yaml's), the instance counts come from that one entry."""
+    gt, pred = folders
+    annotations = tmp_path / "instances_val.json"
+    annotations.write_text(json.dumps(TINY_COCO))
+    evaluate.run(params, "person_car", pred, gt, tmp_path / "m.json", tmp_path / "cm.csv",
+                 annotations=annotations, per_image_out=tmp_path / "p.npz")
+    with np.load(tmp_path / "p.npz") as npz:
+        assert npz["seeds"].tolist() == [0] and npz["confusion"].shape == (2, 1, 3, 3)
+        assert npz["category_instances"].tolist() == [[1, 0, 1], [1, 1, 0]]
+
+
+def test_annotations_without_a_category_the_scheme_claims_are_refused(params, folders,
+                                                                     tmp_path, caplog):
+    """One line from the evaluate logger naming the annotation file, then the scheme, class
+    and category (exit 2, nothing written), not a traceback."""
+    gt, pred = folders
+    annotations = tmp_path / "instances_val.json"
+    annotations.write_text(json.dumps({**TINY_COCO, "categories": [
+        c for c in TINY_COCO["categories"] if c["name"] != "car"]}))
+    expected = (f"{annotations}: schemes.person_car.classes.car: category 'car' not in the "
+                "annotations (valid: person, truck)")
+    with pytest.raises(StageError) as caught:
+        evaluate.run(params, "person_car", pred, gt, tmp_path / "m.json", tmp_path / "cm.csv",
+                     annotations=annotations, per_image_out=tmp_path / "p.npz")
+    assert str(caught.value) == expected
+    out = tmp_path / "out"
+    argv = _main_argv(params, folders, tmp_path, out) + [
+        "--annotations", str(annotations), "--per-image", str(out / "per_image.npz")]
+    assert evaluate.main(argv) == 2
+    assert caplog.record_tuples == [("evaluate", logging.ERROR, expected)]
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_an_unreadable_annotation_file_is_named_once(params, folders, tmp_path):
+    """The reader's own message already starts with the file: not named twice."""
+    gt, pred = folders
+    annotations = tmp_path / "instances_val.json"
+    annotations.write_text("[]")
+    with pytest.raises(StageError) as caught:
+        evaluate.run(params, "person_car", pred, gt, tmp_path / "m.json", tmp_path / "cm.csv",
+                     annotations=annotations, per_image_out=tmp_path / "p.npz")
+    assert str(caught.value) == (f"{annotations}: expected a JSON object with "
+                                 "images/annotations/categories")
+
+
+@pytest.mark.parametrize("option", ["categories_out", "per_image_out"])
+def test_category_outputs_without_annotations_are_refused(params, folders, tmp_path, option):
+    gt, pred = folders
+    with pytest.raises(StageError) as caught:
+        evaluate.run(params, "person_car", pred, gt, tmp_path / "m.json", tmp_path / "cm.csv",
+                     **{option: tmp_path / "out"})
+    assert str(caught.value) == "evaluate: --categories and --per-image need --annotations"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gt", "pred"]   # nothing written
 
 
 def test_dvc_metrics_diff_between_two_schemes(params, folders, tmp_path):

@@ -394,6 +394,12 @@ def test_verdicts_say_higher_only_when_the_interval_excludes_zero():
                                                       "interval": [None, None],
                                                       "verdict": "no detectable difference"}}))
     assert undefined == ["car: no comparison, the IoU is undefined in person_vehicle."]
+    # both IoUs defined but no interval (either bound missing): the values, and no verdict
+    for interval in ([None, None], [None, 0.016], [0.004, None]):
+        assert report.verdicts(pair_summary({"person": {
+            **entry, "interval": interval, "verdict": "no detectable difference"}})) == [
+            "person: person_vehicle 0.319, person_car 0.309; no interval (the IoU is undefined "
+            "in most resamples of the val images), so no verdict."], interval
     # without compare's intervals nothing is claimed
     assert report.verdicts(None) == [] and report.verdicts({"pairs": []}) == []
 
