@@ -221,7 +221,7 @@ def notes(params: dict, scale: float, load_before: float, load_after: float) -> 
         "its 80 train images. A recipe that wins only on the sample rows is tuned to them.",
         f"Each training ran in its own process with 1 torch thread, {JOBS} at a time: on 2 "
         "cores the pipeline trains its two schemes the same way (train's threads are "
-        "--cores shared among the schemes and seeds), so its training wall seconds are "
+        "train.cpu_threads, 1), so its training wall seconds are "
         "about the CPU seconds here.",
         f"Load average (1 min) {load_before:.1f} before and {load_after:.1f} after: the "
         "machine is shared, so compare the seconds of rows of this one run, not across runs.",

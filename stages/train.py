@@ -474,7 +474,7 @@ PARAMS = ("schemes.{scheme}", "model", "train.device", "train.nproc", "train.ima
           "train.epochs", "train.batch_size", "train.lr", "train.weight_decay",
           "train.num_workers", "train.hflip", "train.loss", "train.class_weights",
           "train.sampler", "train.schedule", "train.warmup", "train.augment",
-          "train.val_every")
+          "train.val_every", "train.cpu_threads")
 
 
 def run(params: dict, scheme: str, raw: Path, masks: Path, out: Path,
@@ -486,6 +486,8 @@ def run(params: dict, scheme: str, raw: Path, masks: Path, out: Path,
     if device.type == "cuda" and ranks.world > 1:
         device = torch.device("cuda", ranks.local)
         torch.cuda.set_device(device)
+    if device.type == "cpu":  # both engines alike: float sums depend on the thread count
+        torch.set_num_threads(params["train"]["cpu_threads"])
     seed_everything(params["train"]["seed"])
     torch.backends.cudnn.benchmark = device.type == "cuda"
     with _process_group(ranks, device), _deterministic(device.type == "cpu"):

@@ -477,7 +477,7 @@ LONG = "x" * 100_000
     (lambda p: p["train"].update({LONG: 1}),
      f"params.yaml: train.{'x' * 80}... (100000 chars): unknown key (allowed here: device, "
      "nproc, image_size, epochs, batch_size, lr, weight_decay, seeds, num_workers, hflip, "
-     "loss, class_weights, sampler, schedule, warmup, val_every, augment)"),
+     "loss, class_weights, sampler, schedule, warmup, val_every, cpu_threads, augment)"),
     (lambda p: p["report"].update(title=list(range(20_000))),
      f"params.yaml: report.title: {repr(list(range(20_000)))[:80]}... "
      f"({len(repr(list(range(20_000))))} chars) is not of type 'string'"),
@@ -490,7 +490,7 @@ def test_error_messages_cut_long_values(params, edit, expected):
     message = _error(params)
     assert message == expected
     # the value is cut to 80 characters; the rest is the key and, for an unknown key, the
-    # allowed list (17 train keys since train.val_every)
+    # allowed list (18 train keys since train.val_every and cpu_threads)
     assert len(message) < 320
 
 

@@ -27,19 +27,6 @@ SEEDS = list(config["train"]["seeds"])
 FIRST_SEED = SEEDS[0]
 
 
-def shared_threads(jobs: int, most: int = 2) -> int:
-    """Threads for each of `jobs` jobs meant to run side by side: --cores shared among them,
-    at least 1 and at most `most`. On the CPU, two trainings with one thread each finish
-    sooner than one after the other with two (torch scales about 1.4x from 1 to 2 threads:
-    BENCHMARKS.md, recipe). Snakemake passes it to torch as OMP_NUM_THREADS. Without a core
-    count (a cluster executor may have none), `most`."""
-    try:
-        cores = int(workflow.cores)
-    except (WorkflowError, TypeError, ValueError):
-        return most
-    return max(1, min(most, cores // max(jobs, 1)))
-
-
 # Each rule's `params:` are the keys its stage module declares in PARAMS (the stage reads
 # nothing else: stages.lib.params.select), so Snakemake's params trigger reruns a job exactly
 # when a value it reads changes. "schemes.{scheme}" is the job's own scheme.

@@ -18,8 +18,9 @@ rule train:
         benchmark_path("train", per_seed=True)
     conda:
         "../envs/segflow.yaml"
-    # every scheme and seed trains side by side, sharing the cores (at most 2 threads each)
-    threads: shared_threads(len(SCHEMES) * len(SEEDS))
+    # train.cpu_threads: the stage's torch threads on the CPU (DVC's the same), so Snakemake
+    # runs as many trainings side by side as --cores allows
+    threads: config["train"]["cpu_threads"]
     resources:
         mem_mb=8000,
         runtime=720,
