@@ -95,18 +95,23 @@ def test_crop_work_size_keeps_the_smallest_crop_at_the_input_size():
     assert work_size(128, augment(crop=(1.0, 1.0))) == 128
 
 
+def assert_same_draws(ours, theirs, image, mask) -> None:
+    """Both transforms give the same image and mask from the same torch seed (4 seeds)."""
+    for seed in range(4):
+        torch.manual_seed(seed)
+        a = ours(image, mask)
+        torch.manual_seed(seed)
+        b = theirs(image, mask)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), seed
+
+
 def test_the_studys_recipe_is_the_plain_training_transform(drawn):
     plain = augment(crop=(1.0, 1.0))
     assert is_plain(plain) and not is_plain(augment(jitter=JITTER))
     image, mask = drawn
     ours = train_transform(64, IMAGENET_MEAN, IMAGENET_STD, plain, hflip=True)
     theirs = joint_transform(64, IMAGENET_MEAN, IMAGENET_STD, train=True, hflip=True)
-    for seed in range(4):
-        torch.manual_seed(seed)
-        a = ours(image, mask)
-        torch.manual_seed(seed)
-        b = theirs(image, mask)
-        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert_same_draws(ours, theirs, image, mask)
 
 
 def test_rare_pixel_is_a_pixel_of_the_least_present_foreground_class():
@@ -125,12 +130,7 @@ def test_rare_class_crop_without_p_places_the_crop_as_random_resized_crop(drawn)
     image, mask = drawn
     ours = RareClassCrop(64, (0.3, 1.0), p=0.0)
     theirs = v2.RandomResizedCrop((64, 64), scale=(0.3, 1.0), antialias=True)
-    for seed in range(4):
-        torch.manual_seed(seed)
-        a = ours(image, mask)
-        torch.manual_seed(seed)
-        b = theirs(image, mask)
-        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert_same_draws(ours, theirs, image, mask)
 
 
 def test_rare_class_crop_keeps_a_small_rare_region_in_view_and_the_mask_on_the_image(drawn):
