@@ -29,6 +29,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from stages.lib.cli import first_sentence
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # module -> mutant-name patterns (mutmut's names: <module>.x_<function>__mutmut_<n>)
@@ -467,7 +469,7 @@ def run_mutmut(modules: list[str], mutants: list[str] = ()) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=first_sentence(__doc__))
     parser.add_argument("--no-run", action="store_true",
                         help="only score the results of the last run")
     parser.add_argument("--markdown", type=Path, help="write the score table here too")

@@ -760,7 +760,7 @@ def findings_summary(found: dict, records: list[dict], train_images: int) -> dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = stage_parser("analyze", __doc__.splitlines()[0])
+    parser = stage_parser("analyze", __doc__)
     parser.add_argument("--predictions", required=True, type=Path, help="folder written by infer")
     parser.add_argument("--masks", required=True, type=Path, help="folder written by masks")
     parser.add_argument("--model", required=True, type=Path, help="folder written by train")

@@ -352,6 +352,7 @@ def read_scheme(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame, set[int]]:
         return read_table(folder / name, columns, produced_by="analyze")
 
     samples = table("samples.csv", SAMPLE_COLUMNS)
+    samples["image_id"] = _image_ids(samples["image_id"], folder / "samples.csv")
     repeated = samples.loc[samples["image_id"].duplicated(), "image_id"]
     if len(repeated):
         # pairs are made by image_id: a second row of one image would pair with the other
@@ -360,7 +361,21 @@ def read_scheme(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame, set[int]]:
                          "more than once (each image has one row); re-run analyze")
     bins = table("metadata_loss.csv", ["binning", "field", "bin", "low", "high"])
     issues = table("label_issues.csv", ["image_id", "flagged"])
-    return samples, bins, set(issues.loc[issues["flagged"].astype(bool), "image_id"].astype(int))
+    issues["image_id"] = _image_ids(issues["image_id"], folder / "label_issues.csv")
+    return samples, bins, set(issues.loc[issues["flagged"].astype(bool), "image_id"])
+
+
+def _image_ids(column: pd.Series, path: Path) -> pd.Series:
+    """A table's image_id column as integers (COCO's ids), refused in one line naming the file
+    and the first value that is none: pairs and flags are matched by these ids."""
+    numbers = pd.to_numeric(column, errors="coerce")
+    bad = numbers.isna() | (numbers % 1 != 0) | (numbers < 0)
+    if bad.any():
+        value = column[bad].iloc[0]
+        text = "" if pd.isna(value) else str(value)
+        raise StageError(f"{path}: image_id {text!r} is not a COCO image id "
+                         "(expected a whole number >= 0); re-run analyze")
+    return numbers.astype("int64")
 
 
 def read_insights(folder: Path) -> list[dict]:
@@ -480,7 +495,7 @@ def run(params: dict, analysis: Path, out: Path, metrics: Path | None = None) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = stage_parser("compare", __doc__.splitlines()[0])
+    parser = stage_parser("compare", __doc__)
     parser.add_argument("--analysis", required=True, type=Path,
                         help="folder of analysis/<scheme> (written by analyze)")
     parser.add_argument("--metrics", type=Path,

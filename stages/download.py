@@ -683,7 +683,7 @@ class _Progress:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = stage_parser("download", __doc__.splitlines()[0])
+    parser = stage_parser("download", __doc__)
     parser.add_argument("--out", required=True, type=Path, help="raw data folder to create")
     parser.add_argument("--checkpoints", type=Path, default=None,
                         help="folder for work in progress (resumed by a rerun)")

@@ -246,7 +246,7 @@ def _image(stem: str, gt_path: Path,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = stage_parser("evaluate", __doc__.splitlines()[0])
+    parser = stage_parser("evaluate", __doc__)
     parser.add_argument("--scheme", required=True)
     parser.add_argument("--pred", required=True, type=Path,
                         help="the scheme's predictions folder (infer's): seed<N>/val per seed")

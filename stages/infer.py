@@ -333,7 +333,7 @@ def _sync(device: torch.device) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = stage_parser("infer", __doc__.splitlines()[0])
+    parser = stage_parser("infer", __doc__)
     parser.add_argument("--model", required=True, type=Path, help="folder written by train")
     parser.add_argument("--raw", required=True, type=Path, help="folder written by download")
     parser.add_argument("--masks", required=True, type=Path, help="folder written by masks")

@@ -719,7 +719,7 @@ def _image_entry_problem(image: object) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = stage_parser("masks", __doc__.splitlines()[0])
+    parser = stage_parser("masks", __doc__)
     parser.add_argument("--scheme", required=True, help="scheme name in params.yaml")
     parser.add_argument("--raw", required=True, type=Path, help="folder written by download")
     parser.add_argument("--out", required=True, type=Path, help="mask folder to create")

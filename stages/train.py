@@ -1,12 +1,12 @@
-"""train: fit the MobileNetV2 + pix2pix model on one scheme's train masks; validate on
-val each epoch. Writes --out/model.pt (state dict + what rebuilds the model, loadable with
-torch.load(weights_only=True)), --out/train.json (device, precision, epochs, wall time, torch
-version, the model's sha256, image counts, what the encoder was pretrained on) and --live
-(DVCLive: loss and IoU per epoch). With --checkpoints, saves the whole training state after
-every epoch (last.pt, the one before kept as prev.pt); a run killed at any point resumes
-from it and ends with the same weights as an uninterrupted run. A damaged checkpoint is
-named in a warning, renamed aside (last.pt.corrupt-<UTC time>, never deleted) and the
-previous one, else a fresh start, used."""
+"""train: fit the MobileNetV2 + pix2pix model on one scheme's train masks; validate on val
+every train.val_every epochs and after the last. Writes --out/model.pt (state dict + what
+rebuilds the model, loadable with torch.load(weights_only=True)), --out/train.json (device,
+precision, epochs, wall time, torch version, the model's sha256, image counts, what the
+encoder was pretrained on) and --live (DVCLive: loss and IoU per epoch). With --checkpoints,
+saves the whole training state after every epoch (last.pt, the one before kept as prev.pt);
+a run killed at any point resumes from it and ends with the same weights as an uninterrupted
+run. A damaged checkpoint is named in a warning, renamed aside (last.pt.corrupt-<UTC time>,
+never deleted) and the previous one, else a fresh start, used."""
 from __future__ import annotations
 
 import contextlib
@@ -680,7 +680,7 @@ def data_loader(raw: Path, masks: Path, split: str, cfg: dict, train: bool,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = stage_parser("train", __doc__.splitlines()[0])
+    parser = stage_parser("train", __doc__)
     parser.add_argument("--scheme", required=True)
     parser.add_argument("--seed", required=True, type=seed_value,
                         help="the training seed (one of train.seeds: the engines run one job "

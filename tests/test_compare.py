@@ -182,6 +182,37 @@ def test_an_image_listed_twice_is_refused_in_one_line(tmp_path, params, caplog):
         compare.run(params, tmp_path / "analysis", tmp_path / "compare")
 
 
+@pytest.mark.parametrize("table, bad, shown", [
+    ("samples.csv", "abc", "'abc'"), ("samples.csv", "101.5", "'101.5'"),
+    ("samples.csv", "", "''"), ("samples.csv", "-3", "'-3'"),
+    ("label_issues.csv", "x7", "'x7'")])
+def test_an_image_id_that_is_no_coco_id_is_refused_in_one_line(tmp_path, params, caplog,
+                                                               table, bad, shown):
+    """A non-numeric, fractional, empty or negative image_id in samples.csv or
+    label_issues.csv: exit 2 and one line naming the file and the value, not a pandas
+    traceback from casting it, and nothing written. Ids written as 101.0 are the same id."""
+    for name in ("person_car", "person_vehicle"):
+        scheme_folder(tmp_path / "analysis", name, "car_fraction", np.ones(N), [0] * N, {101})
+    path = tmp_path / "analysis" / "person_vehicle" / table
+    rows = pd.read_csv(path, dtype=str)
+    rows.loc[1, "image_id"] = bad
+    rows.to_csv(path, index=False)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    argv = ["--params", str(tmp_path / "params.yaml"), "--analysis", str(tmp_path / "analysis"),
+            "--out", str(tmp_path / "compare")]
+    assert compare.main(argv) == 2
+    assert caplog.record_tuples == [("compare", logging.ERROR, (
+        f"{path}: image_id {shown} is not a COCO image id (expected a whole number >= 0); "
+        "re-run analyze"))]
+    assert not (tmp_path / "compare").exists()
+    rows.loc[1, "image_id"] = "101.0"
+    rows.to_csv(path, index=False)
+    assert compare.main(argv) == 0
+    written = pd.read_csv(tmp_path / "compare" / "samples.csv")
+    assert written["image_id"].tolist() == list(range(100, 100 + N))
+    assert written.loc[written["flagged_person_vehicle"], "image_id"].tolist() == [101]
+
+
 def test_joined_samples_itself_refuses_an_image_twice():
     """read_scheme refuses a repeated id before joining; the pure core keeps its own check
     (pandas' one-to-one merge) for any other caller, on either side of the merge."""

@@ -19,7 +19,7 @@ from torchvision import tv_tensors
 
 from conftest import SAMPLE, small_params
 from stages import analyze, download, evaluate, infer, masks, train
-from stages.lib.cli import StageError
+from stages.lib.cli import StageError, first_sentence
 from stages.lib.data import SegmentationDataset, joint_transform, list_samples
 from stages.lib.labels import IGNORE_INDEX, read_labels
 from stages.lib.model import IMAGENET_MEAN, IMAGENET_STD, SegNet
@@ -587,6 +587,50 @@ def test_missing_cli_flag_is_argparse_error(tmp_path, capsys):
         evaluate.main(["--params", str(tmp_path / "p.yaml"), "--scheme", SCHEME])
     assert info.value.code == 2
     assert "--pred" in capsys.readouterr().err
+
+
+HELP_DESCRIPTIONS = {
+    "download": "download: COCO annotations and a reproducible choice of images, from the COCO "
+                "server or any folder/URL laid out like it, into one raw-data folder with a "
+                "manifest.",
+    "masks": "masks: one palette PNG per image (pixel value = class index, 255 = ignore) for "
+             "one label scheme, plus a per-image metadata table.",
+    "train": "train: fit the MobileNetV2 + pix2pix model on one scheme's train masks; validate "
+             "on val every train.val_every epochs and after the last.",
+    "infer": "infer: predict the val split with a trained model.",
+    "evaluate": "evaluate: one confusion matrix over the whole val set, and every score from "
+                "it.",
+    "analyze": "analyze: what the model learned and where it fails, for one scheme, as the "
+               "study found it: a map of the val samples in the model's latent space, "
+               "unsupervised clusters on it, \"fetch similars\", heat-maps of the features a "
+               "cluster shares and Grad-CAM, metadata against loss, and a ranking of label "
+               "issues.",
+}
+
+
+@pytest.mark.parametrize("stage", list(MODULES))
+def test_help_describes_the_stage_in_its_whole_first_sentence(stage, capsys, monkeypatch):
+    """--help shows the docstring's first sentence, whole: the docstrings' first lines stop
+    mid-sentence ("... as the study found"), which --help used to print as it was. Expected
+    texts written out by hand, not taken from the docstrings."""
+    monkeypatch.setenv("COLUMNS", "400")
+    with pytest.raises(SystemExit) as shown:
+        MODULES[stage].main(["--help"])
+    assert shown.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: python -m stages.{stage} [-h] --params PARAMS")
+    assert out.split("\n\n")[1] == HELP_DESCRIPTIONS[stage]
+
+
+@pytest.mark.parametrize("docstring, sentence", [
+    ("a: b c\nd. Then more.", "a: b c d."),
+    ("a: loads with torch.load(weights_only=True) here.\nNext.",
+     "a: loads with torch.load(weights_only=True) here."),
+    ("a: no full stop\n\nsecond paragraph. Here.", "a: no full stop"),
+    ("  a: ends the docstring.", "a: ends the docstring."),
+])
+def test_first_sentence_joins_lines_and_stops_at_the_first_full_stop(docstring, sentence):
+    assert first_sentence(docstring) == sentence
 
 
 @pytest.mark.parametrize("seed", ["-1", "x", "4294967296", "1.0"])

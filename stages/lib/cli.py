@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Callable, Iterable
@@ -15,8 +16,18 @@ class StageError(RuntimeError):
     """Bad input a user can fix: reported as one line naming the file, key or value."""
 
 
-def stage_parser(name: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=description)
+def first_sentence(docstring: str) -> str:
+    """The docstring's first sentence on one line: what --help shows. A module docstring's
+    first line often stops mid-sentence, which --help would print as it is."""
+    paragraph = " ".join(docstring.strip().split("\n\n")[0].split())
+    end = re.search(r"\.(\s|$)", paragraph)
+    return paragraph[:end.start() + 1] if end else paragraph
+
+
+def stage_parser(name: str, docstring: str) -> argparse.ArgumentParser:
+    """The stage's parser, named as the README and dvc.yaml run it, with --params."""
+    parser = argparse.ArgumentParser(prog=f"python -m stages.{name}",
+                                     description=first_sentence(docstring))
     parser.add_argument("--params", required=True, help="params.yaml to read and validate")
     return parser
 

@@ -154,7 +154,7 @@ def run(params: dict, raw: Path, masks: Path, models: Path, predictions: Path, m
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = stage_parser("report", __doc__.splitlines()[0])
+    parser = stage_parser("report", __doc__)
     parser.add_argument("--raw", required=True, type=Path, help="folder written by download")
     parser.add_argument("--masks", required=True, type=Path, help="folder of masks/{scheme}")
     parser.add_argument("--models", required=True, type=Path,
