@@ -286,14 +286,19 @@ EQUIVALENT: dict[tuple[str, str], str] = {
     ("stages.compare.x_issue_changes", ").reset_index(drop=True)"): _MULTI_KIND,
     ("stages.compare.x_issue_changes", 'kind="XXstableXX").reset_index(drop=True)'): _MULTI_KIND,
     ("stages.compare.x_issue_changes", 'kind="STABLE").reset_index(drop=True)'): _MULTI_KIND,
-    # fetch (measured on main 38ae560, in part)
+    # fetch
     ("stages.lib.fetch.x__complete_already",
-     'value = exc.headers.get("content-range") or ""'): _HEADER_CASE,
+     'match = _UNSATISFIED_RANGE.fullmatch((exc.headers.get("content-range") or "").strip())'):
+        _HEADER_CASE,
     ("stages.lib.fetch.x__complete_already",
-     'value = exc.headers.get("CONTENT-RANGE") or ""'): _HEADER_CASE,
+     'match = _UNSATISFIED_RANGE.fullmatch((exc.headers.get("CONTENT-RANGE") or "").strip())'):
+        _HEADER_CASE,
     ("stages.lib.fetch.x__complete_already",
-     'value = exc.headers.get("Content-Range") or "XXXX"'): (
-        "with no Content-Range, 'XXXX' fails startswith('bytes */') as '' does"),
+     'match = _UNSATISFIED_RANGE.fullmatch((exc.headers.get("Content-Range") or "XXXX").strip())'):
+        "with no Content-Range, 'XXXX' does not match 'bytes */<total>', as '' does not",
+    ("stages.lib.fetch.x_parse_content_range",
+     'match = _CONTENT_RANGE.fullmatch((value or "XXXX").strip())'):
+        "with no value, 'XXXX' does not match 'bytes first-last/total', as '' does not",
     ("stages.lib.fetch.xǁFetcherǁ_raise_for_status",
      'wait = retry_after_seconds(exc.headers.get("retry-after"))'): _HEADER_CASE,
     ("stages.lib.fetch.xǁFetcherǁ_raise_for_status",

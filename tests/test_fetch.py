@@ -332,6 +332,18 @@ def test_parse_content_range():
     assert fetch.parse_content_range("bytes -9/10") is None
     assert fetch.parse_content_range("bytes=0-9/10") is None          # a request's spelling
     assert fetch.parse_content_range("") is None
+    assert fetch.parse_content_range(" bytes 5-9/10 ") == (5, 10)  # whitespace around the value
+    # malformed: one field too many, a second dash, trailing text
+    assert fetch.parse_content_range("bytes 0-9/10/20") is None
+    assert fetch.parse_content_range("bytes 0-9/10/*") is None
+    assert fetch.parse_content_range("bytes 1-2-3/10") is None
+    assert fetch.parse_content_range("bytes 0-9/10x") is None
+    assert fetch.parse_content_range("bytes 0-/10") is None
+    assert fetch.parse_content_range("bytes */10") is None          # a 416's form, no body
+    # invalid per RFC 9110 14.4: last before first, or a total not past the last byte
+    assert fetch.parse_content_range("bytes 9-0/10") is None
+    assert fetch.parse_content_range("bytes 0-10/10") is None
+    assert fetch.parse_content_range("bytes 0-9/9") is None
 
 
 def test_body_end_is_the_smaller_of_the_announced_size_and_the_bound():
@@ -359,6 +371,12 @@ def test_complete_already_reads_the_416_content_range():
     assert not fetch._complete_already(refused("bytes 0-1233/1234"), 1234)
     assert not fetch._complete_already(refused("bytes */"), 0)
     assert not fetch._complete_already(refused(None), 0)
+    assert fetch._complete_already(refused(" bytes */1234 "), 1234)
+    # malformed: a second total (either one equal to the size), trailing text, a range
+    assert not fetch._complete_already(refused("bytes */5/1234"), 1234)
+    assert not fetch._complete_already(refused("bytes */1234/5"), 1234)
+    assert not fetch._complete_already(refused("bytes */1234x"), 1234)
+    assert not fetch._complete_already(refused("bytes */*"), 0)
 
 
 def test_file_digest_defaults_to_sha256_and_names_the_algorithm(tmp_path):

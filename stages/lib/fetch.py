@@ -29,6 +29,7 @@ import io
 import logging
 import os
 import random
+import re
 import stat
 import threading
 import time
@@ -140,15 +141,22 @@ def retry_after_seconds(value: str | None, now: datetime | None = None) -> float
     return min(max((when - now).total_seconds(), 0.0), _MAX_RETRY_AFTER_S)
 
 
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+_UNSATISFIED_RANGE = re.compile(r"bytes \*/(\d+)")
+
+
 def parse_content_range(value: str | None) -> tuple[int, int | None] | None:
-    """(first byte, total or None) of 'bytes a-b/total'; None if unreadable."""
-    if not value or not value.startswith("bytes "):
+    """(first byte, total or None) of 'bytes first-last/total' or 'bytes first-last/*'; None
+    if unreadable or invalid: RFC 9110 section 14.4 forbids joining a body whose last byte is
+    before its first, or not before the total, to a stored part."""
+    match = _CONTENT_RANGE.fullmatch((value or "").strip())
+    if match is None:
         return None
-    span, _, total = value[6:].partition("/")
-    first, _, _ = span.partition("-")
-    if not first.isdigit():
+    first, last = int(match[1]), int(match[2])
+    total = None if match[3] == "*" else int(match[3])
+    if last < first or (total is not None and total <= last):
         return None
-    return int(first), int(total) if total.isdigit() else None
+    return first, total
 
 
 def file_digest(path: Path, algorithm: str = "sha256") -> str:
@@ -507,7 +515,6 @@ class _FlooredReader(io.RawIOBase):
 
 def _complete_already(exc: urllib.error.HTTPError, offset: int) -> bool:
     """A 416 whose Content-Range (bytes */total) says our partial file is the whole file."""
-    value = exc.headers.get("Content-Range") or ""
-    total = value.rpartition("/")[2]
-    return value.startswith("bytes */") and total.isdigit() and int(total) == offset
+    match = _UNSATISFIED_RANGE.fullmatch((exc.headers.get("Content-Range") or "").strip())
+    return match is not None and int(match[1]) == offset
 
