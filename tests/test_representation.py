@@ -169,3 +169,24 @@ def test_zero_vectors_have_no_direction_and_no_score():
     assert np.isnan(reference[1]) and reference[[0, 2]] == pytest.approx([1.0, 1.0], abs=1e-6)
     assert representation.out_of_distribution(scores, reference, 0.5).tolist() == [False,
                                                                                   False]
+
+
+def test_a_rank_test_without_a_mean_difference_above_zero_is_no_finding():
+    """Cluster 0's 10 losses (0.3) rank above nearly all of the rest's (0.1), so the rank
+    test passes, but two of the rest's 42 losses are 3.0: the means differ by
+    0.3 - 10 / 42 = 0.062 and the bootstrap interval of that holds 0. The finding would
+    state that difference, so there is none. With the two large losses at 0.1 too, the
+    same cluster is a low_performance finding."""
+    val = np.array([[0.0, 1.0]] * 10 + [[5.0, 5.0]] * 42)
+    clusters = np.array([0] * 10 + [1] * 42)
+    loss = np.array([0.3] * 10 + [0.1] * 40 + [3.0] * 2)
+    table = representation.cluster_findings(val, val, clusters, loss, np.arange(52), **CORE)
+    row = table.set_index("cluster").loc[0]
+    assert row["q_value"] < 1e-6
+    assert row["effect"] == pytest.approx(0.3 - 10 / 42)
+    assert row["interval"][0] < 0 < row["interval"][1]
+    assert table["finding"].tolist() == ["", ""]
+    loss[-2:] = 0.1
+    table = representation.cluster_findings(val, val, clusters, loss, np.arange(52), **CORE)
+    assert table["finding"].tolist() == ["low_performance", ""]
+    assert table.loc[0, "interval"][0] > 0

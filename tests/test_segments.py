@@ -8,9 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from scipy import stats
 
 from conftest import ROOT
-from stages.lib import segments
+from stages.lib import bootstrap, segments
 from stages.lib.bootstrap import Settings
 from stages.lib.segments import Condition
 
@@ -144,3 +145,27 @@ def test_nothing_to_split_reports_nothing():
     assert segments.weak_segments(pd.DataFrame(index=range(6)), np.ones(6), ids, **CORE) == []
     assert segments.weak_segments(pd.DataFrame({"x": np.arange(6.0)}), np.arange(6.0), ids,
                                   **CORE) == []
+
+
+def test_a_held_out_rank_difference_whose_mean_interval_holds_zero_is_no_segment(metadata):
+    """The planted segment's losses sit 0.2 above the rest's everywhere, so the tree finds it
+    and the held-out rank test passes; but three held-out images outside it have a loss of
+    5.0, so the held-out mean difference is about 0 and its interval holds 0. The segment
+    would state that difference: it is not reported. Without the three, it is."""
+    members = planted(metadata)
+    base = 0.1 + np.random.default_rng(4).uniform(0, 0.02, len(metadata)) + 0.2 * members
+    ids = metadata["image_id"].to_numpy()
+    found = segments.weak_segments(fields(metadata), base, ids, **CORE)
+    assert len(found) == 1 and found[0].interval[0] > 0
+    _, test = segments.halves(len(metadata), 0)
+    outliers = [i for i in test if not members[i]][:3]
+    loss = base.copy()
+    loss[outliers] = 5.0
+    assert segments.weak_segments(fields(metadata), loss, ids, **CORE) == []
+    # the fitting half is unchanged, so the tree and its leaf are: on the held-out half the
+    # rank test passes and the interval of the mean difference holds 0
+    held = np.isin(ids, found[0].held_out_ids)
+    rest = np.setdiff1d(test, np.flatnonzero(held))
+    assert stats.mannwhitneyu(loss[held], loss[rest], alternative="greater").pvalue < 1e-3
+    lo, hi = bootstrap.mean_difference_interval(loss[held], loss[rest], SETTINGS)
+    assert lo < 0 < hi

@@ -155,6 +155,14 @@ def seeds_block(confusion: np.ndarray, ignored: np.ndarray, class_names: list[st
     return block
 
 
+def above_zero(interval: list[float] | None) -> bool:
+    """Whether an interval of a difference lies wholly above 0: what calling a group's loss
+    "higher" needs (DESIGN.md, "Claims the report may make"). A rank test's q-value alone does
+    not carry it: many slightly higher losses against a rest with a few large ones pass the
+    rank test while the mean difference's interval holds 0. No interval, no claim."""
+    return interval is not None and interval[0] > 0
+
+
 def mean_difference_interval(inside: np.ndarray, outside: np.ndarray,
                              settings: Settings) -> list[float] | None:
     """Percentile interval of mean(inside) - mean(outside) for two disjoint groups of images

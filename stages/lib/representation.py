@@ -11,7 +11,9 @@ The flags, per cluster of at least `min_count` val images (HDBSCAN's noise, -1, 
 cluster):
 - high loss: a one-sided Mann-Whitney U test (scipy.stats.mannwhitneyu, "greater") of the
   cluster's val losses against the other val images', Benjamini-Hochberg q-value over the
-  clusters (scipy.stats.false_discovery_control) at most `fdr`;
+  clusters (scipy.stats.false_discovery_control) at most `fdr`, AND the bootstrap interval
+  of its mean loss minus the rest's above 0 (the finding states that difference, so it
+  needs both: a rank test can pass while the means' interval holds 0);
 - under-represented: its train share at most `share_ratio` x its val share (the training
   set would need 1 / share_ratio times that kind's images to match val's mix: at the
   default 0.5, twice as many) AND a one-sided Fisher exact test (scipy.stats.fisher_exact,
@@ -170,7 +172,7 @@ def cluster_findings(val: np.ndarray, train: np.ndarray, clusters: np.ndarray,
     table["mean_loss"], table["mean_loss_rest"] = means, rests
     table["effect"] = table["mean_loss"] - table["mean_loss_rest"]
     table["interval"], table["image_ids"] = intervals, members
-    high = table["q_value"] <= fdr
+    high = (table["q_value"] <= fdr) & table["interval"].map(bootstrap.above_zero)
     short = (table["share_ratio"] <= share_ratio) & (table["representation_q_value"] <= fdr)
     table["finding"] = np.where(high & short, "under_represented",
                                 np.where(high, "low_performance", ""))

@@ -10,8 +10,9 @@ Mann-Whitney U test (scipy.stats.mannwhitneyu, "greater") of its held-out member
 against the rest of the held-out half, so the tree's search over splits does not make the
 test optimistic. Benjamini-Hochberg q-values (scipy.stats.false_discovery_control) over the
 candidates tested; a segment is reported when q <= fdr with at least min_count held-out
-members. Its effect (mean loss inside minus outside) and interval are on the held-out half
-too, for the same reason.
+members AND the bootstrap interval of its effect (mean loss inside minus outside) lies above
+0: the finding states that difference, and a rank test can pass while its interval holds 0.
+The effect and interval are on the held-out half too, for the same reason.
 """
 from __future__ import annotations
 
@@ -158,7 +159,8 @@ def weak_segments(metadata: pd.DataFrame, loss: np.ndarray, image_ids: np.ndarra
     found = [_segment(tree, leaf, fields, frame, y, ids, leaf_of, inside, outside, p, float(qv),
                       settings)
              for (leaf, inside, outside, p), qv in zip(tested, q) if qv <= fdr]
-    return sorted(found, key=lambda s: (s.q_value, -s.effect))
+    return sorted((s for s in found if bootstrap.above_zero(s.interval)),
+                  key=lambda s: (s.q_value, -s.effect))
 
 
 def _segment(tree, leaf, fields, frame, y, ids, leaf_of, inside, outside, p, q,
