@@ -752,6 +752,7 @@ def findings_summary(found: dict, records: list[dict], train_images: int) -> dic
             "duplicates": {"pairs": len(pairs),
                            "by_kind": {k: int((pairs["kind"] == k).sum())
                                        for k in duplicates.KINDS},
+                           "by_kind_and_split": duplicates.counts_by_kind_and_split(pairs),
                            "leaked_val_images": len(duplicates.leaked_val_ids(pairs))},
             "out_of_distribution": {"k": ood["k"], "quantile": ood["quantile"],
                                     "threshold": ood["threshold"],

@@ -182,3 +182,23 @@ def test_cosine_distance_by_hand_and_zero_vectors_pair_with_nothing():
     assert len(pairs) == 1   # the two zero vectors have no direction: no pair
     assert pairs["distance"].iloc[0] == pytest.approx(1 - 0.99 / np.hypot(0.99, 0.141),
                                                       abs=1e-6)
+
+
+def test_counts_by_kind_and_split_cover_every_cell_and_refuse_unknown_ones():
+    """Hand-made pairs: each cell counted, zeros kept for every kind and split pair, an empty
+    table all zeros; a split pair or kind find_pairs never writes is refused by name."""
+    pairs = pd.DataFrame(
+        [(1, "train", 2, "train", "exact_bytes", 0.0), (3, "train", 9, "val", "exact_bytes", 0.0),
+         (4, "train", 8, "val", "exact_bytes", 0.0), (7, "val", 8, "val", "near_hash", 3.0),
+         (5, "train", 7, "val", "near_latent", 0.001)], columns=PAIR_COLUMNS)
+    zero = {"train-train": 0, "val-val": 0, "train-val": 0}
+    assert duplicates.counts_by_kind_and_split(pairs) == {
+        "exact_bytes": {"train-train": 1, "val-val": 0, "train-val": 2}, "exact_pixels": zero,
+        "near_hash": {**zero, "val-val": 1}, "near_latent": {**zero, "train-val": 1}}
+    empty = duplicates.counts_by_kind_and_split(pd.DataFrame(columns=PAIR_COLUMNS))
+    assert empty == {k: zero for k in duplicates.KINDS}
+    with pytest.raises(ValueError, match=r"^a pair of val-train: expected one of "):
+        duplicates.counts_by_kind_and_split(pairs.iloc[[1]].assign(split_a="val",
+                                                                   split_b="train"))
+    with pytest.raises(ValueError, match=r"^a pair of near_colour: expected one of exact_bytes"):
+        duplicates.counts_by_kind_and_split(pairs.assign(kind="near_colour"))

@@ -184,8 +184,13 @@ def test_train_shares_and_out_of_distribution_scores(planted):
     np.testing.assert_allclose(clusters["val_share"], clusters["size"] / (N_VAL + 4))
     summary = json.loads((planted["analysis"] / "summary.json").read_text())
     assert summary["train_images"] == N_TRAIN
-    assert summary["duplicates"] == {"pairs": 4, "leaked_val_images": 3, "by_kind": {
-        "exact_bytes": 3, "exact_pixels": 0, "near_hash": 1, "near_latent": 0}}
+    none = {"train-train": 0, "val-val": 0, "train-val": 0}
+    assert summary["duplicates"] == {
+        "pairs": 4, "leaked_val_images": 3,
+        "by_kind": {"exact_bytes": 3, "exact_pixels": 0, "near_hash": 1, "near_latent": 0},
+        # the three train twins in val, and the resized val copy of a val image
+        "by_kind_and_split": {"exact_bytes": {**none, "train-val": 3}, "exact_pixels": none,
+                              "near_hash": {**none, "val-val": 1}, "near_latent": none}}
     assert summary["insights"]["records"] == len(_insights(planted))
 
 

@@ -1820,11 +1820,23 @@ LEAK_FREE = {"miou": 0.3125, "pixel_accuracy": 0.8125, "pixel_accuracy_with_igno
              "excluded_image_ids": [3, 5]}
 
 
+def pair_counts(**cells: tuple[int, int, int]) -> dict[str, dict[str, int]]:
+    """analyze's summary.json duplicates.by_kind_and_split, written by hand: kind=(train-train,
+    val-val, train-val), every other kind zeros."""
+    kinds = ("exact_bytes", "exact_pixels", "near_hash", "near_latent")
+    return {k: dict(zip(("train-train", "val-val", "train-val"), cells.get(k, (0, 0, 0))))
+            for k in kinds}
+
+
 def leaky_scheme(leak: bool = True) -> report.Scheme:
     s = car_scheme()
     s.metrics["interval"] = INTERVALS
     s.duplicates = DUPLICATES if leak else DUPLICATES[DUPLICATES["split_a"] == DUPLICATES[
         "split_b"]].reset_index(drop=True)
+    s.duplicate_counts = (pair_counts(exact_bytes=(1, 0, 1), exact_pixels=(0, 1, 0),
+                                      near_hash=(1, 0, 1), near_latent=(0, 1, 1)) if leak else
+                          pair_counts(exact_bytes=(1, 0, 0), exact_pixels=(0, 1, 0),
+                                      near_hash=(1, 0, 0), near_latent=(0, 1, 0)))
     s.insights = [LEAK] if leak else []
     s.leak_free = LEAK_FREE if leak else None
     return s
@@ -1858,6 +1870,12 @@ def test_duplicate_evidence_counts_by_kind_and_split_and_shows_the_leaking_pairs
     clean = report.duplicate_evidence(leaky_scheme(leak=False), 10, 6)
     assert clean["leak"] is None and clean["more"] == 0 and len(clean["pairs"]) == 4
     assert report.duplicate_evidence(car_scheme(), 4, 6) is None   # no duplicates.csv read
+    # the counts are analyze's summary.json's, not a recount of the file
+    s = leaky_scheme()
+    s.duplicate_counts = pair_counts(exact_bytes=(2, 0, 0), exact_pixels=(0, 1, 0),
+                                     near_hash=(0, 0, 2), near_latent=(0, 2, 0))
+    assert [c["cells"] for c in report.duplicate_evidence(s, 4, 6)["counts"]] == [
+        [2, 0, 0], [0, 1, 0], [0, 0, 2], [0, 2, 0]]
 
 
 def _pairs_on(html: str) -> list[tuple[str, str, list[tuple[str, str]], str]]:
@@ -1942,6 +1960,7 @@ def test_without_a_leak_the_page_says_no_val_image_has_a_train_copy():
     assert len(_pairs_on(section)) == 4
     # a latent pair across the splits is named, as no leak
     s.duplicates = DUPLICATES[DUPLICATES["kind"] == "near_latent"].reset_index(drop=True)
+    s.duplicate_counts = pair_counts(near_latent=(0, 1, 1))
     shown = report.duplicate_evidence(s, 0, 6)
     assert shown["no_leak"].endswith(
         " The 1 train-val pair near only in the latent space (below) is not counted as leaks: "
@@ -2054,8 +2073,9 @@ def _duplicates_of(html: str, scheme: str) -> str:
 
 
 def test_the_runs_page_counts_its_duplicate_pairs_and_says_no_val_image_leaks(rendered):
-    """The sample has no train copy in val (docs/outputs.md): each scheme's block counts
-    duplicates.csv's rows by kind and split pair and says plainly that nothing leaks."""
+    """The sample has no train copy in val (docs/outputs.md): each scheme's block shows
+    analyze's counts of duplicates.csv's rows by kind and split pair (recounted here from the
+    file) and says plainly that nothing leaks."""
     root, html, params = rendered["root"], rendered["html"], rendered["params"]
     section = html.split('<h3 id="duplicates">')[1].split("</section>")[0]
     tables = Page.parse(section).tables
@@ -2094,6 +2114,10 @@ def test_a_leak_in_analyzes_files_shows_both_images_of_its_pairs_and_its_metrics
                   (train[1]["id"], "train", near, "val", "near_latent", 0.004)],
                  columns=report_inputs.PAIR_COLUMNS).to_csv(analysis / s / "duplicates.csv",
                                                             index=False)
+    summary = json.loads((analysis / s / "summary.json").read_text())
+    summary["duplicates"]["by_kind_and_split"] = pair_counts(exact_bytes=(0, 0, 1),
+                                                             near_latent=(0, 0, 1))
+    (analysis / s / "summary.json").write_text(json.dumps(summary))
     found = json.loads((analysis / s / "insights.json").read_text())
     found.append(insights.record("leak", "1 val image with a copy among the training images "
                                  "(pairs: 1 same bytes)", [leaked], evidence={"pairs": [
@@ -2134,3 +2158,39 @@ def test_a_leak_in_analyzes_files_shows_both_images_of_its_pairs_and_its_metrics
     assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
         f"{path}: missing, but insights.json beside it has a leak record (1 val image); "
         "re-run analyze"]
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda d: d.pop("by_kind_and_split"),
+     "duplicates.by_kind_and_split.exact_bytes.train-train: expected a count of pairs, found "
+     "null"),
+    (lambda d: d["by_kind_and_split"]["near_hash"].update({"val-val": -1}),
+     "duplicates.by_kind_and_split.near_hash.val-val: expected a count of pairs, found -1"),
+    (lambda d: d["by_kind_and_split"]["near_latent"].update({"train-val": "2"}),
+     'duplicates.by_kind_and_split.near_latent.train-val: expected a count of pairs, found "2"'),
+    (lambda d: d["by_kind_and_split"]["exact_pixels"].update({"train-val": 7}),
+     None),
+])
+def test_duplicate_counts_that_do_not_fit_duplicates_csv_are_refused(pipeline, tmp_path, caplog,
+                                                                      change, problem):
+    """analyze's summary.json counts the pairs of duplicates.csv beside it: a missing or
+    non-count cell, or counts whose sum is not the file's rows (of another run), is one
+    error line naming the file and the key, and no page is written."""
+    root, params = pipeline["root"], pipeline["params"]
+    s = next(iter(params["schemes"]))
+    analysis = tmp_path / "analysis"
+    shutil.copytree(root / "analysis", analysis)
+    path = analysis / s / "summary.json"
+    summary = json.loads(path.read_text())
+    rows = len(pd.read_csv(analysis / s / "duplicates.csv"))
+    change(summary["duplicates"])
+    path.write_text(json.dumps(summary))
+    out = tmp_path / "index.html"
+    assert report.main(cli_argv(root / "params.yaml", stage_args(root, analysis=analysis,
+                                                                 out=out))) == 2
+    problem = problem or (f"duplicates.by_kind_and_split counts {rows + 7} pairs but "
+                          f"duplicates.csv beside it has {rows} row{'' if rows == 1 else 's'}: "
+                          "the two are of different runs")
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
+        f"{path}: {problem}; re-run analyze"]
+    assert not out.exists()

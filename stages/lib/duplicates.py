@@ -45,6 +45,8 @@ KINDS = ("exact_bytes", "exact_pixels", "near_hash", "near_latent")
 # it is listed for a look, not taken as a copy: no metrics are recomputed over it.
 LEAK_KINDS = ("exact_bytes", "exact_pixels", "near_hash")
 PAIR_COLUMNS = ["image_id_a", "split_a", "image_id_b", "split_b", "kind", "distance"]
+# the split pairs a pair's sides make: canonical() puts train before val
+SPLIT_PAIRS = ("train-train", "val-val", "train-val")
 DIGESTS = {"exact_bytes": "sha256", "exact_pixels": "pixel_sha256"}
 
 
@@ -160,6 +162,19 @@ def find_pairs(images: pd.DataFrame, hash_size: int, hash_radius: int,
     return pairs.sort_values(["kind", "split_a", "image_id_a", "split_b", "image_id_b"],
                              key=lambda c: c.map(KINDS.index) if c.name == "kind" else c,
                              kind="stable").reset_index(drop=True)
+
+
+def counts_by_kind_and_split(pairs: pd.DataFrame) -> dict[str, dict[str, int]]:
+    """{kind: {split pair: number of pairs}} over every kind and split pair, zeros included
+    (summary.json's duplicates.by_kind_and_split, which the report tabulates as it is)."""
+    split = pairs["split_a"].astype(str) + "-" + pairs["split_b"].astype(str)
+    for found, known in ((split, SPLIT_PAIRS), (pairs["kind"].astype(str), KINDS)):
+        unknown = sorted(set(found) - set(known))
+        if unknown:
+            raise ValueError(f"a pair of {unknown[0]}: expected one of {', '.join(known)}")
+    table = pd.crosstab(pairs["kind"].astype(str), split).reindex(
+        index=list(KINDS), columns=list(SPLIT_PAIRS), fill_value=0)
+    return {k: {s: int(table.loc[k, s]) for s in SPLIT_PAIRS} for k in KINDS}
 
 
 def leaked_val_ids(pairs: pd.DataFrame, kinds: tuple[str, ...] = LEAK_KINDS) -> list[int]:

@@ -5,6 +5,7 @@ their own title and numbers; nothing is recomputed here.
 """
 from __future__ import annotations
 
+from stages.lib.duplicates import SPLIT_PAIRS
 from stages.report.inputs import SUMMARY_METRICS, Scheme
 from stages.report.tables import finite, named, weak_warning
 
@@ -145,10 +146,9 @@ def insight_stems(schemes: list[Scheme], changes: list[dict] | None, thumbnails:
 
 # ---------------------------------------------------------------- duplicates and leakage
 
-# duplicates.csv's kinds, strongest first, and the split pairs its sides make (train first)
+# duplicates.csv's kinds, strongest first, in words
 PAIR_KINDS = {"exact_bytes": "same bytes", "exact_pixels": "same pixels",
               "near_hash": "near by perceptual hash", "near_latent": "near in the latent space"}
-PAIR_SPLITS = ("train-train", "val-val", "train-val")
 
 
 def _pair_distance(kind: str, distance: float) -> str:
@@ -189,9 +189,8 @@ def duplicate_evidence(scheme: Scheme, shown: int, hash_radius: int) -> dict | N
     if pairs is None:
         return None
     split = (pairs["split_a"].astype(str) + "-" + pairs["split_b"].astype(str)).to_numpy()
-    kinds = pairs["kind"].astype(str).to_numpy()
-    counts = [{"kind": k, "words": w, "cells": [int(((kinds == k) & (split == s)).sum())
-                                                 for s in PAIR_SPLITS]}
+    counts = [{"kind": k, "words": w,
+               "cells": [scheme.duplicate_counts[k][s] for s in SPLIT_PAIRS]}
               for k, w in PAIR_KINDS.items()]
     leak = next((r for r in scheme.insights if r["type"] == "leak"), None)
     leaking = {(int(p["image_id_a"]), int(p["image_id_b"]))
@@ -207,7 +206,7 @@ def duplicate_evidence(scheme: Scheme, shown: int, hash_radius: int) -> dict | N
     listed.sort(key=lambda p: not p["leak"])   # stable: the file's order within each part
     latent_across = sum(c["cells"][2] for c in counts if c["kind"] == "near_latent")
     result = {"scheme": scheme.name, "total": len(listed), "counts": counts,
-              "splits": list(PAIR_SPLITS), "pairs": listed[:shown],
+              "splits": list(SPLIT_PAIRS), "pairs": listed[:shown],
               "more": max(0, len(listed) - shown), "leak": None, "no_leak": None}
     if scheme.leak_free is not None:
         free = scheme.leak_free

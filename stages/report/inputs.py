@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from stages.lib.cli import StageError
+from stages.lib.duplicates import KINDS, PAIR_COLUMNS, SPLIT_PAIRS
 from stages.lib.names import check_plain_name, inside, seed_dir
 from stages.lib.params import scheme_class_names
 from stages.lib.tables import read_json, read_table
@@ -44,6 +45,8 @@ class Scheme:
     insights: list[dict] = field(default_factory=list)   # analyze's insights.json, ranked
     # analyze's duplicates.csv (None: not read, as in pages built without analyze's files)
     duplicates: pd.DataFrame | None = None
+    # analyze's summary.json duplicates.by_kind_and_split: {kind: {split pair: pairs}}
+    duplicate_counts: dict[str, dict[str, int]] | None = None
     leak_free: dict | None = None    # analyze's leak_free_metrics.json, when some image leaks
 
 
@@ -65,7 +68,6 @@ SAMPLE_COLUMNS = ["image_id", "file_name", "loss", "pixel_accuracy", "miou", "x"
 CLUSTER_COLUMNS = ["cluster", "size", "mean_loss", "mean_pixel_accuracy", "grayscale_share",
                    "dominant_categories", "representative_image_ids", "train_images",
                    "train_share", "val_share"]
-PAIR_COLUMNS = ["image_id_a", "split_a", "image_id_b", "split_b", "kind", "distance"]
 LEAK_FREE_KEYS = ["miou", "pixel_accuracy", "pixel_accuracy_with_ignore", "mean_class_accuracy",
                   "fw_iou", "iou", "images", "interval", "excluded_image_ids"]
 BIN_COLUMNS = ["binning", "field", "bin", "low", "high", "count", "mean_loss", "se_loss",
@@ -134,6 +136,7 @@ def load_scheme(params: dict, name: str, models: Path, predictions: Path, metric
     samples = read_samples(folder / "samples.csv", class_names)
     neighbours, distances = read_neighbours(folder / "neighbours.csv", samples)
     found = read_insights(folder / "insights.json", "analyze", {name: samples}, name)
+    pairs = read_table(folder / "duplicates.csv", PAIR_COLUMNS, "analyze")
     return Scheme(
         name=name, class_names=class_names, claims=params["schemes"][name]["classes"],
         metrics=read_metrics(metrics / f"{name}.json", class_names),
@@ -156,9 +159,29 @@ def load_scheme(params: dict, name: str, models: Path, predictions: Path, metric
         heatmaps=read_table(folder / "heatmaps" / "index.csv", ["file", "kind", "cluster", "stem"],
                             "analyze", dtype={"stem": str}),
         seed=seed, insights=found,
-        duplicates=read_table(folder / "duplicates.csv", PAIR_COLUMNS, "analyze"),
+        duplicates=pairs,
+        duplicate_counts=read_duplicate_counts(folder / "summary.json", len(pairs)),
         leak_free=read_leak_free(folder / "leak_free_metrics.json", found),
     )
+
+
+def read_duplicate_counts(path: Path, rows: int) -> dict[str, dict[str, int]]:
+    """analyze's summary.json duplicates.by_kind_and_split: a count for every kind and split
+    pair, summing to the rows of duplicates.csv beside it (`rows`); else of another run."""
+    counts = (read_json(path, ["duplicates"], "analyze")["duplicates"] or {}).get(
+        "by_kind_and_split")
+    for kind in KINDS:
+        for split in SPLIT_PAIRS:
+            n = (counts or {}).get(kind, {}).get(split) if isinstance(counts, dict) else None
+            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                raise StageError(f"{path}: duplicates.by_kind_and_split.{kind}.{split}: "
+                                 f"expected a count of pairs, found {_found(n)}; re-run analyze")
+    total = sum(counts[k][s] for k in KINDS for s in SPLIT_PAIRS)
+    if total != rows:
+        raise StageError(f"{path}: duplicates.by_kind_and_split counts {_count(total, 'pair')} "
+                         f"but duplicates.csv beside it has {_count(rows, 'row')}: the two are "
+                         "of different runs; re-run analyze")
+    return {k: {s: counts[k][s] for s in SPLIT_PAIRS} for k in KINDS}
 
 
 def read_leak_free(path: Path, found: list[dict]) -> dict | None:
