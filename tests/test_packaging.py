@@ -186,3 +186,19 @@ def test_stages_run_from_the_installed_wheel(fresh_python, tmp_path):
         "masks ERROR params.yaml: data.max_images.train: -1 is not valid under any of the given "
         "schemas")
     assert not (work / "data" / "masks" / "x").exists()
+
+
+def test_readme_names_as_many_browser_tests_as_pytest_collects():
+    """The README says how many tests are skipped without Chromium ("the N of them"); pytest's
+    own collection of the browser mark is the count (it once said 13 when there were 16)."""
+    import re
+
+    said = re.search(r"the (\d+) of them \(`pytest --collect-only -m browser`\) are skipped",
+                     " ".join((ROOT / "README.md").read_text().split()))
+    assert said, "README.md no longer says how many browser tests are skipped"
+    done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m",
+                           "browser", "-p", "no:cacheprovider", "tests"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    collected = re.search(r"^(\d+)/\d+ tests collected", done.stdout, re.M)
+    assert collected, done.stdout[-2000:] + done.stderr[-2000:]
+    assert int(said[1]) == int(collected[1])
