@@ -2168,6 +2168,9 @@ def test_a_leak_in_analyzes_files_shows_both_images_of_its_pairs_and_its_metrics
      "duplicates.by_kind_and_split.near_hash.val-val: expected a count of pairs, found -1"),
     (lambda d: d["by_kind_and_split"]["near_latent"].update({"train-val": "2"}),
      'duplicates.by_kind_and_split.near_latent.train-val: expected a count of pairs, found "2"'),
+    (lambda d: d["by_kind_and_split"].update({"exact_pixels": [0, 0, 0]}),
+     "duplicates.by_kind_and_split.exact_pixels.train-train: expected a count of pairs, found "
+     "null"),
     (lambda d: d["by_kind_and_split"]["exact_pixels"].update({"train-val": 7}),
      None),
 ])

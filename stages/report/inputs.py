@@ -168,11 +168,12 @@ def load_scheme(params: dict, name: str, models: Path, predictions: Path, metric
 def read_duplicate_counts(path: Path, rows: int) -> dict[str, dict[str, int]]:
     """analyze's summary.json duplicates.by_kind_and_split: a count for every kind and split
     pair, summing to the rows of duplicates.csv beside it (`rows`); else of another run."""
-    counts = (read_json(path, ["duplicates"], "analyze")["duplicates"] or {}).get(
-        "by_kind_and_split")
+    block = read_json(path, ["duplicates"], "analyze")["duplicates"]
+    counts = block.get("by_kind_and_split") if isinstance(block, dict) else None
     for kind in KINDS:
         for split in SPLIT_PAIRS:
-            n = (counts or {}).get(kind, {}).get(split) if isinstance(counts, dict) else None
+            cells = counts.get(kind) if isinstance(counts, dict) else None
+            n = cells.get(split) if isinstance(cells, dict) else None
             if not isinstance(n, int) or isinstance(n, bool) or n < 0:
                 raise StageError(f"{path}: duplicates.by_kind_and_split.{kind}.{split}: "
                                  f"expected a count of pairs, found {_found(n)}; re-run analyze")
