@@ -247,10 +247,6 @@ EQUIVALENT: dict[tuple[str, str], str] = {
      '.groupby(["binning", "field"], sort=None):'): (
         "pandas' groupby tests `if sort`: None is false, as False is (groups in order of "
         "appearance)"),
-    ("stages.compare.x_read_scheme", 'return samples, bins, set(issues.loc[issues["flagged"]'
-     '.astype(bool), "image_id"].astype(None))'): (
-        "the flagged ids as floats: COCO ids are far below 2**53, so each float is its int, "
-        "and isin finds the same images (100.0 == 100)"),
     ("stages.compare.x_run", "folder = inside(analysis, name, resolve=None)"): (
         "inside() tests `if resolve`: None is false, as False is"),
     ("stages.compare.x_bucket_changes",
