@@ -7,6 +7,7 @@ import itertools
 import json
 import logging
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -211,6 +212,21 @@ def test_an_image_id_that_is_no_coco_id_is_refused_in_one_line(tmp_path, params,
     written = pd.read_csv(tmp_path / "compare" / "samples.csv")
     assert written["image_id"].tolist() == list(range(100, 100 + N))
     assert written.loc[written["flagged_person_vehicle"], "image_id"].tolist() == [101]
+    if table == "samples.csv":
+        # 101.0 and 101 are one id: refused as listed twice, and named as the int it is
+        rows.loc[2, "image_id"] = "101"
+        rows.to_csv(path, index=False)
+        caplog.clear()
+        assert compare.main(argv) == 2
+        assert caplog.record_tuples == [("compare", logging.ERROR, (
+            f"{path}: image_id 101 is listed more than once (each image has one row); "
+            "re-run analyze"))]
+
+
+def test_image_id_0_is_an_id():
+    """The check takes every whole number >= 0, 0 included (the error says so)."""
+    ids = compare._image_ids(pd.Series(["0", "7", "12.0"]), Path("s.csv"))
+    assert ids.tolist() == [0, 7, 12] and ids.dtype == "int64"
 
 
 def test_joined_samples_itself_refuses_an_image_twice():
@@ -328,6 +344,16 @@ def test_missing_or_damaged_insights_are_named(two_schemes):
                                          r"effect, interval, q_value, score, evidence; "
                                          r"re-run analyze$"):
         compare.run(params, root / "analysis", root / "compare")
+    # not JSON; JSON but no list of records (a list of texts, an object)
+    path.write_text('[{"type": ')
+    with pytest.raises(StageError, match=rf"^{path}: not JSON \(Expecting value: line 1 "
+                                         r"column 11 \(char 10\)\); re-run analyze$"):
+        compare.run(params, root / "analysis", root / "compare")
+    for document in ('["type", "title"]', '{"type": "leak"}'):
+        path.write_text(document)
+        with pytest.raises(StageError, match=rf"^{path}: not a list of insight records; "
+                                             r"re-run analyze$"):
+            compare.run(params, root / "analysis", root / "compare")
     assert not (root / "compare").exists()
 
 
