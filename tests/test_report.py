@@ -1848,6 +1848,17 @@ def pair_thumbs(evidence: list[dict]) -> dict[tuple[str, int], str]:
             for key in report.duplicate_images(evidence)} if evidence else {}
 
 
+def test_the_reports_duplicates_contract_is_analyzes():
+    """The report spells out duplicates.csv's columns, kinds and split pairs instead of
+    importing stages.lib.duplicates (narrower code dependencies): they must stay the same."""
+    from stages.lib import duplicates
+    from stages.report import findings as report_findings
+
+    assert report_inputs.PAIR_COLUMNS == duplicates.PAIR_COLUMNS
+    assert report_inputs.KINDS == duplicates.KINDS == tuple(report_findings.PAIR_KINDS)
+    assert report_inputs.SPLIT_PAIRS == duplicates.SPLIT_PAIRS
+
+
 def test_duplicate_evidence_counts_by_kind_and_split_and_shows_the_leaking_pairs_first():
     shown = report.duplicate_evidence(leaky_scheme(), 4, 6)
     assert shown["total"] == 7 and shown["splits"] == ["train-train", "val-val", "train-val"]

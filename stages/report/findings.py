@@ -5,8 +5,7 @@ their own title and numbers; nothing is recomputed here.
 """
 from __future__ import annotations
 
-from stages.lib.duplicates import SPLIT_PAIRS
-from stages.report.inputs import SUMMARY_METRICS, Scheme
+from stages.report.inputs import SPLIT_PAIRS, SUMMARY_METRICS, Scheme
 from stages.report.tables import finite, named, weak_warning
 
 TYPE_WORDS = {"low_performance": "low-performance cluster",

@@ -12,7 +12,6 @@ import numpy as np
 import pandas as pd
 
 from stages.lib.cli import StageError
-from stages.lib.duplicates import KINDS, PAIR_COLUMNS, SPLIT_PAIRS
 from stages.lib.names import check_plain_name, inside, seed_dir
 from stages.lib.params import scheme_class_names
 from stages.lib.tables import read_json, read_table
@@ -61,6 +60,12 @@ METRICS_KEYS = [key for key, _ in SUMMARY_METRICS] + ["iou", "images", "seeds"]
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# analyze's duplicates.csv and summary.json's counts of it (docs/outputs.md), spelled out
+# here rather than imported from stages.lib.duplicates, whose image hashing the report does not
+# need (it would make the report's code dependencies, and reruns, wider)
+PAIR_COLUMNS = ["image_id_a", "split_a", "image_id_b", "split_b", "kind", "distance"]
+KINDS = ("exact_bytes", "exact_pixels", "near_hash", "near_latent")
+SPLIT_PAIRS = ("train-train", "val-val", "train-val")   # train is a pair's first side
 
 
 SAMPLE_COLUMNS = ["image_id", "file_name", "loss", "pixel_accuracy", "miou", "x", "y", "cluster",
