@@ -78,6 +78,10 @@ _NO_WARNING = ("found / np.maximum(total, 1) divides finite counts by at least 1
                "the errstate (a guard) can warn")
 _ONLY_RUNTIME = ("the guarded calls (np.nanmean of an all-NaN slice, np.percentile) can only "
                  "raise RuntimeWarning: ignoring every category ignores the same warnings")
+_FLAGGED_IDS = ("the flagged ids left as read (checked by _image_ids, not cast) reach only "
+                "joined_samples' isin against samples.csv's int ids: pandas reads a column of "
+                "whole numbers as int or float, and a float id equals and hashes as its int "
+                "(101.0 == 101), so the same images are flagged")
 _MERGE_ON = ("the two frames share the image_id column only (every other column carries its "
              "scheme's name), so merging on the common columns is merging on image_id")
 _INNER = "how='inner' is DataFrame.merge's default"
@@ -247,6 +251,12 @@ EQUIVALENT: dict[tuple[str, str], str] = {
      '.groupby(["binning", "field"], sort=None):'): (
         "pandas' groupby tests `if sort`: None is false, as False is (groups in order of "
         "appearance)"),
+    ("stages.compare.x_read_scheme",
+     'issues["XXimage_idXX"] = _image_ids(issues["image_id"], folder / "label_issues.csv")'):
+        _FLAGGED_IDS,
+    ("stages.compare.x_read_scheme",
+     'issues["IMAGE_ID"] = _image_ids(issues["image_id"], folder / "label_issues.csv")'):
+        _FLAGGED_IDS,
     ("stages.compare.x_run", "folder = inside(analysis, name, resolve=None)"): (
         "inside() tests `if resolve`: None is false, as False is"),
     ("stages.compare.x_bucket_changes",
