@@ -319,6 +319,8 @@ EQUIVALENT: dict[tuple[str, str], str] = {
      'span = parse_content_range(response.headers.get("CONTENT-RANGE"))'): _HEADER_CASE,
     ("stages.lib.fetch.xǁFetcherǁ_resume_point",
      'f"unusable Content-Range {response.headers.get(\'content-range\')!r}")'): _HEADER_CASE,
+    ("stages.lib.fetch.xǁFetcherǁ_resume_point",
+     'f"unusable Content-Range {response.headers.get(\'CONTENT-RANGE\')!r}")'): _HEADER_CASE,
     ("stages.lib.fetch.x_file_digest", 'def (path: Path, algorithm: str = "SHA256") -> str:'): (
         "hashlib (OpenSSL) takes algorithm names in either case: SHA256 is sha256"),
     ("stages.lib.fetch.xǁFetcherǁ_copy_local",

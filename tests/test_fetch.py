@@ -464,6 +464,38 @@ def test_huge_content_length_is_refused_before_writing(hostile, tmp_path, sleeps
     assert sleeps == [] and len(hostile.gets("/" + IMAGE)) == 1
 
 
+@pytest.mark.parametrize("content_range, content_length, announced", [
+    (f"bytes 0-99/{10 ** 12}", 100, 10 ** 12),    # the total of the whole file, not the part's
+    (f"bytes 0-{CAP}/*", CAP + 1, CAP + 1),         # no total: the start plus Content-Length
+])
+def test_a_206_announcing_more_than_the_bound_is_refused_before_writing(
+        hostile, tmp_path, sleeps, content_range, content_length, announced):
+    """A partial answer announces the file's full size in its Content-Range (or, with '/*',
+    through its Content-Length): over the bound, it is refused before a byte is written, as
+    a 200's Content-Length is."""
+    hostile.endless("/" + IMAGE, status=206, content_length=content_length,
+                    headers={"Content-Range": content_range})
+    fetcher = _capped(hostile)
+    with pytest.raises(FetchError) as caught:
+        fetcher.fetch(IMAGE, tmp_path / "x.jpg", cap="image_bytes")
+    assert str(caught.value) == (f"{hostile.base}/{IMAGE}: announces {announced} bytes, over "
+                                 f"the {CAP} bytes of data.limits.image_bytes")
+    assert fetcher.counters.received_bytes == 0 and list(tmp_path.iterdir()) == []
+
+
+def test_a_206_with_no_total_and_no_length_is_read_to_the_bound(hostile, tmp_path, sleeps):
+    """'/*' and no Content-Length (chunked): the size is unknown, so the body is read up to
+    the bound and cut off there."""
+    hostile.endless("/" + IMAGE, status=206, chunked=True,
+                    headers={"Content-Range": f"bytes 0-{10 * CAP}/*"})
+    fetcher = _capped(hostile)
+    with pytest.raises(FetchError) as caught:
+        fetcher.fetch(IMAGE, tmp_path / "x.jpg", cap="image_bytes")
+    assert str(caught.value) == (f"{hostile.base}/{IMAGE}: body runs past the {CAP} bytes of "
+                                 "data.limits.image_bytes: cut off")
+    assert fetcher.counters.received_bytes == CAP
+
+
 def test_body_longer_than_its_content_length_is_cut_off(hostile, tmp_path, sleeps):
     # chunked: http.client then ignores the Content-Length and reads on
     hostile.endless("/" + IMAGE, content_length=1000, chunked=True)
