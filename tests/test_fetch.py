@@ -421,6 +421,36 @@ def test_fetcher_defaults_urls_and_local_paths(tmp_path):
     assert (counters.fetched, counters.received_bytes, counters.skipped) == (3, 10, 0)
 
 
+def test_the_rate_floor_hands_on_what_urllib_and_http_client_pass(monkeypatch):
+    """The floored handlers sit between urllib and http.client: the TLS context and
+    hostname check urllib gives an HTTPS do_open, the request's timeout it gives the
+    connection (the connect's only bound: the floor times the reads), and the method and
+    debug level http.client gives a response all reach the next layer unchanged."""
+    import http.client
+    import socket
+    import ssl
+    import urllib.request
+
+    seen = {}
+
+    def do_open(self, http_class, req, **kwargs):
+        seen["do_open"] = kwargs
+        return http_class("example.org", timeout=7.5)
+
+    monkeypatch.setattr(urllib.request.AbstractHTTPHandler, "do_open", do_open)
+    context = ssl.create_default_context()
+    handler = fetch._FlooredHTTPS(60.0, 1.0)
+    handler._context, handler._check_hostname = context, True
+    connection = handler.https_open(urllib.request.Request("https://example.org/x.jpg"))
+    assert seen["do_open"] == {"context": context, "check_hostname": True}
+    assert isinstance(connection, http.client.HTTPSConnection) and connection.timeout == 7.5
+    assert connection.response_class.keywords == {"window_s": 60.0, "min_rate": 1.0}
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        response = fetch._FlooredResponse(ours, 1, method="HEAD", window_s=60.0, min_rate=1.0)
+        assert (response.debuglevel, response._method) == (1, "HEAD")
+
+
 # ------------------------------------------------ bounds: size, rate, redirects (issue 13)
 
 CAP = 1 << 20
