@@ -323,6 +323,11 @@ EQUIVALENT: dict[tuple[str, str], str] = {
      'f"unusable Content-Range {response.headers.get(\'CONTENT-RANGE\')!r}")'): _HEADER_CASE,
     ("stages.lib.fetch.x_file_digest", 'def (path: Path, algorithm: str = "SHA256") -> str:'): (
         "hashlib (OpenSSL) takes algorithm names in either case: SHA256 is sha256"),
+    ("stages.lib.fetch.xǁFetcherǁfetch", 'problem: Exception | None = ""'): (
+        "problem is read only on a retry, and every attempt that leads to one assigns it first"),
+    ("stages.lib.fetch.xǁ_FlooredReaderǁreadinto", "self._window_bytes += n or 1"): (
+        "a blocking socket's read gives 0 only at the end of the stream, after which "
+        "http.client reads no more: the window's count then is never used"),
     ("stages.lib.fetch.xǁFetcherǁ_copy_local",
      "self._copy_bounded(handle, out, 0, None, None, bound)"): _LOCAL_BOUND,
     ("stages.lib.fetch.xǁFetcherǁ_copy_local",

@@ -629,6 +629,47 @@ def test_trickle_is_aborted_per_window_resumed_then_reported(hostile, tmp_path):
     assert not (tmp_path / "x.jpg").exists()
 
 
+def test_a_slow_body_above_the_floor_completes_over_many_windows(hostile, tmp_path):
+    """One byte every 20 ms (about 50 B/s, in one-byte reads) against a floor of 16 B/s over
+    0.5 s windows (8 bytes each): the window's bytes add up read by read and every window
+    passes, so the 40 bytes arrive over about 0.8 s, whole, in one attempt."""
+    body = bytes(range(40))
+    hostile.trickle("/" + IMAGE, body, interval_s=0.02)
+    fetcher = _fetcher(hostile, timeout_s=0.5, retries=0,
+                       limits={"image_bytes": CAP, "min_rate_bytes_s": 16})
+    assert fetcher.fetch(IMAGE, tmp_path / "x.jpg", cap="image_bytes") is True
+    assert (tmp_path / "x.jpg").read_bytes() == body
+    assert len(hostile.gets("/" + IMAGE)) == 1
+
+
+def test_a_stalled_body_is_aborted_when_its_window_ends(hostile, tmp_path):
+    """A byte, then 3 s of silence: the read waits only for what is left of the 0.5 s window
+    (the socket's timeout), not for the next byte."""
+    hostile.trickle("/" + IMAGE, b"xyz", interval_s=3.0)
+    fetcher = _fetcher(hostile, timeout_s=0.5, retries=0,
+                       limits={"image_bytes": CAP, "min_rate_bytes_s": 1024})
+    started = time.monotonic()
+    # the bytes counted are the status line, the headers and the one body byte
+    with pytest.raises(FetchError, match=re.escape(f"{hostile.base}/{IMAGE}: ") +
+                       r"\d+ bytes in 0\.5\d s, slower than 1024 B/s"):
+        fetcher.fetch(IMAGE, tmp_path / "x.jpg", cap="image_bytes")
+    assert time.monotonic() - started < 2.5
+
+
+def test_an_official_files_known_size_bounds_its_download(hostile, tmp_path, sleeps):
+    """fetch() bounds a file by its known size (the official sizes of COCO's archives), not
+    only by the limit it names: 5000 announced bytes of a 1000-byte file are refused before
+    writing, though data.limits.image_bytes would allow them."""
+    hostile.endless("/zips/val2017.zip", content_length=5000)
+    fetcher = _capped(hostile)
+    fetcher.sizes = {"zips/val2017.zip": 1000}
+    with pytest.raises(FetchError) as caught:
+        fetcher.fetch("zips/val2017.zip", tmp_path / "val2017.zip", cap="image_bytes")
+    assert str(caught.value) == (f"{hostile.base}/zips/val2017.zip: announces 5000 bytes, over "
+                                 "the 1000 bytes of the official size of zips/val2017.zip")
+    assert fetcher.counters.received_bytes == 0
+
+
 def test_trickled_headers_are_aborted_too(hostile, tmp_path):
     hostile.trickle("/" + IMAGE, b"x" * 100, interval_s=0.05, headers_too=True)
     fetcher = _fetcher(hostile, timeout_s=0.5, retries=1,
