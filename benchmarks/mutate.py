@@ -78,6 +78,10 @@ _NO_WARNING = ("found / np.maximum(total, 1) divides finite counts by at least 1
                "the errstate (a guard) can warn")
 _ONLY_RUNTIME = ("the guarded calls (np.nanmean of an all-NaN slice, np.percentile) can only "
                  "raise RuntimeWarning: ignoring every category ignores the same warnings")
+_REQUEST_HEADER_CASE = ("urllib.request.Request stores a header under key.capitalize(), so "
+                        "any spelling of its name is sent as the same header")
+_PART_READ = ("a CorruptFile comes from _verify, which has just read the .part: it exists, "
+              "so missing_ok is never consulted")
 _FLAGGED_IDS = ("the flagged ids left as read (checked by _image_ids, not cast) reach only "
                 "joined_samples' isin against samples.csv's int ids: pandas reads a column of "
                 "whole numbers as int or float, and a float id equals and hashes as its int "
@@ -323,6 +327,26 @@ EQUIVALENT: dict[tuple[str, str], str] = {
      'f"unusable Content-Range {response.headers.get(\'CONTENT-RANGE\')!r}")'): _HEADER_CASE,
     ("stages.lib.fetch.x_file_digest", 'def (path: Path, algorithm: str = "SHA256") -> str:'): (
         "hashlib (OpenSSL) takes algorithm names in either case: SHA256 is sha256"),
+    ("stages.lib.fetch.xǁFetcherǁ_transfer",
+     'headers = {"user-agent": "segflow", "Accept-Encoding": "identity"}'): _REQUEST_HEADER_CASE,
+    ("stages.lib.fetch.xǁFetcherǁ_transfer",
+     'headers = {"USER-AGENT": "segflow", "Accept-Encoding": "identity"}'): _REQUEST_HEADER_CASE,
+    ("stages.lib.fetch.xǁFetcherǁ_transfer",
+     'headers = {"User-Agent": "segflow", "accept-encoding": "identity"}'): _REQUEST_HEADER_CASE,
+    ("stages.lib.fetch.xǁFetcherǁ_transfer",
+     'headers = {"User-Agent": "segflow", "ACCEPT-ENCODING": "identity"}'): _REQUEST_HEADER_CASE,
+    ("stages.lib.fetch.xǁFetcherǁ_transfer",
+     'headers = {"User-Agent": "segflow", "XXAccept-EncodingXX": "identity"}'): (
+        "http.client's putrequest sends 'Accept-Encoding: identity' itself unless told to skip "
+        "it; the unknown XXAccept-EncodingXX header changes nothing a server here reads"),
+    ("stages.lib.fetch.xǁFetcherǁ_transfer", 'headers["range"] = f"bytes={offset}-"'):
+        _REQUEST_HEADER_CASE,
+    ("stages.lib.fetch.xǁFetcherǁ_transfer", 'headers["RANGE"] = f"bytes={offset}-"'):
+        _REQUEST_HEADER_CASE,
+    ("stages.lib.fetch.xǁFetcherǁfetch",
+     "part.unlink(missing_ok=None)   # bad content: the next attempt starts over"): _PART_READ,
+    ("stages.lib.fetch.xǁFetcherǁfetch",
+     "part.unlink(missing_ok=False)   # bad content: the next attempt starts over"): _PART_READ,
     ("stages.lib.fetch.xǁFetcherǁfetch", 'problem: Exception | None = ""'): (
         "problem is read only on a retry, and every attempt that leads to one assigns it first"),
     ("stages.lib.fetch.xǁ_FlooredReaderǁreadinto", "self._window_bytes += n or 1"): (

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 import re
 import subprocess
 import sys
@@ -113,6 +114,27 @@ def test_partial_file_longer_than_the_source_restarts(server, tmp_path):
     _fetcher(server).fetch(NAME, tmp_path / "x.jpg")
     assert (tmp_path / "x.jpg").read_bytes() == BODY
     assert [r.status for r in server.gets(URL_PATH)] == [416, 200]
+
+
+def test_a_partial_file_at_the_bound_is_kept_and_one_over_it_starts_over(server, tmp_path,
+                                                                          caplog):
+    """A .part exactly the file's known size may be the whole file: it is kept and asked
+    for from its end (a 416 'bytes */size' says it is whole). One byte more than the size
+    cannot be a prefix: it is dropped and the file fetched again from byte 0, without a
+    Range, and the log says why."""
+    fetcher = _fetcher(server)
+    fetcher.sizes = {NAME: len(BODY)}
+    (tmp_path / "x.jpg.part").write_bytes(BODY)
+    assert fetcher.fetch(NAME, tmp_path / "x.jpg") is True
+    assert (tmp_path / "x.jpg").read_bytes() == BODY
+    assert [(r.range, r.status) for r in server.gets(URL_PATH)] == [(f"bytes={len(BODY)}-", 416)]
+    (tmp_path / "y.jpg.part").write_bytes(BODY + b"!")
+    caplog.set_level(logging.INFO, logger="fetch")
+    assert fetcher.fetch(NAME, tmp_path / "y.jpg") is True
+    assert (tmp_path / "y.jpg").read_bytes() == BODY
+    assert [(r.range, r.status) for r in server.gets(URL_PATH)][1:] == [(None, 200)]
+    assert (f"{tmp_path / 'y.jpg.part'} holds more than the official size of {NAME} "
+            f"({len(BODY)} bytes): starting over") in caplog.messages
 
 
 @pytest.mark.parametrize("fault, header_wait", [("503:7", 7.0), ("500", 0.0)])
@@ -668,6 +690,33 @@ def test_an_official_files_known_size_bounds_its_download(hostile, tmp_path, sle
     assert str(caught.value) == (f"{hostile.base}/zips/val2017.zip: announces 5000 bytes, over "
                                  "the 1000 bytes of the official size of zips/val2017.zip")
     assert fetcher.counters.received_bytes == 0
+
+
+def test_a_body_that_ends_before_its_content_length_is_truncated(hostile, tmp_path, sleeps):
+    """The server closes after one 64 KiB block of a 200,000-byte body: http.client's read1
+    just ends, so the size check names it, on every attempt (this server ignores the
+    resume's Range and starts again from byte 0)."""
+    hostile.max_bytes = 1 << 16
+    hostile.endless("/" + IMAGE, content_length=200_000)
+    with pytest.raises(FetchError) as caught:
+        _capped(hostile, retries=1).fetch(IMAGE, tmp_path / "x.jpg", cap="image_bytes")
+    assert str(caught.value) == (f"{hostile.base}/{IMAGE}: truncated body: 65536 of 200000 "
+                                 "bytes (gave up after 2 attempts)")
+    assert not (tmp_path / "x.jpg").exists()
+
+
+def test_without_a_rate_floor_a_stalled_body_still_times_out(hostile, tmp_path):
+    """min_rate_bytes_s 0 (no floor): the request's timeout bounds each read, so a byte
+    followed by 3 s of silence fails after 0.5 s, not 3."""
+    hostile.trickle("/" + IMAGE, b"xyz", interval_s=3.0)
+    fetcher = _fetcher(hostile, timeout_s=0.5, retries=0,
+                       limits={"image_bytes": CAP, "min_rate_bytes_s": 0})
+    started = time.monotonic()
+    with pytest.raises(FetchError) as caught:
+        fetcher.fetch(IMAGE, tmp_path / "x.jpg", cap="image_bytes")
+    assert str(caught.value) == (f"{hostile.base}/{IMAGE}: timed out (gave up after 1 "
+                                 "attempts)")
+    assert time.monotonic() - started < 2.5
 
 
 def test_trickled_headers_are_aborted_too(hostile, tmp_path):
