@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fcntl
 import hashlib
 import io
 import json
@@ -626,10 +627,40 @@ def _shown(value: float | None, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def dvc_root(start: Path) -> Path | None:
+    """The DVC repository DVCLive writes its signal files under: $DVC_ROOT, else the nearest
+    folder from `start` up holding .dvc (as dvclive's own lookup); None outside one."""
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"])
+    return next((p for p in (start, *start.parents) if (p / ".dvc").is_dir()), None)
+
+
+@contextlib.contextmanager
+def one_dvclive_at_a_time(start: Path):
+    """Every Live in a repository shares one signal file for VS Code
+    (.dvc/tmp/exps/run/DVCLIVE_STEP_COMPLETED), and Live.end() checks for it, then removes
+    it: two trainings ending together (Snakemake runs the schemes side by side) race there,
+    and the loser fails with FileNotFoundError after all its work. An exclusive lock
+    (fcntl.flock, released when the descriptor closes, also when the process dies) on the
+    repository's .dvc folder lets one Live at a time write; outside a repository there is
+    no signal file and no lock."""
+    root = dvc_root(start)
+    if root is None or not (root / ".dvc").is_dir():
+        yield
+        return
+    fd = os.open(root / ".dvc", os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def _write_dvclive(live_dir: Path, history: list[dict], class_names: list[str]) -> None:
     """Per-epoch curves for `dvc plots`, written from the history so that a resumed run
     logs every epoch, including those before the interruption."""
-    with Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None) as live:
+    with one_dvclive_at_a_time(Path.cwd()), \
+            Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None) as live:
         for record in history:
             live.log_metric("train/loss", record["train_loss"])
             if record.get("train_miou") is not None:

@@ -646,3 +646,56 @@ def test_val_every_skips_validation_but_not_the_last_epoch(tiny, tmp_path):
     assert _losses(tmp_path / "every2" / "live", "val") == _losses(tmp_path / "every1" / "live",
                                                                   "val")[1:]
     assert weights == weights_every_epoch
+
+
+# ------------------------------------------------ DVCLive in a repository, trainings side by side
+
+WRITE_CURVES = """
+import sys
+from pathlib import Path
+from stages import train
+print("ready", flush=True)
+history = [{"train_loss": 1.0, "train_miou": 0.5, "val_loss": 0.9, "val_miou": 0.4,
+            "val_iou": {"background": 0.8, "person": 0.1}}] * 3
+for i in range(int(sys.argv[2])):
+    train._write_dvclive(Path(sys.argv[1]) / str(i), history, ["background", "person"])
+"""
+
+
+def _curves_writer(repo: Path, live: str, times: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", WRITE_CURVES, str(repo / live), str(times)],
+                            cwd=repo, env={**os.environ, "PYTHONPATH": str(Path.cwd())},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_dvc_root_is_dvc_root_else_the_nearest_folder_with_dvc(tmp_path, monkeypatch):
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    (tmp_path / "repo" / ".dvc").mkdir(parents=True)
+    (tmp_path / "repo" / "a" / "b").mkdir(parents=True)
+    assert train.dvc_root(tmp_path / "repo" / "a" / "b") == tmp_path / "repo"
+    assert train.dvc_root(tmp_path) is None
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "elsewhere"))
+    assert train.dvc_root(tmp_path / "repo") == tmp_path / "elsewhere"
+
+
+def test_a_training_writes_its_curves_only_while_no_other_live_holds_the_repository(tmp_path):
+    """Snakemake trains the schemes side by side, and every DVCLive in a repository shares
+    one signal file that Live.end() checks, then removes (the loser of that race failed CI
+    with FileNotFoundError). While the repository's .dvc folder is locked, as another
+    training's curves hold it, a training waits; it writes once the lock is released."""
+    import fcntl
+
+    repo = tmp_path / "repo"
+    (repo / ".dvc").mkdir(parents=True)
+    fd = os.open(repo / ".dvc", os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    writer = _curves_writer(repo, "live", 1)
+    try:
+        assert writer.stdout.readline() == "ready\n"      # imports done: it writes next
+        time.sleep(2.0)                                   # writing takes a fraction of that
+        assert writer.poll() is None and not (repo / "live").exists()
+    finally:
+        os.close(fd)
+    _, err = writer.communicate(timeout=120)
+    assert writer.returncode == 0, err[-2000:]
+    assert (repo / "live" / "0" / "metrics.json").is_file()
