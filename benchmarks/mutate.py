@@ -347,6 +347,8 @@ EQUIVALENT: dict[tuple[str, str], str] = {
      "part.unlink(missing_ok=None)   # bad content: the next attempt starts over"): _PART_READ,
     ("stages.lib.fetch.xǁFetcherǁfetch",
      "part.unlink(missing_ok=False)   # bad content: the next attempt starts over"): _PART_READ,
+    ("stages.lib.fetch.xǁFetcherǁ__init__", "self.on_bytes = on_bytes or (lambda n: 0)"): (
+        "on_bytes is called for its effect only: fetch never reads what it returns"),
     ("stages.lib.fetch.xǁFetcherǁfetch", 'problem: Exception | None = ""'): (
         "problem is read only on a retry, and every attempt that leads to one assigns it first"),
     ("stages.lib.fetch.xǁ_FlooredReaderǁreadinto", "self._window_bytes += n or 1"): (

@@ -426,6 +426,9 @@ def test_fetcher_defaults_urls_and_local_paths(tmp_path):
     assert (fetcher.timeout_s, fetcher.retries, fetcher.backoff_s) == (60.0, 4, 0.5)
     assert fetcher.remote and fetcher.local_path("x.jpg") is None
     assert fetcher.url("val2017/x.jpg") == "https://mirror.example/coco/val2017/x.jpg"
+    # only the trailing slashes go: a base ending in another character keeps it
+    assert (Fetcher("http://mirror.example/COCOX//").url("a.jpg")
+            == "http://mirror.example/COCOX/a.jpg")
     assert (fetcher.checksums, fetcher.sizes, fetcher.limits) == ({}, {}, {})
     floors = [h for h in fetcher._opener.handlers if isinstance(h, fetch._RateFloor)]
     assert sorted(type(h).__name__ for h in floors) == ["_FlooredHTTP", "_FlooredHTTPS"]
