@@ -1897,15 +1897,20 @@ def _pairs_on(html: str) -> list[tuple[str, str, list[tuple[str, str]], str]]:
                                  r'data-split="([^"]+)" data-ids="[^"]+">(.*?)</li>', html, re.S)]
 
 
-def test_the_page_shows_each_pair_with_both_thumbnails_and_the_metrics_without_the_leak():
-    s = leaky_scheme()
+def duplicates_section(s: report.Scheme) -> str:
+    """The page's duplicates section for scheme s alone, 4 pairs shown (stand-in thumbnails)."""
     evidence = [report.duplicate_evidence(s, 4, 6)]
     params = {"report": {"title": "t", "thumbnail_px": 64, "min_class_iou": 0.1,
                          "insight_thumbnails": 2, "insights_shown": 8, "duplicate_pairs": 4},
               "analyze": ANALYZE, "compare": COMPARE, **TRAINING}
     html = report.render(report.build_context(params, [s], SYNTHETIC_PROVENANCE, [],
                                               pair_thumbs=pair_thumbs(evidence)))
-    section = html.split('<h3 id="duplicates">')[1].split("</section>")[0]
+    return html.split('<h3 id="duplicates">')[1].split("</section>")[0]
+
+
+def test_the_page_shows_each_pair_with_both_thumbnails_and_the_metrics_without_the_leak():
+    s = leaky_scheme()
+    section = duplicates_section(s)
     page = Page.parse(section)
     assert page.tables["duplicate-counts-0"] == [
         ["kind", "train-train", "val-val", "train-val"],
@@ -1955,13 +1960,7 @@ def test_the_page_shows_each_pair_with_both_thumbnails_and_the_metrics_without_t
 
 def test_without_a_leak_the_page_says_no_val_image_has_a_train_copy():
     s = leaky_scheme(leak=False)
-    evidence = [report.duplicate_evidence(s, 4, 6)]
-    params = {"report": {"title": "t", "thumbnail_px": 64, "min_class_iou": 0.1,
-                         "insight_thumbnails": 2, "insights_shown": 8, "duplicate_pairs": 4},
-              "analyze": ANALYZE, "compare": COMPARE, **TRAINING}
-    html = report.render(report.build_context(params, [s], SYNTHETIC_PROVENANCE, [],
-                                              pair_thumbs=pair_thumbs(evidence)))
-    section = html.split('<h3 id="duplicates">')[1].split("</section>")[0]
+    section = duplicates_section(s)
     radius = ANALYZE["duplicates"]["hash_radius"]
     assert re.findall(r'<p class="no-leak none-survives">(.*?)</p>', section) == [
         "No val image of person_car has a copy among the training images: analyze found no "
